@@ -1,0 +1,113 @@
+"""The broker topology as data: what to declare, with which arguments.
+
+Retention and limits are parameters with laptop-sized defaults; ``declare``
+turns a ``Topology`` into broker calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from broker_config.names import Names
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    type: str  # direct | fanout | topic
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    arguments: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def is_stream(self) -> bool:
+        return self.arguments.get("x-queue-type") == "stream"
+
+
+@dataclass(frozen=True)
+class Binding:
+    queue: str
+    exchange: str
+    routing_key: str = ""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Arguments users may want to change; defaults suit a laptop."""
+
+    task_delivery_limit: int = 5
+    update_delivery_limit: int = 10
+    update_log_max_age: str = "7D"
+    update_log_max_bytes: int = 2 * 1024**3
+    model_log_max_age: str = "30D"
+    model_log_max_bytes: int = 1024**3
+
+
+@dataclass(frozen=True)
+class Topology:
+    exchanges: tuple[Exchange, ...]
+    queues: tuple[Queue, ...]
+    bindings: tuple[Binding, ...]
+
+
+def task_queue(names: Names, capability: str, limits: Limits = Limits()) -> Queue:
+    return Queue(
+        names.task_queue(capability),
+        {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": limits.task_delivery_limit,
+            "x-dead-letter-exchange": names.dead_exchange,
+        },
+    )
+
+
+def topology(
+    names: Names, capabilities: tuple[str, ...] = ("cpu",), limits: Limits = Limits()
+) -> Topology:
+    exchanges = (
+        Exchange(names.tasks_exchange, "direct"),
+        Exchange(names.results_exchange, "fanout"),
+        Exchange(names.models_exchange, "topic"),
+        Exchange(names.workers_exchange, "fanout"),
+        Exchange(names.dead_exchange, "fanout"),
+    )
+    queues = (
+        *(task_queue(names, cap, limits) for cap in capabilities),
+        Queue(
+            names.updates_queue,
+            {
+                "x-queue-type": "quorum",
+                "x-single-active-consumer": True,
+                "x-delivery-limit": limits.update_delivery_limit,
+                "x-dead-letter-exchange": names.dead_exchange,
+            },
+        ),
+        Queue(
+            names.update_log,
+            {
+                "x-queue-type": "stream",
+                "x-max-age": limits.update_log_max_age,
+                "x-max-length-bytes": limits.update_log_max_bytes,
+            },
+        ),
+        Queue(
+            names.model_log,
+            {
+                "x-queue-type": "stream",
+                "x-max-age": limits.model_log_max_age,
+                "x-max-length-bytes": limits.model_log_max_bytes,
+            },
+        ),
+        Queue(names.dead_queue, {"x-queue-type": "quorum"}),
+    )
+    bindings = (
+        *(Binding(names.task_queue(cap), names.tasks_exchange, cap) for cap in capabilities),
+        Binding(names.updates_queue, names.results_exchange),
+        Binding(names.update_log, names.results_exchange),
+        Binding(names.model_log, names.models_exchange, "model.*"),
+        Binding(names.dead_queue, names.dead_exchange),
+    )
+    return Topology(exchanges, queues, bindings)

@@ -1,0 +1,137 @@
+"""The plug-in point: a user's app provides the model, private data, local training and evaluation.
+
+fedq loads an app from ``module:object`` (``--app``). Most users subclass
+``ClassificationApp`` and provide three methods; anything with the ``App``
+methods works.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from shared.errors import AppError, ConfigError
+from shared.messages import TrainConfig
+from shared.partition import dirichlet_partition, load_partition_file
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """Which share of the data a worker holds: ``index`` of ``count``."""
+
+    index: int
+    count: int
+    alpha: float = 0.5
+    seed: int = 42
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class App(Protocol):
+    name: str
+
+    def build_model(self, seed: int) -> nn.Module: ...
+
+    def load_partition(self, part: PartitionSpec) -> Any: ...
+
+    def train(self, model: nn.Module, data: Any, config: TrainConfig, seed: int) -> TrainResult: ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:object``; a class is instantiated, an instance is used as is."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"app {spec!r} must look like module:object")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AppError(f"cannot import app module {module_name!r}: {exc}") from exc
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise AppError(f"module {module_name!r} has no attribute {attr!r}")
+    app = obj() if isinstance(obj, type) else obj
+    missing = [m for m in ("build_model", "load_partition", "train", "evaluate") if not hasattr(app, m)]
+    if missing:
+        raise AppError(f"app {spec!r} lacks {', '.join(missing)}")
+    return app  # type: ignore[no-any-return]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    raise AppError(f"unknown optimizer {config.optimizer!r}; use sgd or adam")
+
+
+class ClassificationApp:
+    """Supervised classification on in-memory tensors.
+
+    Subclasses provide ``build_model(seed)``, ``train_data()`` and ``test_data()``
+    (each ``(x, y)`` tensors); partitioning, training and evaluation are done here.
+    """
+
+    name = "classification"
+
+    def build_model(self, seed: int) -> nn.Module:
+        raise NotImplementedError
+
+    def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_partition(self, part: PartitionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.train_data()
+        if part.file:
+            parts = load_partition_file(Path(part.file), part.count, len(y))
+        else:
+            parts = dirichlet_partition(y.numpy(), part.count, part.alpha, part.seed)
+        idx = torch.tensor(parts[part.index], dtype=torch.int64)
+        return x[idx], y[idx]
+
+    def train(
+        self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], config: TrainConfig, seed: int
+    ) -> TrainResult:
+        x, y = data
+        gen = torch.Generator().manual_seed(seed)
+        opt = make_optimizer(model, config)
+        model.train()
+        total, batches = 0.0, 0
+        for _ in range(config.epochs):
+            perm = torch.randperm(len(y), generator=gen)
+            for i in range(0, len(y), config.batch_size):
+                idx = perm[i : i + config.batch_size]
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+                total += float(loss)
+                batches += 1
+        return TrainResult(len(y), {"train_loss": total / max(batches, 1)})
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        x, y = self.test_data()
+        model.eval()
+        with torch.no_grad():
+            logits = model(x)
+            loss = float(nn.functional.cross_entropy(logits, y))
+            acc = float((logits.argmax(1) == y).float().mean())
+        return {"accuracy": acc, "loss": loss}

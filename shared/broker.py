@@ -1,0 +1,204 @@
+"""The services' one door to RabbitMQ: a robust aio-pika connection with confirmed publishes.
+
+Services receive a ``Broker`` as an argument; nothing else in fedq opens AMQP
+connections. Settling deliveries (ack, dead-letter with a reason) happens in
+``Delivery``, never in scattered calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import aio_pika
+import aio_pika.exceptions
+import aiormq.exceptions
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+
+from broker_config.declare import declare
+from broker_config.names import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, Names
+from broker_config.topology import Topology
+from shared.errors import BrokerError
+
+
+def with_heartbeat(url: str, heartbeat: int) -> str:
+    parts = urlsplit(url)
+    query = parts.query + ("&" if parts.query else "") + urlencode({"heartbeat": heartbeat})
+    return urlunsplit(parts._replace(query=query)) if "heartbeat=" not in parts.query else url
+
+
+@dataclass
+class Delivery:
+    """One received message and the only place it gets settled."""
+
+    message: AbstractIncomingMessage
+    broker: Broker
+    source: str
+    settled: bool = field(default=False)
+
+    @property
+    def body(self) -> bytes:
+        return self.message.body
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self.message.redelivered)
+
+    async def ack(self) -> None:
+        if not self.settled:
+            self.settled = True
+            await self.message.ack()
+
+    async def retry_later(self) -> None:
+        """Give the message back to the queue (counts toward its delivery limit)."""
+        if not self.settled:
+            self.settled = True
+            await self.message.nack(requeue=True)
+
+    async def dead_letter(self, reason: str, detail: str = "") -> None:
+        """Publish the raw message to the dead-letter exchange with its reason, then ack it."""
+        if self.settled:
+            return
+        headers: dict[str, Any] = dict(self.message.headers or {})
+        headers.update({REASON_HEADER: reason, DETAIL_HEADER: detail[:1000], SOURCE_HEADER: self.source})
+        await self.broker.publish(self.broker.names.dead_exchange, "", self.body, headers=headers)
+        await self.ack()
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class Broker:
+    """A named robust connection; one confirmed channel for publishing, one per consumer."""
+
+    def __init__(self, url: str, names: Names, connection_name: str, heartbeat: int = 15) -> None:
+        self.url = with_heartbeat(url, heartbeat)
+        self.names = names
+        self.connection_name = connection_name
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._consumer_channels: list[AbstractChannel] = []
+        self._publish_lock = asyncio.Lock()
+        self.bytes_published = 0
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise BrokerError("broker is not connected")
+        return self._connection
+
+    async def connect(self, timeout: float = 15.0) -> Broker:
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self.url,
+                timeout=timeout,
+                client_properties={"connection_name": self.connection_name},
+            )
+        except (OSError, aio_pika.exceptions.AMQPError, asyncio.TimeoutError) as exc:
+            raise BrokerError(f"cannot reach RabbitMQ at {redact(self.url)}: {exc!r}") from exc
+        self._publish_channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        return self
+
+    async def declare(self, topo: Topology) -> None:
+        await declare(self.connection, topo)
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        ex = self._exchanges.get(name)
+        if ex is None:
+            assert self._publish_channel is not None
+            ex = await self._publish_channel.get_exchange(name, ensure=False)
+            self._exchanges[name] = ex
+        return ex
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        expiration: float | None = None,
+        message_id: str | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish persistently and wait for the broker's confirm; raise ``BrokerError`` if refused."""
+        message = aio_pika.Message(
+            body,
+            headers=dict(headers or {}),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            expiration=expiration,
+            message_id=message_id,
+        )
+        ex = await self._exchange(exchange)
+        try:
+            await ex.publish(message, routing_key, mandatory=mandatory)
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise BrokerError(f"broker refused a message to {exchange!r}/{routing_key!r}: {exc}") from exc
+        except (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            raise BrokerError(f"publish to {exchange!r} failed: {exc!r}") from exc
+        self.bytes_published += len(body)
+
+    async def consume(
+        self,
+        queue: str,
+        handler: Handler,
+        prefetch: int,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Consume an existing queue on a channel of its own; ``handler`` must settle each delivery."""
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        self._consumer_channels.append(channel)
+        q = await channel.get_queue(queue, ensure=False)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await handler(Delivery(message, self, queue))
+
+        await q.consume(on_message, arguments=dict(arguments or {}))
+
+    async def subscribe(self, exchange: str, routing_keys: tuple[str, ...], handler: Handler) -> None:
+        """A private, auto-deleted queue bound to ``exchange``: live events only, no history."""
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=64)
+        self._consumer_channels.append(channel)
+        q = await channel.declare_queue(exclusive=True, auto_delete=True)
+        ex = await channel.get_exchange(exchange, ensure=False)
+        for key in routing_keys:
+            await q.bind(ex, routing_key=key)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await handler(Delivery(message, self, q.name))
+
+        await q.consume(on_message)
+
+    async def purge(self, queue: str) -> int:
+        channel = await self.connection.channel()
+        try:
+            q = await channel.get_queue(queue, ensure=False)
+            result = await q.purge()
+            return int(getattr(result, "message_count", 0) or 0)
+        finally:
+            await channel.close()
+
+    async def close(self) -> None:
+        if self._connection is not None and not self._connection.is_closed:
+            await self._connection.close()
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts._replace(query=""))

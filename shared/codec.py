@@ -1,0 +1,189 @@
+"""The wire format: one versioned msgpack envelope, signed with Ed25519.
+
+    {"v": 1, "kind": str, "signer": str, "head": bytes, "payload": bytes, "sig": bytes}
+
+``head`` is the msgpack of the message's fields (all but the payload). The
+signature covers ``["fedq", v, kind, signer, head, sha256(payload)]``, so the
+bytes that are verified are the bytes that were sent: nothing is re-encoded.
+Decoding is strict: unknown versions, kinds, fields or types are rejected with a
+``WireError`` that keeps the raw bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgpack
+
+from shared.errors import BadSignatureError, DecodeError
+from shared.messages import KINDS, PAYLOAD_FIELD, Message
+from shared.signing import Keyring, Signer
+
+VERSION = 1
+ENVELOPE_KEYS = frozenset({"v", "kind", "signer", "head", "payload", "sig"})
+MAX_HEAD_BYTES = 64 * 1024
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    v: int
+    kind: str
+    signer: str
+    head: bytes
+    payload: bytes
+    sig: bytes
+
+    def signed_bytes(self) -> bytes:
+        return signed_bytes(self.v, self.kind, self.signer, self.head, self.payload)
+
+
+def signed_bytes(v: int, kind: str, signer: str, head: bytes, payload: bytes) -> bytes:
+    digest = hashlib.sha256(payload).digest()
+    return msgpack.packb(["fedq", v, kind, signer, head, digest])
+
+
+def kind_of(message: Message) -> str:
+    for kind, cls in KINDS.items():
+        if type(message) is cls:
+            return kind
+    raise TypeError(f"{type(message).__name__} is not a fedq message")
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def encode(message: Message, signer: Signer) -> bytes:
+    """Sign and serialize a message."""
+    kind = kind_of(message)
+    payload_field = PAYLOAD_FIELD.get(kind)
+    fields = _to_plain(message)
+    payload = fields.pop(payload_field) if payload_field else b""
+    head = msgpack.packb(fields, use_bin_type=True)
+    fp = signer.fingerprint
+    sig = signer.sign(signed_bytes(VERSION, kind, fp, head, payload))
+    return msgpack.packb(
+        {"v": VERSION, "kind": kind, "signer": fp, "head": head, "payload": payload, "sig": sig},
+        use_bin_type=True,
+    )
+
+
+def open_envelope(raw: bytes) -> Envelope:
+    """Parse the outer envelope without trusting anything in it."""
+    try:
+        doc = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise DecodeError(f"not msgpack: {exc}", raw) from None
+    if not isinstance(doc, dict) or set(doc) != ENVELOPE_KEYS:
+        raise DecodeError("not a fedq envelope (wrong keys)", raw)
+    v, kind, signer, head, payload, sig = (doc[k] for k in ("v", "kind", "signer", "head", "payload", "sig"))
+    if v != VERSION or type(v) is not int:
+        raise DecodeError(f"unsupported envelope version {v!r}", raw)
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise DecodeError(f"unknown message kind {kind!r}", raw)
+    if not isinstance(signer, str) or not isinstance(sig, bytes) or len(sig) != 64:
+        raise DecodeError("malformed signer or signature", raw)
+    if not isinstance(head, bytes) or len(head) > MAX_HEAD_BYTES or not isinstance(payload, bytes):
+        raise DecodeError("malformed head or payload", raw)
+    if kind not in PAYLOAD_FIELD and payload:
+        raise DecodeError(f"a {kind} message carries no payload", raw)
+    return Envelope(v, kind, signer, head, payload, sig)
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is float:
+        if type(value) in (int, float):
+            return float(value)
+    elif hint in (int, str, bytes, bool):
+        if type(value) is hint:
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _convert(value, option, where)
+            except DecodeError:
+                continue
+    elif origin is tuple and isinstance(value, list):
+        (item, _) = typing.get_args(hint)
+        return tuple(_convert(v, item, where) for v in value)
+    elif origin is dict and isinstance(value, dict):
+        key_t, val_t = typing.get_args(hint)
+        return {_convert(k, key_t, where): _convert(v, val_t, where) for k, v in value.items()}
+    elif dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return _build(hint, value, where)  # type: ignore[arg-type]
+    raise DecodeError(f"field {where} has the wrong type ({type(value).__name__})")
+
+
+def _build(cls: type[T], fields: dict[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(fields) - set(known)
+    if unknown:
+        raise DecodeError(f"{where} has unknown fields {sorted(unknown)}")
+    args = {}
+    for name, f in known.items():
+        if name in fields:
+            args[name] = _convert(fields[name], hints[name], f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise DecodeError(f"{where} lacks field {name!r}")
+    return cls(**args)
+
+
+def decode_head(envelope: Envelope, raw: bytes = b"") -> Message:
+    """Turn a (verified) envelope into its typed message."""
+    try:
+        fields = msgpack.unpackb(envelope.head, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise DecodeError(f"head is not msgpack: {exc}", raw) from None
+    if not isinstance(fields, dict):
+        raise DecodeError("head is not a map", raw)
+    payload_field = PAYLOAD_FIELD.get(envelope.kind)
+    if payload_field:
+        if payload_field in fields:
+            raise DecodeError(f"{envelope.kind} head must not carry {payload_field!r}", raw)
+        fields = {**fields, payload_field: envelope.payload}
+    try:
+        return typing.cast(Message, _build(KINDS[envelope.kind], fields, envelope.kind))
+    except DecodeError as exc:
+        raise DecodeError(str(exc), raw) from None
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"invalid {envelope.kind}: {exc}", raw) from None
+
+
+def decode(
+    raw: bytes, keyring: Keyring, expect: type[T] | tuple[type, ...] | None = None
+) -> tuple[T, Envelope]:
+    """Parse, verify and decode. Raises a ``WireError`` subclass naming the reason."""
+    envelope = open_envelope(raw)
+    keyring.verify(envelope.signer, envelope.sig, envelope.signed_bytes(), raw)
+    message = decode_head(envelope, raw)
+    if expect is not None and not isinstance(message, expect):
+        raise DecodeError(f"unexpected {envelope.kind} message here", raw)
+    return typing.cast(T, message), envelope
+
+
+__all__ = [
+    "BadSignatureError",
+    "Envelope",
+    "decode",
+    "decode_head",
+    "encode",
+    "kind_of",
+    "open_envelope",
+]

@@ -1,0 +1,118 @@
+"""The messages fedq sends, as frozen dataclasses. ``shared.codec`` puts them on the wire."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training recipe, chosen by the coordinator per capability."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Task:
+    """Train on ``base_version`` and send back a delta. Signed by the coordinator."""
+
+    task_id: str
+    job_id: str
+    capability: str
+    base_version: int
+    model_sha256: str
+    model_key: str  # where the model lives in the store; the payload may carry it inline
+    train: TrainConfig
+    quant: str
+    block: int
+    deadline: float  # unix seconds
+    issued_at: float
+    round: int = -1  # sync mode round number, -1 in async mode
+    model: bytes = b""  # the payload: the serialized model when inline
+
+
+@dataclass(frozen=True)
+class Update:
+    """A worker's delta against ``base_version``. Signed by the worker."""
+
+    task_id: str
+    job_id: str
+    worker_id: str
+    base_version: int
+    num_samples: int
+    quant: str
+    block: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    sent_at: float = 0.0
+    delta: bytes = b""  # the payload
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A worker's announcement and heartbeat (``state`` is ``up`` or ``down``)."""
+
+    worker_id: str
+    capabilities: tuple[str, ...]
+    key_fingerprint: str
+    state: str
+    sent_at: float
+    partition: str = ""
+    busy: bool = False
+
+
+@dataclass(frozen=True)
+class Round:
+    """Sync mode: open a round of ``size`` tasks on ``version``, or close it (``close``)."""
+
+    job_id: str
+    version: int
+    round: int
+    size: int
+    deadline: float
+    close: bool = False
+
+
+@dataclass(frozen=True)
+class ModelAnnouncement:
+    """A new global version is stored. Signed by the aggregator (or the coordinator for v0)."""
+
+    job_id: str
+    version: int
+    parent: int
+    sha256: str
+    key: str
+    update_ids: tuple[str, ...]
+    created_at: float
+    mean_staleness: float = 0.0
+    updates_total: int = 0
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The aggregator's word on one update: ``buffered``, ``applied`` or ``rejected``."""
+
+    job_id: str
+    task_id: str
+    worker_id: str
+    fate: str
+    reason: str
+    version: int
+    staleness: int = 0
+
+
+Message = Task | Update | Hello | Round | ModelAnnouncement | Receipt
+
+KINDS: dict[str, type] = {
+    "task": Task,
+    "update": Update,
+    "hello": Hello,
+    "round": Round,
+    "model": ModelAnnouncement,
+    "receipt": Receipt,
+}
+PAYLOAD_FIELD = {"task": "model", "update": "delta"}

@@ -1,0 +1,166 @@
+"""The model store: versioned models with manifests, on a local directory by default.
+
+Layout under the store root: ``jobs/<job>/models/v000012.bin`` (the model) and
+``v000012.json`` (its manifest, written last: a version exists once its
+manifest does). Every read checks the sha256.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from shared.errors import StoreError
+from shared.tensors import FlatModel
+
+
+class ObjectStore(Protocol):
+    async def put(self, key: str, data: bytes) -> None: ...
+
+    async def get(self, key: str) -> bytes: ...
+
+    async def list(self, prefix: str) -> list[str]: ...
+
+
+class LocalStore:
+    """Objects as files under ``root``; writes are atomic (temp file, fsync, rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StoreError(f"invalid store key {key!r}")
+        return self.root / key
+
+    def _put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def _get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{key!r} is not in the store at {self.root}") from None
+
+    def _list(self, prefix: str) -> list[str]:
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
+        )
+
+    async def put(self, key: str, data: bytes) -> None:
+        await asyncio.to_thread(self._put, key, data)
+
+    async def get(self, key: str) -> bytes:
+        return await asyncio.to_thread(self._get, key)
+
+    async def list(self, prefix: str) -> list[str]:
+        return await asyncio.to_thread(self._list, prefix)
+
+
+def open_store(spec: str) -> ObjectStore:
+    """``--store`` value to a store: a local directory path (``file://`` optional)."""
+    if "://" in spec and not spec.startswith("file://"):
+        raise StoreError(f"unsupported store {spec!r}: use a local directory")
+    return LocalStore(Path(spec.removeprefix("file://")))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    job_id: str
+    version: int
+    parent: int
+    sha256: str
+    size: int
+    key: str
+    update_ids: tuple[str, ...]
+    created_at: float
+    policy: dict[str, Any] = field(default_factory=dict)
+    mean_staleness: float = 0.0
+    updates_total: int = 0
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["update_ids"] = list(self.update_ids)
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            d = json.loads(text)
+            d["update_ids"] = tuple(d["update_ids"])
+            return cls(**d)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StoreError(f"corrupt manifest: {exc}") from exc
+
+
+def model_key(job_id: str, version: int) -> str:
+    return f"jobs/{job_id}/models/v{version:06d}.bin"
+
+
+def manifest_key(job_id: str, version: int) -> str:
+    return f"jobs/{job_id}/models/v{version:06d}.json"
+
+
+class ModelStore:
+    """Versions of one job's global model."""
+
+    def __init__(self, objects: ObjectStore, job_id: str) -> None:
+        self.objects = objects
+        self.job_id = job_id
+
+    async def save(self, manifest: Manifest, blob: bytes) -> None:
+        if hashlib.sha256(blob).hexdigest() != manifest.sha256:
+            raise StoreError("refusing to store a model whose bytes do not match its sha256")
+        await self.objects.put(manifest.key, blob)
+        await self.objects.put(manifest_key(self.job_id, manifest.version), manifest.to_json().encode())
+
+    async def manifest(self, version: int) -> Manifest:
+        raw = await self.objects.get(manifest_key(self.job_id, version))
+        return Manifest.from_json(raw.decode())
+
+    async def load_bytes(self, version: int) -> tuple[Manifest, bytes]:
+        manifest = await self.manifest(version)
+        blob = await self.objects.get(manifest.key)
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != manifest.sha256:
+            raise StoreError(
+                f"version {version} of job {self.job_id} is corrupt: sha256 {digest} "
+                f"but its manifest says {manifest.sha256}"
+            )
+        return manifest, blob
+
+    async def load(self, version: int) -> tuple[Manifest, FlatModel]:
+        manifest, blob = await self.load_bytes(version)
+        return manifest, FlatModel.from_bytes(blob)
+
+    async def versions(self) -> list[int]:
+        keys = await self.objects.list(f"jobs/{self.job_id}/models/")
+        out = []
+        for key in keys:
+            name = key.rsplit("/", 1)[-1]
+            if name.startswith("v") and name.endswith(".json"):
+                try:
+                    out.append(int(name[1:-5]))
+                except ValueError:
+                    continue
+        return sorted(out)
+
+    async def latest(self) -> int | None:
+        versions = await self.versions()
+        return versions[-1] if versions else None
