@@ -41,7 +41,9 @@ async def declare(connection: AbstractConnection, topo: Topology) -> None:
         queues = {}
         for q in topo.queues:
             queues[q.name] = await channel.declare_queue(
-                q.name, durable=True, arguments=dict(q.arguments)  # type: ignore[arg-type]
+                q.name,
+                durable=True,
+                arguments=dict(q.arguments),  # type: ignore[arg-type]
             )
         for b in topo.bindings:
             await queues[b.queue].bind(exchanges[b.exchange], routing_key=b.routing_key)

@@ -64,9 +64,7 @@ def task_queue(names: Names, capability: str, limits: Limits = Limits()) -> Queu
     )
 
 
-def topology(
-    names: Names, capabilities: tuple[str, ...] = ("cpu",), limits: Limits = Limits()
-) -> Topology:
+def topology(names: Names, capabilities: tuple[str, ...] = ("cpu",), limits: Limits = Limits()) -> Topology:
     exchanges = (
         Exchange(names.tasks_exchange, "direct"),
         Exchange(names.results_exchange, "fanout"),
@@ -111,3 +109,12 @@ def topology(
         Binding(names.dead_queue, names.dead_exchange),
     )
     return Topology(exchanges, queues, bindings)
+
+
+def capability_topology(names: Names, capabilities: tuple[str, ...], limits: Limits = Limits()) -> Topology:
+    """The part a worker needs for its capabilities (a new capability's queue appears on join)."""
+    return Topology(
+        (Exchange(names.tasks_exchange, "direct"), Exchange(names.dead_exchange, "fanout")),
+        tuple(task_queue(names, cap, limits) for cap in capabilities),
+        tuple(Binding(names.task_queue(cap), names.tasks_exchange, cap) for cap in capabilities),
+    )

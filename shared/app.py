@@ -72,7 +72,9 @@ def load_app(spec: str) -> App:
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum,
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
             weight_decay=config.weight_decay,
         )
     if config.optimizer == "adam":
@@ -97,6 +99,11 @@ class ClassificationApp:
 
     def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Make the data once (``fedq run`` calls this before starting workers)."""
+        self.train_data()
+        self.test_data()
 
     def load_partition(self, part: PartitionSpec) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.train_data()
@@ -123,7 +130,7 @@ class ClassificationApp:
                 loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
                 loss.backward()
                 opt.step()
-                total += float(loss)
+                total += loss.detach().item()
                 batches += 1
         return TrainResult(len(y), {"train_loss": total / max(batches, 1)})
 

@@ -103,11 +103,9 @@ class Broker:
                 timeout=timeout,
                 client_properties={"connection_name": self.connection_name},
             )
-        except (OSError, aio_pika.exceptions.AMQPError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
             raise BrokerError(f"cannot reach RabbitMQ at {redact(self.url)}: {exc!r}") from exc
-        self._publish_channel = await self._connection.channel(
-            publisher_confirms=True, on_return_raises=True
-        )
+        self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         return self
 
     async def declare(self, topo: Topology) -> None:

@@ -22,30 +22,42 @@ def parse_partition(text: str) -> tuple[int, int]:
     return index, count
 
 
-def dirichlet_partition(
-    labels: np.ndarray, count: int, alpha: float, seed: int, min_size: int = 10
-) -> list[list[int]]:
-    """Per class, share its samples over ``count`` workers with proportions ~ Dir(alpha).
+def dirichlet_partition(labels: np.ndarray, count: int, alpha: float, seed: int) -> list[list[int]]:
+    """Equal-sized shares whose label mix is drawn from Dir(alpha) per worker (Hsu et al. 2019).
 
-    Deterministic for a seed; redraws until every worker has ``min_size`` samples.
+    Worker ``i`` draws class proportions ``q_i ~ Dir(alpha)`` and fills its
+    ``len(labels) // count`` samples class by class from those proportions,
+    without replacement; when a class runs out the rest of its share goes to the
+    classes that remain. Equal sizes keep task durations comparable, so label
+    skew is the only heterogeneity unless a delay profile adds more.
+    Deterministic for a seed.
     """
     if alpha <= 0:
         raise ConfigError("alpha must be positive")
-    if count * min_size > len(labels):
+    if count < 1 or count > len(labels):
         raise ConfigError(f"{len(labels)} samples cannot be split over {count} workers")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
-    for _ in range(1000):
-        parts: list[list[int]] = [[] for _ in range(count)]
-        for c in classes:
-            idx = np.flatnonzero(labels == c)
-            rng.shuffle(idx)
-            cuts = (np.cumsum(rng.dirichlet([alpha] * count)) * len(idx)).astype(int)[:-1]
-            for worker, chunk in enumerate(np.split(idx, cuts)):
-                parts[worker].extend(int(i) for i in chunk)
-        if min(len(p) for p in parts) >= min_size:
-            return [sorted(p) for p in parts]
-    raise ConfigError(f"could not give every worker {min_size} samples with alpha={alpha}")
+    pools = []
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        pools.append(list(idx))
+    size = len(labels) // count
+    parts: list[list[int]] = []
+    for _ in range(count):
+        q = rng.dirichlet([alpha] * len(classes))
+        part: list[int] = []
+        while len(part) < size:
+            available = np.array([len(p) > 0 for p in pools], dtype=float)
+            weights = q * available
+            if weights.sum() <= 0:
+                weights = available
+            weights = weights / weights.sum()
+            c = int(rng.choice(len(classes), p=weights))
+            part.append(int(pools[c].pop()))
+        parts.append(sorted(part))
+    return parts
 
 
 def load_partition_file(path: Path, count: int, n_samples: int) -> list[list[int]]:

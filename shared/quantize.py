@@ -111,9 +111,7 @@ def decode_delta(
         raise ScreeningError("bad_shape", f"block size {block} out of range")
     expected = payload_size(spec, scheme, block)
     if len(payload) != expected:
-        raise ScreeningError(
-            "bad_shape", f"payload is {len(payload)} bytes, the model needs {expected}"
-        )
+        raise ScreeningError("bad_shape", f"payload is {len(payload)} bytes, the model needs {expected}")
     buf = memoryview(payload)
     n, m = spec.n_float, spec.n_exact
     if scheme == "none":

@@ -58,7 +58,7 @@ class Settings:
     inline_limit: int = 1024 * 1024
     model_seed: int = 0
     # aggregator
-    buffer: int = 4
+    buffer: int = 10
     server_lr: float = 1.0
     staleness: str = "polynomial:0.5"
     max_staleness: int = 20
@@ -69,13 +69,12 @@ class Settings:
     worker_id: str = ""
     delay: float = 0.0
     heartbeat_interval: float = 2.0
+    threads: int = 1  # torch threads for local training
     coordinator_key: str = ""  # default: <keys_dir>/coordinator.pub
     key_file: str = ""  # default: <keys_dir>/<process>.key
 
     @classmethod
-    def from_env(
-        cls, env: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Environment first, then explicit overrides (flags); ``None`` overrides are ignored."""
         env = os.environ if env is None else env
         hints = typing.get_type_hints(cls)

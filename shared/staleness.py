@@ -47,9 +47,7 @@ class Staleness:
         if kind == "hinge" and len(values) in (0, 2):
             a, b = values or [10.0, 4.0]
             return cls("hinge", a, b)
-        raise ConfigError(
-            f"bad staleness {text!r}: use constant, polynomial[:a] or hinge[:a,b]"
-        )
+        raise ConfigError(f"bad staleness {text!r}: use constant, polynomial[:a] or hinge[:a,b]")
 
     def describe(self) -> str:
         if self.kind == "constant":

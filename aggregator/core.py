@@ -1,0 +1,137 @@
+"""The aggregator's state machine, free of I/O: offer updates, get versions.
+
+``AggregatorCore.offer`` screens one verified update and either buffers it or
+says why it is rejected; when the policy says the buffer is full (or a sync
+round closes), ``flush`` folds the buffer into a new version. Replaying the
+same updates in the same order through a fresh core gives the same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.aggregation import Accumulator, Policy, screen
+from shared.errors import ScreeningError
+from shared.messages import Round, Update
+from shared.quantize import decode_delta
+from shared.tensors import FlatModel
+
+
+@dataclass(frozen=True)
+class Accepted:
+    task_id: str
+    staleness: int
+    weight: float
+    norm: float
+
+
+@dataclass(frozen=True)
+class Rejected:
+    task_id: str
+    reason: str
+    detail: str
+    staleness: int = 0
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    version: int
+    parent: int
+    model: FlatModel
+    update_ids: tuple[str, ...]
+    mean_staleness: float
+
+
+@dataclass
+class _Round:
+    version: int
+    number: int
+    size: int
+
+
+@dataclass
+class AggregatorCore:
+    model: FlatModel
+    version: int
+    policy: Policy
+    job_id: str
+    applied: set[str] = field(default_factory=set)
+    updates_total: int = 0
+
+    def __post_init__(self) -> None:
+        self._reset_buffer()
+        self._round: _Round | None = None
+
+    def _reset_buffer(self) -> None:
+        self.buffer = Accumulator(self.model.spec.n_float, self.model.spec.n_exact)
+        self.pending: list[Accepted] = []
+
+    @property
+    def pending_ids(self) -> set[str]:
+        return {a.task_id for a in self.pending}
+
+    def offer(self, update: Update) -> Accepted | Rejected:
+        """Screen an update whose signature is already verified; buffer it if it passes."""
+        tid = update.task_id
+        if update.job_id != self.job_id:
+            return Rejected(tid, "wrong_job", f"update for job {update.job_id!r}, this is {self.job_id!r}")
+        if tid in self.applied or tid in self.pending_ids:
+            return Rejected(tid, "duplicate", f"task {tid} was already counted")
+        tau = self.version - update.base_version
+        if tau < 0:
+            return Rejected(
+                tid, "future_version", f"base version {update.base_version} > current {self.version}"
+            )
+        if self.policy.mode == "sync":
+            if tau > 0 or self._round is None or self._round.version != self.version:
+                return Rejected(tid, "stale", f"round on version {update.base_version} is closed", tau)
+        elif tau > self.policy.max_staleness:
+            return Rejected(tid, "stale", f"staleness {tau} > max {self.policy.max_staleness}", tau)
+        if update.num_samples < 1:
+            return Rejected(tid, "bad_sample_count", f"num_samples={update.num_samples}", tau)
+        try:
+            floats, exact = decode_delta(update.delta, self.model.spec, update.quant, update.block)
+            norm = screen(floats, exact, self.policy.max_norm)
+        except ScreeningError as exc:
+            return Rejected(tid, exc.reason, str(exc), tau)
+        weight = self.policy.weight(update.num_samples, tau)
+        self.buffer.add(floats, exact, weight)
+        accepted = Accepted(tid, tau, weight, norm)
+        self.pending.append(accepted)
+        return accepted
+
+    def open_round(self, message: Round) -> None:
+        if message.version == self.version and not message.close:
+            self._round = _Round(message.version, message.round, message.size)
+
+    def ready(self) -> bool:
+        """Is the buffer due to become a version?"""
+        if not self.pending:
+            return False
+        if self.policy.mode == "sync":
+            return self._round is not None and len(self.pending) >= self._round.size
+        return len(self.pending) >= self.policy.k
+
+    def close_round(self, message: Round) -> bool:
+        """A sync round's deadline passed: flush whatever arrived (returns whether anything did)."""
+        return (
+            self.policy.mode == "sync"
+            and message.close
+            and message.version == self.version
+            and bool(self.pending)
+        )
+
+    def flush(self) -> NewVersion:
+        floats, exact = self.buffer.apply(self.model.floats, self.model.exact, self.policy.server_lr)
+        ids = tuple(a.task_id for a in self.pending)
+        mean_tau = sum(a.staleness for a in self.pending) / len(self.pending)
+        new = NewVersion(
+            self.version + 1, self.version, self.model.with_vectors(floats, exact), ids, mean_tau
+        )
+        self.model = new.model
+        self.version = new.version
+        self.applied.update(ids)
+        self.updates_total += len(ids)
+        self._round = None
+        self._reset_buffer()
+        return new

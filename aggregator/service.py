@@ -1,0 +1,262 @@
+"""The aggregator service: verify, screen and fold updates; store and announce versions.
+
+It consumes ``<ns>.updates`` (single active consumer: a standby aggregator
+takes over when this one dies). An update is acked only after the version that
+contains it is stored; a rejected one is dead-lettered with its reason first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected
+from broker_config.names import Names
+from broker_config.topology import topology
+from shared.aggregation import Policy
+from shared.broker import Broker, Delivery
+from shared.codec import decode, encode
+from shared.errors import FedqError, WireError
+from shared.keys import DirectoryKeyring, load_or_create_signer, load_public_key
+from shared.ledger import JsonLines
+from shared.logs import get_logger
+from shared.messages import ModelAnnouncement, Receipt, Round, Update
+from shared.settings import Settings
+from shared.signing import Keyring, Signer, fingerprint
+from shared.staleness import Staleness
+from shared.store import Manifest, ModelStore, model_key, open_store
+
+OFFLOAD_BYTES = 1 << 20  # decode large updates off the event loop
+
+
+class Aggregator:
+    def __init__(
+        self,
+        *,
+        broker: Broker,
+        store: ModelStore,
+        policy: Policy,
+        signer: Signer,
+        keyring: Keyring,
+        ledger: JsonLines,
+        coordinator_fingerprint: str | None = None,
+    ) -> None:
+        self.broker = broker
+        self.names: Names = broker.names
+        self.store = store
+        self.job_id = store.job_id
+        self.policy = policy
+        self.signer = signer
+        self.keyring = keyring
+        self.ledger = ledger
+        self.coordinator_fp = coordinator_fingerprint
+        self.core: AggregatorCore | None = None
+        self.held: list[tuple[Delivery, Update, Accepted, int]] = []
+        self.failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        self._lock = asyncio.Lock()
+        self.log = get_logger(service="aggregator", job=self.job_id)
+
+    async def load(self, wait: float = 120.0) -> AggregatorCore:
+        """Resume from the latest stored version (waiting for v0 if the job is new)."""
+        deadline = time.monotonic() + wait
+        latest = await self.store.latest()
+        while latest is None:
+            if time.monotonic() > deadline:
+                raise FedqError(f"no version 0 of job {self.job_id} appeared in the store")
+            self.log.info("waiting_for_version_0")
+            await asyncio.sleep(0.5)
+            latest = await self.store.latest()
+        manifest, model = await self.store.load(latest)
+        applied: set[str] = set()
+        for v in await self.store.versions():
+            applied.update((await self.store.manifest(v)).update_ids)
+        self.core = AggregatorCore(model, latest, self.policy, self.job_id, applied, manifest.updates_total)
+        self.log.info("resumed", version=latest, applied=len(applied), policy=self.policy.to_dict())
+        return self.core
+
+    async def run(self) -> None:
+        if self.core is None:
+            await self.load()
+        prefetch = 1024 if self.policy.mode == "sync" else max(4 * self.policy.k, 64)
+        await self.broker.consume(self.names.updates_queue, self.handle, prefetch=prefetch)
+        self.log.info("consuming", queue=self.names.updates_queue, prefetch=prefetch)
+        exc = await self.failed
+        raise exc
+
+    async def handle(self, delivery: Delivery) -> None:
+        async with self._lock:
+            try:
+                await self._handle(delivery)
+            except Exception as exc:  # a bug or a broken store: stop, leave it unacked
+                self.log.exception("aggregator_failed")
+                if not self.failed.done():
+                    self.failed.set_result(exc)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        assert self.core is not None
+        raw = delivery.body
+        try:
+            message, envelope = decode(raw, self.keyring, (Update, Round))
+        except WireError as exc:
+            await self._reject(delivery, None, Rejected("", exc.reason, str(exc)), signer="")
+            return
+        if isinstance(message, Round):
+            await self._on_round(delivery, message, envelope.signer)
+            return
+        assert isinstance(message, Update)
+        if len(raw) > OFFLOAD_BYTES:
+            result = await asyncio.to_thread(self.core.offer, message)
+        else:
+            result = self.core.offer(message)
+        if isinstance(result, Rejected):
+            await self._reject(delivery, message, result, envelope.signer)
+            return
+        self.held.append((delivery, message, result, len(raw)))
+        await self._receipt(message, "buffered", "", result.staleness)
+        if self.core.ready():
+            await self._flush()
+
+    async def _on_round(self, delivery: Delivery, message: Round, signer: str) -> None:
+        assert self.core is not None
+        if self.coordinator_fp is not None and signer != self.coordinator_fp:
+            await self._reject(
+                delivery, None, Rejected("", "unknown_signer", "round not signed by the coordinator"), signer
+            )
+            return
+        if message.job_id == self.job_id:
+            if message.close:
+                if self.core.close_round(message):
+                    await self._flush()
+            else:
+                self.core.open_round(message)
+                self.log.info("round_open", version=message.version, round=message.round, size=message.size)
+        await delivery.ack()
+
+    async def _flush(self) -> None:
+        assert self.core is not None
+        new: NewVersion = self.core.flush()
+        blob = new.model.to_bytes()
+        manifest = Manifest(
+            job_id=self.job_id,
+            version=new.version,
+            parent=new.parent,
+            sha256=hashlib.sha256(blob).hexdigest(),
+            size=len(blob),
+            key=model_key(self.job_id, new.version),
+            update_ids=new.update_ids,
+            created_at=time.time(),
+            policy=self.policy.to_dict(),
+            mean_staleness=new.mean_staleness,
+            updates_total=self.core.updates_total,
+        )
+        await self.store.save(manifest, blob)
+        announcement = ModelAnnouncement(
+            job_id=self.job_id,
+            version=new.version,
+            parent=new.parent,
+            sha256=manifest.sha256,
+            key=manifest.key,
+            update_ids=new.update_ids,
+            created_at=manifest.created_at,
+            mean_staleness=new.mean_staleness,
+            updates_total=self.core.updates_total,
+        )
+        await self.broker.publish(
+            self.names.models_exchange, Names.model_key(self.job_id), encode(announcement, self.signer)
+        )
+        held, self.held = self.held, []
+        for delivery, update, accepted, size in held:
+            await delivery.ack()
+            self.ledger.write(
+                {
+                    "t": time.time(),
+                    "task_id": update.task_id,
+                    "worker_id": update.worker_id,
+                    "fate": "applied",
+                    "version": new.version,
+                    "staleness": accepted.staleness,
+                    "weight": accepted.weight,
+                    "norm": accepted.norm,
+                    "bytes": size,
+                    "num_samples": update.num_samples,
+                    "redelivered": delivery.redelivered,
+                }
+            )
+        self.log.info(
+            "version",
+            version=new.version,
+            updates=len(new.update_ids),
+            mean_staleness=round(new.mean_staleness, 3),
+            sha256=manifest.sha256[:12],
+        )
+
+    async def _reject(
+        self, delivery: Delivery, update: Update | None, rejected: Rejected, signer: str
+    ) -> None:
+        await delivery.dead_letter(rejected.reason, rejected.detail)
+        record: dict[str, Any] = {
+            "t": time.time(),
+            "task_id": rejected.task_id,
+            "fate": "rejected",
+            "reason": rejected.reason,
+            "detail": rejected.detail,
+            "bytes": len(delivery.body),
+            "signer": signer,
+            "staleness": rejected.staleness,
+            "worker_id": update.worker_id if update else "",
+            "redelivered": delivery.redelivered,
+        }
+        self.ledger.write(record)
+        self.log.warning(
+            "update_rejected", reason=rejected.reason, detail=rejected.detail, task=rejected.task_id
+        )
+        if update is not None:
+            await self._receipt(update, "rejected", rejected.reason, rejected.staleness)
+
+    async def _receipt(self, update: Update, fate: str, reason: str, staleness: int) -> None:
+        assert self.core is not None
+        if update.job_id != self.job_id:
+            return
+        receipt = Receipt(
+            self.job_id, update.task_id, update.worker_id, fate, reason, self.core.version, staleness
+        )
+        await self.broker.publish(
+            self.names.models_exchange, Names.receipt_key(self.job_id), encode(receipt, self.signer)
+        )
+
+
+async def serve(settings: Settings) -> None:
+    """Build the aggregator from settings and run it until stopped or failed."""
+    names = Names(settings.namespace)
+    signer = load_or_create_signer(settings.key_path("aggregator"))
+    coordinator_fp = None
+    if settings.coordinator_key_path.exists():
+        coordinator_fp = fingerprint(load_public_key(settings.coordinator_key_path))
+    policy = Policy(
+        mode=settings.mode,
+        k=settings.buffer,
+        server_lr=settings.server_lr,
+        staleness=Staleness.parse(settings.staleness),
+        max_staleness=settings.max_staleness,
+        max_norm=settings.max_norm,
+    )
+    broker = await Broker(
+        settings.amqp_url, names, f"fedq-aggregator-{settings.job}", settings.amqp_heartbeat
+    ).connect()
+    try:
+        await broker.declare(topology(names, settings.capability_list))
+        ledger = JsonLines(settings.out_dir / "ledger.jsonl")
+        aggregator = Aggregator(
+            broker=broker,
+            store=ModelStore(open_store(settings.store), settings.job),
+            policy=policy,
+            signer=signer,
+            keyring=DirectoryKeyring(settings.trusted_dir),
+            ledger=ledger,
+            coordinator_fingerprint=coordinator_fp,
+        )
+        await aggregator.run()
+    finally:
+        await broker.close()

@@ -1,0 +1,60 @@
+"""Live workers per capability, from the workers' own hellos and heartbeats. No I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.messages import Hello
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    capabilities: tuple[str, ...]
+    key_fingerprint: str
+    last_seen: float
+    first_seen: float
+
+
+class Registry:
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.workers: dict[str, WorkerInfo] = {}
+
+    def observe(self, hello: Hello, signer: str, now: float) -> str:
+        """Record a hello; returns ``joined``, ``seen`` or ``left``."""
+        if hello.state == "down":
+            return "left" if self.workers.pop(hello.worker_id, None) else "seen"
+        info = self.workers.get(hello.worker_id)
+        if info is None or info.last_seen < now - self.timeout:
+            self.workers[hello.worker_id] = WorkerInfo(hello.worker_id, hello.capabilities, signer, now, now)
+            return "joined"
+        info.last_seen = now
+        info.capabilities = hello.capabilities
+        info.key_fingerprint = signer
+        return "seen"
+
+    def expire(self, now: float) -> list[str]:
+        gone = [w for w, info in self.workers.items() if info.last_seen < now - self.timeout]
+        for w in gone:
+            del self.workers[w]
+        return gone
+
+    def live(self, capability: str, now: float) -> list[WorkerInfo]:
+        return [
+            info
+            for info in self.workers.values()
+            if capability in info.capabilities and info.last_seen >= now - self.timeout
+        ]
+
+    def primary_counts(self, capabilities: tuple[str, ...], now: float) -> dict[str, int]:
+        """Each live worker counted once, under the first of its capabilities the job uses."""
+        counts = dict.fromkeys(capabilities, 0)
+        for info in self.workers.values():
+            if info.last_seen < now - self.timeout:
+                continue
+            for cap in info.capabilities:
+                if cap in counts:
+                    counts[cap] += 1
+                    break
+        return counts

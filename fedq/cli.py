@@ -1,0 +1,254 @@
+"""The ``fedq`` command: one entry point, a subcommand per process, plus ``run``.
+
+Parse flags, build ``Settings`` (flags override ``FEDQ_*`` variables), call the
+service. Errors that reach here print one line and exit with their code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from shared.errors import FedqError
+from shared.logs import configure_logging
+from shared.settings import Settings, env_name
+
+Flag = tuple[str, str, Any, str]  # flag, settings field, type, help
+
+COMMON: list[Flag] = [
+    ("--amqp-url", "amqp_url", str, "RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/)"),
+    ("--namespace", "namespace", str, "prefix of every exchange and queue name (default fedq)"),
+    ("--job", "job", str, "job id: letters, digits, - and _ (default 'default')"),
+    ("--store", "store", str, "model store: a local directory (default .fedq/store)"),
+    ("--keys-dir", "keys_dir", str, "where this process keeps its key pair (default .fedq/keys)"),
+    ("--trusted-keys", "trusted_keys", str, "directory of trusted *.pub keys (default <keys-dir>/trusted)"),
+    (
+        "--coordinator-key",
+        "coordinator_key",
+        str,
+        "the coordinator's public key to pin (default <keys-dir>/coordinator.pub)",
+    ),
+    ("--key-file", "key_file", str, "this process's private key file (created on first start)"),
+    ("--out", "out", str, "job folder for metrics, ledger and state (default .fedq/jobs/<job>)"),
+    ("--app", "app", str, "the app as module:object (default fedq.apps.mnist1d:app)"),
+    ("--log-level", "log_level", str, "debug, info, warning or error (default info)"),
+]
+DATA: list[Flag] = [
+    ("--alpha", "alpha", float, "Dirichlet label-skew concentration; smaller is more skewed (default 0.5)"),
+    ("--partition-seed", "partition_seed", int, "seed of the data split (default 42)"),
+    (
+        "--partition-file",
+        "partition_file",
+        str,
+        "JSON list of index lists, one per worker, instead of Dirichlet",
+    ),
+]
+JOB: list[Flag] = [
+    ("--mode", "mode", str, "async (FedBuff) or sync (FedAvg rounds) (default async)"),
+    ("--capabilities", "capabilities", str, "capabilities the job hands tasks to (default cpu)"),
+    (
+        "--concurrency",
+        "concurrency",
+        int,
+        "tasks in flight per capability; 0 = one per live worker (default 0)",
+    ),
+    (
+        "--target-accuracy",
+        "target_accuracy",
+        float,
+        "stop when test accuracy reaches this; 0 = never (default 0.85)",
+    ),
+    ("--max-versions", "max_versions", int, "stop after this many versions; 0 = no limit"),
+    ("--max-updates", "max_updates", int, "stop after this many applied updates; 0 = no limit"),
+    ("--max-seconds", "max_seconds", float, "stop after this many seconds (default 300)"),
+    ("--task-ttl", "task_ttl", float, "seconds a task may wait and run before it expires (default 120)"),
+    ("--round-timeout", "round_timeout", float, "sync mode: round deadline in seconds (default 60)"),
+    ("--local-epochs", "local_epochs", int, "local epochs per task (default 5)"),
+    ("--batch-size", "batch_size", int, "local batch size (default 32)"),
+    ("--optimizer", "optimizer", str, "local optimizer: sgd or adam (default sgd)"),
+    ("--lr", "lr", float, "local learning rate (default 0.05)"),
+    ("--momentum", "momentum", float, "local SGD momentum (default 0.9)"),
+    ("--quant", "quant", str, "update encoding: int8 or none (default int8)"),
+    ("--block", "block", int, "values per int8 quantization block (default 256)"),
+    (
+        "--inline-limit",
+        "inline_limit",
+        int,
+        "models up to this many bytes travel inside the task (default 1 MiB)",
+    ),
+    ("--model-seed", "model_seed", int, "seed of version 0 (default 0)"),
+    (
+        "--worker-timeout",
+        "worker_timeout",
+        float,
+        "seconds without a heartbeat before a worker counts as gone (default 10)",
+    ),
+]
+POLICY: list[Flag] = [
+    ("--buffer", "buffer", int, "FedBuff: updates per version, K (default 10; 1 = FedAsync)"),
+    ("--server-lr", "server_lr", float, "server learning rate eta (default 1.0)"),
+    ("--staleness", "staleness", str, "constant, polynomial[:a] or hinge[:a,b] (default polynomial:0.5)"),
+    ("--max-staleness", "max_staleness", int, "reject updates staler than this many versions (default 20)"),
+    ("--max-norm", "max_norm", float, "reject updates whose L2 norm exceeds this (default: no bound)"),
+]
+WORKER: list[Flag] = [
+    (
+        "--capability",
+        "capability",
+        str,
+        "capabilities this worker serves, e.g. cpu or cpu,lowmem (default cpu)",
+    ),
+    ("--partition", "partition", str, "which share of the data this worker holds, I/N (default 0/1)"),
+    ("--worker-id", "worker_id", str, "stable worker id (default <hostname>-p<I>)"),
+    ("--delay", "delay", float, "simulated extra seconds per task, for straggler experiments (default 0)"),
+    ("--threads", "threads", int, "torch threads for local training (default 1)"),
+    ("--heartbeat-interval", "heartbeat_interval", float, "seconds between heartbeats (default 2)"),
+]
+
+
+def _add(parser: argparse.ArgumentParser, flags: list[Flag], title: str) -> None:
+    group = parser.add_argument_group(title)
+    for flag, dest, typ, help_text in flags:
+        group.add_argument(flag, dest=dest, type=typ, default=None, help=f"{help_text} [{env_name(dest)}]")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    fields = set(Settings.__dataclass_fields__)
+    return Settings.from_env(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedq",
+        description=(
+            "Asynchronous federated learning over RabbitMQ. Workers train on private data and "
+            "send signed, int8-quantized updates; the aggregator folds them in with "
+            "staleness-weighted FedAvg. Every flag can also be set as a FEDQ_* variable."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run a whole job on this machine: aggregator, coordinator and N workers",
+        description="Declare the topology, start the aggregator, the coordinator and N workers as "
+        "processes against the broker, show progress, stop at the target and write a run folder "
+        "with summary.json, metrics.jsonl, ledger.jsonl and every process's log.",
+    )
+    run.add_argument("--workers", type=int, default=10, help="worker processes to start (default 10)")
+    run.add_argument(
+        "--delay-profile",
+        default="",
+        help="simulated extra seconds per task per worker, e.g. 0.2*12,1.0*5,5.0*3 (counts must add up to --workers)",
+    )
+    run.add_argument(
+        "--no-progress", action="store_true", help="print plain progress lines instead of a live display"
+    )
+    for flags, title in (
+        (COMMON, "connection and files"),
+        (JOB, "the job"),
+        (POLICY, "aggregation"),
+        (DATA, "data"),
+    ):
+        _add(run, flags, title)
+
+    coord = sub.add_parser(
+        "coordinator",
+        help="run the coordinator of a job",
+        description="Create version 0, hand out tasks, evaluate each version, stop at the target.",
+    )
+    for flags, title in ((COMMON, "connection and files"), (JOB, "the job")):
+        _add(coord, flags, title)
+
+    agg = sub.add_parser(
+        "aggregator",
+        help="run the aggregator of a job",
+        description="Verify, screen and fold updates into new versions. Start two for a hot standby.",
+    )
+    _add(agg, COMMON, "connection and files")
+    _add(agg, [f for f in JOB if f[1] in ("mode", "capabilities")], "the job")
+    _add(agg, POLICY, "aggregation")
+
+    work = sub.add_parser(
+        "worker",
+        help="run a worker that trains on its share of the data",
+        description="Consume tasks for the given capabilities, train off the event loop, send signed updates.",
+    )
+    _add(work, COMMON, "connection and files")
+    _add(work, WORKER, "this worker")
+    _add(work, DATA, "data")
+
+    declare = sub.add_parser(
+        "declare",
+        help="declare the broker topology and exit",
+        description="Declare every exchange and queue (idempotent); fails clearly on a conflicting declaration.",
+    )
+    _add(declare, COMMON[:1] + COMMON[1:2], "connection")
+    _add(declare, [f for f in JOB if f[1] == "capabilities"], "the job")
+    return parser
+
+
+def _run_async(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run a service; SIGTERM and SIGINT cancel it cleanly."""
+
+    async def main() -> Any:
+        task = asyncio.create_task(factory())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return None
+
+    return asyncio.run(main())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        configure_logging(settings.log_level, settings.log_json)
+        if args.command == "run":
+            from fedq.run import run_job
+
+            return run_job(settings, args.workers, args.delay_profile, progress=not args.no_progress)
+        if args.command == "coordinator":
+            from coordinator.service import serve as serve_coordinator
+            from shared.app import load_app
+
+            app = load_app(settings.app)
+            _run_async(lambda: serve_coordinator(settings, app))
+            return 0
+        if args.command == "aggregator":
+            from aggregator.service import serve as serve_aggregator
+
+            _run_async(lambda: serve_aggregator(settings))
+            return 0
+        if args.command == "worker":
+            from shared.app import load_app
+            from worker.service import serve as serve_worker
+
+            app = load_app(settings.app)
+            _run_async(lambda: serve_worker(settings, app))
+            return 0
+        if args.command == "declare":
+            from fedq.run import declare_only
+
+            asyncio.run(declare_only(settings))
+            print(f"topology declared under namespace {settings.namespace!r}")
+            return 0
+    except FedqError as exc:
+        print(f"fedq: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

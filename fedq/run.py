@@ -1,0 +1,248 @@
+"""``fedq run``: a whole job on one machine, each service its own process, all through the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from broker_config.names import Names
+from broker_config.topology import topology
+from fedq.progress import Progress
+from fedq.summary import build_summary
+from shared.app import load_app
+from shared.broker import Broker
+from shared.errors import ConfigError, FedqError
+from shared.keys import load_or_create_signer, public_key_path
+from shared.settings import Settings, env_name
+
+
+def parse_delay_profile(text: str, workers: int) -> list[float]:
+    """``"0.2*12,1.0*5,5.0*3"`` -> one delay per worker; an empty profile means no delay."""
+    if not text.strip():
+        return [0.0] * workers
+    delays: list[float] = []
+    for part in text.split(","):
+        value, _, count = part.strip().partition("*")
+        try:
+            d, n = float(value), int(count) if count else 1
+        except ValueError:
+            raise ConfigError(f"bad delay profile entry {part!r}: use SECONDS*COUNT, e.g. 0.2*12") from None
+        if d < 0 or n < 1:
+            raise ConfigError(f"bad delay profile entry {part!r}: seconds >= 0 and count >= 1")
+        delays.extend([d] * n)
+    if len(delays) != workers:
+        raise ConfigError(f"delay profile {text!r} describes {len(delays)} workers, --workers is {workers}")
+    return delays
+
+
+def prepare_keys(run_dir: Path, worker_ids: list[str]) -> Path:
+    """Key pairs for every process of the run, and a trusted directory holding their public keys."""
+    keys = run_dir / "keys"
+    trusted = keys / "trusted"
+    trusted.mkdir(parents=True, exist_ok=True)
+    for name in ["coordinator", "aggregator", *(f"worker-{w}" for w in worker_ids)]:
+        private = keys / f"{name}.key"
+        load_or_create_signer(private)
+        shutil.copy(public_key_path(private), trusted / f"{name}.pub")
+    return keys
+
+
+async def declare_only(settings: Settings, purge: bool = False) -> None:
+    names = Names(settings.namespace)
+    broker = await Broker(settings.amqp_url, names, "fedq-declare").connect()
+    try:
+        await broker.declare(topology(names, settings.capability_list))
+        if purge:
+            for queue in [names.task_queue(c) for c in settings.capability_list] + [names.updates_queue]:
+                await broker.purge(queue)
+    finally:
+        await broker.close()
+
+
+def _env(settings: Settings, run_dir: Path, keys: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDQ_") or k == "FEDQ_DATA_DIR"}
+    values: dict[str, Any] = {
+        "amqp_url": settings.amqp_url,
+        "namespace": settings.namespace,
+        "job": settings.job,
+        "store": settings.store,
+        "keys_dir": str(keys),
+        "trusted_keys": str(keys / "trusted"),
+        "out": str(run_dir),
+        "app": settings.app,
+        "log_level": settings.log_level,
+        "log_json": "true",
+        "amqp_heartbeat": settings.amqp_heartbeat,
+    }
+    env.update({env_name(k): str(v) for k, v in values.items()})
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")  # many processes share the cores: no oversubscription
+    return env
+
+
+def _flags(settings: Settings, fields: list[str]) -> list[str]:
+    out = []
+    for f in fields:
+        value = getattr(settings, f)
+        if value is not None:
+            out += ["--" + f.replace("_", "-"), str(value)]
+    return out
+
+
+JOB_FIELDS = [
+    "mode",
+    "capabilities",
+    "concurrency",
+    "target_accuracy",
+    "max_versions",
+    "max_updates",
+    "max_seconds",
+    "task_ttl",
+    "round_timeout",
+    "local_epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "quant",
+    "block",
+    "inline_limit",
+    "model_seed",
+    "worker_timeout",
+]
+POLICY_FIELDS = ["mode", "capabilities", "buffer", "server_lr", "staleness", "max_staleness", "max_norm"]
+DATA_FIELDS = ["alpha", "partition_seed", "partition_file"]
+
+
+class Launcher:
+    """Starts and stops the processes of one run; every process logs to ``<run>/logs``."""
+
+    def __init__(self, settings: Settings, run_dir: Path, keys: Path) -> None:
+        self.settings = settings
+        self.run_dir = run_dir
+        self.env = _env(settings, run_dir, keys)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.run_dir / "logs" / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedq.cli", *args],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start_worker(self, worker_id: str, index: int, count: int, delay: float) -> subprocess.Popen[bytes]:
+        s = self.settings
+        return self.start(
+            worker_id,
+            [
+                "worker",
+                "--worker-id",
+                worker_id,
+                "--partition",
+                f"{index}/{count}",
+                "--delay",
+                str(delay),
+                "--capability",
+                s.capabilities,
+                "--key-file",
+                str(Path(self.env["FEDQ_KEYS_DIR"]) / f"worker-{worker_id}.key"),
+                *_flags(s, DATA_FIELDS),
+            ],
+        )
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def new_run_dir(settings: Settings) -> Path:
+    if settings.out:
+        return Path(settings.out)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{settings.mode}"
+
+
+def run_job(settings: Settings, workers: int, delay_profile: str = "", progress: bool = True) -> int:
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    delays = parse_delay_profile(delay_profile, workers)
+    run_dir = new_run_dir(settings)
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"{run_dir} already holds a finished run; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = settings.job if settings.job != "default" else run_dir.name.replace(".", "-")
+    store = settings.store if settings.store != Settings.store else str(run_dir / "store")
+    settings = Settings(**{**settings.__dict__, "job": job, "store": store, "out": str(run_dir)})
+    worker_ids = [f"w{i:02d}" for i in range(workers)]
+    keys = prepare_keys(run_dir, worker_ids)
+    app = load_app(settings.app)
+    prepare = getattr(app, "prepare", None)
+    if callable(prepare):
+        prepare()  # e.g. generate the data set once instead of once per worker
+    asyncio.run(declare_only(settings, purge=True))
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {"settings": settings.__dict__, "workers": workers, "delays": delays}, indent=2, default=str
+        )
+    )
+
+    launcher = Launcher(settings, run_dir, keys)
+    started = time.time()
+    print(f"fedq: run folder {run_dir}", flush=True)
+    try:
+        launcher.start("aggregator", ["aggregator", *_flags(settings, POLICY_FIELDS)])
+        coordinator = launcher.start("coordinator", ["coordinator", *_flags(settings, JOB_FIELDS)])
+        for i, (wid, delay) in enumerate(zip(worker_ids, delays, strict=True)):
+            launcher.start_worker(wid, i, workers, delay)
+        display = Progress(run_dir, settings, live=progress and sys.stdout.isatty())
+        with display:
+            while coordinator.poll() is None:
+                display.update()
+                aggregator = launcher.procs["aggregator"]
+                if aggregator.poll() is not None:
+                    raise FedqError(
+                        f"the aggregator exited with code {aggregator.returncode}; see {run_dir}/logs/aggregator.log"
+                    )
+                time.sleep(0.5)
+            display.update()
+        if coordinator.returncode != 0:
+            raise FedqError(
+                f"the coordinator exited with code {coordinator.returncode}; see {run_dir}/logs/coordinator.log"
+            )
+    finally:
+        launcher.stop_all()
+    wall = time.time() - started
+    state_path = run_dir / "coordinator.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    summary = build_summary(run_dir, state, workers, wall)
+    summary["run_dir"] = str(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary), flush=True)
+    print(
+        f"fedq: {summary['stop_reason']}; final accuracy {summary['final_accuracy']}; run folder {run_dir}",
+        flush=True,
+    )
+    return 0
