@@ -95,7 +95,7 @@ class AggregatorCore:
         except ScreeningError as exc:
             return Rejected(tid, exc.reason, str(exc), tau)
         weight = self.policy.weight(update.num_samples, tau)
-        self.buffer.add(floats, exact, weight)
+        self.buffer.add(floats, exact, weight, self.policy.norm_weight(update.num_samples, tau))
         accepted = Accepted(tid, tau, weight, norm)
         self.pending.append(accepted)
         return accepted

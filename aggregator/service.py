@@ -222,8 +222,9 @@ class Aggregator:
         receipt = Receipt(
             self.job_id, update.task_id, update.worker_id, fate, reason, self.core.version, staleness
         )
+        receipt_key = Names.receipt_key(self.job_id)  # advisory: no listener bound is no error
         await self.broker.publish(
-            self.names.models_exchange, Names.receipt_key(self.job_id), encode(receipt, self.signer)
+            self.names.models_exchange, receipt_key, encode(receipt, self.signer), mandatory=False
         )
 
 

@@ -36,8 +36,11 @@ class Policy:
     staleness: Staleness = field(default_factory=Staleness)
     max_staleness: int = 20
     max_norm: float | None = None
+    normalize: str = "samples"
 
     def __post_init__(self) -> None:
+        if self.normalize not in ("samples", "weights"):
+            raise ConfigError("normalize must be samples or weights")
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; use async or sync")
         if self.k < 1:
@@ -46,6 +49,10 @@ class Policy:
             raise ConfigError("server learning rate must be positive")
         if self.max_staleness < 0:
             raise ConfigError("max staleness must be non-negative")
+
+    def norm_weight(self, num_samples: int, tau: int) -> float:
+        """What the buffer's step divides by: sample counts alone, or the full weights."""
+        return float(num_samples) if self.normalize == "samples" else self.weight(num_samples, tau)
 
     def weight(self, num_samples: int, tau: int) -> float:
         if self.mode == "sync":
@@ -60,6 +67,7 @@ class Policy:
             "staleness": self.staleness.describe(),
             "max_staleness": self.max_staleness,
             "max_norm": self.max_norm,
+            "normalize": self.normalize,
         }
 
 
@@ -70,15 +78,20 @@ class Accumulator:
         self.floats = torch.zeros(n_float, dtype=torch.float32)
         self.exact = torch.zeros(n_exact, dtype=torch.float64)
         self.total_weight = 0.0
+        self.total_norm = 0.0
         self.count = 0
 
-    def add(self, floats: torch.Tensor, exact: torch.Tensor, weight: float) -> None:
+    def add(
+        self, floats: torch.Tensor, exact: torch.Tensor, weight: float, norm_weight: float | None = None
+    ) -> None:
+        """Add ``weight * delta``; the step divides by the sum of ``norm_weight`` (default: ``weight``)."""
         if weight <= 0:
             raise ValueError("weight must be positive")
         self.floats.add_(floats, alpha=weight)
         if exact.numel():
             self.exact.add_(exact.to(torch.float64), alpha=weight)
         self.total_weight += weight
+        self.total_norm += weight if norm_weight is None else norm_weight
         self.count += 1
 
     def apply(
@@ -87,7 +100,7 @@ class Accumulator:
         """Return the new (floats, exact): x + eta * sum(w d) / sum(w)."""
         if self.count == 0:
             raise ValueError("nothing to apply")
-        scale = server_lr / self.total_weight
+        scale = server_lr / self.total_norm
         new_floats = floats + self.floats * scale
         new_exact = exact + torch.round(self.exact * scale).to(torch.int64)
         return new_floats, new_exact

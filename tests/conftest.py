@@ -1,0 +1,98 @@
+"""Shared fixtures: the real local RabbitMQ (a missing broker is an error, never a skip),
+a unique namespace per test with cleanup, and key material."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from broker_config.names import Names
+from broker_config.topology import topology
+from shared.broker import Broker
+from shared.signing import Keyring, Signer
+
+AMQP_URL = os.environ.get("FEDQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def _broker_answers(host: str = "127.0.0.1", port: int = 5672) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    if not _broker_answers():
+        pytest.fail(
+            "RabbitMQ does not answer on 127.0.0.1:5672; start it with scripts/ensure-rabbitmq",
+            pytrace=False,
+        )
+    return AMQP_URL
+
+
+@pytest.fixture
+def names(request: pytest.FixtureRequest) -> Names:
+    """A namespace of its own for every test, so tests never see each other's messages."""
+    return Names(f"t-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+async def broker(amqp_url: str, names: Names, request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    """A connected ``Broker`` named after the test, with the namespace's topology declared;
+    every queue and exchange of the namespace is deleted afterwards."""
+    b = await Broker(amqp_url, names, f"test-{request.node.name}"[:120]).connect()
+    await b.declare(topology(names, ("cpu",)))
+    yield b
+    await b.close()
+    await delete_namespace(amqp_url, names, ("cpu", "gpu", "lowmem"))
+
+
+async def delete_namespace(amqp_url: str, names: Names, capabilities: tuple[str, ...]) -> None:
+    conn = await aio_pika.connect(amqp_url)
+    try:
+        topo = topology(names, capabilities)
+        for q in topo.queues:
+            ch = await conn.channel()
+            try:
+                await ch.queue_delete(q.name)
+            except Exception:
+                pass
+            finally:
+                if not ch.is_closed:
+                    await ch.close()
+        for ex in topo.exchanges:
+            ch = await conn.channel()
+            try:
+                await ch.exchange_delete(ex.name)
+            except Exception:
+                pass
+            finally:
+                if not ch.is_closed:
+                    await ch.close()
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def signer() -> Signer:
+    return Signer.generate()
+
+
+@pytest.fixture
+def keyring(signer: Signer) -> Keyring:
+    ring = Keyring()
+    ring.add(signer.public)
+    return ring
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
