@@ -217,6 +217,9 @@ def run_job(settings: Settings, workers: int, delay_profile: str = "", progress:
         coordinator = launcher.start("coordinator", ["coordinator", *_flags(settings, JOB_FIELDS)])
         for i, (wid, delay) in enumerate(zip(worker_ids, delays, strict=True)):
             launcher.start_worker(wid, i, workers, delay)
+        (run_dir / "processes.json").write_text(
+            json.dumps({name: p.pid for name, p in launcher.procs.items()}, indent=2) + "\n"
+        )
         display = Progress(run_dir, settings, live=progress and sys.stdout.isatty())
         with display:
             while coordinator.poll() is None:

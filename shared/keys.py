@@ -27,7 +27,7 @@ def load_or_create_signer(path: Path) -> Signer:
     if path.exists():
         try:
             key = load_pem_private_key(path.read_bytes(), password=None)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:  # TypeError: the key is encrypted
             raise ConfigError(f"{path} is not a PEM private key: {exc}") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError(f"{path} is not an Ed25519 private key")

@@ -51,9 +51,9 @@ def update(
     return Update(task_id, job, "w-1", base, samples, quant, block, {}, 0.0, delta)
 
 
-def core(version: int = 0, **policy: object) -> AggregatorCore:
+def core(version: int = 0, applied: set[str] | None = None, **policy: object) -> AggregatorCore:
     policy.setdefault("staleness", CONSTANT)
-    return AggregatorCore(model(), version, Policy(**policy), JOB)  # type: ignore[arg-type]
+    return AggregatorCore(model(), version, Policy(**policy), JOB, applied or set())  # type: ignore[arg-type]
 
 
 def floats_of(c: AggregatorCore) -> list[float]:
@@ -87,6 +87,16 @@ def test_accumulator_exact_part_is_rounded_weighted_mean() -> None:
     floats, exact = acc.apply(torch.tensor([5.0]), torch.tensor([10, -3]), 1.0)
     assert exact.dtype == torch.int64 and exact.tolist() == [11, -1]
     assert floats.tolist() == [5.0]
+
+
+def test_accumulator_divides_by_norm_weights_when_given() -> None:
+    acc = Accumulator(2, 1)
+    acc.add(torch.tensor([2.0, 0.0]), torch.tensor([6]), 1.0, norm_weight=2.0)
+    acc.add(torch.tensor([0.0, 4.0]), torch.tensor([0]), 0.5, norm_weight=4.0)
+    assert acc.total_weight == 1.5 and acc.total_norm == 6.0
+    # sum w d = [2, 2] and [6]; divided by sum of norm weights 6, times eta 3
+    floats, exact = acc.apply(torch.tensor([0.0, 1.0]), torch.tensor([0]), 3.0)
+    assert floats.tolist() == [1.0, 2.0] and exact.tolist() == [3]
 
 
 def test_accumulator_rejects_empty_apply_and_non_positive_weights() -> None:
@@ -219,6 +229,7 @@ def test_staleness_constructor_validation() -> None:
         {"server_lr": -1.0},
         {"server_lr": float("nan")},
         {"max_staleness": -1},
+        {"normalize": "mean"},
     ],
     ids=repr,
 )
@@ -231,8 +242,12 @@ def test_policy_weights_and_dict() -> None:
     p = Policy(mode="async", k=2, staleness=Staleness("polynomial", 0.5))
     assert p.weight(10, 0) == 10.0
     assert p.weight(10, 3) == 5.0
+    assert p.norm_weight(10, 3) == 10.0  # default: the step divides by sample counts alone
+    pw = Policy(mode="async", staleness=Staleness("polynomial", 0.5), normalize="weights")
+    assert pw.norm_weight(10, 3) == 5.0
     sync = Policy(mode="sync", staleness=Staleness("polynomial", 0.5))
     assert sync.weight(10, 3) == 10.0  # sync ignores staleness
+    assert sync.norm_weight(10, 3) == 10.0
     assert Policy(k=1, server_lr=0.6, max_staleness=0, max_norm=2.0).to_dict() == {
         "mode": "async",
         "k": 1,
@@ -240,6 +255,7 @@ def test_policy_weights_and_dict() -> None:
         "staleness": "polynomial:0.5",
         "max_staleness": 0,
         "max_norm": 2.0,
+        "normalize": "samples",
     }
 
 
@@ -279,16 +295,34 @@ def test_update_ids_keep_arrival_order() -> None:
     assert c.flush().update_ids == ("z", "a", "m", "b")
 
 
-def test_staleness_weighting_and_mean_staleness() -> None:
-    c = core(version=3, k=2, staleness=Staleness("polynomial", 0.5))
+@pytest.mark.parametrize(
+    ("normalize", "expected"),
+    [
+        # sum w d = [2,0]*1 + [0,4]*1 = [2, 4]; "samples" divides by 1 + 2 = 3 (stale buffers step less)
+        ("samples", [1 + 2 / 3, 2 + 4 / 3, 3.0, 4.0, 0.5]),
+        # "weights" divides by the weights 1 + 1 = 2: a plain weighted mean
+        ("weights", [2.0, 4.0, 3.0, 4.0, 0.5]),
+    ],
+)
+def test_staleness_weighting_and_mean_staleness(normalize: str, expected: list[float]) -> None:
+    c = core(version=3, k=2, staleness=Staleness("polynomial", 0.5), normalize=normalize)
     a = c.offer(update("fresh", [2, 0, 0, 0, 0], base=3, samples=1))
     b = c.offer(update("old", [0, 4, 0, 0, 0], base=0, samples=2))
     assert isinstance(a, Accepted) and (a.staleness, a.weight) == (0, 1.0)
     assert isinstance(b, Accepted) and (b.staleness, b.weight) == (3, 1.0)  # 2 * (1+3)^-0.5
     new = c.flush()
-    # mean delta = ([2,0]*1 + [0,4]*1) / 2 = [1, 2]
-    assert new.model.floats.tolist() == [2.0, 4.0, 3.0, 4.0, 0.5]
+    assert new.model.floats.tolist() == pytest.approx(expected, rel=1e-6)
     assert new.mean_staleness == 1.5 and (new.version, new.parent) == (4, 3)
+
+
+def test_fresh_updates_step_the_same_under_both_normalizations() -> None:
+    results = []
+    for normalize in ("samples", "weights"):
+        c = core(k=2, staleness=Staleness("polynomial", 0.5), normalize=normalize)
+        c.offer(update("a", [1, 0, 0, 0, 0], samples=1))
+        c.offer(update("b", [0, 0, 0, 0, 2], samples=3))
+        results.append(c.flush().model.to_bytes())
+    assert results[0] == results[1]
 
 
 def test_fedasync_k1_with_server_lr() -> None:
@@ -489,7 +523,7 @@ def stream(seed: int, n: int = 12) -> list[Update]:
                 f"t{i}",
                 delta,
                 [int(rng.integers(-3, 4))],
-                base=int(rng.integers(0, i // 3 + 1)),
+                base=int(rng.integers(max(0, i // 4 - 2), i // 4 + 1)),
                 samples=int(rng.integers(1, 50)),
                 quant="int8",
                 block=2,

@@ -128,6 +128,7 @@ class Worker:
             log.warning("model_unavailable", detail=str(exc))
             await delivery.dead_letter("bad_model", str(exc))
             return
+        log.info("task_started", redelivered=delivery.redelivered)
         self.busy = True
         try:
             outcome = await asyncio.to_thread(

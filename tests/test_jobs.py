@@ -1,0 +1,241 @@
+"""Whole jobs through the real broker: each service its own process, real training on MNIST-1D.
+
+These are the slowest tests (tens of seconds each): they run ``fedq run`` as a
+user would and read the run folder it leaves behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker_config.names import Names
+from shared.keys import load_or_create_signer, public_key_path
+from tests.conftest import delete_namespace
+
+pytestmark = pytest.mark.slow
+
+
+def fedq(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedq.cli", *args]
+
+
+def start_run(out: Path, names: Names, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "FEDQ_LOG_LEVEL": "info"}
+    return subprocess.Popen(
+        fedq("run", "--namespace", names.namespace, "--out", str(out), "--no-progress", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 240) -> str:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"fedq run did not finish in {timeout}s:\n{output[-3000:]}") from None
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def log_events(path: Path, event: str) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == event:
+            out.append(rec)
+    return out
+
+
+def check_no_double_counting(out: Path) -> Counter[str]:
+    """Every applied task id once in the ledger and once across all version manifests."""
+    ledger = records(out / "ledger.jsonl")
+    applied = Counter(r["task_id"] for r in ledger if r["fate"] == "applied")
+    assert applied and max(applied.values()) == 1, applied.most_common(3)
+    in_manifests: Counter[str] = Counter()
+    for manifest in sorted((out / "store").rglob("v*.json")):
+        in_manifests.update(json.loads(manifest.read_text())["update_ids"])
+    assert in_manifests == applied
+    return applied
+
+
+@pytest.fixture
+def cleanup(amqp_url: str, names: Names) -> Any:
+    yield
+    asyncio.run(delete_namespace(amqp_url, names, ("cpu",)))
+
+
+def test_async_job_learns(tmp_path: Path, names: Names, cleanup: None) -> None:
+    out = tmp_path / "run"
+    output = finish(
+        start_run(
+            out, names, "--workers", "3", "--target-accuracy", "0.7", "--max-seconds", "150", "--buffer", "3"
+        )
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"run folder {out}" in output
+    for key in (
+        "mode",
+        "workers",
+        "final_accuracy",
+        "best_accuracy",
+        "seconds_to_accuracy",
+        "versions",
+        "updates_applied",
+        "updates_rejected",
+        "bytes_up",
+        "bytes_down",
+        "wall_seconds",
+        "stop_reason",
+    ):
+        assert key in summary, key
+    assert summary["mode"] == "async" and summary["workers"] == 3
+    assert summary["stop_reason"] == "target_accuracy", summary
+    assert summary["final_accuracy"] >= 0.7  # chance is 0.1
+    assert set(summary["seconds_to_accuracy"]) == {"0.80", "0.85"}
+    assert summary["updates_rejected"] == {}
+    assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    applied = check_no_double_counting(out)
+    assert summary["updates_applied"] == len(applied)
+    metrics = records(out / "metrics.jsonl")
+    assert [m["version"] for m in metrics] == sorted(m["version"] for m in metrics)
+    assert metrics[0]["version"] == 0 and metrics[0]["accuracy"] < 0.3
+
+
+def test_sync_job_learns(tmp_path: Path, names: Names, cleanup: None) -> None:
+    out = tmp_path / "run"
+    finish(
+        start_run(
+            out, names, "--mode", "sync", "--workers", "3", "--target-accuracy", "0.7", "--max-seconds", "150"
+        )
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "sync"
+    assert summary["stop_reason"] == "target_accuracy", summary
+    assert summary["final_accuracy"] >= 0.7
+    check_no_double_counting(out)
+    ledger = records(out / "ledger.jsonl")
+    assert all(r["staleness"] == 0 for r in ledger if r["fate"] == "applied")
+
+
+def test_killed_worker_does_not_stop_the_job(tmp_path: Path, names: Names, cleanup: None) -> None:
+    out = tmp_path / "run"
+    # w01 is slow (3 s extra per task), so it is almost always mid-task when killed.
+    proc = start_run(
+        out,
+        names,
+        "--workers",
+        "3",
+        "--delay-profile",
+        "0*1,3*1,0*1",
+        "--target-accuracy",
+        "0",
+        "--max-updates",
+        "60",
+        "--max-seconds",
+        "200",
+        "--buffer",
+        "3",
+    )
+    log = out / "logs" / "w01.log"
+    wait_for(
+        lambda: len(log_events(log, "update_sent")) >= 1 and (out / "processes.json").exists(), 120, "w01"
+    )
+    wait_for(lambda: len(log_events(log, "task_started")) > len(log_events(log, "update_sent")), 30, "a task")
+    in_hand = log_events(log, "task_started")[-1]["task"]
+    pid = json.loads((out / "processes.json").read_text())["w01"]
+    os.kill(pid, signal.SIGKILL)
+    finish(proc)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_updates", summary
+    applied = check_no_double_counting(out)
+    ledger = {r["task_id"]: r for r in records(out / "ledger.jsonl") if r["fate"] == "applied"}
+    # The killed worker's task was redelivered and done by someone else, once.
+    assert in_hand in ledger and ledger[in_hand]["worker_id"] != "w01"
+    assert applied[in_hand] == 1
+
+
+def test_worker_joins_mid_job(tmp_path: Path, names: Names, cleanup: None) -> None:
+    out = tmp_path / "run"
+    proc = start_run(
+        out,
+        names,
+        "--workers",
+        "2",
+        "--target-accuracy",
+        "0",
+        "--max-updates",
+        "70",
+        "--max-seconds",
+        "200",
+        "--buffer",
+        "2",
+    )
+    wait_for(
+        lambda: len(records(out / "ledger.jsonl")) >= 4 if (out / "ledger.jsonl").exists() else False,
+        120,
+        "the job to get going",
+    )
+    keys = out / "keys"
+    late_key = keys / "worker-late.key"
+    load_or_create_signer(late_key)  # enrol the newcomer: its public key goes to the trusted directory
+    (keys / "trusted" / "worker-late.pub").write_bytes(public_key_path(late_key).read_bytes())
+    env = {
+        **os.environ,
+        "FEDQ_NAMESPACE": names.namespace,
+        "FEDQ_KEYS_DIR": str(keys),
+        "FEDQ_STORE": str(out / "store"),
+        "FEDQ_LOG_JSON": "true",
+        "OMP_NUM_THREADS": "1",
+    }
+    late_log = (tmp_path / "late.log").open("w")
+    late = subprocess.Popen(
+        fedq("worker", "--worker-id", "late", "--partition", "1/2", "--key-file", str(late_key)),
+        env=env,
+        stdout=late_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        finish(proc)
+    finally:
+        late.send_signal(signal.SIGTERM)
+        late.wait(20)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_updates", summary
+    check_no_double_counting(out)
+    joined = [e["worker"] for e in log_events(out / "logs" / "coordinator.log", "worker_joined")]
+    assert "late" in joined
+    applied_by = Counter(r["worker_id"] for r in records(out / "ledger.jsonl") if r["fate"] == "applied")
+    assert applied_by["late"] >= 1, applied_by
