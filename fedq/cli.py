@@ -148,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-progress", action="store_true", help="print plain progress lines instead of a live display"
     )
+    run_common = [
+        f for f in COMMON if f[1] not in ("keys_dir", "trusted_keys", "coordinator_key", "key_file")
+    ]
     for flags, title in (
-        (COMMON, "connection and files"),
+        (run_common, "connection and files"),
         (JOB, "the job"),
         (POLICY, "aggregation"),
         (DATA, "data"),

@@ -128,7 +128,7 @@ class ClassificationApp:
                 idx = perm[i : i + config.batch_size]
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 total += loss.detach().item()
                 batches += 1

@@ -96,11 +96,11 @@ class Broker:
             raise BrokerError("broker is not connected")
         return self._connection
 
-    async def connect(self, timeout: float = 15.0) -> Broker:
+    async def connect(self, connect_timeout: float = 15.0) -> Broker:
         try:
             self._connection = await aio_pika.connect_robust(
                 self.url,
-                timeout=timeout,
+                timeout=connect_timeout,
                 client_properties={"connection_name": self.connection_name},
             )
         except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:

@@ -46,7 +46,7 @@ class Envelope:
 
 def signed_bytes(v: int, kind: str, signer: str, head: bytes, payload: bytes) -> bytes:
     digest = hashlib.sha256(payload).digest()
-    return msgpack.packb(["fedq", v, kind, signer, head, digest])
+    return typing.cast(bytes, msgpack.packb(["fedq", v, kind, signer, head, digest]))
 
 
 def kind_of(message: Message) -> str:
@@ -75,10 +75,8 @@ def encode(message: Message, signer: Signer) -> bytes:
     head = msgpack.packb(fields, use_bin_type=True)
     fp = signer.fingerprint
     sig = signer.sign(signed_bytes(VERSION, kind, fp, head, payload))
-    return msgpack.packb(
-        {"v": VERSION, "kind": kind, "signer": fp, "head": head, "payload": payload, "sig": sig},
-        use_bin_type=True,
-    )
+    doc = {"v": VERSION, "kind": kind, "signer": fp, "head": head, "payload": payload, "sig": sig}
+    return typing.cast(bytes, msgpack.packb(doc, use_bin_type=True))
 
 
 def open_envelope(raw: bytes) -> Envelope:
@@ -166,16 +164,26 @@ def decode_head(envelope: Envelope, raw: bytes = b"") -> Message:
         raise DecodeError(f"invalid {envelope.kind}: {exc}", raw) from None
 
 
+@typing.overload
+def decode(raw: bytes, keyring: Keyring, expect: type[T]) -> tuple[T, Envelope]: ...
+
+
+@typing.overload
 def decode(
-    raw: bytes, keyring: Keyring, expect: type[T] | tuple[type, ...] | None = None
-) -> tuple[T, Envelope]:
+    raw: bytes, keyring: Keyring, expect: tuple[type, ...] | None = None
+) -> tuple[Message, Envelope]: ...
+
+
+def decode(
+    raw: bytes, keyring: Keyring, expect: type | tuple[type, ...] | None = None
+) -> tuple[Any, Envelope]:
     """Parse, verify and decode. Raises a ``WireError`` subclass naming the reason."""
     envelope = open_envelope(raw)
     keyring.verify(envelope.signer, envelope.sig, envelope.signed_bytes(), raw)
     message = decode_head(envelope, raw)
     if expect is not None and not isinstance(message, expect):
         raise DecodeError(f"unexpected {envelope.kind} message here", raw)
-    return typing.cast(T, message), envelope
+    return message, envelope
 
 
 __all__ = [

@@ -7,6 +7,7 @@ and a ``ModelSpec`` that says how to cut the vectors back into named tensors.
 from __future__ import annotations
 
 import hashlib
+import typing
 from dataclasses import dataclass
 from functools import cached_property
 from math import prod
@@ -119,14 +120,13 @@ class FlatModel:
 
     def to_bytes(self) -> bytes:
         """Deterministic serialization: equal models give equal bytes."""
-        return msgpack.packb(
-            {
-                "v": 1,
-                "spec": self.spec.to_wire(),
-                "floats": self.floats.numpy().astype("<f4", copy=False).tobytes(),
-                "exact": self.exact.numpy().astype("<i8", copy=False).tobytes(),
-            }
-        )
+        doc = {
+            "v": 1,
+            "spec": self.spec.to_wire(),
+            "floats": self.floats.numpy().astype("<f4", copy=False).tobytes(),
+            "exact": self.exact.numpy().astype("<i8", copy=False).tobytes(),
+        }
+        return typing.cast(bytes, msgpack.packb(doc))
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> FlatModel:

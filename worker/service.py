@@ -7,6 +7,7 @@ that dies mid-task leaves the task to be redelivered to another worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 import time
@@ -97,10 +98,8 @@ class Worker:
             await (stop.wait() if stop else asyncio.Event().wait())
         finally:
             beat.cancel()
-            try:
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.hello("down"), 2.0)
-            except Exception:
-                pass
 
     async def handle(self, delivery: Delivery) -> None:
         async with self._train_lock:  # one task at a time, whatever the capability
