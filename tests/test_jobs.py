@@ -132,13 +132,27 @@ def test_async_job_learns(tmp_path: Path, names: Names, cleanup: None) -> None:
     metrics = records(out / "metrics.jsonl")
     assert [m["version"] for m in metrics] == sorted(m["version"] for m in metrics)
     assert metrics[0]["version"] == 0 and metrics[0]["accuracy"] < 0.3
+    for name, pid in json.loads((out / "processes.json").read_text()).items():
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), name
 
 
 def test_sync_job_learns(tmp_path: Path, names: Names, cleanup: None) -> None:
     out = tmp_path / "run"
     finish(
+        # --inline-limit 0: tasks carry a store reference and workers fetch the model from the store
         start_run(
-            out, names, "--mode", "sync", "--workers", "3", "--target-accuracy", "0.7", "--max-seconds", "150"
+            out,
+            names,
+            "--mode",
+            "sync",
+            "--workers",
+            "3",
+            "--target-accuracy",
+            "0.7",
+            "--max-seconds",
+            "150",
+            "--inline-limit",
+            "0",
         )
     )
     summary = json.loads((out / "summary.json").read_text())
@@ -148,6 +162,8 @@ def test_sync_job_learns(tmp_path: Path, names: Names, cleanup: None) -> None:
     check_no_double_counting(out)
     ledger = records(out / "ledger.jsonl")
     assert all(r["staleness"] == 0 for r in ledger if r["fate"] == "applied")
+    # by reference: a task is a few hundred bytes, far below the ~34 kB model
+    assert summary["bytes_down"] / summary["tasks_issued"] < 2000
 
 
 def test_killed_worker_does_not_stop_the_job(tmp_path: Path, names: Names, cleanup: None) -> None:
