@@ -8,6 +8,7 @@ same updates in the same order through a fresh core gives the same bytes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from shared.aggregation import Accumulator, Policy, screen
@@ -95,6 +96,8 @@ class AggregatorCore:
         except ScreeningError as exc:
             return Rejected(tid, exc.reason, str(exc), tau)
         weight = self.policy.weight(update.num_samples, tau)
+        if not 0 < weight < math.inf:
+            return Rejected(tid, "stale", f"staleness weight {weight} leaves nothing to apply", tau)
         self.buffer.add(floats, exact, weight, self.policy.norm_weight(update.num_samples, tau))
         accepted = Accepted(tid, tau, weight, norm)
         self.pending.append(accepted)

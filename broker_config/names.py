@@ -13,7 +13,7 @@ _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 def check_token(kind: str, value: str) -> str:
     """Capabilities and job ids become parts of names and routing keys: keep them plain."""
-    if not _TOKEN.match(value):
+    if not _TOKEN.fullmatch(value):
         raise ConfigError(
             f"invalid {kind} {value!r}: use letters, digits, '-' or '_' (at most 63 characters)"
         )
@@ -27,7 +27,7 @@ class Names:
     namespace: str = "fedq"
 
     def __post_init__(self) -> None:
-        if not _PREFIX.match(self.namespace):
+        if not _PREFIX.fullmatch(self.namespace):
             raise ConfigError(f"invalid namespace {self.namespace!r}")
 
     @property

@@ -1,8 +1,10 @@
 """Aggregation math: FedBuff, FedAsync and synchronous FedAvg over flat vectors.
 
-All three are the same fold: accumulate ``w_i * delta_i`` into a buffer, then
-apply ``x <- x + eta * sum(w_i delta_i) / sum(w_i)``. They differ only in the
-weights and in when the buffer is applied, which the ``Policy`` decides.
+All three are the same fold: accumulate ``w_i * delta_i`` into a buffer with
+``w_i = n_i * s(tau_i)``, then apply ``x <- x + eta * sum(w_i delta_i) / sum(n_i)``
+(``normalize="samples"``, FedBuff: a uniformly stale buffer takes a smaller step) or
+``/ sum(w_i)`` (``normalize="weights"``). They differ only in the weights and in
+when the buffer is applied, which the ``Policy`` decides.
 Accumulation is in arrival order, element-wise, in float32: the result is a
 pure function of (parent, ordered updates, policy).
 """

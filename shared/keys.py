@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -27,8 +28,8 @@ def load_or_create_signer(path: Path) -> Signer:
     if path.exists():
         try:
             key = load_pem_private_key(path.read_bytes(), password=None)
-        except (ValueError, TypeError) as exc:  # TypeError: the key is encrypted
-            raise ConfigError(f"{path} is not a PEM private key: {exc}") from exc
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:  # TypeError: encrypted
+            raise ConfigError(f"{path} is not a usable PEM private key: {exc}") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError(f"{path} is not an Ed25519 private key")
         signer = Signer(key)
@@ -61,7 +62,7 @@ def write_public_key(key: Ed25519PublicKey, path: Path) -> None:
 def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
         key = load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"cannot read public key {path}: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(f"{path} is not an Ed25519 public key")

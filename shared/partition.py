@@ -71,6 +71,6 @@ def load_partition_file(path: Path, count: int, n_samples: int) -> list[list[int
     if len(doc) != count:
         raise ConfigError(f"{path} has {len(doc)} partitions, the job has {count} workers")
     for i, part in enumerate(doc):
-        if not part or not all(isinstance(j, int) and 0 <= j < n_samples for j in part):
+        if not part or not all(type(j) is int and 0 <= j < n_samples for j in part):
             raise ConfigError(f"{path}: partition {i} is empty or has indices outside 0..{n_samples - 1}")
     return doc

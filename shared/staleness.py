@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from shared.errors import ConfigError
@@ -20,8 +21,8 @@ class Staleness:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"unknown staleness function {self.kind!r}; use one of {KINDS}")
-        if self.a < 0 or self.b < 0:
-            raise ConfigError("staleness parameters a and b must be non-negative")
+        if not (0 <= self.a < math.inf and 0 <= self.b < math.inf):
+            raise ConfigError("staleness parameters a and b must be finite and non-negative")
 
     def weight(self, tau: int) -> float:
         if tau < 0:

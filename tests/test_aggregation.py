@@ -195,11 +195,6 @@ def test_staleness_parse_rejects(text: str) -> None:
         Staleness.parse(text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Staleness accepts non-finite parameters; NaN weights poison the model and "
-    "zero weights (a=inf) crash Accumulator.add inside AggregatorCore.offer",
-)
 @pytest.mark.parametrize("text", ["polynomial:nan", "polynomial:inf", "hinge:nan,4", "hinge:inf,4"])
 def test_staleness_parse_rejects_non_finite(text: str) -> None:
     with pytest.raises(ConfigError):

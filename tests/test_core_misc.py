@@ -111,7 +111,6 @@ def test_load_partition_file_errors(tmp_path: Path, content: str | None) -> None
         load_partition_file(path, 2, 5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: JSON booleans pass the isinstance(j, int) check as indices 0/1")
 def test_load_partition_file_rejects_booleans(tmp_path: Path) -> None:
     path = tmp_path / "p.json"
     path.write_text("[[0], [true]]")
@@ -259,9 +258,6 @@ def test_invalid_capability(cap: str) -> None:
         topology(Names("ns"), ("cpu", cap))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: names.py uses re.match with '$', which also matches before a trailing newline"
-)
 def test_trailing_newline_is_not_a_valid_token_or_namespace() -> None:
     with pytest.raises(ConfigError):
         check_token("capability", "cpu\n")

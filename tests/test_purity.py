@@ -81,6 +81,12 @@ def test_pure_core_does_not_import(pure_imports: dict[str, object], forbidden: s
     loaded, chains = pure_imports["loaded"], pure_imports["chains"]
     assert isinstance(loaded, list) and isinstance(chains, dict)
     chain = "\n  ".join(chains.get(forbidden, []))
+    if forbidden == "asyncio" and forbidden in loaded:
+        # torch itself loads asyncio (torch/_guards.py imports unittest.mock); that is torch's
+        # doing, not the core's: the first frame outside the core that imports it is in torch.
+        outside = [line for line in chains[forbidden] if str(ROOT) not in line or "/.venv/" in line]
+        assert outside and "/torch/" in outside[0], f"asyncio is imported by the core itself, via:\n  {chain}"
+        return
     assert forbidden not in loaded, f"{forbidden} is imported, via:\n  {chain}"
 
 
