@@ -8,6 +8,8 @@ connections. Settling deliveries (ack, dead-letter with a reason) happens in
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import aio_pika
 import aio_pika.exceptions
 import aiormq.exceptions
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -52,16 +55,26 @@ class Delivery:
     def redelivered(self) -> bool:
         return bool(self.message.redelivered)
 
-    async def ack(self) -> None:
-        if not self.settled:
-            self.settled = True
+    async def ack(self) -> bool:
+        """Ack; ``False`` when the channel it came on is gone (the broker will redeliver it)."""
+        if self.settled:
+            return True
+        self.settled = True
+        try:
             await self.message.ack()
+        except LINK_ERRORS as exc:
+            log.warning("ack_lost", source=self.source, error=repr(exc))
+            return False
+        return True
 
     async def retry_later(self) -> None:
         """Give the message back to the queue (counts toward its delivery limit)."""
         if not self.settled:
             self.settled = True
-            await self.message.nack(requeue=True)
+            try:
+                await self.message.nack(requeue=True)
+            except LINK_ERRORS as exc:
+                log.warning("nack_lost", source=self.source, error=repr(exc))
 
     async def dead_letter(self, reason: str, detail: str = "") -> None:
         """Publish the raw message to the dead-letter exchange with its reason, then ack it."""
@@ -75,11 +88,29 @@ class Delivery:
 
 Handler = Callable[[Delivery], Awaitable[None]]
 
+# Errors that mean "the link or channel is gone for now": a robust connection recovers from them.
+LINK_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    asyncio.TimeoutError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+    aio_pika.exceptions.ChannelInvalidStateError,
+)
+log = structlog.get_logger("fedq.broker")
+
 
 class Broker:
     """A named robust connection; one confirmed channel for publishing, one per consumer."""
 
-    def __init__(self, url: str, names: Names, connection_name: str, heartbeat: int = 15) -> None:
+    def __init__(
+        self,
+        url: str,
+        names: Names,
+        connection_name: str,
+        heartbeat: int = 15,
+        publish_retry_seconds: float = 300.0,
+    ) -> None:
         self.url = with_heartbeat(url, heartbeat)
         self.names = names
         self.connection_name = connection_name
@@ -87,7 +118,7 @@ class Broker:
         self._publish_channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._consumer_channels: list[AbstractChannel] = []
-        self._publish_lock = asyncio.Lock()
+        self.publish_retry_seconds = publish_retry_seconds
         self.bytes_published = 0
 
     @property
@@ -130,21 +161,34 @@ class Broker:
         message_id: str | None = None,
         mandatory: bool = True,
     ) -> None:
-        """Publish persistently and wait for the broker's confirm; raise ``BrokerError`` if refused."""
-        message = aio_pika.Message(
-            body,
-            headers=dict(headers or {}),
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            expiration=expiration,
-            message_id=message_id,
-        )
-        ex = await self._exchange(exchange)
-        try:
-            await ex.publish(message, routing_key, mandatory=mandatory)
-        except aio_pika.exceptions.DeliveryError as exc:
-            raise BrokerError(f"broker refused a message to {exchange!r}/{routing_key!r}: {exc}") from exc
-        except (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
-            raise BrokerError(f"publish to {exchange!r} failed: {exc!r}") from exc
+        """Publish persistently and wait for the broker's confirm.
+
+        While the link is down the publish is retried until ``publish_retry_seconds`` pass
+        (a retried publish may arrive twice: receivers deduplicate by task id). A refusal by
+        the broker (unroutable, nacked) raises ``BrokerError`` at once.
+        """
+        deadline = time.monotonic() + self.publish_retry_seconds
+        while True:
+            message = aio_pika.Message(
+                body,
+                headers=dict(headers or {}),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                expiration=expiration,
+                message_id=message_id,
+            )
+            try:
+                ex = await self._exchange(exchange)
+                await ex.publish(message, routing_key, mandatory=mandatory, timeout=30)
+                break
+            except aio_pika.exceptions.DeliveryError as exc:
+                raise BrokerError(f"broker refused a message to {exchange!r}/{routing_key!r}: {exc}") from exc
+            except LINK_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"publish to {exchange!r} failed: {exc!r}") from exc
+                log.warning("publish_retry", exchange=exchange, error=repr(exc))
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.connection.ready(), max(0.1, deadline - time.monotonic()))
         self.bytes_published += len(body)
 
     async def consume(
