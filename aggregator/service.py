@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected
@@ -29,6 +30,16 @@ from shared.staleness import Staleness
 from shared.store import Manifest, ModelStore, model_key, open_store
 
 OFFLOAD_BYTES = 1 << 20  # decode large updates off the event loop
+
+
+@dataclass
+class Held:
+    """An accepted update waiting in the buffer; its deliveries are acked once its version is stored."""
+
+    update: Update
+    accepted: Accepted
+    size: int
+    deliveries: list[Delivery]
 
 
 class Aggregator:
@@ -53,7 +64,7 @@ class Aggregator:
         self.ledger = ledger
         self.coordinator_fp = coordinator_fingerprint
         self.core: AggregatorCore | None = None
-        self.held: list[tuple[Delivery, Update, Accepted, int]] = []
+        self.held: list[Held] = []
         self.failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self._lock = asyncio.Lock()
         self.log = get_logger(service="aggregator", job=self.job_id)
@@ -76,14 +87,56 @@ class Aggregator:
         self.log.info("resumed", version=latest, applied=len(applied), policy=self.policy.to_dict())
         return self.core
 
+    async def _catch_up(self) -> None:
+        """Another aggregator wrote newer versions (we were the standby, or lost our link):
+        adopt the newest stored version and re-offer what we still hold that it lacks."""
+        assert self.core is not None
+        if not await self.store.exists(self.core.version + 1):
+            return
+        held, self.held = self.held, []
+        await self.load()
+        assert self.core is not None
+        for h in held:
+            if h.update.task_id in self.core.applied:
+                for d in h.deliveries:
+                    await d.ack()  # already in a stored version; the copy we hold is done
+                continue
+            result = self.core.offer(h.update)
+            if isinstance(result, Accepted):
+                self.held.append(Held(h.update, result, h.size, h.deliveries))
+            else:
+                for d in h.deliveries:
+                    await self._reject(d, h.update, result, "")
+        self.log.info("caught_up", version=self.core.version, still_held=len(self.held))
+
     async def run(self) -> None:
         if self.core is None:
             await self.load()
         prefetch = 1024 if self.policy.mode == "sync" else max(4 * self.policy.k, 64)
         await self.broker.consume(self.names.updates_queue, self.handle, prefetch=prefetch)
         self.log.info("consuming", queue=self.names.updates_queue, prefetch=prefetch)
-        exc = await self.failed
+        try:
+            exc = await self.failed
+        except asyncio.CancelledError:
+            self.record_pending()
+            raise
         raise exc
+
+    def record_pending(self) -> None:
+        """On a clean stop: what we hold unacked goes back to the queue; say so in the ledger."""
+        for h in self.held:
+            self.ledger.write(
+                {
+                    "t": time.time(),
+                    "task_id": h.update.task_id,
+                    "worker_id": h.update.worker_id,
+                    "fate": "pending",
+                    "bytes": h.size,
+                    "staleness": h.accepted.staleness,
+                }
+            )
+        if self.held:
+            self.log.info("stopped_with_pending", pending=len(self.held))
 
     async def handle(self, delivery: Delivery) -> None:
         async with self._lock:
@@ -95,6 +148,7 @@ class Aggregator:
                     self.failed.set_result(exc)
 
     async def _handle(self, delivery: Delivery) -> None:
+        await self._catch_up()
         assert self.core is not None
         raw = delivery.body
         try:
@@ -106,6 +160,13 @@ class Aggregator:
             await self._on_round(delivery, message, envelope.signer)
             return
         assert isinstance(message, Update)
+        if delivery.redelivered:
+            # The broker gave us again a message we already hold (our channel was restored):
+            # the new delivery is the one to ack; the update counts once.
+            same = next((h for h in self.held if h.update.task_id == message.task_id), None)
+            if same is not None and raw == same.deliveries[0].body:
+                same.deliveries.append(delivery)
+                return
         if len(raw) > OFFLOAD_BYTES:
             result = await asyncio.to_thread(self.core.offer, message)
         else:
@@ -113,7 +174,7 @@ class Aggregator:
         if isinstance(result, Rejected):
             await self._reject(delivery, message, result, envelope.signer)
             return
-        self.held.append((delivery, message, result, len(raw)))
+        self.held.append(Held(message, result, len(raw), [delivery]))
         await self._receipt(message, "buffered", "", result.staleness)
         if self.core.ready():
             await self._flush()
@@ -167,21 +228,22 @@ class Aggregator:
             self.names.models_exchange, Names.model_key(self.job_id), encode(announcement, self.signer)
         )
         held, self.held = self.held, []
-        for delivery, update, accepted, size in held:
-            await delivery.ack()
+        for h in held:
+            for delivery in h.deliveries:
+                await delivery.ack()
             self.ledger.write(
                 {
                     "t": time.time(),
-                    "task_id": update.task_id,
-                    "worker_id": update.worker_id,
+                    "task_id": h.update.task_id,
+                    "worker_id": h.update.worker_id,
                     "fate": "applied",
                     "version": new.version,
-                    "staleness": accepted.staleness,
-                    "weight": accepted.weight,
-                    "norm": accepted.norm,
-                    "bytes": size,
-                    "num_samples": update.num_samples,
-                    "redelivered": delivery.redelivered,
+                    "staleness": h.accepted.staleness,
+                    "weight": h.accepted.weight,
+                    "norm": h.accepted.norm,
+                    "bytes": h.size,
+                    "num_samples": h.update.num_samples,
+                    "redelivered": any(d.redelivered for d in h.deliveries),
                 }
             )
         self.log.info(

@@ -27,6 +27,8 @@ class ObjectStore(Protocol):
 
     async def list(self, prefix: str) -> list[str]: ...
 
+    async def exists(self, key: str) -> bool: ...
+
 
 class LocalStore:
     """Objects as files under ``root``; writes are atomic (temp file, fsync, rename)."""
@@ -73,6 +75,9 @@ class LocalStore:
 
     async def list(self, prefix: str) -> list[str]:
         return await asyncio.to_thread(self._list, prefix)
+
+    async def exists(self, key: str) -> bool:
+        return self._path(key).is_file()  # one stat: cheap enough to do on the loop
 
 
 def open_store(spec: str) -> ObjectStore:
@@ -162,6 +167,9 @@ class ModelStore:
                 except ValueError:
                     continue
         return sorted(out)
+
+    async def exists(self, version: int) -> bool:
+        return await self.objects.exists(manifest_key(self.job_id, version))
 
     async def latest(self) -> int | None:
         versions = await self.versions()

@@ -399,8 +399,8 @@ async def test_duplicate_while_buffered(broker: Broker, names: Names, tmp_path: 
         assert rig.aggregator.core is not None
         assert rig.aggregator.core.pending_ids == {tid}
         # the first copy is still held, unacked, until a version contains it
-        [(held, update, _, _)] = rig.aggregator.held
-        assert update.task_id == tid and not held.settled
+        [held] = rig.aggregator.held
+        assert held.update.task_id == tid and not held.deliveries[0].settled
         tid2, body2 = rig.update()
         await rig.send(body2)
         await rig.wait_version(1)
