@@ -185,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add(work, WORKER, "this worker")
     _add(work, DATA, "data")
 
+    aud = sub.add_parser(
+        "audit",
+        help="check that every update of a job was applied exactly once or rejected",
+        description="Reconcile the version manifests, the update log stream and the aggregator's ledger. "
+        "Exits 0 when balanced, 1 when an update is lost or applied twice, or the version chain is broken.",
+    )
+    aud.add_argument("target", metavar="RUN_OR_JOB", help="a run folder (from fedq run) or a job id")
+    aud.add_argument("--json", action="store_true", help="print the balance as one JSON object")
+    aud.add_argument(
+        "--no-log", action="store_true", help="skip reading the update log stream from the broker"
+    )
+    _add(aud, [f for f in COMMON if f[1] in ("amqp_url", "namespace", "store", "out")], "where the job lives")
+
     declare = sub.add_parser(
         "declare",
         help="declare the broker topology and exit",
@@ -239,6 +252,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = load_app(settings.app)
             _run_async(lambda: serve_worker(settings, app))
             return 0
+        if args.command == "audit":
+            import json
+
+            from fedq.audit import audit, render, settings_for
+
+            result = asyncio.run(audit(settings_for(args.target, settings), read_log=not args.no_log))
+            print(json.dumps(result.to_dict()) if args.json else render(result))
+            return 0 if result.ok else 1
         if args.command == "declare":
             from fedq.run import declare_only
 
