@@ -69,6 +69,10 @@ class Names:
     def dead_queue(self) -> str:
         return f"{self.namespace}.dead"
 
+    def coordinator_queue(self, job_id: str) -> str:
+        """The coordinator's durable inbox of announcements and receipts: survives its restarts."""
+        return f"{self.namespace}.coordinator.{check_token('job id', job_id)}"
+
     @staticmethod
     def model_key(job_id: str) -> str:
         """Routing key of a model announcement on the models exchange."""

@@ -111,6 +111,11 @@ def topology(names: Names, capabilities: tuple[str, ...] = ("cpu",), limits: Lim
     return Topology(exchanges, queues, bindings)
 
 
+def coordinator_inbox(names: Names, job_id: str, idle_expiry_ms: int = 3_600_000) -> Queue:
+    """A quorum queue per job, deleted by the broker after an hour without a consumer."""
+    return Queue(names.coordinator_queue(job_id), {"x-queue-type": "quorum", "x-expires": idle_expiry_ms})
+
+
 def capability_topology(names: Names, capabilities: tuple[str, ...], limits: Limits = Limits()) -> Topology:
     """The part a worker needs for its capabilities (a new capability's queue appears on join)."""
     return Topology(

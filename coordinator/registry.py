@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.messages import Hello
 
@@ -14,15 +14,20 @@ class WorkerInfo:
     key_fingerprint: str
     last_seen: float
     first_seen: float
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 class Registry:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.workers: dict[str, WorkerInfo] = {}
+        self.counts: dict[str, dict[str, int]] = {}  # task counts per worker over all its restarts
+        self._base: dict[str, dict[str, int]] = {}
+        self._last: dict[str, dict[str, int]] = {}
 
     def observe(self, hello: Hello, signer: str, now: float) -> str:
         """Record a hello; returns ``joined``, ``seen`` or ``left``."""
+        self._count(hello)
         if hello.state == "down":
             return "left" if self.workers.pop(hello.worker_id, None) else "seen"
         info = self.workers.get(hello.worker_id)
@@ -33,6 +38,22 @@ class Registry:
         info.capabilities = hello.capabilities
         info.key_fingerprint = signer
         return "seen"
+
+    def _count(self, hello: Hello) -> None:
+        now = {
+            "received": hello.tasks_received,
+            "completed": hello.tasks_completed,
+            "expired": hello.tasks_expired,
+            "redelivered": hello.tasks_redelivered,
+        }
+        wid = hello.worker_id
+        last = self._last.get(wid, {})
+        base = self._base.setdefault(wid, dict.fromkeys(now, 0))
+        if any(now[k] < last.get(k, 0) for k in now):  # the worker restarted: its counters did too
+            for k in now:
+                base[k] += last.get(k, 0)
+        self._last[wid] = now
+        self.counts[wid] = {k: base[k] + now[k] for k in now}
 
     def expire(self, now: float) -> list[str]:
         gone = [w for w, info in self.workers.items() if info.last_seen < now - self.timeout]

@@ -23,14 +23,14 @@ from typing import Any
 import torch
 
 from broker_config.names import Names, check_token
-from broker_config.topology import topology
+from broker_config.topology import coordinator_inbox, topology
 from coordinator.registry import Registry
 from shared.app import App
 from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
 from shared.errors import FedqError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer
-from shared.ledger import JsonLines
+from shared.ledger import JsonLines, read_lines
 from shared.logs import get_logger
 from shared.messages import Hello, ModelAnnouncement, Receipt, Round, Task, TrainConfig
 from shared.settings import Settings
@@ -130,6 +130,9 @@ class Coordinator:
         manifest, blob = await self.store.load_bytes(latest)
         self.latest = Latest(latest, manifest.sha256, manifest.key, blob)
         self.updates_total = manifest.updates_total
+        evaluated = [m.get("version") for m in read_lines(self.out_dir / "metrics.jsonl")]
+        if latest in evaluated:
+            return
         await self._eval_queue.put(
             ModelAnnouncement(
                 self.job_id,
@@ -143,6 +146,32 @@ class Coordinator:
                 manifest.updates_total,
             )
         )
+
+    def resume_state(self) -> bool:
+        """Pick an interrupted job up where the last coordinator process left it."""
+        path = self.out_dir / "coordinator.json"
+        if not path.exists():
+            return False
+        try:
+            state = json.loads(path.read_text())
+        except ValueError:
+            return False
+        if state.get("job_id") != self.job_id or state.get("stop_reason") is not None:
+            return False
+        now = time.time()
+        self.started = state.get("started", self.started)
+        self.t0 = state.get("t0")
+        self.tasks_issued = state.get("tasks_issued", 0)
+        self.bytes_down = state.get("bytes_down", 0)
+        self.round = state.get("round", 0)
+        self.best_accuracy = state.get("best_accuracy", 0.0)
+        self.last_accuracy = state.get("last_accuracy")
+        self.registry.counts.update(state.get("workers", {}))
+        for tid, f in state.get("in_flight", {}).items():
+            if f["deadline"] > now:
+                self.in_flight[tid] = InFlight(f["capability"], f["deadline"], f["version"])
+        self.log.info("resumed_job", in_flight=len(self.in_flight), tasks_issued=self.tasks_issued)
+        return True
 
     # -- inputs -----------------------------------------------------------
     async def on_hello(self, delivery: Delivery) -> None:
@@ -329,17 +358,20 @@ class Coordinator:
 
     # -- main ---------------------------------------------------------------
     async def run(self) -> str:
+        self.resume_state()
         await self.ensure_initial_version()
         await self.broker.subscribe(self.names.workers_exchange, ("",), self.on_hello)
         await self.broker.subscribe(
             self.names.models_exchange,
             (Names.model_key(self.job_id), Names.receipt_key(self.job_id)),
             self.on_model_event,
+            queue=coordinator_inbox(self.names, self.job_id),
         )
         tasks = [asyncio.create_task(self.evaluator(), name="evaluator")]
         if self.s.mode == "sync":
             tasks.append(asyncio.create_task(self._sync_rounds(), name="rounds"))
         self.log.info("started", mode=self.s.mode, capabilities=list(self.s.capability_list))
+        last_saved = 0.0
         try:
             while True:
                 now = time.time()
@@ -352,6 +384,9 @@ class Coordinator:
                     break
                 if self.s.mode == "async":
                     await self._top_up(now)
+                if now - last_saved >= 1.0:
+                    self.write_state()
+                    last_saved = now
                 await self._sleep_or_wake(TICK if self.s.mode == "async" else 0.5)
         finally:
             for t in tasks:
@@ -380,6 +415,12 @@ class Coordinator:
             "best_accuracy": self.best_accuracy,
             "last_accuracy": self.last_accuracy,
             "workers_seen": sorted(self.registry.workers),
+            "workers": self.registry.counts,
+            "round": self.round,
+            "in_flight": {
+                tid: {"capability": f.capability, "deadline": f.deadline, "version": f.version}
+                for tid, f in self.in_flight.items()
+            },
         }
         path = self.out_dir / "coordinator.json"
         tmp = path.with_suffix(".tmp")

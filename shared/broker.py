@@ -28,7 +28,7 @@ from aio_pika.abc import (
 
 from broker_config.declare import declare
 from broker_config.names import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, Names
-from broker_config.topology import Topology
+from broker_config.topology import Queue, Topology
 from shared.errors import BrokerError
 
 
@@ -209,12 +209,22 @@ class Broker:
 
         await q.consume(on_message, arguments=dict(arguments or {}))
 
-    async def subscribe(self, exchange: str, routing_keys: tuple[str, ...], handler: Handler) -> None:
-        """A private, auto-deleted queue bound to ``exchange``: live events only, no history."""
+    async def subscribe(
+        self,
+        exchange: str,
+        routing_keys: tuple[str, ...],
+        handler: Handler,
+        queue: Queue | None = None,
+    ) -> None:
+        """Bind a queue to ``exchange`` and consume it: a private auto-deleted one (live events
+        only), or the given durable ``queue`` (events wait for us while we are away)."""
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=64)
         self._consumer_channels.append(channel)
-        q = await channel.declare_queue(exclusive=True, auto_delete=True)
+        if queue is None:
+            q = await channel.declare_queue(exclusive=True, auto_delete=True)
+        else:
+            q = await channel.declare_queue(queue.name, durable=True, arguments=dict(queue.arguments))
         ex = await channel.get_exchange(exchange, ensure=False)
         for key in routing_keys:
             await q.bind(ex, routing_key=key)

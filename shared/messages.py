@@ -63,6 +63,11 @@ class Hello:
     sent_at: float
     partition: str = ""
     busy: bool = False
+    # the worker's own task counts since it started, for the job's ledger
+    tasks_received: int = 0
+    tasks_completed: int = 0
+    tasks_expired: int = 0
+    tasks_redelivered: int = 0
 
 
 @dataclass(frozen=True)
