@@ -107,6 +107,12 @@ WORKER: list[Flag] = [
     ("--delay", "delay", float, "simulated extra seconds per task, for straggler experiments (default 0)"),
     ("--threads", "threads", int, "torch threads for local training (default 1)"),
     ("--heartbeat-interval", "heartbeat_interval", float, "seconds between heartbeats (default 2)"),
+    (
+        "--outbox",
+        "outbox",
+        str,
+        "directory of trained updates awaiting the broker's confirm (default <keys-dir>/../outbox/<worker-id>)",
+    ),
 ]
 
 
@@ -147,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--no-progress", action="store_true", help="print plain progress lines instead of a live display"
+    )
+    run.add_argument(
+        "--chaos",
+        nargs="?",
+        type=float,
+        const=5.0,
+        default=0.0,
+        metavar="SECONDS",
+        help="kill a random worker every SECONDS (default 5) and restart it later, and kill the aggregator "
+        "once; the summary reports the audit balance",
     )
     run_common = [
         f for f in COMMON if f[1] not in ("keys_dir", "trusted_keys", "coordinator_key", "key_file")
@@ -232,7 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             from fedq.run import run_job
 
-            return run_job(settings, args.workers, args.delay_profile, progress=not args.no_progress)
+            return run_job(
+                settings,
+                args.workers,
+                args.delay_profile,
+                progress=not args.no_progress,
+                chaos_every=args.chaos,
+            )
         if args.command == "coordinator":
             from coordinator.service import serve as serve_coordinator
             from shared.app import load_app

@@ -5,23 +5,27 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from broker_config.names import Names
 from broker_config.topology import topology
+from fedq.audit import audit
 from fedq.progress import Progress
 from fedq.summary import build_summary
 from shared.app import load_app
 from shared.broker import Broker
 from shared.errors import ConfigError, FedqError
 from shared.keys import load_or_create_signer, public_key_path
+from shared.ledger import JsonLines
 from shared.settings import Settings, env_name
 
 
@@ -124,13 +128,15 @@ DATA_FIELDS = ["alpha", "partition_seed", "partition_file"]
 
 
 class Launcher:
-    """Starts and stops the processes of one run; every process logs to ``<run>/logs``."""
+    """Starts, restarts and stops the processes of one run; every process logs to ``<run>/logs``."""
 
     def __init__(self, settings: Settings, run_dir: Path, keys: Path) -> None:
         self.settings = settings
         self.run_dir = run_dir
         self.env = _env(settings, run_dir, keys)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.args: dict[str, list[str]] = {}
+        self.restarts: Counter[str] = Counter()
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
@@ -142,8 +148,27 @@ class Launcher:
             stderr=log,
             stdin=subprocess.DEVNULL,
         )
+        log.close()
         self.procs[name] = proc
+        self.args[name] = args
+        self.write_pids()
         return proc
+
+    def restart(self, name: str) -> subprocess.Popen[bytes]:
+        self.restarts[name] += 1
+        return self.start(name, self.args[name])
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def write_pids(self) -> None:
+        pids = {name: p.pid for name, p in self.procs.items()}
+        tmp = self.run_dir / "processes.json.tmp"
+        tmp.write_text(json.dumps(pids, indent=2) + "\n")
+        tmp.replace(self.run_dir / "processes.json")
 
     def start_worker(self, worker_id: str, index: int, count: int, delay: float) -> subprocess.Popen[bytes]:
         s = self.settings
@@ -165,6 +190,18 @@ class Launcher:
             ],
         )
 
+    def supervise(self, name: str, max_restarts: int = 5) -> None:
+        """Restart a job service that was killed or crashed; a configuration error (exit 2) is fatal."""
+        proc = self.procs[name]
+        rc = proc.poll()
+        if rc is None:
+            return
+        log = f"{self.run_dir}/logs/{name}.log"
+        if rc == 2 or self.restarts[name] >= max_restarts:
+            raise FedqError(f"the {name} exited with code {rc}; see {log}")
+        print(f"fedq: the {name} exited with code {rc}; restarting it", flush=True)
+        self.restart(name)
+
     def stop_all(self, grace: float = 5.0) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -178,6 +215,48 @@ class Launcher:
                 proc.wait()
 
 
+class Chaos:
+    """For humans checking the guarantees: kill a random worker every ``every`` seconds and bring
+    it back a few seconds later; kill the aggregator once. Every act goes to ``chaos.jsonl``."""
+
+    def __init__(self, launcher: Launcher, worker_ids: list[str], every: float, seed: int = 0) -> None:
+        self.launcher = launcher
+        self.worker_ids = worker_ids
+        self.every = every
+        self.rng = random.Random(seed)
+        self.started = time.monotonic()
+        self.next_kill = self.started + every
+        self.down: dict[str, float] = {}
+        self.aggregator_at = self.started + 2.5 * every
+        self.aggregator_killed = 0
+        self.workers_killed = 0
+        self.log = JsonLines(launcher.run_dir / "chaos.jsonl")
+
+    def step(self) -> None:
+        now = time.monotonic()
+        for wid, back in list(self.down.items()):
+            if now >= back:
+                del self.down[wid]
+                self.launcher.restart(wid)
+                self.log.write({"t": time.time(), "event": "worker_restarted", "worker": wid})
+        if now >= self.next_kill:
+            self.next_kill = now + self.every
+            alive = [w for w in self.worker_ids if w not in self.down]
+            if len(alive) > 1:
+                wid = self.rng.choice(alive)
+                self.launcher.kill(wid)
+                self.down[wid] = now + self.rng.uniform(2.0, 3.0 * self.every)
+                self.workers_killed += 1
+                self.log.write({"t": time.time(), "event": "worker_killed", "worker": wid})
+        if not self.aggregator_killed and now >= self.aggregator_at:
+            self.launcher.kill("aggregator")  # the supervisor restarts it
+            self.aggregator_killed += 1
+            self.log.write({"t": time.time(), "event": "aggregator_killed"})
+
+    def summary(self) -> dict[str, int]:
+        return {"workers_killed": self.workers_killed, "aggregator_killed": self.aggregator_killed}
+
+
 def new_run_dir(settings: Settings) -> Path:
     if settings.out:
         return Path(settings.out)
@@ -185,7 +264,13 @@ def new_run_dir(settings: Settings) -> Path:
     return Path("runs") / f"{stamp}-{settings.mode}"
 
 
-def run_job(settings: Settings, workers: int, delay_profile: str = "", progress: bool = True) -> int:
+def run_job(
+    settings: Settings,
+    workers: int,
+    delay_profile: str = "",
+    progress: bool = True,
+    chaos_every: float = 0.0,
+) -> int:
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
     delays = parse_delay_profile(delay_profile, workers)
@@ -212,35 +297,36 @@ def run_job(settings: Settings, workers: int, delay_profile: str = "", progress:
     launcher = Launcher(settings, run_dir, keys)
     started = time.time()
     print(f"fedq: run folder {run_dir}", flush=True)
+    chaos: Chaos | None = None
     try:
         launcher.start("aggregator", ["aggregator", *_flags(settings, POLICY_FIELDS)])
-        coordinator = launcher.start("coordinator", ["coordinator", *_flags(settings, JOB_FIELDS)])
+        launcher.start("coordinator", ["coordinator", *_flags(settings, JOB_FIELDS)])
         for i, (wid, delay) in enumerate(zip(worker_ids, delays, strict=True)):
             launcher.start_worker(wid, i, workers, delay)
-        (run_dir / "processes.json").write_text(
-            json.dumps({name: p.pid for name, p in launcher.procs.items()}, indent=2) + "\n"
-        )
+        if chaos_every > 0:
+            chaos = Chaos(launcher, worker_ids, chaos_every)
         display = Progress(run_dir, settings, live=progress and sys.stdout.isatty())
         with display:
-            while coordinator.poll() is None:
+            while launcher.procs["coordinator"].poll() != 0:
+                launcher.supervise("coordinator")
+                launcher.supervise("aggregator")
+                if chaos is not None:
+                    chaos.step()
                 display.update()
-                aggregator = launcher.procs["aggregator"]
-                if aggregator.poll() is not None:
-                    raise FedqError(
-                        f"the aggregator exited with code {aggregator.returncode}; see {run_dir}/logs/aggregator.log"
-                    )
                 time.sleep(0.5)
             display.update()
-        if coordinator.returncode != 0:
-            raise FedqError(
-                f"the coordinator exited with code {coordinator.returncode}; see {run_dir}/logs/coordinator.log"
-            )
     finally:
         launcher.stop_all()
     wall = time.time() - started
     state_path = run_dir / "coordinator.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     summary = build_summary(run_dir, state, workers, wall)
+    summary["restarts"] = dict(launcher.restarts)
+    if chaos is not None:
+        summary["chaos"] = chaos.summary()
+    balance = asyncio.run(audit(settings))
+    (run_dir / "audit.json").write_text(json.dumps(balance.to_dict(), indent=2) + "\n")
+    summary["audit"] = {k: v for k, v in balance.to_dict().items() if k != "per_worker"}
     summary["run_dir"] = str(run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary), flush=True)
