@@ -175,6 +175,7 @@ class Aggregator:
             await self._reject(delivery, message, result, envelope.signer)
             return
         self.held.append(Held(message, result, len(raw), [delivery]))
+        self.log.debug("update_buffered", task=message.task_id, buffered=len(self.held))
         await self._receipt(message, "buffered", "", result.staleness)
         if self.core.ready():
             await self._flush()
