@@ -41,6 +41,11 @@ class Held:
     size: int
     deliveries: list[Delivery]
 
+    @property
+    def digest(self) -> str:
+        """Names the exact message applied (a redone task has the same id but other bytes)."""
+        return hashlib.sha256(self.deliveries[0].body).hexdigest()
+
 
 class Aggregator:
     def __init__(
@@ -208,6 +213,7 @@ class Aggregator:
             size=len(blob),
             key=model_key(self.job_id, new.version),
             update_ids=new.update_ids,
+            update_digests=tuple(h.digest for h in self.held),
             created_at=time.time(),
             policy=self.policy.to_dict(),
             mean_staleness=new.mean_staleness,
@@ -244,6 +250,7 @@ class Aggregator:
                     "norm": h.accepted.norm,
                     "bytes": h.size,
                     "num_samples": h.update.num_samples,
+                    "digest": h.digest,
                     "redelivered": any(d.redelivered for d in h.deliveries),
                 }
             )

@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -118,6 +119,7 @@ class Broker:
         self._publish_channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._consumer_channels: list[AbstractChannel] = []
+        self._handlers: set[asyncio.Task[None]] = set()
         self.publish_retry_seconds = publish_retry_seconds
         self.bytes_published = 0
 
@@ -175,6 +177,7 @@ class Broker:
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 expiration=expiration,
                 message_id=message_id,
+                timestamp=datetime.now(UTC),
             )
             try:
                 ex = await self._exchange(exchange)
@@ -191,6 +194,30 @@ class Broker:
                     await asyncio.wait_for(self.connection.ready(), max(0.1, deadline - time.monotonic()))
         self.bytes_published += len(body)
 
+    async def _dispatch(self, handler: Handler, delivery: Delivery) -> None:
+        """Run ``handler`` in a task of our own, shielded from the consumer's cancellation.
+
+        aiormq runs each delivery's callback in a task of the channel and cancels it when the
+        channel closes (a lost link, a broker restart, a consumer timeout). A handler cut off there
+        would drop work already done (a trained update, a folded buffer) halfway through; shielded,
+        it finishes: its publishes wait for the link (``publish``), its ack on the dead channel is
+        lost (``Delivery.ack`` returns ``False``) and the broker redelivers the message, which the
+        receivers recognise by task id. ``close`` cancels handlers still running.
+        """
+
+        async def run() -> None:
+            await handler(delivery)
+
+        task = asyncio.create_task(run(), name=f"handle:{delivery.source}")
+        self._handlers.add(task)
+        task.add_done_callback(self._handler_done)
+        await asyncio.shield(task)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._handlers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("handler_failed", task=task.get_name(), error=repr(task.exception()))
+
     async def consume(
         self,
         queue: str,
@@ -198,14 +225,20 @@ class Broker:
         prefetch: int,
         arguments: Mapping[str, Any] | None = None,
     ) -> None:
-        """Consume an existing queue on a channel of its own; ``handler`` must settle each delivery."""
+        """Consume an existing queue on a channel of its own; ``handler`` must settle each delivery.
+
+        The queue is looked up with a passive declare, not ``get_queue(ensure=False)``: only a
+        declared queue is tracked by aio-pika's robust channel, so only then is the consumer
+        restored after a reconnect (with ``get_queue`` it silently was not: a broker restart
+        left every service without its consumer).
+        """
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         self._consumer_channels.append(channel)
-        q = await channel.get_queue(queue, ensure=False)
+        q = await channel.declare_queue(queue, passive=True)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            await handler(Delivery(message, self, queue))
+            await self._dispatch(handler, Delivery(message, self, queue))
 
         await q.consume(on_message, arguments=dict(arguments or {}))
 
@@ -230,7 +263,7 @@ class Broker:
             await q.bind(ex, routing_key=key)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            await handler(Delivery(message, self, q.name))
+            await self._dispatch(handler, Delivery(message, self, q.name))
 
         await q.consume(on_message)
 
@@ -243,7 +276,13 @@ class Broker:
         finally:
             await channel.close()
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 5.0) -> None:
+        """Cancel handlers still running (they would wait for a link that is going away), then close."""
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        if handlers:
+            await asyncio.wait(handlers, timeout=grace)
         if self._connection is not None and not self._connection.is_closed:
             await self._connection.close()
 

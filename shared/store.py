@@ -100,10 +100,12 @@ class Manifest:
     policy: dict[str, Any] = field(default_factory=dict)
     mean_staleness: float = 0.0
     updates_total: int = 0
+    update_digests: tuple[str, ...] = ()  # sha256 of each applied update message, in order
 
     def to_json(self) -> str:
         d = asdict(self)
         d["update_ids"] = list(self.update_ids)
+        d["update_digests"] = list(self.update_digests)
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -111,6 +113,7 @@ class Manifest:
         try:
             d = json.loads(text)
             d["update_ids"] = tuple(d["update_ids"])
+            d["update_digests"] = tuple(d.get("update_digests", ()))
             return cls(**d)
         except (ValueError, TypeError, KeyError) as exc:
             raise StoreError(f"corrupt manifest: {exc}") from exc
