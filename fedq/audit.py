@@ -198,7 +198,12 @@ def settings_for(target: str, base: Settings) -> Settings:
     config = path / "config.json"
     if config.exists():
         saved = json.loads(config.read_text())["settings"]
-        keep = {k: saved[k] for k in ("amqp_url", "namespace", "job", "store", "out") if k in saved}
+        keep = {
+            k: saved[k]
+            for k in ("amqp_url", "namespace", "job", "store", "out", "keys_dir", "trusted_keys", "app")
+            if k in saved
+        }
+        keep.setdefault("trusted_keys", str(path / "keys" / "trusted"))
         return Settings(**{**base.__dict__, **keep})
     if path.exists():
         raise ConfigError(f"{target} is a folder but not a fedq run folder (no config.json)")

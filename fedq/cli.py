@@ -11,9 +11,10 @@ import asyncio
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
-from shared.errors import FedqError
+from shared.errors import ConfigError, FedqError
 from shared.logs import configure_logging
 from shared.settings import Settings, env_name
 
@@ -214,6 +215,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(aud, [f for f in COMMON if f[1] in ("amqp_url", "namespace", "store", "out")], "where the job lives")
 
+    log = sub.add_parser(
+        "log",
+        help="show the update log of a job: who sent what, when, and what became of it",
+        description="Read the update log stream from an offset with a consumer of its own (the live job is "
+        "not disturbed) and show each update: offset, time, task, worker, base version, staleness, samples, "
+        "update norm, size, signature, and its fate from the ledger.",
+    )
+    log.add_argument("target", metavar="RUN_OR_JOB", help="a run folder (from fedq run) or a job id")
+    log.add_argument(
+        "--from",
+        dest="offset",
+        default="first",
+        help="first, last, next, an offset, an ISO time, or an age such as 30m or 2h (default first)",
+    )
+    log.add_argument("--worker", help="only this worker's updates")
+    log.add_argument("--task", help="only the task whose id starts with this")
+    log.add_argument("--versions", help="only updates applied in (or based on) versions A:B")
+    log.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    _add(
+        log, [f for f in COMMON if f[1] in ("amqp_url", "namespace", "store", "out", "trusted_keys")], "where"
+    )
+
+    replay = sub.add_parser(
+        "replay", help="re-derive stored versions from the log, or re-aggregate under another policy"
+    )
+    rsub = replay.add_subparsers(dest="replay_command", required=True, metavar="ACTION")
+    verify = rsub.add_parser(
+        "verify",
+        help="re-derive versions from their parent and logged updates and compare sha256",
+        description="Exits 1 and names the version when a re-derived version differs from the stored one, "
+        "a stored model is corrupt, or a logged update was altered or is missing.",
+    )
+    verify.add_argument("target", metavar="RUN_OR_JOB")
+    which = verify.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int, help="one version")
+    which.add_argument("--all", action="store_true", help="every stored version")
+    verify.add_argument("--json", action="store_true", help="one JSON object per version")
+    _add(
+        verify,
+        [f for f in COMMON if f[1] in ("amqp_url", "namespace", "store", "out", "trusted_keys")],
+        "where",
+    )
+    whatif = rsub.add_parser(
+        "what-if",
+        help="re-aggregate a finished job's updates under another policy and plot it against the original",
+        description="Replays the applied updates in their original order under the given policy (unset "
+        "knobs keep the original's), evaluates each new version on the test set, prints both curves and "
+        "writes a PNG to the run folder. With no changes it reproduces the original versions exactly.",
+    )
+    whatif.add_argument("target", metavar="RUN_OR_JOB")
+    whatif.add_argument("--json", action="store_true", help="print the curves as one JSON object")
+    whatif.add_argument("--plot-dir", help="where to write the PNG (default: the run folder)")
+    _add(whatif, [f for f in POLICY if f[1] not in ("mode", "capabilities")], "the policy to try")
+    _add(whatif, [f for f in COMMON if f[1] in ("amqp_url", "namespace", "store", "out", "app")], "where")
+
     declare = sub.add_parser(
         "declare",
         help="declare the broker topology and exit",
@@ -222,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(declare, COMMON[:1] + COMMON[1:2], "connection")
     _add(declare, [f for f in JOB if f[1] == "capabilities"], "the job")
     return parser
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    try:
+        return (int(lo) if lo else 0, int(hi) if hi else 1 << 62) if sep else (int(lo), int(lo))
+    except ValueError:
+        raise ConfigError(f"bad version range {text!r}: use A:B, A: or :B") from None
 
 
 def _run_async(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -282,6 +346,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = asyncio.run(audit(settings_for(args.target, settings), read_log=not args.no_log))
             print(json.dumps(result.to_dict()) if args.json else render(result))
             return 0 if result.ok else 1
+        if args.command in ("log", "replay"):
+            from fedq import replay as rp
+            from fedq.audit import settings_for
+            from fedq.streams import parse_offset
+
+            job_settings = settings_for(args.target, settings)
+            if args.command == "log":
+                versions = _range(args.versions) if args.versions else None
+                return asyncio.run(
+                    rp.show_log(
+                        job_settings, parse_offset(args.offset), args.worker, args.task, versions, args.json
+                    )
+                )
+            if args.replay_command == "verify":
+                return asyncio.run(rp.run_verify(job_settings, None if args.all else args.version, args.json))
+            from shared.app import load_app
+
+            overrides = {
+                "k": args.buffer,
+                "server_lr": args.server_lr,
+                "staleness": args.staleness,
+                "max_staleness": args.max_staleness,
+                "max_norm": args.max_norm,
+            }
+            plot_dir = Path(args.plot_dir) if args.plot_dir else None
+            return asyncio.run(
+                rp.run_what_if(job_settings, overrides, load_app(job_settings.app), args.json, plot_dir)
+            )
         if args.command == "declare":
             from fedq.run import declare_only
 

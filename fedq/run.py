@@ -279,8 +279,18 @@ def run_job(
         raise ConfigError(f"{run_dir} already holds a finished run; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     job = settings.job if settings.job != "default" else run_dir.name.replace(".", "-")
-    store = settings.store if settings.store != Settings.store else str(run_dir / "store")
-    settings = Settings(**{**settings.__dict__, "job": job, "store": store, "out": str(run_dir)})
+    home = run_dir.resolve()  # tools like fedq audit find everything from config.json, from any directory
+    store = settings.store if settings.store != Settings.store else str(home / "store")
+    settings = Settings(
+        **{
+            **settings.__dict__,
+            "job": job,
+            "store": store,
+            "out": str(home),
+            "keys_dir": str(home / "keys"),
+            "trusted_keys": str(home / "keys" / "trusted"),
+        }
+    )
     worker_ids = [f"w{i:02d}" for i in range(workers)]
     keys = prepare_keys(run_dir, worker_ids)
     app = load_app(settings.app)

@@ -1,0 +1,459 @@
+"""Replay the update log: show it (``fedq log``), re-derive stored versions (``fedq replay verify``)
+and re-aggregate a finished job under another policy (``fedq replay what-if``).
+
+A version is a pure function of (parent, ordered applied updates, policy): the
+aggregator folds updates one by one in arrival order, element-wise in float32,
+single-threaded per element, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aggregator.core import Accepted, AggregatorCore
+from broker_config.names import Names
+from fedq.streams import StreamEntry, read_stream
+from shared.aggregation import Policy
+from shared.app import App
+from shared.codec import decode_head, open_envelope
+from shared.errors import FedqError, StoreError, WireError
+from shared.keys import DirectoryKeyring
+from shared.ledger import read_lines
+from shared.messages import Round, Update
+from shared.quantize import decode_delta
+from shared.settings import Settings
+from shared.signing import Keyring
+from shared.staleness import Staleness
+from shared.store import Manifest, ModelStore, open_store
+from shared.tensors import FlatModel
+
+
+@dataclass(frozen=True)
+class LoggedUpdate:
+    entry: StreamEntry
+    update: Update
+    digest: str
+    signature_ok: bool
+
+
+def decode_entries(
+    entries: Iterable[StreamEntry], job_id: str, keyring: Keyring | None
+) -> list[LoggedUpdate]:
+    """The job's updates among raw stream entries; garbage and other jobs are skipped."""
+    out = []
+    for entry in entries:
+        try:
+            envelope = open_envelope(entry.body)
+            if envelope.kind != "update":
+                continue
+            update = decode_head(envelope)
+        except WireError:
+            continue
+        if not isinstance(update, Update) or update.job_id != job_id:
+            continue
+        signature_ok = True
+        if keyring is not None:
+            try:
+                keyring.verify(envelope.signer, envelope.sig, envelope.signed_bytes())
+            except WireError:
+                signature_ok = False
+        digest = hashlib.sha256(entry.body).hexdigest()
+        out.append(LoggedUpdate(entry, update, digest, signature_ok))
+    return out
+
+
+def policy_of(manifest: Manifest) -> Policy:
+    p = manifest.policy
+    if not p:
+        raise FedqError(f"version {manifest.version} records no policy: it cannot be re-derived")
+    return Policy(
+        mode=p["mode"],
+        k=p["k"],
+        server_lr=p["server_lr"],
+        staleness=Staleness.parse(p["staleness"]),
+        max_staleness=p["max_staleness"],
+        max_norm=p.get("max_norm"),
+        normalize=p.get("normalize", "samples"),
+    )
+
+
+@dataclass
+class Job:
+    """A finished (or running) job's records: store, ledger, trusted keys and its update log."""
+
+    settings: Settings
+    store: ModelStore
+    manifests: dict[int, Manifest]
+    updates: list[LoggedUpdate]
+    ledger: list[dict[str, Any]]
+
+    @property
+    def by_digest(self) -> dict[str, LoggedUpdate]:
+        return {u.digest: u for u in self.updates}
+
+    def by_task(self, task_id: str) -> list[LoggedUpdate]:
+        return [u for u in self.updates if u.update.task_id == task_id]
+
+
+async def load_job(settings: Settings, offset: Any = "first") -> Job:
+    store = ModelStore(open_store(settings.store), settings.job)
+    manifests = {v: await store.manifest(v) for v in await store.versions()}
+    if not manifests:
+        raise FedqError(f"job {settings.job} has no versions in the store at {settings.store}")
+    keyring = DirectoryKeyring(settings.trusted_dir) if settings.trusted_dir.is_dir() else None
+    entries = await read_stream(settings.amqp_url, Names(settings.namespace).update_log, offset)
+    updates = decode_entries(entries, settings.job, keyring)
+    ledger = list(read_lines(settings.out_dir / "ledger.jsonl"))
+    return Job(settings, store, manifests, updates, ledger)
+
+
+# -- verify -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    version: int
+    ok: bool
+    expected: str
+    derived: str | None
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _logged_update(job: Job, manifest: Manifest, i: int, problems: list[str]) -> Update | None:
+    tid = manifest.update_ids[i]
+    digest = manifest.update_digests[i] if i < len(manifest.update_digests) else None
+    found = job.by_digest.get(digest) if digest else None
+    if found is None:
+        copies = job.by_task(tid)
+        if not copies:
+            problems.append(f"update {tid} is not in the update log (past its retention?)")
+            return None
+        if digest is not None:
+            bad = [c for c in copies if not c.signature_ok]
+            problems.append(
+                f"logged update {tid} differs from the one applied"
+                + (" and its signature does not verify: the log entry was tampered with" if bad else "")
+            )
+            return None
+        found = copies[0]
+    if not found.signature_ok:
+        problems.append(f"logged update {tid} has an invalid signature")
+    return found.update
+
+
+async def verify_version(job: Job, version: int) -> Verdict:
+    manifest = job.manifests.get(version)
+    if manifest is None:
+        raise FedqError(f"job {job.settings.job} has no version {version}")
+    problems: list[str] = []
+    if version == 0:
+        try:
+            await job.store.load_bytes(0)
+        except StoreError as exc:
+            problems.append(str(exc))
+        return Verdict(0, not problems, manifest.sha256, None, problems)
+    try:
+        _, parent = await job.store.load(manifest.parent)
+    except StoreError as exc:
+        return Verdict(version, False, manifest.sha256, None, [f"parent: {exc}"])
+    policy = policy_of(manifest)
+    core = AggregatorCore(parent, manifest.parent, policy, job.settings.job)
+    if policy.mode == "sync":
+        core.open_round(Round(job.settings.job, manifest.parent, 0, len(manifest.update_ids), 0.0))
+    for i, tid in enumerate(manifest.update_ids):
+        update = _logged_update(job, manifest, i, problems)
+        if update is None:
+            continue
+        result = core.offer(update)
+        if not isinstance(result, Accepted):
+            problems.append(f"update {tid} is refused on replay: {result.reason} ({result.detail})")
+    if problems:
+        return Verdict(version, False, manifest.sha256, None, problems)
+    derived = hashlib.sha256(core.flush().model.to_bytes()).hexdigest()
+    if derived != manifest.sha256:
+        problems.append(
+            f"re-derived sha256 {derived[:16]} differs from the manifest's {manifest.sha256[:16]}"
+        )
+    try:
+        await job.store.load_bytes(version)
+    except StoreError as exc:
+        problems.append(f"stored model: {exc}")
+    return Verdict(version, not problems, manifest.sha256, derived, problems)
+
+
+# -- what-if --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Curve:
+    label: str
+    updates: list[int]  # applied updates when each version was made
+    accuracy: list[float]
+    shas: list[str]
+
+
+def applied_sequence(job: Job) -> list[tuple[Update, int]]:
+    """The applied updates in arrival order, each with the arrival count at which its base
+    version was created (so staleness can be recomputed under another policy)."""
+    created_at = {v: m.updates_total for v, m in job.manifests.items()}
+    seq: list[tuple[Update, int]] = []
+    for v in sorted(job.manifests):
+        m = job.manifests[v]
+        for i in range(len(m.update_ids)):
+            problems: list[str] = []
+            update = _logged_update(job, m, i, problems)
+            if update is None:
+                raise FedqError("; ".join(problems))
+            seq.append((update, created_at.get(update.base_version, 0)))
+    return seq
+
+
+async def what_if(job: Job, policy: Policy, app: App | None, label: str) -> Curve:
+    """Re-aggregate the applied updates, in their original order, under ``policy``.
+
+    An update trained on original version b arrives, in the new world, against the
+    version that was current when b was made: its staleness is recomputed from that.
+    Updates the original run rejected are not replayed.
+    """
+    if policy.mode != "async":
+        raise FedqError("what-if replays asynchronous policies only")
+    _, v0 = await job.store.load(0)
+    core = AggregatorCore(v0, 0, policy, job.settings.job)
+    version_after: list[int] = [0]  # new-world version after i arrivals
+    curve = Curve(label, [0], [_evaluate(app, v0)], [v0.sha256()])
+    for i, (update, base_arrivals) in enumerate(applied_sequence(job)):
+        base = version_after[min(base_arrivals, len(version_after) - 1)]
+        result = core.offer(dataclasses.replace(update, base_version=base))
+        if isinstance(result, Accepted) and core.ready():
+            new = core.flush()
+            curve.updates.append(i + 1)
+            curve.accuracy.append(_evaluate(app, new.model))
+            curve.shas.append(hashlib.sha256(new.model.to_bytes()).hexdigest())
+        version_after.append(core.version)
+    return curve
+
+
+async def original_curve(job: Job, app: App | None) -> Curve:
+    """The run's own curve: accuracies from its metrics, evaluated here where the run did not."""
+    metrics = {m["version"]: m.get("accuracy") for m in read_lines(job.settings.out_dir / "metrics.jsonl")}
+    versions = sorted(job.manifests)
+    accuracy = []
+    for v in versions:
+        acc = metrics.get(v)
+        if acc is None:
+            acc = _evaluate(app, (await job.store.load(v))[1])
+        accuracy.append(float(acc))
+    return Curve(
+        "original",
+        [job.manifests[v].updates_total for v in versions],
+        accuracy,
+        [job.manifests[v].sha256 for v in versions],
+    )
+
+
+def _evaluate(app: App | None, model: FlatModel) -> float:
+    if app is None:
+        return float("nan")
+    torch.set_num_threads(1)
+    net = app.build_model(0)
+    net.load_state_dict(model.to_state_dict())
+    return float(app.evaluate(net).get("accuracy", float("nan")))
+
+
+def plot(curves: list[Curve], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for c in curves:
+        ax.plot(c.updates, c.accuracy, marker=".", label=c.label)
+    ax.set_xlabel("updates applied")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- log view -------------------------------------------------------------------------------------
+
+
+def log_rows(job: Job, spec_model: FlatModel) -> list[dict[str, Any]]:
+    """One row per logged update: where, when, who, what, and its fate from the ledger."""
+    fate: dict[str, dict[str, Any]] = {}
+    for r in job.ledger:
+        if r.get("task_id") and (r.get("fate") == "applied" or r["task_id"] not in fate):
+            fate[r["task_id"]] = r
+    applied_in = {tid: v for v, m in job.manifests.items() for tid in m.update_ids}
+    rows = []
+    for u in job.updates:
+        up = u.update
+        try:
+            floats, _ = decode_delta(up.delta, spec_model.spec, up.quant, up.block)
+            norm: float | None = float(torch.linalg.vector_norm(floats))
+        except FedqError:
+            norm = None
+        record = fate.get(up.task_id, {})
+        if up.task_id in applied_in:
+            outcome = f"applied v{applied_in[up.task_id]}"
+        elif record.get("fate") == "rejected":
+            outcome = f"rejected {record.get('reason')}"
+        elif record.get("fate") == "pending":
+            outcome = "pending"
+        else:
+            outcome = "unknown"
+        rows.append(
+            {
+                "offset": u.entry.offset,
+                "time": u.entry.timestamp or up.sent_at,
+                "task": up.task_id,
+                "worker": up.worker_id,
+                "base_version": up.base_version,
+                "staleness": record.get("staleness"),
+                "samples": up.num_samples,
+                "norm": norm,
+                "bytes": len(u.entry.body),
+                "signature": "valid" if u.signature_ok else "INVALID",
+                "fate": outcome,
+                "version": applied_in.get(up.task_id),
+            }
+        )
+    return rows
+
+
+# -- command-line faces ---------------------------------------------------------------------------
+
+
+def _fmt(value: Any, width: int, digits: int = 3) -> str:
+    if value is None:
+        text = "-"
+    elif isinstance(value, float):
+        text = f"{value:.{digits}f}"
+    else:
+        text = str(value)
+    return text[:width].rjust(width)
+
+
+async def show_log(
+    settings: Settings,
+    offset: Any,
+    worker: str | None,
+    task: str | None,
+    versions: tuple[int, int] | None,
+    as_json: bool,
+) -> int:
+    import json
+    from datetime import UTC, datetime
+
+    job = await load_job(settings, offset)
+    _, v0 = await job.store.load(min(job.manifests))
+    rows = log_rows(job, v0)
+    if worker:
+        rows = [r for r in rows if r["worker"] == worker]
+    if task:
+        rows = [r for r in rows if r["task"].startswith(task)]
+    if versions:
+        lo, hi = versions
+        rows = [
+            r for r in rows if lo <= (r["version"] if r["version"] is not None else r["base_version"]) <= hi
+        ]
+    if as_json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    print(
+        f"{'offset':>7} {'time':>8} {'task':>10} {'worker':>8} {'base':>5} {'tau':>4} {'n':>6} "
+        f"{'norm':>8} {'bytes':>7} {'sig':>7}  fate"
+    )
+    for r in rows:
+        t = datetime.fromtimestamp(r["time"], UTC).strftime("%H:%M:%S") if r["time"] else "-"
+        print(
+            f"{_fmt(r['offset'], 7)} {t:>8} {r['task'][:10]:>10} {_fmt(r['worker'], 8)} "
+            f"{_fmt(r['base_version'], 5)} {_fmt(r['staleness'], 4)} {_fmt(r['samples'], 6)} "
+            f"{_fmt(r['norm'], 8)} {_fmt(r['bytes'], 7)} {r['signature']:>7}  {r['fate']}"
+        )
+    print(f"{len(rows)} updates of job {settings.job}")
+    return 0
+
+
+async def run_verify(settings: Settings, version: int | None, as_json: bool) -> int:
+    import json
+
+    job = await load_job(settings)
+    versions = sorted(job.manifests) if version is None else [version]
+    verdicts = [await verify_version(job, v) for v in versions]
+    for v in verdicts:
+        if as_json:
+            print(json.dumps(v.to_dict()))
+        else:
+            status = "ok      " if v.ok else "MISMATCH"
+            print(f"v{v.version:<6} {status} {v.expected[:16]}" + "".join(f"\n    {p}" for p in v.problems))
+    bad = [v.version for v in verdicts if not v.ok]
+    if not as_json:
+        print(
+            f"{len(verdicts) - len(bad)}/{len(verdicts)} versions re-derived to their stored sha256"
+            + (f"; failing: {bad}" if bad else "")
+        )
+    return 1 if bad else 0
+
+
+async def run_what_if(
+    settings: Settings, overrides: dict[str, Any], app: App | None, as_json: bool, out: Path | None
+) -> int:
+    import json
+
+    job = await load_job(settings)
+    original_policy = policy_of(job.manifests[max(job.manifests)])
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    if "staleness" in fields:
+        fields["staleness"] = Staleness.parse(fields["staleness"])
+    policy = dataclasses.replace(original_policy, **fields)
+    label = ", ".join(f"{k}={overrides[k]}" for k in fields) or "original policy"
+    original = await original_curve(job, app)
+    replayed = await what_if(job, policy, app, label)
+    reproduces = replayed.shas == original.shas
+    png = (out or settings.out_dir) / f"what-if-{_slug(label)}.png"
+    plot([original, replayed], png, f"job {settings.job}: original vs {label}")
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "policy": policy.to_dict(),
+                    "original": dataclasses.asdict(original),
+                    "what_if": dataclasses.asdict(replayed),
+                    "reproduces_original": reproduces,
+                    "plot": str(png),
+                }
+            )
+        )
+        return 0
+    print(f"{'updates':>8} {'original':>9} {'what-if':>9}")
+    orig = dict(zip(original.updates, original.accuracy, strict=True))
+    new = dict(zip(replayed.updates, replayed.accuracy, strict=True))
+    for n in sorted(set(orig) | set(new)):
+        print(f"{n:>8} {_fmt(orig.get(n), 9, 4)} {_fmt(new.get(n), 9, 4)}")
+    print(
+        f"original: {len(original.updates) - 1} versions, final {original.accuracy[-1]:.4f}; "
+        f"what-if ({label}): {len(replayed.updates) - 1} versions, final {replayed.accuracy[-1]:.4f}"
+    )
+    print(f"reproduces the original versions byte for byte: {'yes' if reproduces else 'no'}")
+    print(f"plot: {png}")
+    return 0
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in text).strip("-") or "original"
