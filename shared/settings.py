@@ -72,6 +72,7 @@ class Settings:
     threads: int = 1  # torch threads for local training
     coordinator_key: str = ""  # default: <keys_dir>/coordinator.pub
     key_file: str = ""  # default: <keys_dir>/<process>.key
+    outbox: str = ""  # updates awaiting their confirm; default: <keys_dir>/../outbox/<worker_id>
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -1,7 +1,17 @@
 """The worker: consume tasks for its capabilities, train off the loop, send signed updates.
 
-A task is acked only after its update is confirmed by the broker, so a worker
-that dies mid-task leaves the task to be redelivered to another worker.
+After training, the signed update is first written to the worker's on-disk outbox, then
+published with a publisher confirm, removed from the outbox only after the confirm, and only
+then is the task acked. So:
+
+- a worker that dies or loses its link before the outbox write leaves its task to be
+  redelivered (and trained again, here or elsewhere);
+- an update in the outbox is published again when the worker starts and after every
+  reconnection, so a trained update is not lost with the link or the process;
+- a task whose ack was lost with its channel is redelivered; if its update is already
+  confirmed it is acked without training again, and if it is still in the outbox that
+  update is sent instead of a new one. Anything sent twice (a lost confirm, a restart
+  between confirm and removal) carries the same task id, which the aggregator deduplicates.
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ import contextlib
 import hashlib
 import socket
 import time
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from broker_config.names import Names, check_token
@@ -18,7 +30,7 @@ from broker_config.topology import capability_topology
 from shared.app import App, PartitionSpec
 from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
-from shared.errors import ConfigError, StoreError, WireError
+from shared.errors import BrokerError, ConfigError, StoreError, WireError
 from shared.keys import load_or_create_signer, load_public_key
 from shared.logs import get_logger
 from shared.messages import Hello, Task, Update
@@ -26,7 +38,10 @@ from shared.partition import parse_partition
 from shared.settings import Settings, split_capabilities
 from shared.signing import Keyring, Signer
 from shared.store import ObjectStore, open_store
+from worker.outbox import Outbox, OutboxError, encode_task_id
 from worker.training import train_task
+
+SENT_MEMORY = 10_000  # confirmed task ids remembered, to ack a redelivered task without training it again
 
 
 class Worker:
@@ -46,7 +61,12 @@ class Worker:
         heartbeat_interval: float = 2.0,
         model_seed: int = 0,
         threads: int = 1,
+        outbox: Outbox | None = None,
+        flush_retry: float = 30.0,
     ) -> None:
+        """``outbox``: where trained updates wait for their confirm (``None``: nowhere, so an update
+        whose link is lost before its confirm is trained again after the task's redelivery).
+        ``flush_retry``: seconds between attempts to flush entries a flush could not send."""
         self.worker_id = worker_id
         self.capabilities = capabilities
         self.broker = broker
@@ -61,9 +81,15 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self.model_seed = model_seed
         self.threads = threads
+        self.outbox = outbox
+        self.flush_retry = flush_retry
         self.busy = False
         self.completed = 0
+        self.flushed = 0
         self._train_lock = asyncio.Lock()
+        self._send_lock = asyncio.Lock()
+        self._sent: OrderedDict[str, None] = OrderedDict()
+        self._flush_wanted = asyncio.Event()
         self.log = get_logger(service="worker", worker=worker_id)
 
     async def hello(self, state: str = "up") -> None:
@@ -76,9 +102,31 @@ class Worker:
             self.partition,
             self.busy,
         )
-        await self.broker.publish(
-            self.names.workers_exchange, "", encode(message, self.signer), mandatory=False
-        )
+        await self._publish(self.names.workers_exchange, encode(message, self.signer), mandatory=False)
+
+    async def _publish(self, exchange: str, body: bytes, **options: Any) -> None:
+        """``Broker.publish``, again when the link took the confirm with it.
+
+        When aiormq drops a connection as stuck (missed heartbeats: a silent partition), it fails
+        the pending confirm with ``CancelledError`` although nobody cancelled this task; that is a
+        lost link, not a cancellation, so publish again (``Broker.publish`` waits for the link).
+        A real cancellation of this task is passed on.
+        """
+        deadline = time.monotonic() + self.broker.publish_retry_seconds
+        while True:
+            try:
+                await self.broker.publish(exchange, "", body, **options)
+                return
+            except asyncio.CancelledError as exc:
+                current = asyncio.current_task()
+                if current is None or current.cancelling():
+                    raise
+                if time.monotonic() > deadline:
+                    raise BrokerError(
+                        f"publish to {exchange!r} kept losing its confirm with the link"
+                    ) from exc
+                self.log.warning("publish_retry", exchange=exchange, error="confirm lost with the connection")
+                await asyncio.sleep(0.5)
 
     async def heartbeat(self) -> None:
         while True:
@@ -90,16 +138,38 @@ class Worker:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         await self.broker.declare(capability_topology(self.names, self.capabilities))
-        beat = asyncio.create_task(self.heartbeat(), name="heartbeat")
+        background = [asyncio.create_task(self.heartbeat(), name="heartbeat")]
+        connection = self.broker.connection
+        if self.outbox is not None:
+            swept = await asyncio.to_thread(self.outbox.sweep_temp)
+            if swept:
+                self.log.info("outbox_swept", temp_files=swept)
+            self._flush_wanted.set()  # entries left by an earlier run go first
+            connection.reconnect_callbacks.add(self._on_reconnect)
+            background.append(asyncio.create_task(self._flusher(), name="outbox-flusher"))
         for cap in self.capabilities:
+            # restored by the robust connection after a reconnect; each delivery is handled in a
+            # task the broker shields from the channel's end, so training outlives a lost link
             await self.broker.consume(self.names.task_queue(cap), self.handle, prefetch=1)
-        self.log.info("started", capabilities=list(self.capabilities), partition=self.partition)
+        self.log.info(
+            "started",
+            capabilities=list(self.capabilities),
+            partition=self.partition,
+            outbox=str(self.outbox.root) if self.outbox is not None else "",
+        )
         try:
             await (stop.wait() if stop else asyncio.Event().wait())
         finally:
-            beat.cancel()
+            connection.reconnect_callbacks.discard(self._on_reconnect)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.hello("down"), 2.0)
+
+    def _on_reconnect(self, *_: Any) -> None:
+        self.log.info("reconnected")
+        self._flush_wanted.set()
 
     async def handle(self, delivery: Delivery) -> None:
         async with self._train_lock:  # one task at a time, whatever the capability
@@ -107,6 +177,8 @@ class Worker:
                 await self._handle(delivery)
             except Exception as exc:
                 self.log.exception("task_failed", error=repr(exc))
+                if self.outbox is not None:
+                    self._flush_wanted.set()  # an update that could not be sent: the flusher retries it
                 await delivery.retry_later()
 
     async def _handle(self, delivery: Delivery) -> None:
@@ -117,6 +189,23 @@ class Worker:
             await delivery.dead_letter(exc.reason, str(exc))
             return
         log = self.log.bind(task=task.task_id, version=task.base_version)
+        if task.task_id in self._sent:  # a redelivery after a lost ack: the update is confirmed already
+            log.info("task_already_sent", redelivered=delivery.redelivered)
+            await delivery.ack()
+            return
+        if self.outbox is not None:
+            try:
+                encode_task_id(task.task_id)
+            except OutboxError as exc:
+                log.warning("task_rejected", reason="bad_task_id", detail=str(exc))
+                await delivery.dead_letter("bad_task_id", str(exc))
+                return
+            pending = await asyncio.to_thread(self.outbox.get, task.task_id)
+            if pending is not None:  # trained before the link or the process was lost: send that
+                log.info("task_in_outbox", redelivered=delivery.redelivered)
+                await self._send(task.task_id, pending)
+                await delivery.ack()
+                return
         if task.deadline < time.time():
             log.info("task_expired")
             await delivery.dead_letter("expired", "deadline passed before training started")
@@ -150,15 +239,74 @@ class Worker:
             delta=outcome.delta,
         )
         body = encode(update, self.signer)
-        await self.broker.publish(self.names.results_exchange, "", body, message_id=task.task_id)
-        await delivery.ack()
+        if self.outbox is not None:
+            await asyncio.to_thread(self.outbox.put, task.task_id, body)
+            log.info("outbox_written", bytes=len(body))
+        await self._send(task.task_id, body)
+        acked = await delivery.ack()  # False: the channel is gone and the task comes back
         self.completed += 1
         log.info(
             "update_sent",
             bytes=len(body),
             loss=round(outcome.metrics.get("train_loss", 0.0), 4),
             seconds=round(outcome.metrics["train_seconds"], 3),
+            acked=acked,
         )
+
+    async def _send(self, task_id: str, body: bytes) -> bool:
+        """Publish an update and wait for its confirm, then forget its outbox entry.
+
+        ``False`` when the update was confirmed before (by the flusher or an earlier delivery of
+        its task): it is not published again. Raises ``BrokerError`` when it cannot be sent; the
+        outbox entry stays for the next flush.
+        """
+        async with self._send_lock:  # the flusher and a task never publish the same entry together
+            if task_id in self._sent:
+                sent = False
+            else:
+                await self._publish(self.names.results_exchange, body, message_id=task_id)
+                self._sent[task_id] = None
+                if len(self._sent) > SENT_MEMORY:
+                    self._sent.popitem(last=False)
+                sent = True
+            if self.outbox is not None:
+                await asyncio.to_thread(self.outbox.remove, task_id)
+            return sent
+
+    async def flush_outbox(self) -> int:
+        """Publish every entry of the outbox, oldest first; returns how many are left."""
+        assert self.outbox is not None
+        for entry in await asyncio.to_thread(self.outbox.entries):
+            body = await asyncio.to_thread(self.outbox.read, entry)
+            if body is None:  # sent and removed meanwhile
+                continue
+            try:
+                sent = await self._send(entry.task_id, body)
+            except BrokerError as exc:
+                self.log.warning("outbox_flush_failed", task=entry.task_id, error=str(exc))
+                continue
+            if sent:
+                self.flushed += 1
+                self.log.info(
+                    "outbox_flushed",
+                    task=entry.task_id,
+                    bytes=len(body),
+                    age=round(time.time() - entry.written_ns / 1e9, 3),
+                )
+        return len(await asyncio.to_thread(self.outbox.entries))
+
+    async def _flusher(self) -> None:
+        """Flush the outbox at start and after every reconnection; retry while entries are left."""
+        left = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_wanted.wait(), self.flush_retry if left else None)
+            self._flush_wanted.clear()
+            try:
+                left = await self.flush_outbox()
+            except Exception as exc:  # a full disk or a vanished directory must not end the flusher
+                self.log.warning("outbox_flush_failed", error=repr(exc))
+                left = 1
 
     async def _model_bytes(self, task: Task) -> bytes:
         if task.model:
@@ -188,6 +336,7 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
     pinned.add(load_public_key(settings.coordinator_key_path))
     spec = PartitionSpec(index, count, settings.alpha, settings.partition_seed, settings.partition_file)
     data = await asyncio.to_thread(app.load_partition, spec)
+    outbox = Outbox(Path(settings.outbox) if settings.outbox else default_outbox(settings, worker_id))
     names = Names(settings.namespace)
     broker = await Broker(
         settings.amqp_url, names, f"fedq-worker-{worker_id}", settings.amqp_heartbeat
@@ -207,7 +356,14 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
             heartbeat_interval=settings.heartbeat_interval,
             model_seed=settings.model_seed,
             threads=settings.threads,
+            outbox=outbox,
         )
         await worker.run(stop)
     finally:
         await broker.close()
+
+
+def default_outbox(settings: Settings, worker_id: str) -> Path:
+    """``<keys_dir>/../outbox/<worker_id>``: ``.fedq/outbox/<worker_id>`` by default, and inside
+    the run folder under ``fedq run``, so one run never sends another run's leftovers."""
+    return Path(settings.keys_dir).parent / "outbox" / worker_id
