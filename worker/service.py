@@ -85,6 +85,9 @@ class Worker:
         self.flush_retry = flush_retry
         self.busy = False
         self.completed = 0
+        self.received = 0
+        self.expired = 0
+        self.redelivered = 0
         self.flushed = 0
         self._train_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
@@ -101,6 +104,10 @@ class Worker:
             time.time(),
             self.partition,
             self.busy,
+            tasks_received=self.received,
+            tasks_completed=self.completed,
+            tasks_expired=self.expired,
+            tasks_redelivered=self.redelivered,
         )
         await self._publish(self.names.workers_exchange, encode(message, self.signer), mandatory=False)
 
@@ -189,6 +196,8 @@ class Worker:
             await delivery.dead_letter(exc.reason, str(exc))
             return
         log = self.log.bind(task=task.task_id, version=task.base_version)
+        self.received += 1
+        self.redelivered += bool(delivery.redelivered)
         if task.task_id in self._sent:  # a redelivery after a lost ack: the update is confirmed already
             log.info("task_already_sent", redelivered=delivery.redelivered)
             await delivery.ack()
@@ -208,6 +217,7 @@ class Worker:
                 return
         if task.deadline < time.time():
             log.info("task_expired")
+            self.expired += 1
             await delivery.dead_letter("expired", "deadline passed before training started")
             return
         try:
