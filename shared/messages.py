@@ -33,6 +33,11 @@ class Task:
     deadline: float  # unix seconds
     issued_at: float
     round: int = -1  # sync mode round number, -1 in async mode
+    model_size: int = 0
+    model_url: str = ""  # presigned GET for workers without store credentials
+    inline_limit: int = 1 << 20  # updates above this many bytes travel by claim check
+    update_key: str = ""  # where a large update goes in the store
+    update_url: str = ""  # presigned PUT for that key
     model: bytes = b""  # the payload: the serialized model when inline
 
 
@@ -49,6 +54,10 @@ class Update:
     block: int
     metrics: dict[str, float] = field(default_factory=dict)
     sent_at: float = 0.0
+    # claim check: a large delta lives in the store; these travel, signed, instead of it
+    delta_key: str = ""
+    delta_sha256: str = ""
+    delta_size: int = 0
     delta: bytes = b""  # the payload
 
 

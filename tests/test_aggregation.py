@@ -48,7 +48,7 @@ def update(
     f = torch.as_tensor(floats, dtype=torch.float32)
     e = torch.tensor(exact if exact is not None else [0] * spec.n_exact, dtype=torch.int64)
     delta = encode_delta(f, e, spec, quant, block, torch.Generator().manual_seed(seed))
-    return Update(task_id, job, "w-1", base, samples, quant, block, {}, 0.0, delta)
+    return Update(task_id, job, "w-1", base, samples, quant, block, {}, 0.0, delta=delta)
 
 
 def core(version: int = 0, applied: set[str] | None = None, **policy: object) -> AggregatorCore:
@@ -391,11 +391,11 @@ def test_wrong_payload_length_or_scheme_is_bad_shape() -> None:
     c = core()
     good = update("t", ZERO5)
     for delta in (good.delta[:-1], good.delta + b"\x00", b""):
-        u = Update("t", JOB, "w", 0, 1, "none", 256, {}, 0.0, delta)
+        u = Update("t", JOB, "w", 0, 1, "none", 256, {}, 0.0, delta=delta)
         r = c.offer(u)
         assert isinstance(r, Rejected) and r.reason == "bad_shape"
     for quant, block in (("fp16", 256), ("int8", 0)):
-        u = Update("t", JOB, "w", 0, 1, quant, block, {}, 0.0, good.delta)
+        u = Update("t", JOB, "w", 0, 1, quant, block, {}, 0.0, delta=good.delta)
         r = c.offer(u)
         assert isinstance(r, Rejected) and r.reason == "bad_shape"
     assert c.pending == []

@@ -137,9 +137,9 @@ def sample(kind: str) -> Message:
     train = TrainConfig(epochs=2, batch_size=16, optimizer="adam", lr=0.01, momentum=0.0, weight_decay=1e-4)
     return {
         "task": Task(
-            "t-1", "job", "cpu", 3, "ab" * 32, "models/job/3", train, "int8", 256, 1e9, 1e9 - 5, 2, b"M"
+            "t-1", "job", "cpu", 3, "ab" * 32, "models/job/3", train, "int8", 256, 1e9, 1e9 - 5, 2, model=b"M"
         ),
-        "update": Update("t-1", "job", "w-1", 3, 100, "int8", 256, {"loss": 0.5}, 1e9, b"\x01\x02\x03"),
+        "update": Update("t-1", "job", "w-1", 3, 100, "int8", 256, {"loss": 0.5}, 1e9, delta=b"\x01\x02\x03"),
         "hello": Hello("w-1", ("cpu", "lowmem"), "0123456789abcdef", "up", 1e9, "0/4", True),
         "round": Round("job", 3, 1, 4, 1e9 + 60, False),
         "model": ModelAnnouncement("job", 4, 3, "cd" * 32, "models/job/4", ("t-1", "t-2"), 1e9, 0.5, 8),
