@@ -8,6 +8,7 @@ contains it is stored; a rejected one is dead-lettered with its reason first.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from broker_config.topology import topology
 from shared.aggregation import Policy
 from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
-from shared.errors import FedqError, WireError
+from shared.errors import FedqError, StoreError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer, load_public_key
 from shared.ledger import JsonLines
 from shared.logs import get_logger
@@ -45,6 +46,23 @@ class Held:
     def digest(self) -> str:
         """Names the exact message applied (a redone task has the same id but other bytes)."""
         return hashlib.sha256(self.deliveries[0].body).hexdigest()
+
+
+async def resolve_claim(store: ModelStore, update: Update) -> Update | Rejected:
+    """Fetch a claim-checked delta from the store and check it against the signed key, size and sha256."""
+    tid = update.task_id
+    prefix = f"jobs/{update.job_id}/updates/"
+    if update.delta:
+        return Rejected(tid, "undecodable", "an update carries either a delta or a claim check, not both")
+    if not update.delta_key.startswith(prefix) or ".." in update.delta_key:
+        return Rejected(tid, "bad_payload", f"claim check {update.delta_key!r} is outside {prefix}")
+    try:
+        blob = await store.objects.get(update.delta_key)
+    except StoreError as exc:
+        return Rejected(tid, "payload_missing", str(exc))
+    if len(blob) != update.delta_size or hashlib.sha256(blob).hexdigest() != update.delta_sha256:
+        return Rejected(tid, "bad_payload", f"{update.delta_key} does not match the signed size and sha256")
+    return dataclasses.replace(update, delta=blob)
 
 
 class Aggregator:
@@ -172,14 +190,20 @@ class Aggregator:
             if same is not None and raw == same.deliveries[0].body:
                 same.deliveries.append(delivery)
                 return
-        if len(raw) > OFFLOAD_BYTES:
+        if message.delta_key:
+            resolved = await resolve_claim(self.store, message)
+            if isinstance(resolved, Rejected):
+                await self._reject(delivery, message, resolved, envelope.signer)
+                return
+            message = resolved
+        if len(message.delta) > OFFLOAD_BYTES:
             result = await asyncio.to_thread(self.core.offer, message)
         else:
             result = self.core.offer(message)
         if isinstance(result, Rejected):
             await self._reject(delivery, message, result, envelope.signer)
             return
-        self.held.append(Held(message, result, len(raw), [delivery]))
+        self.held.append(Held(message, result, len(raw) + message.delta_size, [delivery]))
         self.log.debug("update_buffered", task=message.task_id, buffered=len(self.held))
         await self._receipt(message, "buffered", "", result.staleness)
         if self.core.ready():
@@ -321,7 +345,7 @@ async def serve(settings: Settings) -> None:
         ledger = JsonLines(settings.out_dir / "ledger.jsonl")
         aggregator = Aggregator(
             broker=broker,
-            store=ModelStore(open_store(settings.store), settings.job),
+            store=ModelStore(open_store(settings.store, settings), settings.job),
             policy=policy,
             signer=signer,
             keyring=DirectoryKeyring(settings.trusted_dir),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import time
 import uuid
@@ -36,7 +37,7 @@ from shared.messages import Hello, ModelAnnouncement, Receipt, Round, Task, Trai
 from shared.settings import Settings
 from shared.signing import Keyring, Signer
 from shared.store import Manifest, ModelStore, model_key, open_store
-from shared.tensors import FlatModel
+from shared.tensors import FlatModel, ModelSpec
 
 TICK = 0.1
 
@@ -80,6 +81,7 @@ class Coordinator:
         self.registry = Registry(settings.worker_timeout)
         self.in_flight: dict[str, InFlight] = {}
         self.latest: Latest | None = None
+        self._spec: ModelSpec | None = None
         self.train = TrainConfig(
             epochs=settings.local_epochs,
             batch_size=settings.batch_size,
@@ -261,8 +263,13 @@ class Coordinator:
         ttl = ttl or self.s.task_ttl
         now = time.time()
         inline = len(self.latest.blob) <= self.s.inline_limit
+        task_id = uuid.uuid4().hex
+        update_key = f"jobs/{self.job_id}/updates/{task_id}.bin"
+        # presigned URLs let workers without store credentials use the store (S3); a local store has none
+        model_url = "" if inline else await self._presign("get", self.latest.key, ttl)
+        update_url = await self._presign("put", update_key, ttl) if self._large_updates() else ""
         task = Task(
-            task_id=uuid.uuid4().hex,
+            task_id=task_id,
             job_id=self.job_id,
             capability=capability,
             base_version=self.latest.version,
@@ -274,6 +281,11 @@ class Coordinator:
             deadline=now + ttl,
             issued_at=now,
             round=round_number,
+            model_size=len(self.latest.blob),
+            model_url=model_url,
+            inline_limit=self.s.inline_limit,
+            update_key=update_key,
+            update_url=update_url,
             model=self.latest.blob if inline else b"",
         )
         body = encode(task, self.signer)
@@ -285,6 +297,24 @@ class Coordinator:
             self.t0 = now
         self.tasks_issued += 1
         self.bytes_down += len(body)
+
+    def _large_updates(self) -> bool:
+        """Will an update of this model exceed the inline limit? (int8: ~1 byte per value)"""
+        if self._spec is None:
+            assert self.latest is not None
+            self._spec = FlatModel.from_bytes(self.latest.blob).spec
+        spec = self._spec
+        per_value = 1 if self.s.quant == "int8" else 4
+        return per_value * spec.n_float + 8 * spec.n_exact > self.s.inline_limit
+
+    async def _presign(self, method: str, key: str, ttl: float) -> str:
+        presign = getattr(self.store.objects, f"presign_{method}", None)
+        if presign is None:
+            return ""
+        url = presign(key, int(ttl) + 600)
+        if inspect.isawaitable(url):
+            url = await url
+        return str(url or "")
 
     def _sweep(self, now: float) -> None:
         expired = [tid for tid, f in self.in_flight.items() if f.deadline < now]
@@ -441,7 +471,7 @@ async def serve(settings: Settings, app: App) -> str:
         coordinator = Coordinator(
             settings=settings,
             broker=broker,
-            store=ModelStore(open_store(settings.store), settings.job),
+            store=ModelStore(open_store(settings.store, settings), settings.job),
             app=app,
             signer=signer,
             keyring=DirectoryKeyring(settings.trusted_dir),

@@ -24,7 +24,7 @@ COMMON: list[Flag] = [
     ("--amqp-url", "amqp_url", str, "RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/)"),
     ("--namespace", "namespace", str, "prefix of every exchange and queue name (default fedq)"),
     ("--job", "job", str, "job id: letters, digits, - and _ (default 'default')"),
-    ("--store", "store", str, "model store: a local directory (default .fedq/store)"),
+    ("--store", "store", str, "model store: a local directory or s3://bucket/prefix (default .fedq/store)"),
     ("--keys-dir", "keys_dir", str, "where this process keeps its key pair (default .fedq/keys)"),
     ("--trusted-keys", "trusted_keys", str, "directory of trusted *.pub keys (default <keys-dir>/trusted)"),
     (
@@ -37,6 +37,9 @@ COMMON: list[Flag] = [
     ("--out", "out", str, "job folder for metrics, ledger and state (default .fedq/jobs/<job>)"),
     ("--app", "app", str, "the app as module:object (default fedq.apps.mnist1d:app)"),
     ("--log-level", "log_level", str, "debug, info, warning or error (default info)"),
+    # S3 keys only through the environment (FEDQ_S3_ACCESS_KEY, FEDQ_S3_SECRET_KEY): flags show in ps
+    ("--s3-endpoint", "s3_endpoint", str, "S3 endpoint URL, e.g. http://127.0.0.1:9000 (default: AWS)"),
+    ("--s3-region", "s3_region", str, "S3 region (default: AWS_DEFAULT_REGION, else us-east-1)"),
 ]
 DATA: list[Flag] = [
     ("--alpha", "alpha", float, "Dirichlet label-skew concentration; smaller is more skewed (default 0.5)"),
@@ -277,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(declare, COMMON[:1] + COMMON[1:2], "connection")
     _add(declare, [f for f in JOB if f[1] == "capabilities"], "the job")
+    _add_dlq(sub)
     return parser
 
 
@@ -286,6 +290,76 @@ def _range(text: str) -> tuple[int, int]:
         return (int(lo) if lo else 0, int(hi) if hi else 1 << 62) if sep else (int(lo), int(lo))
     except ValueError:
         raise ConfigError(f"bad version range {text!r}: use A:B, A: or :B") from None
+
+
+def _add_dlq(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fedq dlq list | show | requeue``: the dead-letter queue, read and put back (fedq/dlq.py)."""
+    dlq = sub.add_parser(
+        "dlq",
+        help="list, show and requeue dead-lettered messages",
+        description="Look into the namespace's dead-letter queue (<namespace>.dead): why each message died, "
+        "where it came from and what it is; then send fixed ones back. list and show leave every message "
+        "in place (read without ack and handed back in order; each comes back marked redelivered).",
+    )
+    actions = dlq.add_subparsers(dest="dlq_action", required=True, metavar="ACTION")
+    connection = [f for f in COMMON if f[1] in ("amqp_url", "namespace")]
+
+    listing = actions.add_parser(
+        "list",
+        help="one line per dead letter, and a count per reason",
+        description="List every dead letter: position, reason (fedq's x-fedq-reason, else the broker's "
+        "x-first-death-reason such as expired or delivery_limit), source queue, message kind and task id "
+        "(read from the envelope, signature not verified), size and time.",
+    )
+    listing.add_argument("--reason", help="only show dead letters with this reason, e.g. stale or expired")
+    listing.add_argument(
+        "--json", action="store_true", help="print one JSON object: total, by_reason, messages"
+    )
+    _add(listing, connection, "connection")
+
+    show = actions.add_parser(
+        "show",
+        help="one dead letter in full: headers, envelope fields, detail",
+        description="Show one dead letter: every header (x-death included), the reason's detail text and the "
+        "envelope's kind, signer and fields (the payload only by its size). Nothing is verified or changed.",
+    )
+    show.add_argument("position", type=int, metavar="N", help="its position, as `fedq dlq list` shows it")
+    show.add_argument("--json", action="store_true", help="print it as one JSON object")
+    _add(show, connection, "connection")
+
+    requeue = actions.add_parser(
+        "requeue",
+        help="send dead letters back to the queue they died in",
+        description="Publish each chosen message's original body straight to its source queue (a task queue "
+        "or the updates queue) without the dead-letter headers and x-death, and remove it from the "
+        "dead-letter queue once the broker has confirmed the copy. Messages from an unknown source are "
+        "skipped and stay. Fix the cause first, or they die again. Exits 1 if a publish failed.",
+    )
+    requeue.add_argument(
+        "positions", type=int, nargs="*", metavar="N", help="positions, as `fedq dlq list` shows them"
+    )
+    requeue.add_argument("--all", action="store_true", help="every dead letter whose source is known")
+    requeue.add_argument("--reason", help="every dead letter with this reason, e.g. stale")
+    requeue.add_argument(
+        "--dry-run", action="store_true", help="print what would be requeued; change nothing"
+    )
+    _add(requeue, connection, "connection")
+
+
+def _dlq_request(args: argparse.Namespace) -> Any:
+    from fedq.dlq import Choice, Request
+
+    choice = None
+    if args.dlq_action == "requeue":
+        choice = Choice(all=args.all, reason=args.reason, positions=tuple(args.positions))
+    return Request(
+        args.dlq_action,
+        reason=getattr(args, "reason", None),
+        position=getattr(args, "position", 0),
+        choice=choice,
+        dry_run=getattr(args, "dry_run", False),
+        as_json=getattr(args, "json", False),
+    )
 
 
 def _run_async(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -380,11 +454,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(declare_only(settings))
             print(f"topology declared under namespace {settings.namespace!r}")
             return 0
+        if args.command == "dlq":
+            from fedq.dlq import run as run_dlq
+
+            output, code = asyncio.run(run_dlq(settings, _dlq_request(args)))
+            print(output)
+            return code
     except FedqError as exc:
         print(f"fedq: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into head, less...: not an error
+        sys.stderr.close()
+        return 0
     return 2
 
 

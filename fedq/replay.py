@@ -103,7 +103,7 @@ class Job:
 
 
 async def load_job(settings: Settings, offset: Any = "first") -> Job:
-    store = ModelStore(open_store(settings.store), settings.job)
+    store = ModelStore(open_store(settings.store, settings), settings.job)
     manifests = {v: await store.manifest(v) for v in await store.versions()}
     if not manifests:
         raise FedqError(f"job {settings.job} has no versions in the store at {settings.store}")
@@ -171,7 +171,7 @@ async def verify_version(job: Job, version: int) -> Verdict:
     if policy.mode == "sync":
         core.open_round(Round(job.settings.job, manifest.parent, 0, len(manifest.update_ids), 0.0))
     for i, tid in enumerate(manifest.update_ids):
-        update = _logged_update(job, manifest, i, problems)
+        update = await _materialized(job, _logged_update(job, manifest, i, problems), problems)
         if update is None:
             continue
         result = core.offer(update)
@@ -202,7 +202,21 @@ class Curve:
     shas: list[str]
 
 
-def applied_sequence(job: Job) -> list[tuple[Update, int]]:
+async def _materialized(job: Job, update: Update | None, problems: list[str]) -> Update | None:
+    """A claim-checked update with its delta fetched from the store (while the blob is retained)."""
+    if update is None or not update.delta_key:
+        return update
+    from aggregator.service import resolve_claim
+
+    resolved = await resolve_claim(job.store, update)
+    if isinstance(resolved, Update):
+        return resolved
+    gone = " (its blob is gone from the store)" if resolved.reason == "payload_missing" else ""
+    problems.append(f"update {update.task_id}: {resolved.detail}{gone}")
+    return None
+
+
+async def applied_sequence(job: Job) -> list[tuple[Update, int]]:
     """The applied updates in arrival order, each with the arrival count at which its base
     version was created (so staleness can be recomputed under another policy)."""
     created_at = {v: m.updates_total for v, m in job.manifests.items()}
@@ -211,7 +225,7 @@ def applied_sequence(job: Job) -> list[tuple[Update, int]]:
         m = job.manifests[v]
         for i in range(len(m.update_ids)):
             problems: list[str] = []
-            update = _logged_update(job, m, i, problems)
+            update = await _materialized(job, _logged_update(job, m, i, problems), problems)
             if update is None:
                 raise FedqError("; ".join(problems))
             seq.append((update, created_at.get(update.base_version, 0)))
@@ -231,7 +245,7 @@ async def what_if(job: Job, policy: Policy, app: App | None, label: str) -> Curv
     core = AggregatorCore(v0, 0, policy, job.settings.job)
     version_after: list[int] = [0]  # new-world version after i arrivals
     curve = Curve(label, [0], [_evaluate(app, v0)], [v0.sha256()])
-    for i, (update, base_arrivals) in enumerate(applied_sequence(job)):
+    for i, (update, base_arrivals) in enumerate(await applied_sequence(job)):
         base = version_after[min(base_arrivals, len(version_after) - 1)]
         result = core.offer(dataclasses.replace(update, base_version=base))
         if isinstance(result, Accepted) and core.ready():
@@ -326,7 +340,8 @@ def log_rows(job: Job, spec_model: FlatModel) -> list[dict[str, Any]]:
                 "staleness": record.get("staleness"),
                 "samples": up.num_samples,
                 "norm": norm,
-                "bytes": len(u.entry.body),
+                "bytes": len(u.entry.body) + up.delta_size,
+                "by_reference": bool(up.delta_key),
                 "signature": "valid" if u.signature_ok else "INVALID",
                 "fate": outcome,
                 "version": applied_in.get(up.task_id),

@@ -31,6 +31,7 @@ from shared.app import App, PartitionSpec
 from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
 from shared.errors import BrokerError, ConfigError, StoreError, WireError
+from shared.http import http_get, http_put
 from shared.keys import load_or_create_signer, load_public_key
 from shared.logs import get_logger
 from shared.messages import Hello, Task, Update
@@ -246,7 +247,7 @@ class Worker:
             block=task.block,
             metrics=outcome.metrics,
             sent_at=time.time(),
-            delta=outcome.delta,
+            **await self._claim_check(task, outcome.delta),
         )
         body = encode(update, self.signer)
         if self.outbox is not None:
@@ -318,9 +319,29 @@ class Worker:
                 self.log.warning("outbox_flush_failed", error=repr(exc))
                 left = 1
 
+    async def _claim_check(self, task: Task, delta: bytes) -> dict[str, Any]:
+        """Large deltas go to the store (by presigned URL when given); the message carries the
+        key, size and sha256, which the signature covers. Small ones travel inline."""
+        if len(delta) <= task.inline_limit:
+            return {"delta": delta}
+        key = task.update_key or f"jobs/{task.job_id}/updates/{task.task_id}.bin"
+        if task.update_url:
+            await http_put(task.update_url, delta)
+        elif self.store is not None:
+            await self.store.put(key, delta)
+        else:
+            raise StoreError(f"a {len(delta)}-byte update needs the store, and this worker has none")
+        return {
+            "delta_key": key,
+            "delta_sha256": hashlib.sha256(delta).hexdigest(),
+            "delta_size": len(delta),
+        }
+
     async def _model_bytes(self, task: Task) -> bytes:
         if task.model:
             blob = task.model
+        elif task.model_url:
+            blob = await http_get(task.model_url)
         elif self.store is not None:
             blob = await self.store.get(task.model_key)
         else:
@@ -360,7 +381,7 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
             data=data,
             signer=signer,
             coordinator_keys=pinned,
-            store=open_store(settings.store),
+            store=open_store(settings.store, settings),
             partition=settings.partition,
             delay=settings.delay,
             heartbeat_interval=settings.heartbeat_interval,
