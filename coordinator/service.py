@@ -99,6 +99,8 @@ class Coordinator:
         self.last_accuracy: float | None = None
         self.stop_reason: str | None = None
         self.target_reached = False
+        self.evaluated_version = -1
+        self.latest_announcement: ModelAnnouncement | None = None
         self.round = 0
         self._eval_queue: asyncio.Queue[ModelAnnouncement] = asyncio.Queue()
         self._wake = asyncio.Event()
@@ -132,22 +134,21 @@ class Coordinator:
         manifest, blob = await self.store.load_bytes(latest)
         self.latest = Latest(latest, manifest.sha256, manifest.key, blob)
         self.updates_total = manifest.updates_total
-        evaluated = [m.get("version") for m in read_lines(self.out_dir / "metrics.jsonl")]
-        if latest in evaluated:
-            return
-        await self._eval_queue.put(
-            ModelAnnouncement(
-                self.job_id,
-                latest,
-                manifest.parent,
-                manifest.sha256,
-                manifest.key,
-                manifest.update_ids,
-                manifest.created_at,
-                manifest.mean_staleness,
-                manifest.updates_total,
-            )
+        evaluated = [m.get("version", -1) for m in read_lines(self.out_dir / "metrics.jsonl")]
+        self.evaluated_version = max(evaluated, default=-1)
+        self.latest_announcement = ModelAnnouncement(
+            self.job_id,
+            latest,
+            manifest.parent,
+            manifest.sha256,
+            manifest.key,
+            manifest.update_ids,
+            manifest.created_at,
+            manifest.mean_staleness,
+            manifest.updates_total,
         )
+        if latest not in evaluated:
+            await self._eval_queue.put(self.latest_announcement)
 
     def resume_state(self) -> bool:
         """Pick an interrupted job up where the last coordinator process left it."""
@@ -215,6 +216,7 @@ class Coordinator:
             return
         self.latest = Latest(ann.version, manifest.sha256, manifest.key, blob)
         self.updates_total = max(self.updates_total, ann.updates_total)
+        self.latest_announcement = ann
         await self._eval_queue.put(ann)
         self._wake.set()
 
@@ -224,32 +226,38 @@ class Coordinator:
             ann = await self._eval_queue.get()
             while not self._eval_queue.empty():  # falling behind: evaluate the newest only
                 ann = self._eval_queue.get_nowait()
-            blob = (
-                self.latest.blob
-                if self.latest and self.latest.version == ann.version
-                else ((await self.store.load_bytes(ann.version))[1])
-            )
-            result = await asyncio.to_thread(self._evaluate, blob)
-            acc = float(result.get("accuracy", 0.0))
-            self.last_accuracy = acc
-            self.best_accuracy = max(self.best_accuracy, acc)
-            record = {
-                "version": ann.version,
-                "parent": ann.parent,
-                **result,
-                "updates_total": ann.updates_total,
-                "updates_in_version": len(ann.update_ids),
-                "mean_staleness": ann.mean_staleness,
-                "created_at": ann.created_at,
-                "t": (ann.created_at - self.t0) if self.t0 is not None and ann.version > 0 else 0.0,
-                "wall": time.time() - self.started,
-            }
-            self.metrics.write(record)
-            self.log.info("evaluated", version=ann.version, accuracy=round(acc, 4))
+            acc = await self._evaluate_and_record(ann)
             self._wake.set()
             if self.s.target_accuracy > 0 and acc >= self.s.target_accuracy:
                 self.target_reached = True
                 return  # the job ends on this version: later ones are not part of the result
+
+    async def _evaluate_and_record(self, ann: ModelAnnouncement) -> float:
+        """Evaluate one version on the test set and append it to metrics.jsonl."""
+        blob = (
+            self.latest.blob
+            if self.latest and self.latest.version == ann.version
+            else ((await self.store.load_bytes(ann.version))[1])
+        )
+        result = await asyncio.to_thread(self._evaluate, blob)
+        acc = float(result.get("accuracy", 0.0))
+        self.last_accuracy = acc
+        self.best_accuracy = max(self.best_accuracy, acc)
+        record = {
+            "version": ann.version,
+            "parent": ann.parent,
+            **result,
+            "updates_total": ann.updates_total,
+            "updates_in_version": len(ann.update_ids),
+            "mean_staleness": ann.mean_staleness,
+            "created_at": ann.created_at,
+            "t": (ann.created_at - self.t0) if self.t0 is not None and ann.version > 0 else 0.0,
+            "wall": time.time() - self.started,
+        }
+        self.metrics.write(record)
+        self.evaluated_version = ann.version
+        self.log.info("evaluated", version=ann.version, accuracy=round(acc, 4))
+        return acc
 
     def _evaluate(self, blob: bytes) -> dict[str, float]:
         torch.set_num_threads(1)
@@ -422,6 +430,13 @@ class Coordinator:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            last = self.latest_announcement
+            if (
+                self.stop_reason not in (None, "target_accuracy")
+                and last
+                and last.version > self.evaluated_version
+            ):
+                await self._evaluate_and_record(last)  # the result is the final version, evaluated
             self.write_state()
         self.log.info(
             "stopped",

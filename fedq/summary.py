@@ -33,7 +33,9 @@ def build_summary(
         "final_accuracy": accuracies[-1] if accuracies else None,
         "best_accuracy": max(accuracies) if accuracies else None,
         "seconds_to_accuracy": to_acc,
-        "versions": max((m["version"] for m in metrics), default=0),
+        "versions": max(
+            max((m["version"] for m in metrics), default=0), coordinator_state.get("latest_version") or 0
+        ),
         "updates_applied": len(applied),
         "updates_rejected": dict(rejected),
         "bytes_up": sum(int(r.get("bytes", 0)) for r in ledger),

@@ -131,3 +131,39 @@ def test_job_with_everything_by_reference(tmp_path: Path, names: Names, cleanup:
         text=True,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.slow
+def test_five_million_parameter_app_travels_by_claim_check(
+    tmp_path: Path, names: Names, cleanup: None
+) -> None:
+    out = tmp_path / "run"
+    finish(
+        start_run(
+            out,
+            names,
+            "--app",
+            "fedq.apps.wide:app",
+            "--workers",
+            "2",
+            "--buffer",
+            "2",
+            "--local-epochs",
+            "1",
+            "--lr",
+            "0.01",
+            "--target-accuracy",
+            "0",
+            "--max-versions",
+            "2",
+        ),
+        timeout=280,
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_versions" and summary["audit"]["ok"]
+    model = next((out / "store").rglob("v000000.bin")).stat().st_size
+    assert model > 20_000_000  # 5.1 M float32 parameters
+    assert summary["bytes_down"] / summary["tasks_issued"] < 2000  # tasks carry references only
+    blobs = sorted((out / "store").rglob("updates/*.bin"))
+    assert blobs and all(5_000_000 < b.stat().st_size < 5_500_000 for b in blobs)  # int8: ~1 byte a value
+    assert summary["final_accuracy"] > 0.2
