@@ -110,6 +110,13 @@ WORKER: list[Flag] = [
     ("--worker-id", "worker_id", str, "stable worker id (default <hostname>-p<I>)"),
     ("--delay", "delay", float, "simulated extra seconds per task, for straggler experiments (default 0)"),
     ("--threads", "threads", int, "torch threads for local training (default 1)"),
+    (
+        "--replicas",
+        "replicas",
+        int,
+        "simulated workers in this process, each with its own identity, connection and partition "
+        "I..I+M-1 (default 1)",
+    ),
     ("--heartbeat-interval", "heartbeat_interval", float, "seconds between heartbeats (default 2)"),
     (
         "--outbox",
@@ -281,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(declare, COMMON[:1] + COMMON[1:2], "connection")
     _add(declare, [f for f in JOB if f[1] == "capabilities"], "the job")
     _add_dlq(sub)
+    _add_model(sub)
     return parser
 
 
@@ -359,6 +367,86 @@ def _dlq_request(args: argparse.Namespace) -> Any:
         choice=choice,
         dry_run=getattr(args, "dry_run", False),
         as_json=getattr(args, "json", False),
+    )
+
+
+def _add_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fedq model list | show | export | verify | rollback``: a job's stored versions (fedq/models.py)."""
+    model = sub.add_parser(
+        "model",
+        help="list, show, export and verify stored versions; roll a job back to an earlier one",
+        description="Work on a job's stored model versions. RUN_OR_JOB is a run folder (from fedq run) or a "
+        "job id with --store and --out.",
+    )
+    actions = model.add_subparsers(dest="model_action", required=True, metavar="ACTION")
+    where = [
+        f
+        for f in COMMON
+        if f[1] in ("amqp_url", "namespace", "store", "out", "keys_dir", "trusted_keys", "log_level")
+    ]
+
+    def action(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        parser = actions.add_parser(name, help=help_text, description=description)
+        parser.add_argument("target", metavar="RUN_OR_JOB", help="a run folder (from fedq run) or a job id")
+        return parser
+
+    listing = action(
+        "list",
+        "every version: parent, time, updates, staleness, sha256, size, accuracy",
+        "One line per stored version: parent, creation time, updates applied, mean staleness, sha256 "
+        "prefix, size, the test accuracy from the job's metrics.jsonl when known, and rollbacks.",
+    )
+    listing.add_argument("--json", action="store_true", help="one JSON object per version")
+    show = action(
+        "show", "one version's full manifest and metrics", "Print a version's manifest and metrics."
+    )
+    show.add_argument("version", type=int, metavar="N")
+    show.add_argument("--json", action="store_true", help="one JSON object: manifest and metrics")
+    export = action(
+        "export",
+        "write a version as a PyTorch state dict file",
+        "Write version N as torch.save(state_dict): load it with model.load_state_dict(torch.load(FILE)). "
+        "The model's sha256 is checked against its manifest first.",
+    )
+    export.add_argument("version", type=int, metavar="N")
+    export.add_argument("file", metavar="FILE")
+    verify = action(
+        "verify",
+        "check every stored version's model against its manifest's sha256 and size",
+        "Recompute the sha256 of every stored model and compare it with its manifest (and a rollback "
+        "version with the version it restores). Exits 1 and names each failing version.",
+    )
+    verify.add_argument("--json", action="store_true", help="one JSON object per version")
+    back = action(
+        "rollback",
+        "make the job continue from an earlier version",
+        "Store version L+1 (L = the latest) with version N's model, parent L and no updates; record it in "
+        "the aggregator's ledger (<out>/ledger.jsonl) and announce it on the models exchange, signed with "
+        "<keys-dir>/operator.key (created on first use). A running coordinator adopts it and hands out "
+        "tasks on it, a running aggregator folds on from it. For a run folder the operator key is added to "
+        "the run's trusted keys; elsewhere enrol operator.pub in the coordinator's trusted keys first.",
+    )
+    back.add_argument(
+        "--to", dest="version", type=int, required=True, metavar="N", help="the version to restore"
+    )
+    back.add_argument(
+        "--no-announce", action="store_true", help="store and record only (no broker): for a stopped job"
+    )
+    back.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    for parser in (listing, show, export, verify, back):
+        _add(parser, where, "where the job lives")
+
+
+def _model_request(args: argparse.Namespace) -> Any:
+    from fedq.models import Request
+
+    return Request(
+        args.model_action,
+        args.target,
+        version=getattr(args, "version", None),
+        path=getattr(args, "file", ""),
+        as_json=getattr(args, "json", False),
+        announce=not getattr(args, "no_announce", False),
     )
 
 
@@ -460,6 +548,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             output, code = asyncio.run(run_dlq(settings, _dlq_request(args)))
             print(output)
             return code
+        if args.command == "model":
+            from fedq.audit import settings_for
+            from fedq.models import run as run_model
+
+            return asyncio.run(run_model(settings_for(args.target, settings), _model_request(args)))
     except FedqError as exc:
         print(f"fedq: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -11,7 +11,7 @@ import os
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,11 @@ class Settings:
     namespace: str = "fedq"
     job: str = "default"
     store: str = ".fedq/store"
+    # S3 store (--store s3://bucket/prefix); empty = botocore's own AWS_* settings. Keys: environment only
+    s3_endpoint: str = ""  # e.g. http://127.0.0.1:9000 for MinIO
+    s3_region: str = ""
+    s3_access_key: str = field(default="", repr=False)
+    s3_secret_key: str = field(default="", repr=False)
     keys_dir: str = ".fedq/keys"
     trusted_keys: str = ""  # default: <keys_dir>/trusted
     out: str = ""  # job folder for metrics and ledgers; default: .fedq/jobs/<job>
@@ -70,6 +75,7 @@ class Settings:
     delay: float = 0.0
     heartbeat_interval: float = 2.0
     threads: int = 1  # torch threads for local training
+    replicas: int = 1  # simulated workers hosted by one worker process
     coordinator_key: str = ""  # default: <keys_dir>/coordinator.pub
     key_file: str = ""  # default: <keys_dir>/<process>.key
     outbox: str = ""  # updates awaiting their confirm; default: <keys_dir>/../outbox/<worker_id>

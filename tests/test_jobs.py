@@ -255,3 +255,54 @@ def test_worker_joins_mid_job(tmp_path: Path, names: Names, cleanup: None) -> No
     assert "late" in joined
     applied_by = Counter(r["worker_id"] for r in records(out / "ledger.jsonl") if r["fate"] == "applied")
     assert applied_by["late"] >= 1, applied_by
+
+
+def test_one_process_hosts_several_replicas(tmp_path: Path, names: Names, cleanup: None) -> None:
+    out = tmp_path / "run"
+    proc = start_run(
+        out,
+        names,
+        "--workers",
+        "1",
+        "--target-accuracy",
+        "0",
+        "--max-updates",
+        "40",
+        "--max-seconds",
+        "200",
+        "--buffer",
+        "2",
+    )
+    wait_for(lambda: (out / "keys" / "coordinator.pub").exists(), 60, "the run's keys")
+    keys = out / "keys"
+    ids = [f"fleet-r{j}" for j in range(3)]
+    for wid in ids:  # enrol the replicas' keys before they start
+        key = keys / f"worker-{wid}.key"
+        load_or_create_signer(key)
+        (keys / "trusted" / f"worker-{wid}.pub").write_bytes(public_key_path(key).read_bytes())
+    env = {
+        **os.environ,
+        "FEDQ_NAMESPACE": names.namespace,
+        "FEDQ_KEYS_DIR": str(keys),
+        "FEDQ_STORE": str(out / "store"),
+        "FEDQ_LOG_JSON": "true",
+        "OMP_NUM_THREADS": "1",
+    }
+    with (tmp_path / "fleet.log").open("w") as log:
+        fleet = subprocess.Popen(
+            fedq("worker", "--worker-id", "fleet", "--replicas", "3", "--partition", "1/4"),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        finish(proc)
+    finally:
+        fleet.send_signal(signal.SIGTERM)
+        fleet.wait(20)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_updates" and summary["audit"]["ok"]
+    applied_by = Counter(r["worker_id"] for r in records(out / "ledger.jsonl") if r["fate"] == "applied")
+    assert all(applied_by[w] >= 1 for w in ids), applied_by
+    partitions = {e["worker"]: e["partition"] for e in log_events(tmp_path / "fleet.log", "started")}
+    assert partitions == {"fleet-r0": "1/4", "fleet-r1": "2/4", "fleet-r2": "3/4"}

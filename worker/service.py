@@ -352,22 +352,52 @@ class Worker:
 
 
 async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None) -> None:
-    """Build a worker from settings (its data partition, its key, the pinned coordinator key) and run it."""
+    """Build a worker from settings (its data partition, its key, the pinned coordinator key) and run it.
+
+    ``--replicas M`` hosts M simulated workers in this process, each with its own identity, key,
+    connection and partition (I, I+1, ..., I+M-1 of N): one machine standing in for a fleet.
+    """
     index, count = parse_partition(settings.partition)
-    capabilities = split_capabilities(settings.capability)
-    worker_id = settings.worker_id or f"{socket.gethostname()}-p{index}"
-    check_token("worker id", worker_id)
-    signer = load_or_create_signer(settings.key_path(f"worker-{worker_id}"))
+    if settings.replicas < 1 or index + settings.replicas > count:
+        raise ConfigError(
+            f"--replicas {settings.replicas} from partition {index}/{count} needs 1 <= M and I + M <= N"
+        )
+    if settings.replicas > 1 and settings.key_file:
+        raise ConfigError("--key-file names one identity; replicas each keep theirs in --keys-dir")
     if not settings.coordinator_key_path.exists():
         raise ConfigError(
             f"the coordinator's public key is not at {settings.coordinator_key_path}: copy it there "
             "or point --coordinator-key at it (workers only train for the coordinator they pin)"
         )
+    base_id = settings.worker_id or f"{socket.gethostname()}-p{index}"
+    if settings.replicas == 1:
+        await _serve_one(settings, app, base_id, index, count, stop)
+        return
+    await asyncio.gather(
+        *(
+            _serve_one(settings, app, f"{base_id}-r{j}", index + j, count, stop)
+            for j in range(settings.replicas)
+        )
+    )
+
+
+async def _serve_one(
+    settings: Settings, app: App, worker_id: str, index: int, count: int, stop: asyncio.Event | None
+) -> None:
+    capabilities = split_capabilities(settings.capability)
+    check_token("worker id", worker_id)
+    signer = load_or_create_signer(settings.key_path(f"worker-{worker_id}"))
     pinned = Keyring()
     pinned.add(load_public_key(settings.coordinator_key_path))
     spec = PartitionSpec(index, count, settings.alpha, settings.partition_seed, settings.partition_file)
     data = await asyncio.to_thread(app.load_partition, spec)
-    outbox = Outbox(Path(settings.outbox) if settings.outbox else default_outbox(settings, worker_id))
+    outbox = Outbox(
+        Path(settings.outbox) / worker_id
+        if settings.outbox and settings.replicas > 1
+        else Path(settings.outbox)
+        if settings.outbox
+        else default_outbox(settings, worker_id)
+    )
     names = Names(settings.namespace)
     broker = await Broker(
         settings.amqp_url, names, f"fedq-worker-{worker_id}", settings.amqp_heartbeat
@@ -382,7 +412,7 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
             signer=signer,
             coordinator_keys=pinned,
             store=open_store(settings.store, settings),
-            partition=settings.partition,
+            partition=f"{index}/{count}",
             delay=settings.delay,
             heartbeat_interval=settings.heartbeat_interval,
             model_seed=settings.model_seed,
