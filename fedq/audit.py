@@ -173,7 +173,7 @@ async def read_update_log(
 
 
 async def audit(settings: Settings, read_log: bool = True) -> Balance:
-    store = ModelStore(open_store(settings.store), settings.job)
+    store = ModelStore(open_store(settings.store, settings), settings.job)
     manifests = []
     for v in await store.versions():
         m = await store.manifest(v)
@@ -200,7 +200,18 @@ def settings_for(target: str, base: Settings) -> Settings:
         saved = json.loads(config.read_text())["settings"]
         keep = {
             k: saved[k]
-            for k in ("amqp_url", "namespace", "job", "store", "out", "keys_dir", "trusted_keys", "app")
+            for k in (
+                "amqp_url",
+                "namespace",
+                "job",
+                "store",
+                "out",
+                "keys_dir",
+                "trusted_keys",
+                "app",
+                "s3_endpoint",
+                "s3_region",
+            )
             if k in saved
         }
         keep.setdefault("trusted_keys", str(path / "keys" / "trusted"))

@@ -151,6 +151,25 @@ def _logged_update(job: Job, manifest: Manifest, i: int, problems: list[str]) ->
     return found.update
 
 
+async def _verify_rollback(job: Job, manifest: Manifest, n: int) -> Verdict:
+    """A rollback version (``fedq model rollback``) re-stores version ``n``'s model: derived from
+    version n's stored bytes, it applies no updates and must hash like version n."""
+    problems = []
+    if manifest.update_ids:
+        problems.append(f"a rollback applies no updates, this one lists {len(manifest.update_ids)}")
+    try:
+        derived = hashlib.sha256((await job.store.load_bytes(n))[1]).hexdigest()
+    except StoreError as exc:
+        return Verdict(manifest.version, False, manifest.sha256, None, [f"rollback of v{n}: {exc}"])
+    if derived != manifest.sha256:
+        problems.append(f"rollback of v{n}, whose sha256 {derived[:16]} differs from {manifest.sha256[:16]}")
+    try:
+        await job.store.load_bytes(manifest.version)
+    except StoreError as exc:
+        problems.append(f"stored model: {exc}")
+    return Verdict(manifest.version, not problems, manifest.sha256, derived, problems)
+
+
 async def verify_version(job: Job, version: int) -> Verdict:
     manifest = job.manifests.get(version)
     if manifest is None:
@@ -162,6 +181,8 @@ async def verify_version(job: Job, version: int) -> Verdict:
         except StoreError as exc:
             problems.append(str(exc))
         return Verdict(0, not problems, manifest.sha256, None, problems)
+    if manifest.rollback_of is not None:
+        return await _verify_rollback(job, manifest, manifest.rollback_of)
     try:
         _, parent = await job.store.load(manifest.parent)
     except StoreError as exc:

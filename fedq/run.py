@@ -79,6 +79,10 @@ def _env(settings: Settings, run_dir: Path, keys: Path) -> dict[str, str]:
         "namespace": settings.namespace,
         "job": settings.job,
         "store": settings.store,
+        "s3_endpoint": settings.s3_endpoint,
+        "s3_region": settings.s3_region,
+        "s3_access_key": settings.s3_access_key,  # through the environment: flags would show in ps
+        "s3_secret_key": settings.s3_secret_key,
         "keys_dir": str(keys),
         "trusted_keys": str(keys / "trusted"),
         "out": str(run_dir),
@@ -91,6 +95,11 @@ def _env(settings: Settings, run_dir: Path, keys: Path) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")  # many processes share the cores: no oversubscription
     return env
+
+
+def _public(settings: Settings) -> dict[str, Any]:
+    """The settings fit for a file on disk: no secret keys."""
+    return {k: v for k, v in settings.__dict__.items() if k not in ("s3_access_key", "s3_secret_key")}
 
 
 def _flags(settings: Settings, fields: list[str]) -> list[str]:
@@ -300,7 +309,7 @@ def run_job(
     asyncio.run(declare_only(settings, purge=True))
     (run_dir / "config.json").write_text(
         json.dumps(
-            {"settings": settings.__dict__, "workers": workers, "delays": delays}, indent=2, default=str
+            {"settings": _public(settings), "workers": workers, "delays": delays}, indent=2, default=str
         )
     )
 

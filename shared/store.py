@@ -14,10 +14,13 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.errors import StoreError
 from shared.tensors import FlatModel
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 
 class ObjectStore(Protocol):
@@ -28,6 +31,14 @@ class ObjectStore(Protocol):
     async def list(self, prefix: str) -> list[str]: ...
 
     async def exists(self, key: str) -> bool: ...
+
+    async def presign_get(self, key: str, expires_s: int) -> str | None:
+        """A URL that lets anyone GET this object until it expires; None if the store cannot presign."""
+        ...
+
+    async def presign_put(self, key: str, expires_s: int) -> str | None:
+        """A URL that lets anyone PUT this object until it expires; None if the store cannot presign."""
+        ...
 
 
 class LocalStore:
@@ -79,11 +90,23 @@ class LocalStore:
     async def exists(self, key: str) -> bool:
         return self._path(key).is_file()  # one stat: cheap enough to do on the loop
 
+    async def presign_get(self, key: str, expires_s: int) -> None:
+        return None  # a local directory has no URLs to hand out
 
-def open_store(spec: str) -> ObjectStore:
-    """``--store`` value to a store: a local directory path (``file://`` optional)."""
+    async def presign_put(self, key: str, expires_s: int) -> None:
+        return None
+
+
+def open_store(spec: str, settings: Settings | None = None) -> ObjectStore:
+    """``--store`` value to a store: a local directory path (``file://`` optional) or
+    ``s3://bucket/prefix`` (endpoint, region and keys from ``settings``, default: the environment)."""
+    if spec.startswith("s3://"):
+        from shared.s3 import S3Store  # here, so that a local store never imports aioboto3
+        from shared.settings import Settings
+
+        return S3Store.from_settings(spec, settings if settings is not None else Settings.from_env())
     if "://" in spec and not spec.startswith("file://"):
-        raise StoreError(f"unsupported store {spec!r}: use a local directory")
+        raise StoreError(f"unsupported store {spec!r}: use a local directory or s3://bucket/prefix")
     return LocalStore(Path(spec.removeprefix("file://")))
 
 
@@ -101,11 +124,15 @@ class Manifest:
     mean_staleness: float = 0.0
     updates_total: int = 0
     update_digests: tuple[str, ...] = ()  # sha256 of each applied update message, in order
+    # ``fedq model rollback``: this version re-stores version N's model (no updates, parent = the latest)
+    rollback_of: int | None = None
 
     def to_json(self) -> str:
         d = asdict(self)
         d["update_ids"] = list(self.update_ids)
         d["update_digests"] = list(self.update_digests)
+        if self.rollback_of is None:
+            del d["rollback_of"]  # ordinary versions keep the format older readers know
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -114,6 +141,8 @@ class Manifest:
             d = json.loads(text)
             d["update_ids"] = tuple(d["update_ids"])
             d["update_digests"] = tuple(d.get("update_digests", ()))
+            if d.get("rollback_of") is not None and not isinstance(d["rollback_of"], int):
+                raise TypeError(f"rollback_of must be a version number, not {d['rollback_of']!r}")
             return cls(**d)
         except (ValueError, TypeError, KeyError) as exc:
             raise StoreError(f"corrupt manifest: {exc}") from exc

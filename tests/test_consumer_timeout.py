@@ -1,0 +1,150 @@
+"""Training that outlives the broker's ``consumer_timeout``: the task comes back, counted once.
+
+Our rule: a task is acked only after its update is confirmed, and a task's TTL (``--task-ttl``,
+120 s by default) stays well below the broker's ``consumer_timeout`` (30 min by default). If
+training outlives the consumer timeout anyway, the broker closes the worker's channel and requeues
+the task; the robust channel is reopened, the task is delivered again, and deduplication by task id
+(in the worker, and in the aggregator for a copy trained elsewhere) keeps the effect exactly-once.
+
+RabbitMQ 3.10 checks the timeout only when a channel ticks (``channel_tick_interval``, 60 s by
+default), so a 5 s timeout alone fires after about a minute; the private node here also ticks
+every second, which makes the channel close 5-6 s after the delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.private_broker import (  # noqa: F401  (fixtures used by name)
+    MakeRabbit,
+    PrivateRabbit,
+    make_private_rabbit_fixture,
+)
+from tests.test_broker_restart import (
+    check_exact_accounting,
+    fedq_run,
+    finish,
+    log_records,
+    problems_in_logs,
+    records,
+)
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_MS = 5000
+TICK_MS = 1000
+WORKER_DELAY = 7.0  # seconds of extra "training" after one real epoch (~1 s): a task is held ~8 s > 5 s
+
+_CONNECTION_NAME = re.compile(r"connection (<[\d.]+>) \(.*\) has a client-provided name: (\S+)")
+_CHANNEL_ERROR = re.compile(r"\] (<[\d.]+>) Channel error on connection (<[\d.]+>)")
+_ACK_TIMEOUT = re.compile(r"\] (<[\d.]+>) operation .*delivery acknowledgement on channel \d+ timed out")
+
+
+def consumer_timeouts(node: PrivateRabbit) -> Counter[str]:
+    """How many channels the node closed for an ack timeout, by client connection name."""
+    names: dict[str, str] = {}
+    channel_of: dict[str, str] = {}
+    found: Counter[str] = Counter()
+    for path in sorted(node.logs.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if m := _CONNECTION_NAME.search(line):
+                names[m.group(1)] = m.group(2)
+            elif m := _CHANNEL_ERROR.search(line):
+                channel_of[m.group(1)] = m.group(2)
+            elif m := _ACK_TIMEOUT.search(line):
+                found[names.get(channel_of.get(m.group(1), ""), "?")] += 1
+    return found
+
+
+def deliveries(out: Path, worker: str) -> dict[str, list[bool]]:
+    """For every task a worker's log mentions, the ``redelivered`` flags it logged."""
+    seen: dict[str, list[bool]] = defaultdict(list)
+    for rec in log_records(out / "logs" / f"{worker}.log"):
+        if "task" in rec and "redelivered" in rec:
+            seen[str(rec["task"])].append(bool(rec["redelivered"]))
+    return seen
+
+
+def run_slow_job(node: PrivateRabbit, out: Path, *args: str) -> dict[str, Any]:
+    proc = fedq_run(
+        out,
+        node.amqp_url,
+        f"t-{uuid.uuid4().hex[:10]}",
+        "--target-accuracy",
+        "0",
+        "--max-updates",
+        "3",
+        "--buffer",
+        "1",
+        "--local-epochs",
+        "1",  # keeps the time a task is held close to WORKER_DELAY, even on a loaded machine
+        "--max-seconds",
+        "80",
+        *args,
+    )
+    code, output = finish(proc, 110)
+    context = f"--- fedq run output (tail) ---\n{output[-2000:]}\n--- problems ---\n{problems_in_logs(out)}"
+    if code != 0:
+        pytest.fail(f"fedq run failed (exit {code})\n{context}", pytrace=False)
+    summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    summary["_context"] = context
+    return summary
+
+
+@pytest.mark.timeout(150)
+def test_task_held_past_consumer_timeout_is_redelivered_and_counted_once(
+    tmp_path: Path, make_private_rabbit: MakeRabbit
+) -> None:
+    node = make_private_rabbit(consumer_timeout_ms=TIMEOUT_MS, channel_tick_ms=TICK_MS)
+    out = tmp_path / "run"
+    summary = run_slow_job(node, out, "--workers", "1", "--delay-profile", f"{WORKER_DELAY}*1")
+    context = summary["_context"]
+    timeouts = consumer_timeouts(node)
+    # The broker closed the worker's channel for holding its task too long ...
+    assert timeouts["fedq-worker-w00"] >= 1, (
+        f"no consumer timeout for the worker: {dict(timeouts)}\n{context}"
+    )
+    # ... the worker's robust channel came back and its task was delivered again ...
+    redelivered = {t for t, flags in deliveries(out, "w00").items() if True in flags}
+    assert redelivered, f"no task was redelivered to the worker\n{context}"
+    # ... and the job still ended on its own terms, every task counted once.
+    assert summary["stop_reason"] == "max_updates", f"{summary['stop_reason']}\n{context}"
+    applied = check_exact_accounting(out)
+    assert len(applied) >= 3
+    assert redelivered & set(applied), "a redelivered task should also be an applied one"
+    rejected = Counter(r["reason"] for r in records(out / "ledger.jsonl") if r["fate"] == "rejected")
+    assert set(rejected) <= {"duplicate"}, rejected
+
+
+@pytest.mark.timeout(150)
+def test_copy_trained_by_a_second_worker_is_rejected_as_duplicate(
+    tmp_path: Path, make_private_rabbit: MakeRabbit
+) -> None:
+    """With a second, idle worker the timed-out task goes to it and is trained twice; the
+    aggregator applies the first update and rejects the second as a duplicate."""
+    node = make_private_rabbit(consumer_timeout_ms=TIMEOUT_MS, channel_tick_ms=TICK_MS)
+    out = tmp_path / "run"
+    summary = run_slow_job(
+        node, out, "--workers", "2", "--concurrency", "1", "--delay-profile", f"{WORKER_DELAY}*2"
+    )
+    context = summary["_context"]
+    timeouts = consumer_timeouts(node)
+    assert sum(n for name, n in timeouts.items() if name.startswith("fedq-worker-")) >= 1, (
+        f"no consumer timeout for a worker: {dict(timeouts)}\n{context}"
+    )
+    assert summary["stop_reason"] == "max_updates", f"{summary['stop_reason']}\n{context}"
+    applied = check_exact_accounting(out)
+    ledger = records(out / "ledger.jsonl")
+    duplicates = [r for r in ledger if r["fate"] == "rejected" and r["reason"] == "duplicate"]
+    assert duplicates, f"no second copy reached the aggregator (no duplicate in the ledger)\n{context}"
+    for r in duplicates:
+        assert applied[r["task_id"]] == 1, r  # the copy was of an applied task, which stayed applied once
+    rejected = {r["reason"] for r in ledger if r["fate"] == "rejected"}
+    assert rejected == {"duplicate"}, rejected

@@ -1,0 +1,421 @@
+"""``fedq dlq`` against the real broker: list and show leave the dead-letter queue as it was,
+requeue puts exactly the chosen messages back on their source queue, clean of dead-letter headers.
+
+Each test builds the same dead queue in its own namespace:
+
+    #1 expired         a task the broker expired on the task queue (per-message TTL)
+    #2 stale           an update dead-lettered by a consumer of the updates queue
+    #3 undecodable     garbage, from the updates queue
+    #4 stale           another update
+    #5 unknown_signer  a task dead-lettered by a consumer of the task queue
+    #6 unknown         bytes published straight to the dead-letter exchange: no reason, no source
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from broker_config.names import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, Names
+from fedq import dlq
+from fedq.dlq import Choice
+from shared.broker import Broker, Delivery
+from shared.codec import encode
+from shared.errors import ConfigError
+from shared.messages import Task, TrainConfig, Update
+from shared.signing import Signer
+
+pytestmark = pytest.mark.timeout(30)
+
+WAIT = 10.0  # seconds any single expectation may take
+QUIET = 0.5  # seconds of silence that count as "nothing more arrives"
+REPO = Path(__file__).resolve().parents[1]
+DEATH_HEADERS = {REASON_HEADER, DETAIL_HEADER, SOURCE_HEADER, "x-death"}
+
+
+def make_task(signer: Signer) -> tuple[str, bytes]:
+    tid = uuid.uuid4().hex
+    task = Task(
+        task_id=tid,
+        job_id="job1",
+        capability="cpu",
+        base_version=0,
+        model_sha256="0" * 64,
+        model_key="job1/v0",
+        train=TrainConfig(epochs=1),
+        quant="int8",
+        block=256,
+        deadline=time.time() + 600,
+        issued_at=time.time(),
+        model=b"\x07" * 300,
+    )
+    return tid, encode(task, signer)
+
+
+def make_update(signer: Signer) -> tuple[str, bytes]:
+    tid = uuid.uuid4().hex
+    update = Update(
+        task_id=tid,
+        job_id="job1",
+        worker_id="w1",
+        base_version=0,
+        num_samples=10,
+        quant="int8",
+        block=256,
+        metrics={"train_loss": 0.5},
+        sent_at=time.time(),
+        delta=b"\x01" * 200,
+    )
+    return tid, encode(update, signer)
+
+
+@dataclass
+class Scene:
+    names: Names
+    coordinator: Signer
+    worker: Signer
+    expired: tuple[str, bytes]
+    stale_a: tuple[str, bytes]
+    garbage: bytes
+    stale_b: tuple[str, bytes]
+    impostor_task: tuple[str, bytes]
+    orphan: bytes
+
+
+async def dead_letter_through_consumer(
+    amqp_url: str, names: Names, queue: str, verdicts: dict[bytes, tuple[str, str]]
+) -> None:
+    """Play a service: consume ``queue`` on a connection of its own and dead-letter every message
+    with the reason given for its body (one at a time, so their order is kept), then go away."""
+    service = await Broker(amqp_url, names, "test-dlq-service").connect()
+    left = dict(verdicts)
+    done = asyncio.Event()
+
+    async def handle(delivery: Delivery) -> None:
+        reason, detail = left.pop(delivery.body)
+        await delivery.dead_letter(reason, detail)
+        if not left:
+            done.set()
+
+    try:
+        await service.consume(queue, handle, prefetch=1)
+        await asyncio.wait_for(done.wait(), WAIT)
+    finally:
+        await service.close()
+
+
+async def until_dead(broker: Broker, count: int) -> list[dlq.DeadLetter]:
+    deadline = time.monotonic() + WAIT
+    while True:
+        letters = await dlq.read(broker)
+        if len(letters) >= count:
+            return letters
+        if time.monotonic() > deadline:
+            pytest.fail(f"the dead queue holds {len(letters)} messages, expected {count}")
+        await asyncio.sleep(0.05)
+
+
+async def build_scene(broker: Broker, names: Names, amqp_url: str) -> Scene:
+    coordinator, worker, impostor = Signer.generate(), Signer.generate(), Signer.generate()
+    expired = make_task(coordinator)
+    await broker.publish(names.tasks_exchange, "cpu", expired[1], expiration=0.05)
+    await until_dead(broker, 1)  # the broker dead-letters it (nobody consumes the task queue yet)
+
+    stale_a, stale_b = make_update(worker), make_update(worker)
+    garbage = b"garbage \xff not msgpack"
+    for body in (stale_a[1], garbage, stale_b[1]):
+        await broker.publish(names.results_exchange, "", body)
+    await dead_letter_through_consumer(
+        amqp_url,
+        names,
+        names.updates_queue,
+        {
+            stale_a[1]: ("stale", "staleness 3 > 2"),
+            garbage: ("undecodable", "not msgpack"),
+            stale_b[1]: ("stale", "staleness 5 > 2"),
+        },
+    )
+
+    impostor_task = make_task(impostor)
+    await broker.publish(names.tasks_exchange, "cpu", impostor_task[1])
+    await dead_letter_through_consumer(
+        amqp_url,
+        names,
+        names.task_queue("cpu"),
+        {impostor_task[1]: ("unknown_signer", "task signed by an unpinned key")},
+    )
+
+    orphan = b"published straight to the dead-letter exchange"
+    await broker.publish(names.dead_exchange, "", orphan)
+    await until_dead(broker, 6)
+    return Scene(names, coordinator, worker, expired, stale_a, garbage, stale_b, impostor_task, orphan)
+
+
+async def drain(broker: Broker, queue: str, expect: int) -> list[Delivery]:
+    """Consume ``queue`` on a connection of its own (the updates queue allows no basic.get):
+    ``expect`` messages, acked, then a quiet spell in which nothing more may arrive."""
+    reader = await Broker(broker.url, broker.names, "test-dlq-reader").connect()
+    got: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    async def on_message(delivery: Delivery) -> None:
+        await delivery.ack()
+        await got.put(delivery)
+
+    try:
+        await reader.consume(queue, on_message, prefetch=16)
+        out = [await asyncio.wait_for(got.get(), WAIT) for _ in range(expect)]
+        with contextlib.suppress(TimeoutError):
+            extra = await asyncio.wait_for(got.get(), QUIET)
+            pytest.fail(f"{queue} holds an unexpected message: {extra.body[:40]!r}")
+        return out
+    finally:
+        await reader.close()
+
+
+def shape(letters: list[dlq.DeadLetter]) -> list[tuple[int, str, str, str, str]]:
+    return [(d.position, d.reason, d.source, d.peek.kind, d.peek.task_id) for d in letters]
+
+
+# -- list and show ------------------------------------------------------------------------------
+
+
+async def test_list_gives_reasons_and_sources_and_leaves_the_queue_intact(
+    broker: Broker, names: Names, amqp_url: str
+) -> None:
+    s = await build_scene(broker, names, amqp_url)
+    tasks, updates = names.task_queue("cpu"), names.updates_queue
+    letters = await dlq.read(broker)
+    assert shape(letters) == [
+        (1, "expired", tasks, "task", s.expired[0]),
+        (2, "stale", updates, "update", s.stale_a[0]),
+        (3, "undecodable", updates, "", ""),
+        (4, "stale", updates, "update", s.stale_b[0]),
+        (5, "unknown_signer", tasks, "task", s.impostor_task[0]),
+        (6, "unknown", "", "", ""),
+    ]
+    assert [d.reason_from for d in letters] == ["broker", "fedq", "fedq", "fedq", "fedq", ""]
+    assert letters[0].time_of == "died" and all(d.time is not None for d in letters if d.peek.kind)
+    assert letters[2].size == len(s.garbage)
+
+    # nothing was taken away, reordered or changed: a second reading sees the same messages
+    again = await dlq.read(broker)
+    assert [(d.sha256, d.headers, d.time) for d in again] == [(d.sha256, d.headers, d.time) for d in letters]
+
+    assert shape(await dlq.read(broker, reason="stale")) == [shape(letters)[1], shape(letters)[3]]
+    text = dlq.render_list(names.dead_queue, letters)
+    assert text.splitlines()[-1] == (
+        f"6 dead letters in {names.dead_queue}: expired 1, stale 2, undecodable 1, unknown 1, unknown_signer 1"
+    )
+    assert s.stale_a[0] in text and "died 20" in text
+    assert len(await dlq.read(broker)) == 6
+
+
+async def test_show_decodes_the_envelope_without_trusting_it(
+    broker: Broker, names: Names, amqp_url: str
+) -> None:
+    s = await build_scene(broker, names, amqp_url)
+    d = await dlq.show(broker, 2)
+    assert (d.reason, d.detail, d.source) == ("stale", "staleness 3 > 2", names.updates_queue)
+    assert d.peek.kind == "update" and d.peek.signer == s.worker.fingerprint
+    assert d.peek.fields["task_id"] == s.stale_a[0] and d.peek.fields["num_samples"] == 10
+    assert "delta" not in d.peek.fields and d.peek.payload_bytes == 200
+    text = dlq.render_show(names.dead_queue, names, d)
+    assert "signature not verified" in text and "<200 bytes of payload>" in text
+    assert f'{REASON_HEADER}: "stale"' in text
+
+    expired = await dlq.show(broker, 1)
+    assert expired.headers["x-first-death-reason"] == "expired"
+    doc = json.loads(json.dumps(expired.to_dict(names, full=True)))  # x-death times become text
+    assert doc["headers"]["x-death"][0]["reason"] == "expired"
+    assert doc["fields"]["train"]["epochs"] == 1 and doc["payload_bytes"] == 300
+    assert doc["requeue_to"] == names.task_queue("cpu")
+
+    garbage = await dlq.show(broker, 3)
+    assert garbage.peek.kind == "" and "not msgpack" in garbage.peek.error
+    assert "body starts b'garbage" in dlq.render_show(names.dead_queue, names, garbage)
+
+    with pytest.raises(ConfigError, match=r"no message #7: .* holds 6 \(#1 to #6\)"):
+        await dlq.show(broker, 7)
+    with pytest.raises(ConfigError, match="positions start at 1"):
+        await dlq.show(broker, 0)
+    assert len(await dlq.read(broker)) == 6
+
+
+async def test_many_dead_letters_keep_their_order(broker: Broker, names: Names) -> None:
+    """Well over 32. Measured on 3.10, a quorum queue shuffles that many messages when it takes
+    them back unacked, and closing a channel right after that many acks loses some of them:
+    a pass must neither reorder nor duplicate."""
+    n = 100
+    for i in range(n):
+        reason = "stale" if i % 3 == 0 else "undecodable"
+        headers = {REASON_HEADER: reason, SOURCE_HEADER: names.updates_queue, DETAIL_HEADER: f"m{i}"}
+        await broker.publish(names.dead_exchange, "", f"m{i}".encode(), headers=headers)
+    first = await until_dead(broker, n)
+    assert [d.detail for d in first] == [f"m{i}" for i in range(n)]
+    assert [d.detail for d in await dlq.read(broker)] == [f"m{i}" for i in range(n)]
+    assert (await dlq.show(broker, 98)).detail == "m97"
+
+    outcomes = await dlq.requeue(broker, Choice(reason="stale"))
+    assert [o.letter.detail for o in outcomes] == [f"m{i}" for i in range(0, n, 3)]
+    assert [d.body for d in await drain(broker, names.updates_queue, expect=len(outcomes))] == [
+        f"m{i}".encode() for i in range(0, n, 3)
+    ]
+    assert [d.detail for d in await dlq.read(broker)] == [f"m{i}" for i in range(n) if i % 3]
+
+
+# -- requeue ------------------------------------------------------------------------------------
+
+
+async def test_requeue_by_reason_puts_exactly_those_back(broker: Broker, names: Names, amqp_url: str) -> None:
+    s = await build_scene(broker, names, amqp_url)
+    before = await dlq.read(broker)
+
+    dry = await dlq.requeue(broker, Choice(reason="stale"), dry_run=True)
+    assert [(o.action, o.letter.position, o.target) for o in dry] == [
+        ("would requeue", 2, names.updates_queue),
+        ("would requeue", 4, names.updates_queue),
+    ]
+    assert [d.sha256 for d in await dlq.read(broker)] == [d.sha256 for d in before]
+
+    outcomes = await dlq.requeue(broker, Choice(reason="stale"))
+    assert [(o.action, o.letter.position, o.target) for o in outcomes] == [
+        ("requeued", 2, names.updates_queue),
+        ("requeued", 4, names.updates_queue),
+    ]
+    back = await drain(broker, names.updates_queue, expect=2)
+    assert [d.body for d in back] == [s.stale_a[1], s.stale_b[1]]
+    for d in back:
+        assert not DEATH_HEADERS & set(d.message.headers or {}), dict(d.message.headers)
+        assert not any(k.startswith("x-first-death-") for k in d.message.headers or {})
+        assert not d.redelivered and (d.message.headers or {}).get("x-delivery-count", 0) == 0
+
+    left = await dlq.read(broker)
+    assert [(d.position, d.reason) for d in left] == [
+        (1, "expired"),
+        (2, "undecodable"),
+        (3, "unknown_signer"),
+        (4, "unknown"),
+    ]
+    assert "requeued 2" in dlq.render_requeue(names.dead_queue, outcomes, dry_run=False)
+
+
+async def test_requeue_positions_skips_unknown_sources_and_rejects_bad_ones(
+    broker: Broker, names: Names, amqp_url: str
+) -> None:
+    s = await build_scene(broker, names, amqp_url)
+
+    with pytest.raises(ConfigError, match=r"no message #9, #12: .* holds 6.*nothing was requeued"):
+        await dlq.requeue(broker, Choice(positions=(1, 9, 12)))
+    assert len(await dlq.read(broker)) == 6
+    with pytest.raises(ConfigError, match="say which messages"):
+        Choice()
+
+    outcomes = await dlq.requeue(broker, Choice(positions=(6, 1)))
+    assert [(o.action, o.letter.position, o.target) for o in outcomes] == [
+        ("requeued", 1, names.task_queue("cpu")),
+        ("skipped", 6, None),
+    ]
+    assert "source queue is unknown" in outcomes[1].note
+    text = dlq.render_requeue(names.dead_queue, outcomes, dry_run=False)
+    assert f"requeued #1 (expired task {s.expired[0]}) -> {names.task_queue('cpu')}" in text
+
+    # the expired task is back on its task queue, as it was sent, with no record of its death
+    channel = await broker.connection.channel()
+    try:
+        queue = await channel.declare_queue(names.task_queue("cpu"), passive=True)
+        message = await queue.get(no_ack=True, fail=False, timeout=WAIT)
+        assert message is not None and message.body == s.expired[1]
+        headers = set(message.headers or {})
+        assert not DEATH_HEADERS & headers and not any(h.startswith("x-first-death-") for h in headers)
+        assert not message.redelivered and (message.headers or {}).get("x-delivery-count", 0) == 0
+        assert await queue.get(no_ack=True, fail=False, timeout=WAIT) is None
+    finally:
+        await channel.close()
+
+    assert [(d.reason, d.source) for d in await dlq.read(broker)] == [
+        ("stale", names.updates_queue),
+        ("undecodable", names.updates_queue),
+        ("stale", names.updates_queue),
+        ("unknown_signer", names.task_queue("cpu")),
+        ("unknown", ""),
+    ]
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def fedq(amqp_url: str, names: Names, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDQ_")}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedq.cli",
+            "dlq",
+            *args,
+            "--namespace",
+            names.namespace,
+            "--amqp-url",
+            amqp_url,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+
+
+async def test_cli(broker: Broker, names: Names, amqp_url: str) -> None:
+    s = await build_scene(broker, names, amqp_url)
+
+    listed = await asyncio.to_thread(fedq, amqp_url, names, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    doc = json.loads(listed.stdout)
+    assert doc["total"] == 6
+    assert doc["by_reason"] == {"expired": 1, "stale": 2, "undecodable": 1, "unknown": 1, "unknown_signer": 1}
+    assert [m["reason"] for m in doc["messages"]] == [
+        "expired",
+        "stale",
+        "undecodable",
+        "stale",
+        "unknown_signer",
+        "unknown",
+    ]
+    assert doc["messages"][1]["task_id"] == s.stale_a[0]
+    assert doc["messages"][1]["requeue_to"] == names.updates_queue
+
+    plain = await asyncio.to_thread(fedq, amqp_url, names, "list", "--reason", "stale")
+    assert plain.returncode == 0 and "(showing the 2 with reason 'stale')" in plain.stdout
+
+    shown = await asyncio.to_thread(fedq, amqp_url, names, "show", "5", "--json")
+    assert shown.returncode == 0, shown.stderr
+    one = json.loads(shown.stdout)
+    assert (one["kind"], one["task_id"], one["position"]) == ("task", s.impostor_task[0], 5)
+    assert one["detail"] == "task signed by an unpinned key"
+    assert one["headers"][SOURCE_HEADER] == names.task_queue("cpu")
+
+    bad = await asyncio.to_thread(fedq, amqp_url, names, "show", "99")
+    assert bad.returncode == 2 and "no message #99" in bad.stderr
+
+    dry = await asyncio.to_thread(fedq, amqp_url, names, "requeue", "--all", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would requeue 5, skipped 1 (dry run)" in dry.stdout
+    assert len(await dlq.read(broker)) == 6
+
+    done = await asyncio.to_thread(fedq, amqp_url, names, "requeue", "3")
+    assert done.returncode == 0, done.stderr
+    assert f"requeued #3 (undecodable) -> {names.updates_queue}" in done.stdout
+    assert [d.body for d in await drain(broker, names.updates_queue, expect=1)] == [s.garbage]
+    assert len(await dlq.read(broker)) == 5
