@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from shared.aggregation import Accumulator, Policy, screen
 from shared.errors import ScreeningError
 from shared.messages import Round, Update
-from shared.quantize import decode_delta
+from shared.quantize import DEFAULT_BLOCK, BlockLayout, block_layout, decode_delta_wire, to_flat, to_wire
 from shared.tensors import FlatModel
 
 
@@ -65,6 +65,7 @@ class AggregatorCore:
 
     def _reset_buffer(self) -> None:
         self.buffer = Accumulator(self.model.spec.n_float, self.model.spec.n_exact)
+        self._layout: BlockLayout | None = None  # the block order the buffer sums in
         self.pending: list[Accepted] = []
 
     @property
@@ -91,13 +92,21 @@ class AggregatorCore:
         if update.num_samples < 1:
             return Rejected(tid, "bad_sample_count", f"num_samples={update.num_samples}", tau)
         try:
-            floats, exact = decode_delta(update.delta, self.model.spec, update.quant, update.block)
+            floats, exact, layout = decode_delta_wire(
+                update.delta, self.model.spec, update.quant, update.block
+            )
             norm = screen(floats, exact, self.policy.max_norm)
         except ScreeningError as exc:
             return Rejected(tid, exc.reason, str(exc), tau)
         weight = self.policy.weight(update.num_samples, tau)
         if not 0 < weight < math.inf:
             return Rejected(tid, "stale", f"staleness weight {weight} leaves nothing to apply", tau)
+        # The buffer sums in the block order of its first update; others are reordered to match
+        # (a copy; free in the usual case where every update uses the job's block size).
+        if self._layout is None:
+            self._layout = layout or block_layout(self.model.spec.float_sizes, DEFAULT_BLOCK)
+        if layout is not self._layout:
+            floats = to_wire(floats if layout is None else to_flat(floats, layout), self._layout)
         self.buffer.add(floats, exact, weight, self.policy.norm_weight(update.num_samples, tau))
         accepted = Accepted(tid, tau, weight, norm)
         self.pending.append(accepted)
@@ -125,6 +134,8 @@ class AggregatorCore:
         )
 
     def flush(self) -> NewVersion:
+        if self._layout is not None:  # back to the model's flat order, once per version
+            self.buffer.floats = to_flat(self.buffer.floats, self._layout)
         floats, exact = self.buffer.apply(self.model.floats, self.model.exact, self.policy.server_lr)
         ids = tuple(a.task_id for a in self.pending)
         mean_tau = sum(a.staleness for a in self.pending) / len(self.pending)

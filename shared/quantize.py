@@ -5,15 +5,22 @@ tensor may be shorter); each block has one fp32 scale ``max|x| / 127`` and the
 values travel as ``q = floor(x / scale + u)``, ``u ~ U[0, 1)``, so that
 ``E[scale * q] = x``. Exact (non-float) tensors travel as raw int64.
 
+On the wire, int8 values are in *block order*: first the full blocks of every
+tensor (tensor by tensor), then the short tail blocks. The full blocks then
+form one ``(n_full, block)`` matrix, so dequantizing is one broadcast multiply
+with no per-value index: that is what keeps the aggregator's per-update work
+at memory speed. ``to_flat``/``to_wire`` move between this order and the
+model's flat order (the identity when no tail sits before a full block).
+
 Payload layout, little endian:
-``int8``: scales f32[n_blocks] | q i8[n_float] | exact i64[n_exact]
-``none``: values f32[n_float]  | exact i64[n_exact]
+``int8``: scales f32[n_blocks] | q i8[n_float] (block order) | exact i64[n_exact]
+``none``: values f32[n_float] (flat order) | exact i64[n_exact]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -27,31 +34,98 @@ DEFAULT_BLOCK = 256
 
 @dataclass(frozen=True, eq=False)
 class BlockLayout:
-    """Where blocks start and how long each one is, for a list of tensor sizes."""
+    """The blocks of a list of tensor sizes, and the permutation between flat and block order."""
 
     n: int
-    counts: torch.Tensor  # int64[n_blocks], length of each block
-    block_of: torch.Tensor  # int64[n], block index of each value
+    block: int
+    sizes: tuple[int, ...]
+    n_full: int  # full blocks, all tensors together
+    tail_counts: torch.Tensor  # int64: length of each tail block, in tensor order
+    perm: torch.Tensor | None  # block-order position i holds flat position perm[i]; None: identity
 
     @property
     def n_blocks(self) -> int:
-        return int(self.counts.numel())
+        return self.n_full + int(self.tail_counts.numel())
+
+    @property
+    def full_len(self) -> int:
+        return self.n_full * self.block
+
+    @cached_property
+    def tail_block_of(self) -> torch.Tensor:
+        """For each tail value (block order), the index of its tail block."""
+        counts = self.tail_counts
+        return torch.repeat_interleave(
+            torch.arange(counts.numel()), counts, output_size=self.n - self.full_len
+        )
+
+    @cached_property
+    def counts(self) -> torch.Tensor:
+        """Length of each block in flat order (tensor by tensor, tail last)."""
+        out: list[int] = []
+        for size in self.sizes:
+            full, rest = divmod(size, self.block)
+            out.extend([self.block] * full + ([rest] if rest else []))
+        return torch.tensor(out, dtype=torch.int64)
+
+    @cached_property
+    def block_of(self) -> torch.Tensor:
+        """Flat-order block index of each value (flat order)."""
+        c = self.counts
+        return torch.repeat_interleave(torch.arange(c.numel()), c, output_size=self.n)
+
+    @cached_property
+    def wire_blocks(self) -> torch.Tensor:
+        """For each block in wire order, its index in flat order."""
+        full: list[int] = []
+        tails: list[int] = []
+        i = 0
+        for size in self.sizes:
+            f, rest = divmod(size, self.block)
+            full.extend(range(i, i + f))
+            i += f
+            if rest:
+                tails.append(i)
+                i += 1
+        return torch.tensor(full + tails, dtype=torch.int64)
 
 
 @lru_cache(maxsize=32)
 def block_layout(sizes: tuple[int, ...], block: int) -> BlockLayout:
+    """Built once per model spec and block size (a loop over tensors, never per update)."""
     if block < 1:
         raise ValueError("block size must be positive")
-    counts: list[int] = []
+    full_ranges, tail_ranges, tail_counts, start, n_full = [], [], [], 0, 0
     for size in sizes:
         full, rest = divmod(size, block)
-        counts.extend([block] * full)
+        n_full += full
+        full_ranges.append(torch.arange(start, start + full * block))
         if rest:
-            counts.append(rest)
-    c = torch.tensor(counts, dtype=torch.int64)
-    n = sum(sizes)
-    block_of = torch.repeat_interleave(torch.arange(len(counts)), c, output_size=n)
-    return BlockLayout(n, c, block_of)
+            tail_ranges.append(torch.arange(start + full * block, start + size))
+            tail_counts.append(rest)
+        start += size
+    perm = torch.cat([*full_ranges, *tail_ranges]) if sizes else torch.zeros(0, dtype=torch.int64)
+    identity = bool(torch.equal(perm, torch.arange(start)))
+    return BlockLayout(
+        start,
+        block,
+        tuple(sizes),
+        n_full,
+        torch.tensor(tail_counts, dtype=torch.int64),
+        None if identity else perm,
+    )
+
+
+def to_wire(flat: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    return flat if layout.perm is None else flat[layout.perm]
+
+
+def to_flat(wire: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    if layout.perm is None:
+        return wire
+    out = torch.empty_like(wire)
+    out[layout.perm] = wire
+    return out
 
 
 def payload_size(spec: ModelSpec, scheme: str, block: int) -> int:
@@ -66,20 +140,37 @@ def payload_size(spec: ModelSpec, scheme: str, block: int) -> int:
 def quantize_int8(
     x: torch.Tensor, layout: BlockLayout, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (scales f32[n_blocks], q int8[n]) with E[scales[block_of] * q] = x."""
-    absmax = torch.zeros(layout.n_blocks, dtype=torch.float32)
-    absmax.scatter_reduce_(0, layout.block_of, x.abs(), reduce="amax", include_self=True)
-    scales = absmax / 127.0
+    """Quantize flat ``x``: (scales f32[n_blocks], q int8[n]), both in block (wire) order."""
+    xw = to_wire(x, layout)
+    f, nf, b = layout.full_len, layout.n_full, layout.block
+    full, tail = xw[:f].view(nf, b), xw[f:]
+    tail_max = torch.zeros(layout.tail_counts.numel(), dtype=torch.float32)
+    tail_max.scatter_reduce_(0, layout.tail_block_of, tail.abs(), reduce="amax", include_self=True)
+    full_max = full.abs().amax(dim=1) if nf else torch.zeros(0, dtype=torch.float32)
+    scales = torch.cat([full_max, tail_max]) / 127.0
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    y = x / safe[layout.block_of]
+    y = torch.empty(layout.n, dtype=torch.float32)
+    torch.div(full, safe[:nf, None], out=y[:f].view(nf, b))
+    y[f:] = tail / safe[nf:][layout.tail_block_of]
     noise = torch.rand(y.shape, generator=generator, dtype=torch.float32)
-    q = torch.floor(y + noise).clamp_(-127, 127).to(torch.int8)
+    q = torch.floor(y.add_(noise)).clamp_(-127, 127).to(torch.int8)
     return scales, q
 
 
+def dequantize_wire(scales: torch.Tensor, q: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Scales and values in block order -> float32 values in block order (one broadcast multiply)."""
+    f, nf, b = layout.full_len, layout.n_full, layout.block
+    out = torch.empty(layout.n, dtype=torch.float32)
+    if nf:
+        torch.mul(q[:f].view(nf, b), scales[:nf, None], out=out[:f].view(nf, b))
+    if f < layout.n:
+        out[f:] = q[f:].to(torch.float32) * scales[nf:][layout.tail_block_of]
+    return out
+
+
 def dequantize_int8(scales: torch.Tensor, q: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    expanded = torch.repeat_interleave(scales, layout.counts, output_size=layout.n)
-    return q.to(torch.float32).mul_(expanded)
+    """Scales and values in block order -> float32 values in flat order."""
+    return to_flat(dequantize_wire(scales, q, layout), layout)
 
 
 def encode_delta(
@@ -101,10 +192,12 @@ def encode_delta(
     raise ValueError(f"unknown quantization scheme {scheme!r}")
 
 
-def decode_delta(
+def decode_delta_wire(
     payload: bytes, spec: ModelSpec, scheme: str, block: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parse a delta payload; any length or scheme mismatch is a ``bad_shape`` rejection."""
+) -> tuple[torch.Tensor, torch.Tensor, BlockLayout | None]:
+    """Parse a delta payload without reordering: int8 floats come back in block order with
+    their layout, ``none`` floats in flat order (layout ``None``). Any length or scheme
+    mismatch is a ``bad_shape`` rejection."""
     if scheme not in SCHEMES:
         raise ScreeningError("bad_shape", f"unknown quantization scheme {scheme!r}")
     if scheme == "int8" and not 1 <= block <= 1 << 20:
@@ -114,6 +207,7 @@ def decode_delta(
         raise ScreeningError("bad_shape", f"payload is {len(payload)} bytes, the model needs {expected}")
     buf = memoryview(payload)
     n, m = spec.n_float, spec.n_exact
+    layout: BlockLayout | None = None
     if scheme == "none":
         floats = torch.from_numpy(np.frombuffer(buf[: 4 * n], dtype="<f4").astype(np.float32))
         offset = 4 * n
@@ -121,8 +215,20 @@ def decode_delta(
         layout = block_layout(spec.float_sizes, block)
         nb = layout.n_blocks
         scales = torch.from_numpy(np.frombuffer(buf[: 4 * nb], dtype="<f4").astype(np.float32))
-        q = torch.from_numpy(np.frombuffer(buf[4 * nb : 4 * nb + n], dtype=np.int8).copy())
-        floats = dequantize_int8(scales, q, layout)
+        q = (
+            torch.frombuffer(bytearray(buf[4 * nb : 4 * nb + n]), dtype=torch.int8)
+            if n
+            else torch.zeros(0, dtype=torch.int8)
+        )
+        floats = dequantize_wire(scales, q, layout)
         offset = 4 * nb + n
     exact = torch.from_numpy(np.frombuffer(buf[offset : offset + 8 * m], dtype="<i8").astype(np.int64))
-    return floats, exact
+    return floats, exact, layout
+
+
+def decode_delta(
+    payload: bytes, spec: ModelSpec, scheme: str, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parse a delta payload into flat-order floats and the exact part."""
+    floats, exact, layout = decode_delta_wire(payload, spec, scheme, block)
+    return (floats if layout is None else to_flat(floats, layout)), exact

@@ -19,6 +19,8 @@ from shared.quantize import (
     encode_delta,
     payload_size,
     quantize_int8,
+    to_flat,
+    to_wire,
 )
 from shared.tensors import ModelSpec, TensorSpec
 
@@ -114,7 +116,9 @@ def test_int8_error_is_at_most_the_block_scale(
     n_blocks = len(ref_scales)
     assert n_blocks == sum(math.ceil(n / block) for n in sizes)
     wire_scales = np.frombuffer(payload[: 4 * n_blocks], dtype="<f4").astype(np.float64)
-    np.testing.assert_allclose(wire_scales, ref_scales, rtol=1e-6, atol=0)
+    # on the wire, blocks come full ones first, then tails (see shared/quantize.py)
+    wire_order = block_layout(tuple(sizes), block).wire_blocks.numpy()
+    np.testing.assert_allclose(wire_scales, ref_scales[wire_order], rtol=1e-6, atol=0)
     q = np.frombuffer(payload[4 * n_blocks : 4 * n_blocks + spec.n_float], dtype=np.int8)
     assert np.abs(q.astype(np.int32)).max() <= 127
 
@@ -279,6 +283,17 @@ def test_block_layout_counts() -> None:
     assert layout.counts.tolist() == [4, 1, 1, 4, 4]
     assert layout.block_of.tolist() == [0, 0, 0, 0, 1, 2, 3, 3, 3, 3, 4, 4, 4, 4]
     assert layout.n == 14 and layout.n_blocks == 5
+
+
+def test_block_order_puts_full_blocks_first_and_round_trips() -> None:
+    layout = block_layout((5, 1, 8), 4)
+    assert layout.n_full == 3 and layout.tail_counts.tolist() == [1, 1]
+    assert layout.perm is not None
+    assert layout.perm.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 4, 5]
+    assert layout.wire_blocks.tolist() == [0, 3, 4, 1, 2]
+    x = torch.arange(14, dtype=torch.float32)
+    assert torch.equal(to_flat(to_wire(x, layout), layout), x)
+    assert block_layout((8, 4), 4).perm is None  # nothing to move: block order is flat order
 
 
 def test_wire_ratio_of_a_million_floats_at_block_256() -> None:
