@@ -382,7 +382,8 @@ def _add_model(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     where = [
         f
         for f in COMMON
-        if f[1] in ("amqp_url", "namespace", "store", "out", "keys_dir", "trusted_keys", "log_level")
+        if f[1]
+        in ("amqp_url", "namespace", "store", "s3_endpoint", "s3_region", "out", "keys_dir", "trusted_keys")
     ]
 
     def action(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
