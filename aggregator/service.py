@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ class Held:
     size: int
     deliveries: list[Delivery]
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """Names the exact message applied (a redone task has the same id but other bytes)."""
         return hashlib.sha256(self.deliveries[0].body).hexdigest()

@@ -12,6 +12,7 @@ Decoding is strict: unknown versions, kinds, fields or types are rejected with a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import types
 import typing
@@ -128,9 +129,14 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     raise DecodeError(f"field {where} has the wrong type ({type(value).__name__})")
 
 
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    """Type hints and fields of a message class, resolved once (get_type_hints compiles strings)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def _build(cls: type[T], fields: dict[str, Any], where: str) -> T:
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints, known = _schema(cls)  # type: ignore[arg-type]
     unknown = set(fields) - set(known)
     if unknown:
         raise DecodeError(f"{where} has unknown fields {sorted(unknown)}")
