@@ -35,6 +35,7 @@ import hashlib
 import io
 import os
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -485,6 +486,7 @@ async def intake(
                 await task
         await service.close()
         await admin.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # the store and ledger of this run only
 
 
 async def fresh(phase: Callable[[Names], Awaitable[Phase]]) -> Phase:
