@@ -67,17 +67,18 @@ class AggregatorCore:
         self.buffer = Accumulator(self.model.spec.n_float, self.model.spec.n_exact)
         self._layout: BlockLayout | None = None  # the block order the buffer sums in
         self.pending: list[Accepted] = []
+        self._pending_ids: set[str] = set()  # kept beside the list: checked on every offer
 
     @property
     def pending_ids(self) -> set[str]:
-        return {a.task_id for a in self.pending}
+        return set(self._pending_ids)
 
     def offer(self, update: Update) -> Accepted | Rejected:
         """Screen an update whose signature is already verified; buffer it if it passes."""
         tid = update.task_id
         if update.job_id != self.job_id:
             return Rejected(tid, "wrong_job", f"update for job {update.job_id!r}, this is {self.job_id!r}")
-        if tid in self.applied or tid in self.pending_ids:
+        if tid in self.applied or tid in self._pending_ids:
             return Rejected(tid, "duplicate", f"task {tid} was already counted")
         tau = self.version - update.base_version
         if tau < 0:
@@ -110,6 +111,7 @@ class AggregatorCore:
         self.buffer.add(floats, exact, weight, self.policy.norm_weight(update.num_samples, tau))
         accepted = Accepted(tid, tau, weight, norm)
         self.pending.append(accepted)
+        self._pending_ids.add(tid)
         return accepted
 
     def open_round(self, message: Round) -> None:
