@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from shared.aggregation import Accumulator, Policy, screen
 from shared.errors import ScreeningError
 from shared.messages import Round, Update
@@ -62,6 +64,14 @@ class AggregatorCore:
     def __post_init__(self) -> None:
         self._reset_buffer()
         self._round: _Round | None = None
+        # Each update is dequantized into this one vector, then added to the buffer: a fresh
+        # output per update would cost more in page faults than the arithmetic.
+        self._scratch = torch.empty(self.model.spec.n_float, dtype=torch.float32)
+
+    def _scratch_for(self, model: FlatModel) -> torch.Tensor:
+        if self._scratch.numel() != model.spec.n_float:  # a model of another shape was adopted
+            self._scratch = torch.empty(model.spec.n_float, dtype=torch.float32)
+        return self._scratch
 
     def _reset_buffer(self) -> None:
         self.buffer = Accumulator(self.model.spec.n_float, self.model.spec.n_exact)
@@ -94,7 +104,7 @@ class AggregatorCore:
             return Rejected(tid, "bad_sample_count", f"num_samples={update.num_samples}", tau)
         try:
             floats, exact, layout = decode_delta_wire(
-                update.delta, self.model.spec, update.quant, update.block
+                update.delta, self.model.spec, update.quant, update.block, self._scratch_for(self.model)
             )
             norm = screen(floats, exact, self.policy.max_norm)
         except ScreeningError as exc:

@@ -3,8 +3,8 @@
 One process, no broker, ``torch.set_num_threads(1)``. For each model size, R distinct signed
 int8 updates are pre-encoded; then each is put through exactly what the aggregator does:
 ``shared.codec.decode`` (msgpack, sha256 of the payload, Ed25519 check, typed head) and
-``aggregator.core.AggregatorCore.offer`` (dequantize, screen, weighted accumulate into the
-buffer; K is huge so no version is folded). That end-to-end time is the headline. A second
+``aggregator.core.AggregatorCore.offer`` (dequantize into its reused output vector, screen,
+weighted accumulate into the buffer; K is huge so no version is folded). That end-to-end time is the headline. A second
 pass times each stage on its own so the bottleneck is visible.
 
 Figures are per update; "best" is the fastest of R (least disturbed by the other load on a
@@ -33,12 +33,12 @@ import torch
 from _common import SIZES, Stopwatch, emit, machine, parser, say, signed_updates, synthetic_state, table
 
 from aggregator.core import Accepted, AggregatorCore
-from shared import quantize
 from shared.aggregation import Accumulator, Policy, screen
 from shared.codec import decode, decode_head, open_envelope
 from shared.messages import Update
+from shared.quantize import decode_delta_wire
 from shared.signing import Keyring, Signer
-from shared.tensors import FlatModel, ModelSpec
+from shared.tensors import FlatModel
 
 TARGET = 250e6  # params/s at 10M
 JOB = "bench-job"
@@ -71,20 +71,11 @@ def end_to_end(model: FlatModel, raws: list[bytes], keyring: Keyring) -> dict[st
     return summarize(walls, cpus, model.spec.n_float)
 
 
-def dequantize(payload: bytes, spec: ModelSpec, quant: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``AggregatorCore.offer`` calls: ``decode_delta_wire`` (values stay in the payload's
-    block order, which the buffer sums in) where the library has it, else ``decode_delta``."""
-    wire = getattr(quantize, "decode_delta_wire", None)
-    if wire is not None:
-        floats, exact, _ = wire(payload, spec, quant, block)
-        return floats, exact
-    return quantize.decode_delta(payload, spec, quant, block)
-
-
 def stages(model: FlatModel, raws: list[bytes], keyring: Keyring) -> dict[str, dict[str, float]]:
     """The same work cut into stages, each timed on its own."""
     spec = model.spec
     acc = Accumulator(spec.n_float, spec.n_exact)
+    scratch = torch.empty(spec.n_float)  # as AggregatorCore does: one output, reused
     names = ["unpack", "sha256", "ed25519", "head", "dequantize", "screen", "accumulate"]
     walls: dict[str, list[float]] = {k: [] for k in names}
     cpus: dict[str, list[float]] = {k: [] for k in names}
@@ -108,7 +99,7 @@ def stages(model: FlatModel, raws: list[bytes], keyring: Keyring) -> dict[str, d
         note("head", sw)
         assert isinstance(msg, Update)
         with Stopwatch() as sw:
-            floats, exact = dequantize(msg.delta, spec, msg.quant, msg.block)
+            floats, exact, _ = decode_delta_wire(msg.delta, spec, msg.quant, msg.block, scratch)
         note("dequantize", sw)
         with Stopwatch() as sw:
             screen(floats, exact, None)

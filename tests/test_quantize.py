@@ -15,6 +15,7 @@ from shared.quantize import (
     DEFAULT_BLOCK,
     block_layout,
     decode_delta,
+    decode_delta_wire,
     dequantize_int8,
     encode_delta,
     payload_size,
@@ -306,3 +307,41 @@ def test_wire_ratio_of_a_million_floats_at_block_256() -> None:
     assert size / fp32 < 0.26
     payload = encode_delta(torch.randn(n), NO_EXACT, spec, "int8", 256, torch.Generator().manual_seed(0))
     assert len(payload) == size
+
+
+def test_decode_into_a_reused_buffer_across_slabs_matches_an_independent_dequantize() -> None:
+    """Large models dequantize slab by slab into the caller's buffer: every slab, the tails
+    and a buffer full of an earlier update's values must give exactly scale * q."""
+    sizes = (2_500_000, 777, 1_000_003)  # several slabs, tails in two tensors
+    spec = spec_of(sizes, [3])
+    layout = block_layout(sizes, DEFAULT_BLOCK)
+    out = torch.full((spec.n_float,), float("nan"))
+    for seed in (1, 2):
+        x = random_floats(spec.n_float, seed, 0.01)
+        payload = encode_delta(x, torch.tensor([4, 5, 6]), spec, "int8", DEFAULT_BLOCK)
+        floats, exact, got_layout = decode_delta_wire(payload, spec, "int8", DEFAULT_BLOCK, out)
+        assert floats is out and got_layout is layout
+        nb = layout.n_blocks
+        scales = np.frombuffer(payload[: 4 * nb], dtype="<f4")
+        q = np.frombuffer(payload[4 * nb : 4 * nb + spec.n_float], dtype=np.int8)
+        per_value = np.concatenate(
+            [
+                np.repeat(scales[: layout.n_full], DEFAULT_BLOCK),
+                np.repeat(scales[layout.n_full :], layout.tail_counts),
+            ]
+        )
+        assert np.array_equal(out.numpy(), q.astype(np.float32) * per_value)
+        assert exact.tolist() == [4, 5, 6]
+        fresh, _, _ = decode_delta_wire(payload, spec, "int8", DEFAULT_BLOCK)
+        assert torch.equal(fresh, out)
+
+
+def test_decode_rejects_an_output_buffer_of_the_wrong_shape() -> None:
+    spec = spec_of([300])
+    payload = encode_delta(torch.ones(300), NO_EXACT, spec, "int8", DEFAULT_BLOCK)
+    with pytest.raises(ValueError, match="300 values"):
+        decode_delta_wire(payload, spec, "int8", DEFAULT_BLOCK, torch.empty(299))
+    none = encode_delta(torch.ones(300), NO_EXACT, spec, "none", DEFAULT_BLOCK)
+    out = torch.empty(300)
+    assert decode_delta_wire(none, spec, "none", DEFAULT_BLOCK, out)[0] is out
+    assert torch.equal(out, torch.ones(300))
