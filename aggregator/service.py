@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import functools
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from broker_config.names import Names
 from broker_config.topology import topology
 from shared.aggregation import Policy
 from shared.broker import Broker, Delivery
-from shared.codec import decode, encode
+from shared.codec import Envelope, decode, encode
 from shared.errors import FedqError, StoreError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer, load_public_key
 from shared.ledger import JsonLines
@@ -32,6 +33,7 @@ from shared.staleness import Staleness
 from shared.store import Manifest, ModelStore, model_key, open_store
 
 OFFLOAD_BYTES = 1 << 20  # decode large updates off the event loop
+CATCH_UP_SECONDS = 0.5  # how often to look for versions another aggregator stored
 
 
 @dataclass
@@ -66,6 +68,12 @@ async def resolve_claim(store: ModelStore, update: Update) -> Update | Rejected:
     return dataclasses.replace(update, delta=blob)
 
 
+def _open(raw: bytes, keyring: Keyring) -> tuple[Update | Round, Envelope]:
+    message, envelope = decode(raw, keyring, (Update, Round))
+    assert isinstance(message, Update | Round)
+    return message, envelope
+
+
 class Aggregator:
     def __init__(
         self,
@@ -91,6 +99,8 @@ class Aggregator:
         self.held: list[Held] = []
         self.failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self._lock = asyncio.Lock()
+        self._receipts: set[asyncio.Task[None]] = set()
+        self._checked_store_at = -math.inf
         self.log = get_logger(service="aggregator", job=self.job_id)
 
     async def load(self, wait: float = 120.0) -> AggregatorCore:
@@ -111,12 +121,20 @@ class Aggregator:
         self.log.info("resumed", version=latest, applied=len(applied), policy=self.policy.to_dict())
         return self.core
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self, force: bool = False) -> bool:
         """Another aggregator wrote newer versions (we were the standby, or lost our link):
-        adopt the newest stored version and re-offer what we still hold that it lacks."""
+        adopt the newest stored version and re-offer what we still hold that it lacks.
+
+        The store is asked at most every ``CATCH_UP_SECONDS`` (an S3 HEAD per update would
+        cost more than the update), and always (``force``) before writing a version or
+        rejecting an update as based on a version we do not know. Returns whether it adopted."""
         assert self.core is not None
+        now = time.monotonic()
+        if not force and now - self._checked_store_at < CATCH_UP_SECONDS:
+            return False
+        self._checked_store_at = now
         if not await self.store.exists(self.core.version + 1):
-            return
+            return False
         held, self.held = self.held, []
         await self.load()
         assert self.core is not None
@@ -132,6 +150,7 @@ class Aggregator:
                 for d in h.deliveries:
                     await self._reject(d, h.update, result, "")
         self.log.info("caught_up", version=self.core.version, still_held=len(self.held))
+        return True
 
     async def run(self) -> None:
         if self.core is None:
@@ -143,6 +162,8 @@ class Aggregator:
             exc = await self.failed
         except asyncio.CancelledError:
             self.record_pending()
+            for task in self._receipts:
+                task.cancel()
             raise
         raise exc
 
@@ -163,27 +184,36 @@ class Aggregator:
             self.log.info("stopped_with_pending", pending=len(self.held))
 
     async def handle(self, delivery: Delivery) -> None:
-        async with self._lock:
-            try:
-                await self._handle(delivery)
-            except Exception as exc:  # a bug or a broken store: stop, leave it unacked
-                self.log.exception("aggregator_failed")
-                if not self.failed.done():
-                    self.failed.set_result(exc)
+        try:
+            # Decoding and verifying is pure, so it happens before the lock: it overlaps the
+            # fold of the update before (in a thread, on another core, for large ones).
+            decoded = await self._decode(delivery.body)
+            async with self._lock:
+                await self._handle(delivery, decoded)
+        except Exception as exc:  # a bug or a broken store: stop, leave it unacked
+            self.log.exception("aggregator_failed")
+            if not self.failed.done():
+                self.failed.set_result(exc)
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _decode(self, raw: bytes) -> tuple[Update | Round, Envelope] | WireError:
+        try:
+            if len(raw) > OFFLOAD_BYTES:
+                return await asyncio.to_thread(_open, raw, self.keyring)
+            return _open(raw, self.keyring)
+        except WireError as exc:
+            return exc
+
+    async def _handle(self, delivery: Delivery, decoded: tuple[Update | Round, Envelope] | WireError) -> None:
         await self._catch_up()
         assert self.core is not None
-        raw = delivery.body
-        try:
-            message, envelope = decode(raw, self.keyring, (Update, Round))
-        except WireError as exc:
-            await self._reject(delivery, None, Rejected("", exc.reason, str(exc)), signer="")
+        if isinstance(decoded, WireError):
+            await self._reject(delivery, None, Rejected("", decoded.reason, str(decoded)), signer="")
             return
+        message, envelope = decoded
         if isinstance(message, Round):
             await self._on_round(delivery, message, envelope.signer)
             return
-        assert isinstance(message, Update)
+        raw = delivery.body
         if delivery.redelivered:
             # The broker gave us again a message we already hold (our channel was restored):
             # the new delivery is the one to ack; the update counts once.
@@ -197,18 +227,23 @@ class Aggregator:
                 await self._reject(delivery, message, resolved, envelope.signer)
                 return
             message = resolved
-        if len(message.delta) > OFFLOAD_BYTES:
-            result = await asyncio.to_thread(self.core.offer, message)
-        else:
-            result = self.core.offer(message)
+        result = await self._offer(message)
+        if isinstance(result, Rejected) and result.reason == "future_version" and await self._catch_up(True):
+            result = await self._offer(message)
         if isinstance(result, Rejected):
             await self._reject(delivery, message, result, envelope.signer)
             return
         self.held.append(Held(message, result, len(raw) + message.delta_size, [delivery]))
         self.log.debug("update_buffered", task=message.task_id, buffered=len(self.held))
-        await self._receipt(message, "buffered", "", result.staleness)
+        self._receipt(message, "buffered", "", result.staleness)
         if self.core.ready():
             await self._flush()
+
+    async def _offer(self, message: Update) -> Accepted | Rejected:
+        assert self.core is not None
+        if len(message.delta) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(self.core.offer, message)
+        return self.core.offer(message)
 
     async def _on_round(self, delivery: Delivery, message: Round, signer: str) -> None:
         assert self.core is not None
@@ -228,6 +263,8 @@ class Aggregator:
 
     async def _flush(self) -> None:
         assert self.core is not None
+        if await self._catch_up(force=True) and not self.core.ready():
+            return  # never write over a version another aggregator stored
         new: NewVersion = self.core.flush()
         blob = new.model.to_bytes()
         manifest = Manifest(
@@ -308,19 +345,29 @@ class Aggregator:
             "update_rejected", reason=rejected.reason, detail=rejected.detail, task=rejected.task_id
         )
         if update is not None:
-            await self._receipt(update, "rejected", rejected.reason, rejected.staleness)
+            self._receipt(update, "rejected", rejected.reason, rejected.staleness)
 
-    async def _receipt(self, update: Update, fate: str, reason: str, staleness: int) -> None:
+    def _receipt(self, update: Update, fate: str, reason: str, staleness: int) -> None:
+        """Tell the coordinator, in the background: a receipt is advisory (the coordinator also
+        learns from announcements), so no update waits, under the lock, for its confirm."""
         assert self.core is not None
         if update.job_id != self.job_id:
             return
         receipt = Receipt(
             self.job_id, update.task_id, update.worker_id, fate, reason, self.core.version, staleness
         )
-        receipt_key = Names.receipt_key(self.job_id)  # advisory: no listener bound is no error
-        await self.broker.publish(
-            self.names.models_exchange, receipt_key, encode(receipt, self.signer), mandatory=False
-        )
+        task = asyncio.create_task(self._send_receipt(receipt))
+        self._receipts.add(task)
+        task.add_done_callback(self._receipts.discard)
+
+    async def _send_receipt(self, receipt: Receipt) -> None:
+        receipt_key = Names.receipt_key(self.job_id)  # no listener bound is no error
+        try:
+            await self.broker.publish(
+                self.names.models_exchange, receipt_key, encode(receipt, self.signer), mandatory=False
+            )
+        except FedqError as exc:
+            self.log.warning("receipt_not_sent", task=receipt.task_id, error=str(exc))
 
 
 async def serve(settings: Settings) -> None:

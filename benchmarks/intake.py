@@ -19,8 +19,7 @@ The aggregator is subclassed here (not changed) to time its handler, its receipt
 version writes, and its decode and offer get stopwatches, so the report says where the time
 goes. ``--repeats R`` interleaves R runs of every phase and keeps the best of each.
 ``--profile`` adds one more intake run per size under cProfile (event loop thread), not
-counted in the figures. A what-if run (not fedq's behaviour) publishes the aggregator's
-advisory receipts in the background instead of under its lock.
+counted in the figures.
 
     .venv/bin/python benchmarks/intake.py [--json] [--quick] [--buffer K] [--repeats R] [--profile]
 """
@@ -296,17 +295,11 @@ class TimedAggregator(Aggregator):
         self.timings = defaultdict(float)
         self.calls = defaultdict(int)
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _handle(self, delivery: Delivery, decoded: Any) -> None:
         t0 = time.perf_counter()
-        await super()._handle(delivery)
+        await super()._handle(delivery, decoded)
         self.timings["handler, lock held"] += time.perf_counter() - t0
         self.calls["handler, lock held"] += 1
-
-    async def _receipt(self, update: Update, fate: str, reason: str, staleness: int) -> None:
-        t0 = time.perf_counter()
-        await super()._receipt(update, fate, reason, staleness)
-        self.timings["receipt publish + confirm"] += time.perf_counter() - t0
-        self.calls["receipt publish + confirm"] += 1
 
     async def _flush(self) -> None:
         t0 = time.perf_counter()
@@ -314,26 +307,11 @@ class TimedAggregator(Aggregator):
         self.timings["flush: store version, announce, ack"] += time.perf_counter() - t0
         self.calls["flush: store version, announce, ack"] += 1
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self, force: bool = False) -> bool:
         t0 = time.perf_counter()
-        await super()._catch_up()
+        adopted = await super()._catch_up(force)
         self.timings["catch-up check"] += time.perf_counter() - t0
-
-
-class ReceiptsOffTheLock(TimedAggregator):
-    """What-if, not fedq's behaviour: receipts (advisory) are published in the background, so the
-    handler no longer holds the aggregator's lock across a broker round trip for each update."""
-
-    background: set[asyncio.Task[None]]
-
-    def start_timing(self) -> None:
-        super().start_timing()
-        self.background = set()
-
-    async def _receipt(self, update: Update, fate: str, reason: str, staleness: int) -> None:
-        task = asyncio.create_task(Aggregator._receipt(self, update, fate, reason, staleness))
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        return adopted
 
 
 def instrument(agg: TimedAggregator) -> None:
@@ -391,7 +369,6 @@ async def intake(
     window: int,
     inbox: bool,
     profile: cProfile.Profile | None,
-    what_if: bool = False,
 ) -> Phase:
     """The real aggregator fed through the real broker; returns when the N-th update is accepted."""
     tmp = Path(tempfile.mkdtemp(prefix="fedq-bench-intake-"))
@@ -413,8 +390,7 @@ async def intake(
         ring = Keyring()
         ring.add(signer.public)
         ring.add(worker.public)
-        cls = ReceiptsOffTheLock if what_if else TimedAggregator
-        agg = cls(
+        agg = TimedAggregator(
             broker=service,
             store=store,
             policy=Policy(mode="async", k=k, max_staleness=len(bodies) + 1),
@@ -477,8 +453,7 @@ async def intake(
             "handler_calls": handled,
             "cpu_feeder_s": pub.cpu_s,
         }
-        name = "what-if: receipts off the lock" if what_if else "intake (fedq aggregator)"
-        return Phase(name, n, len(bodies[0]), seconds, cpu.self_s, cpu.broker_s, extra)
+        return Phase("intake (fedq aggregator)", n, len(bodies[0]), seconds, cpu.self_s, cpu.broker_s, extra)
     finally:
         if task is not None:
             task.cancel()
@@ -511,7 +486,6 @@ async def run_size(
     fanout: bool,
     profile: bool,
     repeats: int,
-    what_if: bool,
 ) -> dict[str, Any]:
     n = SIZES[label]
     model = FlatModel.from_state_dict(synthetic_state(n))
@@ -533,10 +507,6 @@ async def run_size(
         runs["intake"].append(
             await fresh(lambda ns: intake(ns, model, bodies, path, worker, k, window, inbox, None))
         )
-        if what_if:
-            runs["what_if"].append(
-                await fresh(lambda ns: intake(ns, model, bodies, path, worker, k, window, inbox, None, True))
-            )
     if prof is not None:  # one more intake run under the profiler, not counted in the figures
         await fresh(lambda ns: intake(ns, model, bodies, path, worker, k, window, inbox, prof))
     path.unlink()
@@ -555,8 +525,6 @@ async def run_size(
         out[key] = best(phs).to_dict()
     if fanout:
         out["ratio_to_fanout_ceiling"] = b.per_s / best(runs["ceiling_fanout"]).per_s
-    if what_if:
-        out["what_if_ratio"] = best(runs["what_if"]).per_s / a.per_s
     if prof is not None:
         text = io.StringIO()
         stats = pstats.Stats(prof, stream=text)
@@ -585,9 +553,6 @@ async def main_async() -> None:
     p.add_argument("--feed-key", default="", help=argparse.SUPPRESS)
     p.add_argument("--feed-name", default="bench-feeder", help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs per phase; the best counts")
-    p.add_argument(
-        "--no-what-if", dest="what_if", action="store_false", help="skip the receipts-off-the-lock what-if"
-    )
     args = p.parse_args()
     if args.feed:
         await feed_main(Path(args.feed), args.feed_exchange, args.feed_key, args.window, args.feed_name)
@@ -612,7 +577,6 @@ async def main_async() -> None:
                 args.fanout,
                 args.profile,
                 args.repeats,
-                args.what_if,
             )
         )
 
@@ -622,7 +586,7 @@ async def main_async() -> None:
     )
     rows = []
     for r in results:
-        for key in ("ceiling", "ceiling_fanout", "intake", "what_if"):
+        for key in ("ceiling", "ceiling_fanout", "intake"):
             if key in r:
                 ph = r[key]
                 rows.append(
@@ -646,7 +610,6 @@ async def main_async() -> None:
                 "size",
                 "intake/ceiling",
                 "intake/fanout ceiling",
-                "what-if/ceiling",
                 "agg busy",
                 "loop cpu",
                 "versions",
@@ -656,7 +619,6 @@ async def main_async() -> None:
                     r["label"],
                     r["ratio"],
                     r.get("ratio_to_fanout_ceiling"),
-                    r.get("what_if_ratio"),
                     r["intake"]["aggregator_busy_share"],
                     r["intake"]["loop_thread_cpu_share"],
                     r["intake"]["versions_written_during"],
