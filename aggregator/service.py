@@ -21,12 +21,12 @@ from broker_config.names import Names
 from broker_config.topology import topology
 from shared.aggregation import Policy
 from shared.broker import Broker, Delivery
-from shared.codec import Envelope, decode, encode
+from shared.codec import MAX_HEAD_BYTES, Envelope, decode, encode
 from shared.errors import FedqError, StoreError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer, load_public_key
 from shared.ledger import JsonLines
 from shared.logs import get_logger
-from shared.messages import ModelAnnouncement, Receipt, Round, Update
+from shared.messages import ModelAnnouncement, Receipt, Receipts, Round, Update
 from shared.settings import Settings
 from shared.signing import Keyring, Signer, fingerprint
 from shared.staleness import Staleness
@@ -99,7 +99,7 @@ class Aggregator:
         self.held: list[Held] = []
         self.failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self._lock = asyncio.Lock()
-        self._receipts: set[asyncio.Task[None]] = set()
+        self.receipts = ReceiptSender(broker, signer, self.job_id)
         self._checked_store_at = -math.inf
         self.log = get_logger(service="aggregator", job=self.job_id)
 
@@ -156,16 +156,18 @@ class Aggregator:
         if self.core is None:
             await self.load()
         prefetch = 1024 if self.policy.mode == "sync" else max(4 * self.policy.k, 64)
-        await self.broker.consume(self.names.updates_queue, self.handle, prefetch=prefetch)
-        self.log.info("consuming", queue=self.names.updates_queue, prefetch=prefetch)
+        sender = asyncio.create_task(self.receipts.run(), name="receipts")
         try:
-            exc = await self.failed
-        except asyncio.CancelledError:
-            self.record_pending()
-            for task in self._receipts:
-                task.cancel()
-            raise
-        raise exc
+            await self.broker.consume(self.names.updates_queue, self.handle, prefetch=prefetch)
+            self.log.info("consuming", queue=self.names.updates_queue, prefetch=prefetch)
+            try:
+                exc = await self.failed
+            except asyncio.CancelledError:
+                self.record_pending()
+                raise
+            raise exc
+        finally:
+            sender.cancel()
 
     def record_pending(self) -> None:
         """On a clean stop: what we hold unacked goes back to the queue; say so in the ledger."""
@@ -348,26 +350,56 @@ class Aggregator:
             self._receipt(update, "rejected", rejected.reason, rejected.staleness)
 
     def _receipt(self, update: Update, fate: str, reason: str, staleness: int) -> None:
-        """Tell the coordinator, in the background: a receipt is advisory (the coordinator also
-        learns from announcements), so no update waits, under the lock, for its confirm."""
         assert self.core is not None
-        if update.job_id != self.job_id:
-            return
-        receipt = Receipt(
-            self.job_id, update.task_id, update.worker_id, fate, reason, self.core.version, staleness
-        )
-        task = asyncio.create_task(self._send_receipt(receipt))
-        self._receipts.add(task)
-        task.add_done_callback(self._receipts.discard)
-
-    async def _send_receipt(self, receipt: Receipt) -> None:
-        receipt_key = Names.receipt_key(self.job_id)  # no listener bound is no error
-        try:
-            await self.broker.publish(
-                self.names.models_exchange, receipt_key, encode(receipt, self.signer), mandatory=False
+        if update.job_id == self.job_id:
+            self.receipts.add(
+                Receipt(
+                    self.job_id, update.task_id, update.worker_id, fate, reason, self.core.version, staleness
+                )
             )
+
+
+class ReceiptSender:
+    """Receipts go to the coordinator in the background, batched: one message in flight at a
+    time, carrying every receipt that piled up while the last one awaited its confirm.
+
+    They are advisory (the coordinator also learns from announcements), so no update waits
+    for one, and a receipt the broker will not take is logged and dropped."""
+
+    LIMIT = 256  # receipts per message (about 40 kB with the usual ids; longer ones are split)
+
+    def __init__(self, broker: Broker, signer: Signer, job_id: str) -> None:
+        self.broker = broker
+        self.signer = signer
+        self.job_id = job_id
+        self.pending: list[Receipt] = []
+        self._wake = asyncio.Event()
+        self.log = get_logger(service="aggregator", job=job_id)
+
+    def add(self, receipt: Receipt) -> None:
+        self.pending.append(receipt)
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.pending:
+                batch, self.pending = self.pending[: self.LIMIT], self.pending[self.LIMIT :]
+                await self._send(batch)
+
+    async def _send(self, batch: list[Receipt]) -> None:
+        body = encode(Receipts(self.job_id, tuple(batch)), self.signer)
+        if len(body) > MAX_HEAD_BYTES and len(batch) > 1:  # long ids: split until each fits
+            half = len(batch) // 2
+            await self._send(batch[:half])
+            await self._send(batch[half:])
+            return
+        key = Names.receipt_key(self.job_id)  # no listener bound is no error
+        try:
+            await self.broker.publish(self.broker.names.models_exchange, key, body, mandatory=False)
         except FedqError as exc:
-            self.log.warning("receipt_not_sent", task=receipt.task_id, error=str(exc))
+            self.log.warning("receipts_not_sent", receipts=len(batch), error=str(exc))
 
 
 async def serve(settings: Settings) -> None:

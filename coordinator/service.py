@@ -33,7 +33,7 @@ from shared.errors import FedqError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer
 from shared.ledger import JsonLines, read_lines
 from shared.logs import get_logger
-from shared.messages import Hello, ModelAnnouncement, Receipt, Round, Task, TrainConfig
+from shared.messages import Hello, ModelAnnouncement, Receipt, Receipts, Round, Task, TrainConfig
 from shared.settings import Settings
 from shared.signing import Keyring, Signer
 from shared.store import Manifest, ModelStore, model_key, open_store
@@ -192,13 +192,15 @@ class Coordinator:
 
     async def on_model_event(self, delivery: Delivery) -> None:
         try:
-            message, _ = decode(delivery.body, self.keyring, (ModelAnnouncement, Receipt))
+            message, _ = decode(delivery.body, self.keyring, (ModelAnnouncement, Receipts, Receipt))
         except WireError as exc:
             self.log.warning("model_event_rejected", reason=exc.reason, detail=str(exc))
             await delivery.ack()
             return
-        if isinstance(message, Receipt):
-            if self.in_flight.pop(message.task_id, None) is not None:
+        if isinstance(message, Receipts | Receipt):
+            batch = message.receipts if isinstance(message, Receipts) else (message,)
+            done = [self.in_flight.pop(r.task_id, None) for r in batch if r.job_id == self.job_id]
+            if any(task is not None for task in done):
                 self._wake.set()
         elif isinstance(message, ModelAnnouncement) and message.job_id == self.job_id:
             await self._adopt(message)

@@ -119,7 +119,16 @@ class Receipt:
     staleness: int = 0
 
 
-Message = Task | Update | Hello | Round | ModelAnnouncement | Receipt
+@dataclass(frozen=True)
+class Receipts:
+    """Receipts sent as one message: what piled up while the aggregator's last one was in
+    flight. At a low rate each carries a single receipt; at a high one, many per signature."""
+
+    job_id: str
+    receipts: tuple[Receipt, ...]
+
+
+Message = Task | Update | Hello | Round | ModelAnnouncement | Receipt | Receipts
 
 KINDS: dict[str, type] = {
     "task": Task,
@@ -128,5 +137,6 @@ KINDS: dict[str, type] = {
     "round": Round,
     "model": ModelAnnouncement,
     "receipt": Receipt,
+    "receipts": Receipts,
 }
 PAYLOAD_FIELD = {"task": "model", "update": "delta"}

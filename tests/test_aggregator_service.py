@@ -14,9 +14,12 @@ import torch
 
 from aggregator.service import CATCH_UP_SECONDS
 from broker_config.names import Names
-from shared.broker import Broker
+from shared.broker import Broker, Delivery
+from shared.codec import decode
+from shared.messages import Receipt, Receipts
+from shared.signing import Keyring
 from shared.store import Manifest, model_key
-from tests.test_rejections import JOB, Rig, aggregator_rig, until
+from tests.test_rejections import JOB, WAIT, Rig, aggregator_rig, until
 
 
 async def store_as_another_aggregator(rig: Rig, version: int, update_ids: tuple[str, ...]) -> str:
@@ -52,12 +55,11 @@ async def test_receipts_that_never_confirm_do_not_hold_up_updates(
         service = rig.service_broker
         real_publish = service.publish
         stuck = asyncio.Event()  # never set: a receipt's confirm that never comes
-        receipts = 0
+        receipts: list[bytes] = []
 
         async def publish(exchange: str, routing_key: str, body: bytes, **kwargs: Any) -> None:
-            nonlocal receipts
             if routing_key == Names.receipt_key(JOB):
-                receipts += 1
+                receipts.append(body)
                 await stuck.wait()
             await real_publish(exchange, routing_key, body, **kwargs)
 
@@ -65,7 +67,11 @@ async def test_receipts_that_never_confirm_do_not_hold_up_updates(
         for _ in range(4):
             await rig.send(rig.update()[1])
         await rig.wait_version(2)
-        assert receipts == 4
+        assert len(receipts) == 1  # the first message is stuck; the rest wait behind it
+        ring = Keyring()
+        ring.add(rig.aggregator.signer.public)
+        stuck_batch, _ = decode(receipts[0], ring, Receipts)
+        assert len(stuck_batch.receipts) + len(rig.aggregator.receipts.pending) == 4
         await rig.stop_and_assert_all_acked()  # the stuck receipts do not keep the service up
 
 
@@ -129,3 +135,42 @@ async def test_an_update_on_a_version_only_another_aggregator_stored_is_not_reje
         await rig.send(rig.update(base_version=1)[1])
         await rig.wait_version(2)
         await rig.stop_and_assert_all_acked()
+
+
+async def test_receipts_that_pile_up_behind_a_slow_confirm_go_as_one_message(
+    broker: Broker, names: Names, tmp_path: Path
+) -> None:
+    async with aggregator_rig(broker, names, tmp_path, k=100) as rig:
+        inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+
+        async def on_receipts(delivery: Delivery) -> None:
+            await delivery.ack()
+            await inbox.put(delivery)
+
+        await broker.subscribe(names.models_exchange, (Names.receipt_key(JOB),), on_receipts)
+        service = rig.service_broker
+        real_publish = service.publish
+        release = asyncio.Event()
+
+        async def publish(exchange: str, routing_key: str, body: bytes, **kwargs: Any) -> None:
+            await release.wait()  # the first confirm is slow: until all five are held
+            await real_publish(exchange, routing_key, body, **kwargs)
+
+        service.publish = publish  # type: ignore[method-assign]
+        sent = [rig.update() for _ in range(5)]
+        for _, body in sent:
+            await rig.send(body)
+        await held(rig, 5)
+        release.set()
+        ring = Keyring()
+        ring.add(rig.aggregator.signer.public)
+        got: list[Receipt] = []
+        messages = 0
+        while len(got) < 5:
+            message, _ = decode((await asyncio.wait_for(inbox.get(), WAIT)).body, ring, Receipts)
+            got.extend(message.receipts)
+            messages += 1
+        assert messages == 2  # the first receipt alone, then the four that piled up behind it
+        assert sorted(r.task_id for r in got) == sorted(tid for tid, _ in sent)
+        assert {(r.fate, r.job_id, r.version) for r in got} == {("buffered", JOB, 0)}
+        await rig.stop()  # the five stay pending (K = 100) and go back to the queue

@@ -19,6 +19,7 @@ from shared.messages import (
     Message,
     ModelAnnouncement,
     Receipt,
+    Receipts,
     Round,
     Task,
     TrainConfig,
@@ -120,6 +121,7 @@ receipts = st.builds(
     version=i64,
     staleness=i64,
 )
+receipt_batches = st.builds(Receipts, job_id=texts, receipts=st.lists(receipts, max_size=4).map(tuple))
 STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     Task: tasks,
     Update: updates,
@@ -127,6 +129,7 @@ STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     Round: rounds,
     ModelAnnouncement: announcements,
     Receipt: receipts,
+    Receipts: receipt_batches,
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -144,6 +147,7 @@ def sample(kind: str) -> Message:
         "round": Round("job", 3, 1, 4, 1e9 + 60, False),
         "model": ModelAnnouncement("job", 4, 3, "cd" * 32, "models/job/4", ("t-1", "t-2"), 1e9, 0.5, 8),
         "receipt": Receipt("job", "t-1", "w-1", "rejected", "stale", 4, 21),
+        "receipts": Receipts("job", (Receipt("job", "t-1", "w-1", "buffered", "", 4),)),
     }[kind]
 
 
