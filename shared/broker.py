@@ -120,6 +120,7 @@ class Broker:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._consumer_channels: list[AbstractChannel] = []
         self._handlers: set[asyncio.Task[None]] = set()
+        self._closing = False
         self.publish_retry_seconds = publish_retry_seconds
         self.bytes_published = 0
 
@@ -205,6 +206,9 @@ class Broker:
         receivers recognise by task id. ``close`` cancels handlers still running.
         """
 
+        if self._closing:
+            return  # left unacked: the broker gives it back when the connection closes
+
         async def run() -> None:
             await handler(delivery)
 
@@ -216,7 +220,10 @@ class Broker:
     def _handler_done(self, task: asyncio.Task[None]) -> None:
         self._handlers.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("handler_failed", task=task.get_name(), error=repr(task.exception()))
+            if self._closing:  # cut off by our own close: its delivery goes back to the queue
+                log.info("handler_stopped_at_close", task=task.get_name(), error=repr(task.exception()))
+            else:
+                log.error("handler_failed", task=task.get_name(), error=repr(task.exception()))
 
     async def consume(
         self,
@@ -277,7 +284,9 @@ class Broker:
             await channel.close()
 
     async def close(self, grace: float = 5.0) -> None:
-        """Cancel handlers still running (they would wait for a link that is going away), then close."""
+        """Cancel handlers still running (they would wait for a link that is going away), then close.
+        Deliveries that arrive meanwhile are not handled: they go back to their queue."""
+        self._closing = True
         handlers = list(self._handlers)
         for task in handlers:
             task.cancel()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from structlog.testing import capture_logs
+
 from broker_config.names import REASON_HEADER, SOURCE_HEADER, Names
 from shared.broker import Broker, Delivery
 
@@ -31,3 +33,34 @@ async def test_publish_consume_and_dead_letter(broker: Broker, names: Names) -> 
     assert d.message.headers[REASON_HEADER] == "undecodable"
     assert d.message.headers[SOURCE_HEADER] == names.updates_queue
     await d.ack()
+
+
+async def test_a_handler_cut_off_by_close_is_not_logged_as_an_error(broker: Broker, names: Names) -> None:
+    """A clean stop is not an error: a handler that fails because its own service is closing
+    is logged at info, and its delivery goes back to the queue for the next consumer."""
+    own = await Broker(broker.url, names, "test-closing").connect()
+    started = asyncio.Event()
+
+    async def on_update(d: Delivery) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise Exception() from None  # what a handler's I/O on a closing link may raise
+
+    await own.consume(names.updates_queue, on_update, prefetch=4)
+    await broker.publish(names.results_exchange, "", b"cut off")
+    await asyncio.wait_for(started.wait(), 10)
+    with capture_logs() as logs:
+        await own.close()
+    assert not [e for e in logs if e["log_level"] == "error"], logs
+    assert [e["event"] for e in logs if e["log_level"] == "info"] == ["handler_stopped_at_close"]
+
+    again: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    async def on_again(d: Delivery) -> None:
+        await again.put(d)
+        await d.ack()
+
+    await broker.consume(names.updates_queue, on_again, prefetch=4)
+    assert (await asyncio.wait_for(again.get(), 10)).body == b"cut off"
