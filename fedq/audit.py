@@ -8,10 +8,8 @@ when it stopped), and the coordinator's state (per-worker task counts).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import aio_pika
 
 from broker_config.names import Names
+from fedq.streams import read_stream
 from shared.codec import decode_head, open_envelope
 from shared.errors import ConfigError, WireError
 from shared.ledger import read_lines
@@ -137,38 +136,33 @@ def balance(
     )
 
 
+async def queue_depth(amqp_url: str, queue: str) -> int:
+    """How many messages wait in ``queue`` (a passive declare: the queue is not touched)."""
+    conn = await aio_pika.connect(amqp_url, client_properties={"connection_name": "fedq-audit"})
+    try:
+        channel = await conn.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+    finally:
+        await conn.close()
+
+
 async def read_update_log(
     amqp_url: str, names: Names, job_id: str, idle: float = 2.0
 ) -> tuple[dict[str, str], int]:
     """Every update of ``job_id`` in the update log stream (task id -> worker id), and the
     number of messages waiting in the updates queue. Reads with its own consumer, acks
     only its own stream deliveries, and never touches the live queues' messages."""
-    conn = await aio_pika.connect(amqp_url, client_properties={"connection_name": "fedq-audit"})
+    in_queue = await queue_depth(amqp_url, names.updates_queue)
+    entries = await read_stream(amqp_url, names.update_log, idle=idle, connection_name="fedq-audit")
     sent: dict[str, str] = {}
-    try:
-        channel = await conn.channel()
-        await channel.set_qos(prefetch_count=1000)
-        queue = await channel.declare_queue(names.update_log, passive=True)
-        updates = await channel.declare_queue(names.updates_queue, passive=True)
-        in_queue = int(updates.declaration_result.message_count or 0)
-        last = time.monotonic()
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal last
-            last = time.monotonic()
-            with contextlib.suppress(WireError):
-                envelope = open_envelope(message.body)
-                if envelope.kind == "update":
-                    update = decode_head(envelope)
-                    if isinstance(update, Update) and update.job_id == job_id:
-                        sent[update.task_id] = update.worker_id
-            await message.ack()
-
-        await queue.consume(on_message, arguments={"x-stream-offset": "first"})
-        while time.monotonic() - last < idle:  # noqa: ASYNC110 - waiting for the stream to go quiet
-            await asyncio.sleep(0.2)
-    finally:
-        await conn.close()
+    for entry in entries:
+        with contextlib.suppress(WireError):
+            envelope = open_envelope(entry.body)
+            if envelope.kind == "update":
+                update = decode_head(envelope)
+                if isinstance(update, Update) and update.job_id == job_id:
+                    sent[update.task_id] = update.worker_id
     return sent, in_queue
 
 

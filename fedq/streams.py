@@ -44,11 +44,16 @@ def parse_offset(text: str) -> Any:
 
 
 async def read_stream(
-    amqp_url: str, stream: str, offset: Any = "first", idle: float = 1.5, limit: int = 0
+    amqp_url: str,
+    stream: str,
+    offset: Any = "first",
+    idle: float = 1.5,
+    limit: int = 0,
+    connection_name: str = "fedq-reader",
 ) -> list[StreamEntry]:
     """Every entry from ``offset`` until the stream has been quiet for ``idle`` seconds."""
     try:
-        conn = await aio_pika.connect(amqp_url, client_properties={"connection_name": "fedq-reader"})
+        conn = await aio_pika.connect(amqp_url, client_properties={"connection_name": connection_name})
     except Exception as exc:
         raise BrokerError(f"cannot reach RabbitMQ: {exc!r}") from exc
     entries: list[StreamEntry] = []

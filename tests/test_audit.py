@@ -1,0 +1,34 @@
+"""``fedq audit`` against the real broker: what it reads from the update log and the updates queue."""
+
+from __future__ import annotations
+
+from broker_config.names import Names
+from fedq.audit import read_update_log
+from shared.broker import Broker
+from shared.codec import encode
+from shared.messages import Receipt, Update
+from shared.signing import Signer
+
+
+def update(task_id: str, job_id: str, worker_id: str) -> Update:
+    return Update(task_id, job_id, worker_id, 0, 10, "none", 256, {}, 0.0, delta=b"\x00" * 8)
+
+
+async def test_update_log_names_each_update_of_the_job_and_counts_the_queue(
+    broker: Broker, names: Names, amqp_url: str, signer: Signer
+) -> None:
+    sent = [
+        update("t1", "job-a", "w1"),
+        update("t2", "job-a", "w2"),
+        update("t3", "job-b", "w1"),  # another job's
+        update("t1", "job-a", "w1"),  # sent again
+    ]
+    for message in sent:
+        await broker.publish(names.results_exchange, "", encode(message, signer))
+    await broker.publish(names.results_exchange, "", b"not an envelope")
+    await broker.publish(
+        names.results_exchange, "", encode(Receipt("job-a", "t9", "w3", "applied", "", 1), signer)
+    )
+    log, in_queue = await read_update_log(amqp_url, names, "job-a", idle=1.0)
+    assert log == {"t1": "w1", "t2": "w2"}
+    assert in_queue == 6  # the updates queue is bound to the same exchange: everything waits there
