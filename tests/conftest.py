@@ -17,6 +17,9 @@ from broker_config.topology import topology
 from shared.broker import Broker
 from shared.signing import Keyring, Signer
 
+# tests/jobs.py is not a test file: rewrite its asserts too, for failure messages as detailed as a test's
+pytest.register_assert_rewrite("tests.jobs")
+
 AMQP_URL = os.environ.get("FEDQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 

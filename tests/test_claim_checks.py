@@ -16,7 +16,7 @@ from shared.broker import Broker
 from shared.codec import encode
 from shared.messages import Update
 from shared.quantize import encode_delta
-from tests.test_jobs import cleanup, finish, records, start_run
+from tests.jobs import cleanup, finish, records, start_run
 from tests.test_rejections import JOB, Rig, aggregator_rig
 
 __all__ = ["cleanup"]

@@ -6,77 +6,21 @@ user would and read the run folder it leaves behind.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from broker_config.names import Names
-from shared.keys import load_or_create_signer, public_key_path
-from tests.conftest import delete_namespace
+from tests.jobs import cleanup, enrol, fedq, finish, log_events, records, start_run, wait_for, worker_env
+
+__all__ = ["cleanup"]  # the fixture, used by these tests
 
 pytestmark = pytest.mark.slow
-
-
-def fedq(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedq.cli", *args]
-
-
-def start_run(out: Path, names: Names, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "FEDQ_LOG_LEVEL": "info"}
-    return subprocess.Popen(
-        fedq("run", "--namespace", names.namespace, "--out", str(out), "--no-progress", *args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 240) -> str:
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-        raise AssertionError(f"fedq run did not finish in {timeout}s:\n{output[-3000:]}") from None
-    assert proc.returncode == 0, output[-3000:]
-    return output
-
-
-def records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def log_events(path: Path, event: str) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("event") == event:
-            out.append(rec)
-    return out
 
 
 def check_no_double_counting(out: Path) -> Counter[str]:
@@ -89,12 +33,6 @@ def check_no_double_counting(out: Path) -> Counter[str]:
         in_manifests.update(json.loads(manifest.read_text())["update_ids"])
     assert in_manifests == applied
     return applied
-
-
-@pytest.fixture
-def cleanup(amqp_url: str, names: Names) -> Any:
-    yield
-    asyncio.run(delete_namespace(amqp_url, names, ("cpu",)))
 
 
 def test_async_job_learns(tmp_path: Path, names: Names, cleanup: None) -> None:
@@ -224,22 +162,11 @@ def test_worker_joins_mid_job(tmp_path: Path, names: Names, cleanup: None) -> No
         120,
         "the job to get going",
     )
-    keys = out / "keys"
-    late_key = keys / "worker-late.key"
-    load_or_create_signer(late_key)  # enrol the newcomer: its public key goes to the trusted directory
-    (keys / "trusted" / "worker-late.pub").write_bytes(public_key_path(late_key).read_bytes())
-    env = {
-        **os.environ,
-        "FEDQ_NAMESPACE": names.namespace,
-        "FEDQ_KEYS_DIR": str(keys),
-        "FEDQ_STORE": str(out / "store"),
-        "FEDQ_LOG_JSON": "true",
-        "OMP_NUM_THREADS": "1",
-    }
+    late_key = enrol(out / "keys", "worker-late")  # the newcomer's public key goes to the trusted directory
     late_log = (tmp_path / "late.log").open("w")
     late = subprocess.Popen(
         fedq("worker", "--worker-id", "late", "--partition", "1/2", "--key-file", str(late_key)),
-        env=env,
+        env=worker_env(names, out),
         stdout=late_log,
         stderr=subprocess.STDOUT,
     )
@@ -274,24 +201,13 @@ def test_one_process_hosts_several_replicas(tmp_path: Path, names: Names, cleanu
         "2",
     )
     wait_for(lambda: (out / "keys" / "coordinator.pub").exists(), 60, "the run's keys")
-    keys = out / "keys"
     ids = [f"fleet-r{j}" for j in range(3)]
     for wid in ids:  # enrol the replicas' keys before they start
-        key = keys / f"worker-{wid}.key"
-        load_or_create_signer(key)
-        (keys / "trusted" / f"worker-{wid}.pub").write_bytes(public_key_path(key).read_bytes())
-    env = {
-        **os.environ,
-        "FEDQ_NAMESPACE": names.namespace,
-        "FEDQ_KEYS_DIR": str(keys),
-        "FEDQ_STORE": str(out / "store"),
-        "FEDQ_LOG_JSON": "true",
-        "OMP_NUM_THREADS": "1",
-    }
+        enrol(out / "keys", f"worker-{wid}")
     with (tmp_path / "fleet.log").open("w") as log:
         fleet = subprocess.Popen(
             fedq("worker", "--worker-id", "fleet", "--replicas", "3", "--partition", "1/4"),
-            env=env,
+            env=worker_env(names, out),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -24,7 +24,7 @@ from fedq.audit import balance
 from shared.errors import StoreError
 from shared.store import Manifest
 from tests.conftest import delete_namespace
-from tests.test_jobs import finish, log_events, records, start_run, wait_for
+from tests.jobs import finish, log_events, records, start_run, wait_for
 
 
 def fedq(*args: str) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,7 @@ from broker_config.topology import topology
 from fedq.streams import read_stream
 from shared.broker import Broker
 from tests.conftest import delete_namespace
-from tests.test_jobs import finish, start_run
+from tests.jobs import finish, start_run
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from shared.messages import Task, TrainConfig
 from shared.signing import Keyring, Signer
 from shared.store import model_key
 from shared.tensors import FlatModel
-from tests.test_jobs import cleanup, finish, log_events, records, start_run
+from tests.jobs import cleanup, finish, log_events, records, start_run
 from worker.service import Worker
 
 __all__ = ["cleanup"]
