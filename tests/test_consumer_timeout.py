@@ -22,18 +22,12 @@ from typing import Any
 
 import pytest
 
+from broker_config.names import Names
+from tests.jobs import check_exact_accounting, finish, log_records, problems_in_logs, records, start_run
 from tests.private_broker import (  # noqa: F401  (fixtures used by name)
     MakeRabbit,
     PrivateRabbit,
     make_private_rabbit_fixture,
-)
-from tests.test_broker_restart import (
-    check_exact_accounting,
-    fedq_run,
-    finish,
-    log_records,
-    problems_in_logs,
-    records,
 )
 
 pytestmark = pytest.mark.slow
@@ -73,10 +67,9 @@ def deliveries(out: Path, worker: str) -> dict[str, list[bool]]:
 
 
 def run_slow_job(node: PrivateRabbit, out: Path, *args: str) -> dict[str, Any]:
-    proc = fedq_run(
+    proc = start_run(
         out,
-        node.amqp_url,
-        f"t-{uuid.uuid4().hex[:10]}",
+        Names(f"t-{uuid.uuid4().hex[:10]}"),
         "--target-accuracy",
         "0",
         "--max-updates",
@@ -88,8 +81,10 @@ def run_slow_job(node: PrivateRabbit, out: Path, *args: str) -> dict[str, Any]:
         "--max-seconds",
         "80",
         *args,
+        amqp_url=node.amqp_url,
     )
-    code, output = finish(proc, 110)
+    output = finish(proc, 110, check=False)
+    code = proc.returncode
     context = f"--- fedq run output (tail) ---\n{output[-2000:]}\n--- problems ---\n{problems_in_logs(out)}"
     if code != 0:
         pytest.fail(f"fedq run failed (exit {code})\n{context}", pytrace=False)
