@@ -27,8 +27,8 @@ from shared.settings import Settings
 from shared.store import LocalStore, Manifest, ModelStore, manifest_key, model_key, open_store
 from shared.tensors import FlatModel
 from tests.conftest import delete_namespace
+from tests.jobs import finish, records, start_run
 from tests.s3server import S3Server, s3server_fixture  # noqa: F401 - the s3server fixture
-from tests.test_jobs import finish, records, start_run
 
 
 def unique(name: str) -> str:
@@ -290,10 +290,8 @@ def test_s3_flags_but_no_key_flags() -> None:
 
 @pytest.mark.slow
 def test_job_stores_its_versions_on_s3(
-    s3server: S3Server, tmp_path: Path, names: Names, amqp_url: str, monkeypatch: pytest.MonkeyPatch
+    s3server: S3Server, tmp_path: Path, names: Names, amqp_url: str
 ) -> None:
-    for name, value in s3server.env().items():
-        monkeypatch.setenv(name, value)  # start_run hands os.environ to fedq run
     out = tmp_path / unique("s3run")  # the job id is the run folder's name: unique in the shared bucket
     try:
         output = finish(
@@ -310,6 +308,7 @@ def test_job_stores_its_versions_on_s3(
                 "150",
                 "--inline-limit",
                 "0",  # tasks carry a store reference: workers fetch every model from S3
+                env=s3server.env(),
             ),
             timeout=240,
         )
