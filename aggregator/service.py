@@ -26,7 +26,7 @@ from shared.errors import FedqError, StoreError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer, load_public_key
 from shared.ledger import JsonLines
 from shared.logs import get_logger
-from shared.messages import ModelAnnouncement, Receipt, Receipts, Round, Update
+from shared.messages import Receipt, Receipts, Round, Update
 from shared.settings import Settings
 from shared.signing import Keyring, Signer, fingerprint
 from shared.staleness import Staleness
@@ -284,19 +284,10 @@ class Aggregator:
             updates_total=self.core.updates_total,
         )
         await self.store.save(manifest, blob)
-        announcement = ModelAnnouncement(
-            job_id=self.job_id,
-            version=new.version,
-            parent=new.parent,
-            sha256=manifest.sha256,
-            key=manifest.key,
-            update_ids=new.update_ids,
-            created_at=manifest.created_at,
-            mean_staleness=new.mean_staleness,
-            updates_total=self.core.updates_total,
-        )
         await self.broker.publish(
-            self.names.models_exchange, Names.model_key(self.job_id), encode(announcement, self.signer)
+            self.names.models_exchange,
+            Names.model_key(self.job_id),
+            encode(manifest.announcement(), self.signer),
         )
         held, self.held = self.held, []
         for h in held:

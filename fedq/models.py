@@ -29,7 +29,6 @@ from shared.codec import encode
 from shared.errors import BrokerError, ConfigError, FedqError, StoreError
 from shared.keys import load_or_create_signer, write_public_key
 from shared.ledger import JsonLines, read_lines
-from shared.messages import ModelAnnouncement
 from shared.settings import Settings
 from shared.signing import Signer
 from shared.store import Manifest, ModelStore, manifest_key, model_key, open_store
@@ -327,18 +326,9 @@ async def announce(settings: Settings, manifest: Manifest, signer: Signer) -> No
         finally:
             if not channel.is_closed:
                 await channel.close()
-        message = ModelAnnouncement(
-            job_id=manifest.job_id,
-            version=manifest.version,
-            parent=manifest.parent,
-            sha256=manifest.sha256,
-            key=manifest.key,
-            update_ids=(),
-            created_at=manifest.created_at,
-            mean_staleness=0.0,
-            updates_total=manifest.updates_total,
+        await broker.publish(
+            names.models_exchange, Names.model_key(manifest.job_id), encode(manifest.announcement(), signer)
         )
-        await broker.publish(names.models_exchange, Names.model_key(manifest.job_id), encode(message, signer))
     finally:
         await broker.close()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.errors import StoreError
+from shared.messages import ModelAnnouncement
 from shared.tensors import FlatModel
 
 if TYPE_CHECKING:
@@ -126,6 +127,20 @@ class Manifest:
     update_digests: tuple[str, ...] = ()  # sha256 of each applied update message, in order
     # ``fedq model rollback``: this version re-stores version N's model (no updates, parent = the latest)
     rollback_of: int | None = None
+
+    def announcement(self) -> ModelAnnouncement:
+        """The message that tells the fleet this version is stored."""
+        return ModelAnnouncement(
+            job_id=self.job_id,
+            version=self.version,
+            parent=self.parent,
+            sha256=self.sha256,
+            key=self.key,
+            update_ids=self.update_ids,
+            created_at=self.created_at,
+            mean_staleness=self.mean_staleness,
+            updates_total=self.updates_total,
+        )
 
     def to_json(self) -> str:
         d = asdict(self)
