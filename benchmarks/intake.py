@@ -15,9 +15,9 @@ For each size, N real signed int8 updates are made once, then:
 
 The publisher is a process of its own (``--feed``, started by this script and told when to
 go), so the event loop measured is only the consumer's or the aggregator's. Each phase runs in a namespace of its own (``bench-<uuid>``), deleted at the end.
-The aggregator is subclassed here (not changed) to time its handler, its receipts and its
-version writes, and its decode and offer get stopwatches, so the report says where the time
-goes. ``--repeats R`` interleaves R runs of every phase and keeps the best of each.
+The aggregator is subclassed here (not changed) to time its handler (under its lock) and its
+version writes, and its decode (before the lock) and offer get stopwatches, so the report says
+where the time goes. ``--repeats R`` interleaves R runs of every phase and keeps the best of each.
 ``--profile`` adds one more intake run per size under cProfile (event loop thread), not
 counted in the figures.
 
