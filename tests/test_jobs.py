@@ -151,9 +151,9 @@ def test_worker_joins_mid_job(tmp_path: Path, names: Names, cleanup: None) -> No
         "--target-accuracy",
         "0",
         "--max-updates",
-        "70",
+        "40",
         "--max-seconds",
-        "200",
+        "400",  # room for a loaded machine: the job is meant to end on max_updates
         "--buffer",
         "2",
     )
@@ -171,7 +171,7 @@ def test_worker_joins_mid_job(tmp_path: Path, names: Names, cleanup: None) -> No
         stderr=subprocess.STDOUT,
     )
     try:
-        finish(proc)
+        finish(proc, timeout=480)
     finally:
         late.send_signal(signal.SIGTERM)
         late.wait(20)
