@@ -1,5 +1,10 @@
 """The worker: consume tasks for its capabilities, train off the loop, send signed updates.
 
+Before its first hello the worker warms up (``worker.training.warm_up``: one tiny pass on a
+throwaway model, once per process) in the thread it trains in, so the process's one-time
+start-up is paid before it counts as ready, not inside its first task. It trains in that one
+thread, task after task, so per-thread settings such as ``torch.set_num_threads`` hold.
+
 After training, the signed update is first written to the worker's on-disk outbox, then
 published with a publisher confirm, removed from the outbox only after the confirm, and only
 then is the task acked. So:
@@ -18,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +48,7 @@ from shared.settings import Settings, split_capabilities
 from shared.signing import Keyring, Signer
 from shared.store import ObjectStore, open_store
 from worker.outbox import Outbox, OutboxError, encode_task_id
-from worker.training import train_task
+from worker.training import TrainingOutcome, WarmUp, train_task, warm_up
 
 SENT_MEMORY = 10_000  # confirmed task ids remembered, to ack a redelivered task without training it again
 
@@ -64,10 +72,12 @@ class Worker:
         threads: int = 1,
         outbox: Outbox | None = None,
         flush_retry: float = 30.0,
+        warm: bool = True,
     ) -> None:
         """``outbox``: where trained updates wait for their confirm (``None``: nowhere, so an update
         whose link is lost before its confirm is trained again after the task's redelivery).
-        ``flush_retry``: seconds between attempts to flush entries a flush could not send."""
+        ``flush_retry``: seconds between attempts to flush entries a flush could not send.
+        ``warm``: warm up before the first hello (see ``worker.training.warm_up``)."""
         self.worker_id = worker_id
         self.capabilities = capabilities
         self.broker = broker
@@ -84,6 +94,8 @@ class Worker:
         self.threads = threads
         self.outbox = outbox
         self.flush_retry = flush_retry
+        self.warm = warm
+        self.warmed: WarmUp | None = None
         self.busy = False
         self.completed = 0
         self.received = 0
@@ -94,7 +106,26 @@ class Worker:
         self._send_lock = asyncio.Lock()
         self._sent: OrderedDict[str, None] = OrderedDict()
         self._flush_wanted = asyncio.Event()
+        self._trainer: ThreadPoolExecutor | None = None
         self.log = get_logger(service="worker", worker=worker_id)
+
+    async def _in_training_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in this worker's one training thread (made on first use)."""
+        if self._trainer is None:
+            self._trainer = ThreadPoolExecutor(1, thread_name_prefix=f"train-{self.worker_id}")
+        return await asyncio.get_running_loop().run_in_executor(self._trainer, fn)
+
+    async def warm_up(self) -> None:
+        """Warm up in the training thread; a failure is logged, never fatal (the first task then
+        pays the start-up, as it would have without a warm-up)."""
+        try:
+            self.warmed = await self._in_training_thread(
+                functools.partial(warm_up, self.app, self.data, self.model_seed, self.threads)
+            )
+        except Exception as exc:
+            self.log.warning("warm_up_failed", error=repr(exc))
+            return
+        self.log.info("warmed_up", how=self.warmed.how, seconds=round(self.warmed.seconds, 3))
 
     async def hello(self, state: str = "up") -> None:
         message = Hello(
@@ -146,6 +177,8 @@ class Worker:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         await self.broker.declare(capability_topology(self.names, self.capabilities))
+        if self.warm:
+            await self.warm_up()  # before the first hello: a worker that says hello is ready to train
         background = [asyncio.create_task(self.heartbeat(), name="heartbeat")]
         connection = self.broker.connection
         if self.outbox is not None:
@@ -174,6 +207,9 @@ class Worker:
             await asyncio.gather(*background, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.hello("down"), 2.0)
+            if self._trainer is not None:
+                self._trainer.shutdown(wait=False)
+                self._trainer = None
 
     def _on_reconnect(self, *_: Any) -> None:
         self.log.info("reconnected")
@@ -230,8 +266,8 @@ class Worker:
         log.info("task_started", redelivered=delivery.redelivered)
         self.busy = True
         try:
-            outcome = await asyncio.to_thread(
-                train_task, self.app, self.data, task, blob, self.model_seed, self.threads
+            outcome: TrainingOutcome = await self._in_training_thread(
+                functools.partial(train_task, self.app, self.data, task, blob, self.model_seed, self.threads)
             )
             if self.delay > 0:
                 await asyncio.sleep(self.delay)

@@ -1,15 +1,20 @@
-"""One task's training, run off the event loop: load the base model, train, quantize the delta."""
+"""One task's training, run off the event loop: load the base model, train, quantize the delta.
+
+And the worker's warm-up before it first says hello: one tiny pass that pays the process's
+one-time start-up costs outside any job's clock.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from shared.app import App
-from shared.messages import Task
+from shared.app import App, make_optimizer
+from shared.messages import Task, TrainConfig
 from shared.quantize import encode_delta
 from shared.tensors import FlatModel
 
@@ -47,3 +52,63 @@ def train_task(
     metrics["train_seconds"] = time.perf_counter() - started
     metrics["delta_norm"] = float(torch.linalg.vector_norm(d_float))
     return TrainingOutcome(payload, result.num_samples, metrics)
+
+
+WARM_UP_SAMPLES = 4
+_warm_lock = threading.Lock()
+_warmed = False  # one warm-up per process: what it pays for is the process's, not the thread's
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    seconds: float
+    how: str  # pass: forward, backward and a step on a few samples; app: the app's own warm_up;
+    # optimizer: the data could not be sliced, so only the optimizer was built; skipped: warm already
+
+
+def warm_up(app: App, data: Any, model_seed: int = 0, threads: int = 1) -> WarmUp:
+    """Pay the process's one-time start-up before the worker counts as ready: the first optimizer
+    (``torch.optim`` imports ``torch._dynamo`` then, about 1.5 s of CPU), autograd and the
+    allocator. Run it in the thread that trains. One forward/backward pass of the app's model on a
+    few samples of ``data`` and one optimizer step, all on a throwaway model; the global RNG is
+    restored afterwards, so no training result changes. Once per process: later calls return
+    ``skipped`` at once (after waiting for a warm-up under way). An app may provide
+    ``warm_up(model, data)`` to run its own pass instead."""
+    global _warmed
+    started = time.perf_counter()
+    with _warm_lock:  # replicas wait for the one warm-up rather than say hello cold
+        if _warmed:
+            return WarmUp(time.perf_counter() - started, "skipped")
+        torch.set_num_threads(threads)  # as train_task does, in the same thread
+        with torch.random.fork_rng(devices=[]):
+            model = app.build_model(model_seed)
+            opt = make_optimizer(model, TrainConfig())
+            model.train()
+            custom = getattr(app, "warm_up", None)
+            batch = None if callable(custom) else _few(data, WARM_UP_SAMPLES)
+            if callable(custom):
+                custom(model, data)
+                how = "app"
+            elif batch is not None:
+                out = model(batch[0])
+                out = out[0] if isinstance(out, tuple | list) else out
+                if isinstance(out, torch.Tensor) and out.requires_grad:
+                    out.float().mean().backward()  # type: ignore[no-untyped-call]
+                    opt.step()
+                how = "pass"
+            else:
+                how = "optimizer"
+            opt.zero_grad()
+        _warmed = True
+        return WarmUp(time.perf_counter() - started, how)
+
+
+def _few(data: Any, n: int) -> tuple[torch.Tensor, ...] | None:
+    """The first ``n`` rows of a tuple of tensors (``ClassificationApp``'s ``(x, y)``), else None."""
+    if isinstance(data, torch.Tensor):
+        data = (data,)
+    if not isinstance(data, tuple | list) or not data:
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) > 0 for t in data):
+        return None
+    return tuple(t[:n] for t in data)
