@@ -61,6 +61,10 @@ class Registry:
             del self.workers[w]
         return gone
 
+    def live_count(self, now: float) -> int:
+        """Live workers, whatever their capabilities."""
+        return sum(1 for info in self.workers.values() if info.last_seen >= now - self.timeout)
+
     def live(self, capability: str, now: float) -> list[WorkerInfo]:
         return [
             info

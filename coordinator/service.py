@@ -1,7 +1,10 @@
 """The coordinator: owns the job, hands out tasks, evaluates versions, decides when to stop.
 
-Async mode keeps ``concurrency`` tasks in flight per capability (default: one
-per live worker), topping up as updates land or tasks expire. Sync mode runs
+Nothing is handed out until ``min_workers`` live workers have said hello (or
+``min_workers_wait`` seconds have passed), so the job's clock, which starts at the
+first task, does not count the fleet's start-up. Async mode keeps ``concurrency``
+tasks in flight per capability (default: one per live worker), topping up as
+updates land or tasks expire. Sync mode runs
 rounds: one task per live worker on the same version, closed when all answered
 or at the round deadline. Every new version is evaluated here, on the held-out
 test set, because the coordinator owns the stop condition and the test data;
@@ -29,7 +32,7 @@ from coordinator.registry import Registry
 from shared.app import App
 from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
-from shared.errors import FedqError, WireError
+from shared.errors import ConfigError, FedqError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer
 from shared.ledger import JsonLines, read_lines
 from shared.logs import get_logger
@@ -40,6 +43,7 @@ from shared.store import Manifest, ModelStore, model_key, open_store
 from shared.tensors import FlatModel, ModelSpec
 
 TICK = 0.1
+WAITING_LOG_EVERY = 5.0  # seconds between waiting_for_workers lines
 
 
 @dataclass
@@ -102,6 +106,8 @@ class Coordinator:
         self.evaluated_version = -1
         self.latest_announcement: ModelAnnouncement | None = None
         self.round = 0
+        self.fleet_ready = False  # enough workers said hello (or the wait ran out): tasks may go out
+        self._waiting_logged = 0.0
         self._eval_queue: asyncio.Queue[ModelAnnouncement] = asyncio.Queue()
         self._wake = asyncio.Event()
         self.metrics = JsonLines(out_dir / "metrics.jsonl")
@@ -326,6 +332,26 @@ class Coordinator:
             url = await url
         return str(url or "")
 
+    def _check_fleet(self, now: float) -> bool:
+        """May tasks go out? Once ``min_workers`` live workers have said hello, or ``min_workers_wait``
+        seconds after the job started, and from then on for good. A resumed job that had already
+        handed out work (``t0`` set) does not wait again."""
+        if self.fleet_ready:
+            return True
+        have, need = self.registry.live_count(now), self.s.min_workers
+        waited = now - self.started
+        if self.t0 is not None or have >= need:
+            self.fleet_ready = True
+            if self.t0 is None:
+                self.log.info("fleet_ready", have=have, need=need, waited=round(waited, 3))
+        elif waited >= self.s.min_workers_wait:
+            self.fleet_ready = True
+            self.log.warning("starting_without_fleet", have=have, need=need, waited=round(waited, 3))
+        elif now - self._waiting_logged >= WAITING_LOG_EVERY:
+            self._waiting_logged = now
+            self.log.info("waiting_for_workers", have=have, need=need, waited=round(waited, 3))
+        return self.fleet_ready
+
     def _sweep(self, now: float) -> None:
         expired = [tid for tid, f in self.in_flight.items() if f.deadline < now]
         for tid in expired:
@@ -352,7 +378,7 @@ class Coordinator:
             now = time.time()
             counts = self.registry.primary_counts(self.s.capability_list, now)
             size = sum(counts.values())
-            if size == 0:
+            if size == 0 or not self._check_fleet(now):
                 await self._sleep_or_wake(0.5)
                 continue
             version = self.latest.version
@@ -422,8 +448,10 @@ class Coordinator:
                 self.stop_reason = self._check_stop(now)
                 if self.stop_reason:
                     break
-                if self.s.mode == "async":
+                if self.s.mode == "async" and self._check_fleet(now):
                     await self._top_up(now)
+                elif self.s.mode == "sync":
+                    self._check_fleet(now)  # the rounds wait on it; checked here too, so it is logged
                 if now - last_saved >= 1.0:
                     self.write_state()
                     last_saved = now
@@ -464,6 +492,9 @@ class Coordinator:
             "workers_seen": sorted(self.registry.workers),
             "workers": self.registry.counts,
             "round": self.round,
+            "fleet_ready": self.fleet_ready,
+            "workers_live": self.registry.live_count(time.time()),
+            "min_workers": self.s.min_workers,
             "in_flight": {
                 tid: {"capability": f.capability, "deadline": f.deadline, "version": f.version}
                 for tid, f in self.in_flight.items()
@@ -475,10 +506,18 @@ class Coordinator:
         tmp.replace(path)
 
 
+def check_fleet_settings(settings: Settings) -> None:
+    if settings.min_workers < 0:
+        raise ConfigError(f"--min-workers must be 0 or more, not {settings.min_workers}")
+    if settings.min_workers_wait < 0:
+        raise ConfigError(f"--min-workers-wait must be 0 or more, not {settings.min_workers_wait}")
+
+
 async def serve(settings: Settings, app: App) -> str:
     """Build the coordinator from settings and run the job to its stop condition."""
     names = Names(settings.namespace)
     check_token("job id", settings.job)
+    check_fleet_settings(settings)
     signer = load_or_create_signer(settings.key_path("coordinator"))
     broker = await Broker(
         settings.amqp_url, names, f"fedq-coordinator-{settings.job}", settings.amqp_heartbeat

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -91,6 +92,20 @@ JOB: list[Flag] = [
         float,
         "seconds without a heartbeat before a worker counts as gone (default 10)",
     ),
+    (
+        "--min-workers",
+        "min_workers",
+        int,
+        "hand out no task and open no round until this many live workers (any capability) have said "
+        "hello; the job's clock starts at the first task (default 1; fedq run: --workers)",
+    ),
+    (
+        "--min-workers-wait",
+        "min_workers_wait",
+        float,
+        "seconds after the job's start to stop waiting for --min-workers and start with the workers "
+        "there are, with a warning (default 120)",
+    ),
 ]
 POLICY: list[Flag] = [
     ("--buffer", "buffer", int, "FedBuff: updates per version, K (default 10; 1 = FedAsync)"),
@@ -133,6 +148,12 @@ def _add(parser: argparse.ArgumentParser, flags: list[Flag], title: str) -> None
         group.add_argument(flag, dest=dest, type=typ, default=None, help=f"{help_text} [{env_name(dest)}]")
 
 
+def _given(args: argparse.Namespace, field: str, env: Any = None) -> bool:
+    """Was this setting chosen, by its flag or its FEDQ_* variable (rather than left to its default)?"""
+    env = os.environ if env is None else env
+    return getattr(args, field, None) is not None or env_name(field) in env
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     fields = set(Settings.__dataclass_fields__)
     return Settings.from_env(**{k: v for k, v in vars(args).items() if k in fields})
@@ -154,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a whole job on this machine: aggregator, coordinator and N workers",
         description="Declare the topology, start the aggregator, the coordinator and N workers as "
         "processes against the broker, show progress, stop at the target and write a run folder "
-        "with summary.json, metrics.jsonl, ledger.jsonl and every process's log.",
+        "with summary.json, metrics.jsonl, ledger.jsonl and every process's log. The coordinator "
+        "waits for all N workers to say hello (--min-workers) before the first task, so the job's "
+        "clock starts when the fleet is up.",
     )
     run.add_argument("--workers", type=int, default=10, help="worker processes to start (default 10)")
     run.add_argument(
@@ -189,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     coord = sub.add_parser(
         "coordinator",
         help="run the coordinator of a job",
-        description="Create version 0, hand out tasks, evaluate each version, stop at the target.",
+        description="Create version 0, wait for --min-workers workers to say hello, hand out tasks, "
+        "evaluate each version, stop at the target.",
     )
     for flags, title in ((COMMON, "connection and files"), (JOB, "the job")):
         _add(coord, flags, title)
@@ -481,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.delay_profile,
                 progress=not args.no_progress,
                 chaos_every=args.chaos,
+                min_workers=settings.min_workers if _given(args, "min_workers") else None,
             )
         if args.command == "coordinator":
             from coordinator.service import serve as serve_coordinator

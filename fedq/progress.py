@@ -1,4 +1,8 @@
-"""Live progress of a run, read from the coordinator's metrics file: a rich display or plain lines."""
+"""Live progress of a run, read from the coordinator's metrics file: a rich display or plain lines.
+
+Before the job starts (no task yet), the coordinator's state file says how many workers have said
+hello of how many it waits for; the display shows that instead.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ from shared.settings import Settings
 class Progress:
     def __init__(self, run_dir: Path, settings: Settings, live: bool) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.state_path = run_dir / "coordinator.json"
+        self.waiting: tuple[int, int] | None = None  # (have, need) while the coordinator waits for workers
+        self.job_started = False
         self.settings = settings
         self.offset = 0
         self.records: list[dict[str, Any]] = []
@@ -50,6 +57,19 @@ class Progress:
                 except ValueError:
                     continue
 
+    def _read_state(self) -> None:
+        """Until the first task: is the coordinator waiting for workers, and for how many?"""
+        if self.job_started:
+            return
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return  # not written yet (or being replaced): keep what we knew
+        if state.get("t0") is not None or state.get("fleet_ready"):
+            self.job_started, self.waiting = state.get("t0") is not None, None
+        elif "workers_live" in state and "min_workers" in state:
+            self.waiting = (int(state["workers_live"]), int(state["min_workers"]))
+
     def stats(self) -> dict[str, Any]:
         elapsed = time.time() - self.started
         if not self.records:
@@ -80,9 +100,15 @@ class Progress:
 
     def update(self) -> None:
         self._read()
+        self._read_state()
         s = self.stats()
+        waiting = f"waiting for workers {self.waiting[0]}/{self.waiting[1]}" if self.waiting else ""
         if self.live:
-            table = Table(title=f"fedq {self.settings.mode} - job {self.settings.job}", expand=False)
+            table = Table(
+                title=f"fedq {self.settings.mode} - job {self.settings.job}",
+                caption=waiting or None,
+                expand=False,
+            )
             for col in ("elapsed", "version", "test acc", "best", "target", "updates/s", "staleness"):
                 table.add_column(col, justify="right")
             table.add_row(
@@ -97,6 +123,9 @@ class Progress:
             self.live.update(table)
         elif time.time() - self.last_print >= 5.0:
             self.last_print = time.time()
+            if waiting:
+                print(f"fedq: t={s['elapsed']:.0f}s {waiting}", flush=True)
+                return
             print(
                 f"fedq: t={s['elapsed']:.0f}s version={s['version']} acc={_pct(s['accuracy'])} "
                 f"best={_pct(s['best'])} updates/s={s['ups']:.1f} staleness="

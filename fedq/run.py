@@ -131,6 +131,8 @@ JOB_FIELDS = [
     "inline_limit",
     "model_seed",
     "worker_timeout",
+    "min_workers",
+    "min_workers_wait",
 ]
 POLICY_FIELDS = ["mode", "capabilities", "buffer", "server_lr", "staleness", "max_staleness", "max_norm"]
 DATA_FIELDS = ["alpha", "partition_seed", "partition_file"]
@@ -279,9 +281,15 @@ def run_job(
     delay_profile: str = "",
     progress: bool = True,
     chaos_every: float = 0.0,
+    min_workers: int | None = None,
 ) -> int:
+    """``min_workers``: live workers the coordinator waits for before the first task; ``None``
+    (not chosen): all ``workers``, so the job's clock starts when the fleet is up."""
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
+    need = workers if min_workers is None else min_workers
+    if need > workers:
+        raise ConfigError(f"--min-workers {need} can never be met by --workers {workers}")
     delays = parse_delay_profile(delay_profile, workers)
     run_dir = new_run_dir(settings)
     if (run_dir / "summary.json").exists():
@@ -298,6 +306,7 @@ def run_job(
             "out": str(home),
             "keys_dir": str(home / "keys"),
             "trusted_keys": str(home / "keys" / "trusted"),
+            "min_workers": need,
         }
     )
     worker_ids = [f"w{i:02d}" for i in range(workers)]

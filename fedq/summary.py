@@ -26,6 +26,7 @@ def build_summary(
     t0 = coordinator_state.get("t0")
     stopped = coordinator_state.get("stopped")
     active = (stopped - t0) if t0 and stopped else None
+    started = coordinator_state.get("started")
     staleness = [r["staleness"] for r in applied if "staleness" in r]
     return {
         "mode": coordinator_state.get("mode"),
@@ -41,6 +42,8 @@ def build_summary(
         "bytes_up": sum(int(r.get("bytes", 0)) for r in ledger),
         "bytes_down": coordinator_state.get("bytes_down", 0),
         "wall_seconds": round(wall_seconds, 3),
+        # the coordinator's start to its first task: waiting for --min-workers workers to say hello
+        "seconds_before_first_task": round(t0 - started, 3) if t0 and started else None,
         "stop_reason": coordinator_state.get("stop_reason"),
         "tasks_issued": coordinator_state.get("tasks_issued", 0),
         "mean_staleness": round(sum(staleness) / len(staleness), 3) if staleness else None,

@@ -52,6 +52,8 @@ class Settings:
     task_ttl: float = 120.0
     round_timeout: float = 60.0
     worker_timeout: float = 10.0
+    min_workers: int = 1  # live workers (any capability) before the first task; fedq run: --workers
+    min_workers_wait: float = 120.0  # seconds after the job's start to stop waiting for them
     local_epochs: int = 5
     batch_size: int = 32
     optimizer: str = "sgd"

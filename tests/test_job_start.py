@@ -1,0 +1,286 @@
+"""When a job starts: the coordinator waits for its fleet (``--min-workers``) before the first task,
+and a restarted one picks the job up without waiting again. Coordinators run here in the test's
+process against the real broker; fake workers are just signed hellos."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+import torch
+from structlog.testing import capture_logs
+from torch import nn
+
+from broker_config.names import Names
+from coordinator.service import Coordinator
+from fedq.cli import _given, _settings, build_parser, main
+from fedq.progress import Progress
+from fedq.run import run_job
+from shared.app import ClassificationApp
+from shared.broker import Broker, Delivery
+from shared.codec import decode, encode
+from shared.errors import ConfigError
+from shared.messages import Hello, Task
+from shared.settings import Settings
+from shared.signing import Keyring, Signer
+from shared.store import ModelStore, open_store
+
+WAIT = 10.0
+
+
+class LinearApp(ClassificationApp):
+    """Four features, three classes: a linear model, evaluated in no time."""
+
+    name = "linear"
+
+    def build_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Linear(4, 3)
+
+    def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(48, 4, generator=gen), torch.randint(0, 3, (48,), generator=gen)
+
+    def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.train_data()
+
+
+# -- the coordinator waits for its fleet -------------------------------------------------------
+
+
+def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e.get("event") == name]
+
+
+async def until(check: Callable[[], Any], what: str, wait: float = WAIT) -> None:
+    deadline = time.monotonic() + wait
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+class Fleet:
+    """Fake workers: each sends a signed hello every 0.3 s, as a worker's heartbeat does."""
+
+    def __init__(self, broker: Broker, signer: Signer) -> None:
+        self.broker = broker
+        self.signer = signer
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def join(self, worker_id: str) -> None:
+        self.tasks.append(asyncio.create_task(self._beat(worker_id)))
+
+    async def _beat(self, worker_id: str) -> None:
+        while True:
+            hello = Hello(worker_id, ("cpu",), self.signer.fingerprint, "up", time.time())
+            await self.broker.publish(self.broker.names.workers_exchange, "", encode(hello, self.signer))
+            await asyncio.sleep(0.3)
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class Tasks:
+    """The tasks the coordinator publishes, as the task queue holds them (acked here at once)."""
+
+    def __init__(self) -> None:
+        self.got: list[Task] = []
+        self.keyring = Keyring()
+
+    async def on_message(self, delivery: Delivery) -> None:
+        task, _ = decode(delivery.body, self.keyring, Task)
+        self.got.append(task)
+        await delivery.ack()
+
+
+@contextlib.asynccontextmanager
+async def coordinator_rig(
+    broker: Broker, names: Names, amqp_url: str, out: Path, job: str = "", **settings: Any
+) -> AsyncIterator[tuple[Coordinator, Fleet, Tasks, list[dict[str, Any]]]]:
+    """A coordinator running in this process on a local store under ``out``; its logs captured."""
+    job = job or new_job()
+    s = Settings(
+        amqp_url=amqp_url,
+        namespace=names.namespace,
+        job=job,
+        out=str(out),
+        target_accuracy=0.0,
+        max_seconds=0.0,
+        worker_timeout=30.0,
+        **settings,
+    )
+    signer = Signer.generate()
+    keyring = Keyring()
+    keyring.add(signer.public)
+    tasks = Tasks()
+    tasks.keyring.add(signer.public)
+    await broker.consume(names.task_queue("cpu"), tasks.on_message, prefetch=32)
+    fleet = Fleet(broker, signer)
+    own = await Broker(amqp_url, names, "test-coordinator").connect()
+    with capture_logs() as logs:
+        coordinator = Coordinator(
+            settings=s,
+            broker=own,
+            store=job_store(out, job),
+            app=LinearApp(),
+            signer=signer,
+            keyring=keyring,
+            out_dir=out,
+        )
+        running = asyncio.create_task(coordinator.run())
+        try:
+            await until(lambda: events(logs, "started") or running.done(), "the coordinator to start")
+            yield coordinator, fleet, tasks, logs
+            assert not running.done(), running
+        finally:
+            await fleet.close()
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            await own.close()
+            conn = await aio_pika.connect(amqp_url)
+            try:
+                channel = await conn.channel()
+                await channel.queue_delete(names.coordinator_queue(job))
+            finally:
+                await conn.close()
+
+
+def new_job() -> str:
+    return f"job-{uuid.uuid4().hex[:8]}"
+
+
+def job_store(out: Path, job: str) -> ModelStore:
+    return ModelStore(open_store(str(out / "store")), job)
+
+
+def write_resumable_state(out: Path, job: str, in_flight: dict[str, Any] | None = None) -> float:
+    """coordinator.json as a coordinator killed mid-job leaves it: started, t0 set, no stop reason."""
+    now = time.time()
+    state = {
+        "job_id": job,
+        "stop_reason": None,
+        "started": now,
+        "t0": now - 5.0,
+        "tasks_issued": 7,
+        "in_flight": in_flight or {},
+    }
+    (out / "coordinator.json").write_text(json.dumps(state))
+    return now - 5.0
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_no_task_until_the_nth_worker_says_hello(
+    broker: Broker, names: Names, amqp_url: str, tmp_path: Path, mode: str
+) -> None:
+    async with coordinator_rig(
+        broker, names, amqp_url, tmp_path, mode=mode, min_workers=3, min_workers_wait=60.0
+    ) as (coordinator, fleet, tasks, logs):
+        fleet.join("w1")
+        fleet.join("w2")
+        await until(lambda: coordinator.registry.live_count(time.time()) == 2, "two workers registered")
+        await asyncio.sleep(1.5)  # ticks of the coordinator's loop (0.1 s async, 0.5 s sync) go by
+        assert tasks.got == [] and coordinator.tasks_issued == 0 and coordinator.t0 is None
+        waiting = events(logs, "waiting_for_workers")
+        assert waiting and waiting[-1]["need"] == 3 and waiting[0]["have"] <= 2, waiting
+        state = json.loads((tmp_path / "coordinator.json").read_text())
+        assert state["t0"] is None and not state["fleet_ready"] and state["min_workers"] == 3
+
+        fleet.join("w3")
+        await until(lambda: len(tasks.got) >= 3, "a task per worker once the third said hello")
+        assert coordinator.t0 is not None and coordinator.fleet_ready
+        ready = events(logs, "fleet_ready")
+        assert len(ready) == 1 and ready[0]["have"] == 3 and ready[0]["need"] == 3, ready
+        assert not events(logs, "starting_without_fleet")
+        if mode == "sync":
+            opened = events(logs, "round_open")
+            assert opened and opened[0]["size"] == 3, opened  # the first round has the whole fleet
+
+
+async def test_starts_anyway_after_the_wait_with_a_warning(
+    broker: Broker, names: Names, amqp_url: str, tmp_path: Path
+) -> None:
+    async with coordinator_rig(broker, names, amqp_url, tmp_path, min_workers=3, min_workers_wait=2.0) as (
+        coordinator,
+        fleet,
+        tasks,
+        logs,
+    ):
+        fleet.join("w1")
+        await until(lambda: tasks.got, "a task after the wait", wait=2.0 + WAIT)
+        assert coordinator.t0 is not None
+        assert coordinator.t0 - coordinator.started >= 2.0  # not before the wait ran out
+        assert len(tasks.got) == 1  # one live worker, one task
+        (warning,) = events(logs, "starting_without_fleet")
+        assert warning["log_level"] == "warning"
+        assert (warning["have"], warning["need"]) == (1, 3), warning
+        assert not events(logs, "fleet_ready")
+
+
+async def test_a_resumed_job_does_not_wait_again(
+    broker: Broker, names: Names, amqp_url: str, tmp_path: Path
+) -> None:
+    job = new_job()
+    t0 = write_resumable_state(tmp_path, job)
+    async with coordinator_rig(
+        broker, names, amqp_url, tmp_path, job=job, min_workers=3, min_workers_wait=60.0
+    ) as (coordinator, fleet, tasks, logs):
+        assert events(logs, "resumed_job")
+        fleet.join("w1")
+        await until(lambda: tasks.got, "a task for the one worker there is", wait=5.0)
+        assert coordinator.t0 == t0  # the job's clock is the one it had
+        assert coordinator.tasks_issued >= 8
+        assert not events(logs, "waiting_for_workers") and not events(logs, "starting_without_fleet")
+
+
+# -- flags, fedq run and its progress line -----------------------------------------------------
+
+
+def test_min_workers_flags_and_environment() -> None:
+    args = build_parser().parse_args(["coordinator", "--min-workers", "5", "--min-workers-wait", "30"])
+    s = _settings(args)
+    assert (s.min_workers, s.min_workers_wait) == (5, 30.0)
+    assert _given(args, "min_workers", env={})
+    assert Settings().min_workers == 1 and Settings().min_workers_wait == 120.0  # fedq coordinator
+    assert Settings.from_env({"FEDQ_MIN_WORKERS": "4"}).min_workers == 4
+    plain = build_parser().parse_args(["run", "--workers", "7"])
+    assert not _given(plain, "min_workers", env={})  # so fedq run waits for all its workers
+    assert _given(plain, "min_workers", env={"FEDQ_MIN_WORKERS": "2"})
+
+
+def test_help_names_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("run", "coordinator"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "--min-workers" in text and "--min-workers-wait" in text and "FEDQ_MIN_WORKERS" in text
+
+
+def test_run_refuses_a_fleet_it_cannot_meet(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="can never be met"):
+        run_job(Settings(out=str(tmp_path / "run")), 2, min_workers=3)
+
+
+def test_progress_says_it_is_waiting_for_workers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "coordinator.json"
+    progress = Progress(tmp_path, Settings(), live=False)
+    state.write_text(json.dumps({"t0": None, "fleet_ready": False, "workers_live": 7, "min_workers": 20}))
+    progress.update()
+    assert "waiting for workers 7/20" in capsys.readouterr().out
+    state.write_text(
+        json.dumps({"t0": time.time(), "fleet_ready": True, "workers_live": 20, "min_workers": 20})
+    )
+    progress.last_print = 0.0
+    progress.update()
+    out = capsys.readouterr().out
+    assert "waiting" not in out and "version=0" in out
