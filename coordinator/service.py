@@ -32,7 +32,7 @@ from coordinator.registry import Registry
 from shared.app import App
 from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
-from shared.errors import ConfigError, FedqError, WireError
+from shared.errors import ConfigError, FedqError, StoreError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer
 from shared.ledger import JsonLines, read_lines
 from shared.logs import get_logger
@@ -181,6 +181,29 @@ class Coordinator:
                 self.in_flight[tid] = InFlight(f["capability"], f["deadline"], f["version"])
         self.log.info("resumed_job", in_flight=len(self.in_flight), tasks_issued=self.tasks_issued)
         return True
+
+    async def forget_applied_in_flight(self) -> None:
+        """After a restart: drop in-flight tasks that a stored version already applied.
+
+        The saved state is up to a second old, so it can list tasks whose receipts and version
+        announcement the last process consumed after its last write; nothing else would clear them
+        before their TTL, and until then they hold the places of real work. A task based on version
+        v can only be applied in a later version, so the manifests after the oldest base suffice."""
+        if not self.in_flight or self.latest is None:
+            return
+        oldest = min(f.version for f in self.in_flight.values())
+        dropped = 0
+        for version in range(self.latest.version, oldest, -1):
+            try:
+                manifest = await self.store.manifest(version)
+            except StoreError:
+                continue
+            for tid in manifest.update_ids:
+                dropped += self.in_flight.pop(tid, None) is not None
+            if not self.in_flight:
+                break
+        if dropped:
+            self.log.info("in_flight_already_applied", count=dropped, in_flight=len(self.in_flight))
 
     # -- inputs -----------------------------------------------------------
     async def on_hello(self, delivery: Delivery) -> None:
@@ -426,6 +449,7 @@ class Coordinator:
     async def run(self) -> str:
         self.resume_state()
         await self.ensure_initial_version()
+        await self.forget_applied_in_flight()
         await self.broker.subscribe(self.names.workers_exchange, ("",), self.on_hello)
         await self.broker.subscribe(
             self.names.models_exchange,

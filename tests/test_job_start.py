@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 import uuid
@@ -31,7 +32,8 @@ from shared.errors import ConfigError
 from shared.messages import Hello, Task
 from shared.settings import Settings
 from shared.signing import Keyring, Signer
-from shared.store import ModelStore, open_store
+from shared.store import Manifest, ModelStore, model_key, open_store
+from shared.tensors import FlatModel
 
 WAIT = 10.0
 
@@ -241,6 +243,44 @@ async def test_a_resumed_job_does_not_wait_again(
         assert coordinator.t0 == t0  # the job's clock is the one it had
         assert coordinator.tasks_issued >= 8
         assert not events(logs, "waiting_for_workers") and not events(logs, "starting_without_fleet")
+
+
+async def test_a_resumed_job_forgets_tasks_a_stored_version_applied(
+    broker: Broker, names: Names, amqp_url: str, tmp_path: Path
+) -> None:
+    """The last state was written before the previous coordinator saw version 1 (which applied
+    task ``done``): ``done`` must not keep the one worker's place until its TTL."""
+    job = new_job()
+    store = job_store(tmp_path, job)
+    blob = FlatModel.from_state_dict(LinearApp().build_model(0).state_dict()).to_bytes()
+    for version, ids in ((0, ()), (1, ("done",))):
+        await store.save(
+            Manifest(
+                job_id=job,
+                version=version,
+                parent=version - 1,
+                sha256=hashlib.sha256(blob).hexdigest(),
+                size=len(blob),
+                key=model_key(job, version),
+                update_ids=ids,
+                created_at=time.time(),
+            ),
+            blob,
+        )
+    late = time.time() + 600
+    write_resumable_state(tmp_path, job, {"done": {"capability": "cpu", "deadline": late, "version": 0}})
+    async with coordinator_rig(broker, names, amqp_url, tmp_path, job=job) as (
+        coordinator,
+        fleet,
+        tasks,
+        logs,
+    ):
+        (forgot,) = events(logs, "in_flight_already_applied")
+        assert forgot["count"] == 1
+        fleet.join("w1")
+        await until(lambda: tasks.got, "a task for the one worker", wait=5.0)
+        assert tasks.got[0].base_version == 1
+        assert set(coordinator.in_flight) == {tasks.got[0].task_id}
 
 
 # -- flags, fedq run and its progress line -----------------------------------------------------
