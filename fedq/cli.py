@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         const=5.0,
         default=0.0,
         metavar="SECONDS",
-        help="kill a random worker every SECONDS (default 5) and restart it later, and kill the aggregator "
-        "once; the summary reports the audit balance",
+        help="once the job has started (its first task), kill a random worker every SECONDS (default 5) and "
+        "restart it later, and kill the aggregator once; the summary reports the audit balance",
     )
     run_common = [
         f for f in COMMON if f[1] not in ("keys_dir", "trusted_keys", "coordinator_key", "key_file")

@@ -268,6 +268,14 @@ class Chaos:
         return {"workers_killed": self.workers_killed, "aggregator_killed": self.aggregator_killed}
 
 
+def job_started(run_dir: Path) -> bool:
+    """Has the coordinator handed out its first task (its state file has ``t0``)?"""
+    try:
+        return json.loads((run_dir / "coordinator.json").read_text()).get("t0") is not None
+    except (OSError, ValueError):
+        return False
+
+
 def new_run_dir(settings: Settings) -> Path:
     if settings.out:
         return Path(settings.out)
@@ -331,13 +339,13 @@ def run_job(
         launcher.start("coordinator", ["coordinator", *_flags(settings, JOB_FIELDS)])
         for i, (wid, delay) in enumerate(zip(worker_ids, delays, strict=True)):
             launcher.start_worker(wid, i, workers, delay)
-        if chaos_every > 0:
-            chaos = Chaos(launcher, worker_ids, chaos_every)
         display = Progress(run_dir, settings, live=progress and sys.stdout.isatty())
         with display:
             while launcher.procs["coordinator"].poll() != 0:
                 launcher.supervise("coordinator")
                 launcher.supervise("aggregator")
+                if chaos_every > 0 and chaos is None and job_started(run_dir):
+                    chaos = Chaos(launcher, worker_ids, chaos_every)  # the job, not the fleet's start-up
                 if chaos is not None:
                     chaos.step()
                 display.update()

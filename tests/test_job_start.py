@@ -24,7 +24,7 @@ from broker_config.names import Names
 from coordinator.service import Coordinator
 from fedq.cli import _given, _settings, build_parser, main
 from fedq.progress import Progress
-from fedq.run import run_job
+from fedq.run import job_started, run_job
 from shared.app import ClassificationApp
 from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
@@ -324,3 +324,13 @@ def test_progress_says_it_is_waiting_for_workers(tmp_path: Path, capsys: pytest.
     progress.update()
     out = capsys.readouterr().out
     assert "waiting" not in out and "version=0" in out
+
+
+def test_chaos_waits_for_the_job_to_start(tmp_path: Path) -> None:
+    """fedq run --chaos starts killing at the first task: not while the fleet it waits for starts up."""
+    assert not job_started(tmp_path)
+    state = tmp_path / "coordinator.json"
+    state.write_text(json.dumps({"t0": None, "fleet_ready": False}))
+    assert not job_started(tmp_path)
+    state.write_text(json.dumps({"t0": time.time(), "fleet_ready": True}))
+    assert job_started(tmp_path)
