@@ -97,7 +97,8 @@ JOB: list[Flag] = [
         "min_workers",
         int,
         "hand out no task and open no round until this many live workers (any capability) have said "
-        "hello; the job's clock starts at the first task (default 1; fedq run: --workers)",
+        "hello; the job's clock starts at the first task (default 1; fedq run: --workers, or more when "
+        "workers started elsewhere will join)",
     ),
     (
         "--min-workers-wait",

@@ -8,6 +8,7 @@ methods works.
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -82,6 +83,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     raise AppError(f"unknown optimizer {config.optimizer!r}; use sgd or adam")
 
 
+_split_lock = threading.Lock()  # replicas load their partitions from several threads at once
+
+
 class ClassificationApp:
     """Supervised classification on in-memory tensors.
 
@@ -110,9 +114,19 @@ class ClassificationApp:
         if part.file:
             parts = load_partition_file(Path(part.file), part.count, len(y))
         else:
-            parts = dirichlet_partition(y.numpy(), part.count, part.alpha, part.seed)
+            parts = self._split(part.count, part.alpha, part.seed)
         idx = torch.tensor(parts[part.index], dtype=torch.int64)
         return x[idx], y[idx]
+
+    def _split(self, count: int, alpha: float, seed: int) -> list[list[int]]:
+        """The Dirichlet split, made once per process: the replicas of a ``--replicas`` worker
+        each take their share of the same split instead of each making it again."""
+        key = (count, alpha, seed)
+        splits: dict[tuple[int, float, int], list[list[int]]] = self.__dict__.setdefault("_splits", {})
+        with _split_lock:
+            if key not in splits:
+                splits[key] = dirichlet_partition(self.train_data()[1].numpy(), count, alpha, seed)
+        return splits[key]
 
     def train(
         self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], config: TrainConfig, seed: int

@@ -426,3 +426,30 @@ def test_flat_model_byte_flips_give_a_model_or_a_store_error(data: st.DataObject
     except StoreError:
         return
     assert model.floats.numel() == model.spec.n_float and model.exact.numel() == model.spec.n_exact
+
+
+def test_replicas_share_one_dirichlet_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each replica of a --replicas process takes its share of one split, made once."""
+    import shared.app as app_module
+    from shared.app import ClassificationApp, PartitionSpec
+
+    class Tiny(ClassificationApp):
+        def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+            x = torch.arange(600, dtype=torch.float32).unsqueeze(1)
+            return x, torch.arange(600) % 10
+
+    made = []
+    real = app_module.dirichlet_partition
+
+    def counting(*args: object) -> list[list[int]]:
+        made.append(args[1:])
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(app_module, "dirichlet_partition", counting)
+    app = Tiny()
+    shares = [app.load_partition(PartitionSpec(i, 6))[0].squeeze(1).long().tolist() for i in range(6)]
+    expected = real((torch.arange(600) % 10).numpy(), 6, PartitionSpec(0, 6).alpha, PartitionSpec(0, 6).seed)
+    assert shares == expected
+    assert len(made) == 1
+    app.load_partition(PartitionSpec(0, 3))  # another split is made for another count
+    assert len(made) == 2
