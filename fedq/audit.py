@@ -136,6 +136,9 @@ def balance(
     )
 
 
+STEADY_TRIES = 5
+
+
 async def queue_depth(amqp_url: str, queue: str) -> int:
     """How many messages wait in ``queue`` (a passive declare: the queue is not touched)."""
     conn = await aio_pika.connect(amqp_url, client_properties={"connection_name": "fedq-audit"})
@@ -153,8 +156,14 @@ async def read_update_log(
     """Every update of ``job_id`` in the update log stream (task id -> worker id), and the
     number of messages waiting in the updates queue. Reads with its own consumer, acks
     only its own stream deliveries, and never touches the live queues' messages."""
-    in_queue = await queue_depth(amqp_url, names.updates_queue)
-    entries = await read_stream(amqp_url, names.update_log, idle=idle, connection_name="fedq-audit")
+    # Updates still arriving (a worker outside the run finishing a leftover task) would land in
+    # the log after the depth was read, or in the queue after the log was: read until the
+    # queue held still across the read, so that each is counted in both or in neither.
+    for _ in range(STEADY_TRIES):
+        in_queue = await queue_depth(amqp_url, names.updates_queue)
+        entries = await read_stream(amqp_url, names.update_log, idle=idle, connection_name="fedq-audit")
+        if await queue_depth(amqp_url, names.updates_queue) == in_queue:
+            break
     sent: dict[str, str] = {}
     for entry in entries:
         with contextlib.suppress(WireError):

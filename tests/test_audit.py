@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
+import fedq.audit as audit_module
 from broker_config.names import Names
 from fedq.audit import read_update_log
 from shared.broker import Broker
@@ -32,3 +37,23 @@ async def test_update_log_names_each_update_of_the_job_and_counts_the_queue(
     log, in_queue = await read_update_log(amqp_url, names, "job-a", idle=1.0)
     assert log == {"t1": "w1", "t2": "w2"}
     assert in_queue == 6  # the updates queue is bound to the same exchange: everything waits there
+
+
+async def test_an_update_that_arrives_while_the_log_is_read_is_counted_in_both(
+    broker: Broker, names: Names, amqp_url: str, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker outside the run may still send an update as the audit reads: it must be in the
+    log and in the queue count alike, or the balance calls it lost."""
+    await broker.publish(names.results_exchange, "", encode(update("t1", "job-a", "w1"), signer))
+    real_read = audit_module.read_stream
+    late = [update("t2", "job-a", "w2")]
+
+    async def read_then_one_more_arrives(*args: Any, **kwargs: Any) -> Any:
+        entries = await real_read(*args, **kwargs)
+        if late:
+            await broker.publish(names.results_exchange, "", encode(late.pop(), signer))
+        return entries
+
+    monkeypatch.setattr(audit_module, "read_stream", read_then_one_more_arrives)
+    log, in_queue = await read_update_log(amqp_url, names, "job-a", idle=1.0)
+    assert (log, in_queue) == ({"t1": "w1", "t2": "w2"}, 2)

@@ -151,7 +151,7 @@ def test_worker_joins_mid_job(tmp_path: Path, names: Names, cleanup: None) -> No
         "--target-accuracy",
         "0",
         "--max-updates",
-        "40",
+        "70",  # long enough for the late worker to start up and take part
         "--max-seconds",
         "400",  # room for a loaded machine: the job is meant to end on max_updates
         "--buffer",
@@ -199,6 +199,8 @@ def test_one_process_hosts_several_replicas(tmp_path: Path, names: Names, cleanu
         "200",
         "--buffer",
         "2",
+        "--min-workers",
+        "4",  # its own worker and the three replicas started below: all take part
     )
     wait_for(lambda: (out / "keys" / "coordinator.pub").exists(), 60, "the run's keys")
     ids = [f"fleet-r{j}" for j in range(3)]
