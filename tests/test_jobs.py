@@ -199,8 +199,6 @@ def test_one_process_hosts_several_replicas(tmp_path: Path, names: Names, cleanu
         "200",
         "--buffer",
         "2",
-        "--min-workers",
-        "4",  # its own worker and the three replicas started below: all take part
     )
     wait_for(lambda: (out / "keys" / "coordinator.pub").exists(), 60, "the run's keys")
     ids = [f"fleet-r{j}" for j in range(3)]
