@@ -10,22 +10,19 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
-import torch
 from structlog.testing import capture_logs
-from torch import nn
 
 from broker_config.names import Names
 from coordinator.service import Coordinator
 from fedq.cli import _given, _settings, build_parser, main
 from fedq.progress import Progress
 from fedq.run import job_started
-from shared.app import ClassificationApp
 from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
 from shared.messages import Hello, Task
@@ -33,40 +30,9 @@ from shared.settings import Settings
 from shared.signing import Keyring, Signer
 from shared.store import Manifest, ModelStore, model_key, open_store
 from shared.tensors import FlatModel
-
-WAIT = 10.0
-
-
-class LinearApp(ClassificationApp):
-    """Four features, three classes: a linear model, evaluated in no time."""
-
-    name = "linear"
-
-    def build_model(self, seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return nn.Linear(4, 3)
-
-    def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(0)
-        return torch.randn(48, 4, generator=gen), torch.randint(0, 3, (48,), generator=gen)
-
-    def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.train_data()
-
+from tests.tiny import WAIT, LinearApp, events, until
 
 # -- the coordinator waits for its fleet -------------------------------------------------------
-
-
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [e for e in logs if e.get("event") == name]
-
-
-async def until(check: Callable[[], Any], what: str, wait: float = WAIT) -> None:
-    deadline = time.monotonic() + wait
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class Fleet:

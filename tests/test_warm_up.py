@@ -9,7 +9,6 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,46 +18,16 @@ from torch import nn
 
 import worker.training as training
 from broker_config.names import Names
-from shared.app import ClassificationApp, PartitionSpec
+from shared.app import PartitionSpec
 from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
 from shared.messages import Task, TrainConfig, Update
 from shared.signing import Keyring, Signer
 from shared.store import model_key
 from shared.tensors import FlatModel
+from tests.tiny import WAIT, LinearApp, events, until
 from worker.service import Worker
 from worker.training import train_task, warm_up
-
-WAIT = 10.0
-
-
-class LinearApp(ClassificationApp):
-    """Four features, three classes: a linear model, evaluated in no time."""
-
-    name = "linear"
-
-    def build_model(self, seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return nn.Linear(4, 3)
-
-    def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(0)
-        return torch.randn(48, 4, generator=gen), torch.randint(0, 3, (48,), generator=gen)
-
-    def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.train_data()
-
-
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [e for e in logs if e.get("event") == name]
-
-
-async def until(check: Callable[[], Any], what: str, wait: float = WAIT) -> None:
-    deadline = time.monotonic() + wait
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class SpyApp(LinearApp):
