@@ -20,7 +20,6 @@ from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected
 from broker_config.names import Names
 from broker_config.topology import topology
 from shared.aggregation import Policy
-from shared.broker import Broker, Delivery
 from shared.codec import MAX_HEAD_BYTES, Envelope, decode, encode
 from shared.errors import FedqError, StoreError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer, load_public_key
@@ -31,6 +30,8 @@ from shared.settings import Settings
 from shared.signing import Keyring, Signer, fingerprint
 from shared.staleness import Staleness
 from shared.store import Manifest, ModelStore, model_key, open_store
+from shared.transport import Delivery, Transport
+from shared.transport.rabbitmq import RabbitMQ
 
 OFFLOAD_BYTES = 1 << 20  # decode large updates off the event loop
 CATCH_UP_SECONDS = 0.5  # how often to look for versions another aggregator stored
@@ -78,7 +79,7 @@ class Aggregator:
     def __init__(
         self,
         *,
-        broker: Broker,
+        broker: Transport,
         store: ModelStore,
         policy: Policy,
         signer: Signer,
@@ -359,7 +360,7 @@ class ReceiptSender:
 
     LIMIT = 256  # receipts per message (about 40 kB with the usual ids; longer ones are split)
 
-    def __init__(self, broker: Broker, signer: Signer, job_id: str) -> None:
+    def __init__(self, broker: Transport, signer: Signer, job_id: str) -> None:
         self.broker = broker
         self.signer = signer
         self.job_id = job_id
@@ -408,7 +409,7 @@ async def serve(settings: Settings) -> None:
         max_staleness=settings.max_staleness,
         max_norm=settings.max_norm,
     )
-    broker = await Broker(
+    broker = await RabbitMQ(
         settings.amqp_url, names, f"fedq-aggregator-{settings.job}", settings.amqp_heartbeat
     ).connect()
     try:

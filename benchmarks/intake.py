@@ -66,13 +66,14 @@ from aggregator.service import Aggregator
 from broker_config.names import Names
 from broker_config.topology import coordinator_inbox, topology
 from shared.aggregation import Policy
-from shared.broker import Broker, Delivery
 from shared.ledger import JsonLines, read_lines
 from shared.logs import configure_logging
 from shared.messages import Update
 from shared.signing import Keyring, Signer
 from shared.store import LocalStore, Manifest, ModelStore, model_key
 from shared.tensors import FlatModel
+from shared.transport import Delivery
+from shared.transport.rabbitmq import RabbitMQ
 
 TARGET = 0.8
 JOB = "bench"
@@ -372,8 +373,8 @@ async def intake(
 ) -> Phase:
     """The real aggregator fed through the real broker; returns when the N-th update is accepted."""
     tmp = Path(tempfile.mkdtemp(prefix="fedq-bench-intake-"))
-    admin = await Broker(AMQP_URL, names, f"bench-admin-{names.namespace}").connect()
-    service = await Broker(AMQP_URL, names, f"bench-aggregator-{names.namespace}").connect()
+    admin = await RabbitMQ(AMQP_URL, names, f"bench-admin-{names.namespace}").connect()
+    service = await RabbitMQ(AMQP_URL, names, f"bench-aggregator-{names.namespace}").connect()
     task: asyncio.Task[None] | None = None
     try:
         await admin.declare(topology(names))

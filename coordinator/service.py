@@ -30,7 +30,6 @@ from broker_config.names import Names, check_token
 from broker_config.topology import coordinator_inbox, topology
 from coordinator.registry import Registry
 from shared.app import App
-from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
 from shared.errors import ConfigError, FedqError, StoreError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer
@@ -41,6 +40,8 @@ from shared.settings import Settings
 from shared.signing import Keyring, Signer
 from shared.store import Manifest, ModelStore, model_key, open_store
 from shared.tensors import FlatModel, ModelSpec
+from shared.transport import Delivery, Transport
+from shared.transport.rabbitmq import RabbitMQ
 
 TICK = 0.1
 WAITING_LOG_EVERY = 5.0  # seconds between waiting_for_workers lines
@@ -66,7 +67,7 @@ class Coordinator:
         self,
         *,
         settings: Settings,
-        broker: Broker,
+        broker: Transport,
         store: ModelStore,
         app: App,
         signer: Signer,
@@ -543,7 +544,7 @@ async def serve(settings: Settings, app: App) -> str:
     check_token("job id", settings.job)
     check_fleet_settings(settings)
     signer = load_or_create_signer(settings.key_path("coordinator"))
-    broker = await Broker(
+    broker = await RabbitMQ(
         settings.amqp_url, names, f"fedq-coordinator-{settings.job}", settings.amqp_heartbeat
     ).connect()
     try:

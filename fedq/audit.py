@@ -15,16 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aio_pika
-
-from broker_config.names import Names
-from fedq.streams import read_stream
 from shared.codec import decode_head, open_envelope
-from shared.errors import ConfigError, WireError
+from shared.errors import BrokerError, ConfigError, WireError
 from shared.ledger import read_lines
 from shared.messages import Update
 from shared.settings import Settings
 from shared.store import ModelStore, open_store
+from shared.transport import Transport
+from shared.transport.connect import connected
 
 
 @dataclass
@@ -139,30 +137,26 @@ def balance(
 STEADY_TRIES = 5
 
 
-async def queue_depth(amqp_url: str, queue: str) -> int:
-    """How many messages wait in ``queue`` (a passive declare: the queue is not touched)."""
-    conn = await aio_pika.connect(amqp_url, client_properties={"connection_name": "fedq-audit"})
-    try:
-        channel = await conn.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return int(declared.declaration_result.message_count or 0)
-    finally:
-        await conn.close()
+async def queue_depth(transport: Transport, queue: str) -> int:
+    """How many messages wait in ``queue`` (a passive look: the queue is not touched)."""
+    info = await transport.queue_info(queue)
+    if info is None:
+        raise BrokerError(f"queue {queue!r} does not exist: is --namespace right?")
+    return info.messages
 
 
-async def read_update_log(
-    amqp_url: str, names: Names, job_id: str, idle: float = 2.0
-) -> tuple[dict[str, str], int]:
+async def read_update_log(transport: Transport, job_id: str, idle: float = 2.0) -> tuple[dict[str, str], int]:
     """Every update of ``job_id`` in the update log stream (task id -> worker id), and the
     number of messages waiting in the updates queue. Reads with its own consumer, acks
     only its own stream deliveries, and never touches the live queues' messages."""
     # Updates still arriving (a worker outside the run finishing a leftover task) would land in
     # the log after the depth was read, or in the queue after the log was: read until the
     # queue held still across the read, so that each is counted in both or in neither.
+    names = transport.names
     for _ in range(STEADY_TRIES):
-        in_queue = await queue_depth(amqp_url, names.updates_queue)
-        entries = await read_stream(amqp_url, names.update_log, idle=idle, connection_name="fedq-audit")
-        if await queue_depth(amqp_url, names.updates_queue) == in_queue:
+        in_queue = await queue_depth(transport, names.updates_queue)
+        entries = await transport.read_all(names.update_log, idle=idle)
+        if await queue_depth(transport, names.updates_queue) == in_queue:
             break
     sent: dict[str, str] = {}
     for entry in entries:
@@ -185,7 +179,8 @@ async def audit(settings: Settings, read_log: bool = True) -> Balance:
     sent: dict[str, str] | None = None
     in_queue: int | None = None
     if read_log:
-        sent, in_queue = await read_update_log(settings.amqp_url, Names(settings.namespace), settings.job)
+        async with connected(settings, "fedq-audit") as transport:
+            sent, in_queue = await read_update_log(transport, settings.job)
     result = balance(settings.job, manifests, ledger, sent, in_queue)
     state_path = settings.out_dir / "coordinator.json"
     if state_path.exists():

@@ -29,6 +29,7 @@ two leaves it in both places; receivers deduplicate by task id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -39,17 +40,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-import aio_pika
-import aio_pika.exceptions
-import aiormq.exceptions
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-
 from broker_config.names import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, Names
-from shared.broker import LINK_ERRORS, Broker
 from shared.codec import decode_head, open_envelope
 from shared.errors import BrokerError, ConfigError, WireError
 from shared.messages import PAYLOAD_FIELD
 from shared.settings import Settings
+from shared.transport import Held, QueuePass, Transport
+from shared.transport.connect import transport_for
 
 # Headers a requeued message must not carry: fedq's dead-letter record, the broker's one
 # (x-death and its x-first-/x-last-death-* summaries) and the dead queue's delivery counts.
@@ -57,14 +54,10 @@ STRIP_HEADERS = frozenset(
     {REASON_HEADER, DETAIL_HEADER, SOURCE_HEADER, "x-death", "x-delivery-count", "x-acquired-count"}
 )
 STRIP_PREFIXES = ("x-first-death-", "x-last-death-")
-# Annotations a quorum queue adds when it delivers a message: they describe our reading, not the message.
-DELIVERY_HEADERS = frozenset({"x-delivery-count", "x-acquired-count"})
 PREVIEW_BYTES = 64
 CELL = 64  # characters of a claimed field shown in a list line
 # Acks in flight at most, and copies published per window (see DeadQueue).
 SETTLE_BATCH = 8
-# What a publish or an ack on the pass's channel raises when the broker refuses or the link is gone.
-PASS_ERRORS: tuple[type[BaseException], ...] = (aio_pika.exceptions.AMQPError, *LINK_ERRORS)
 # Envelope fields that tell when a message was made, by kind of message.
 MADE_AT = (("issued_at", "issued"), ("sent_at", "sent"), ("created_at", "created"))
 
@@ -436,20 +429,19 @@ class DeadQueue:
     the next: after a confirmed copy on this channel, or after a ``basic.get``, both of which
     the broker only answers once the commands sent before them are applied."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Transport) -> None:
         self.broker = broker
         self.name = broker.names.dead_queue
-        self.held: list[tuple[DeadLetter, AbstractIncomingMessage]] = []
+        self.held: list[tuple[DeadLetter, Held]] = []
         self._settled: list[bool] = []
         self._since_barrier = 0  # acks sent since the last point they were known to be applied
-        self._channel: AbstractChannel | None = None
-        self._queue: AbstractQueue | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._pass: QueuePass | None = None
 
     async def __aenter__(self) -> DeadQueue:
-        self._channel = await self.broker.connection.channel(publisher_confirms=True, on_return_raises=True)
         try:
-            self._queue = await self._channel.declare_queue(self.name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            self._pass = await self._stack.enter_async_context(self.broker.queue_pass(self.name))
+        except BrokerError as exc:
             raise BrokerError(
                 f"no dead-letter queue {self.name!r} on the broker: is the namespace right? "
                 "(`fedq declare` creates it)"
@@ -457,17 +449,16 @@ class DeadQueue:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()  # anything still held goes back to the queue
+        await self._stack.aclose()  # anything still held goes back to the queue
 
     async def _take(self) -> bool:
         """Hold the queue's next message; ``False`` when it is empty."""
-        assert self._queue is not None
-        message = await self._queue.get(no_ack=False, fail=False, timeout=30)
+        assert self._pass is not None
+        message = await self._pass.take()
         if message is None:
             return False
         letter = DeadLetter.of(
-            len(self.held) + 1, message.body, message.headers, message.timestamp, bool(message.redelivered)
+            len(self.held) + 1, message.body, message.headers, _moment(message.timestamp), message.redelivered
         )
         self.held.append((letter, message))
         self._settled.append(False)
@@ -490,7 +481,7 @@ class DeadQueue:
                 "",
                 target,
                 message.body,
-                headers=requeue_headers(message.headers or {}),
+                headers=requeue_headers(message.headers),
                 message_id=message.message_id,
             )
         except BrokerError as exc:
@@ -516,10 +507,11 @@ class DeadQueue:
         publishes on one channel go out in the order they start (aiormq serialises them with a
         FIFO lock) and a queue keeps the order of one channel's publishes. An original is acked
         only once its copy is confirmed; one whose copy failed stays held and goes back at close."""
+        assert self._pass is not None
         rest = [i for i, settled in enumerate(self._settled) if not settled]
         for start in range(0, len(rest), SETTLE_BATCH):
             window = rest[start : start + SETTLE_BATCH]
-            errors = await asyncio.gather(*(self._send_copy(self.held[i][1]) for i in window))
+            errors = await asyncio.gather(*(self._pass.copy_back(self.held[i][1]) for i in window))
             for i, error in zip(window, errors, strict=True):
                 if error is None:
                     await self._ack(i, "put back in place")
@@ -532,42 +524,23 @@ class DeadQueue:
                 ) from error
         self._since_barrier = 0
 
-    async def _send_copy(self, message: AbstractIncomingMessage) -> BaseException | None:
-        assert self._channel is not None
-        copy = aio_pika.Message(
-            message.body,
-            headers={k: v for k, v in (message.headers or {}).items() if k not in DELIVERY_HEADERS},
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=message.priority,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            expiration=message.expiration,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
-        )
-        try:
-            await self._channel.default_exchange.publish(copy, self.name, mandatory=True, timeout=30)
-        except PASS_ERRORS as exc:
-            return exc
-        return None
-
     async def _ack(self, i: int, done: str) -> None:
+        assert self._pass is not None
         letter, message = self.held[i]
-        try:
-            await message.ack()
-        except PASS_ERRORS as exc:
+        error = await self._pass.ack(message)
+        if error is not None:
             raise BrokerError(
                 f"#{letter.position} was {done}, but its original could not be removed from {self.name} "
-                f"({exc!r}): it is there twice now"
-            ) from exc
+                f"({error!r}): it is there twice now"
+            ) from error
         self._settled[i] = True
 
 
-async def read(broker: Broker, reason: str | None = None) -> list[DeadLetter]:
+def _moment(timestamp: float | None) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC) if timestamp is not None else None
+
+
+async def read(broker: Transport, reason: str | None = None) -> list[DeadLetter]:
     """Every message of the dead queue, described (only those with ``reason`` if given); the
     queue is left with the same messages in the same order."""
     async with DeadQueue(broker) as dq:
@@ -576,7 +549,7 @@ async def read(broker: Broker, reason: str | None = None) -> list[DeadLetter]:
     return [d for d in letters if reason is None or d.reason == reason]
 
 
-async def show(broker: Broker, position: int) -> DeadLetter:
+async def show(broker: Transport, position: int) -> DeadLetter:
     """The message at ``position`` (1 = the head); ``ConfigError`` when there is none."""
     if position < 1:
         raise ConfigError(f"positions start at 1 (as `fedq dlq list` shows them), not {position}")
@@ -590,7 +563,7 @@ def _count(n: int) -> str:
     return "no messages" if n == 0 else f"{n} (#1 to #{n})" if n > 1 else "1 (#1)"
 
 
-async def requeue(broker: Broker, choice: Choice, dry_run: bool = False) -> list[Outcome]:
+async def requeue(broker: Transport, choice: Choice, dry_run: bool = False) -> list[Outcome]:
     """Send the chosen messages back to their source queues, each acked off the dead queue only
     after the broker confirmed its copy; every other message is put back in its place. Positions
     that do not exist fail the whole call before anything is sent; a message without a known
@@ -642,15 +615,8 @@ class Request:
     as_json: bool = False
 
 
-async def connect(settings: Settings) -> Broker:
-    broker = Broker(
-        settings.amqp_url,
-        Names(settings.namespace),
-        "fedq-dlq",
-        heartbeat=settings.amqp_heartbeat,
-        publish_retry_seconds=10.0,
-    )
-    return await broker.connect()
+async def connect(settings: Settings) -> Transport:
+    return await transport_for(settings, "fedq-dlq", publish_retry_seconds=10.0).connect()
 
 
 async def run(settings: Settings, request: Request) -> tuple[str, int]:

@@ -20,11 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiormq.exceptions
 import torch
 
 from broker_config.names import Names
-from shared.broker import Broker
 from shared.codec import encode
 from shared.errors import BrokerError, ConfigError, FedqError, StoreError
 from shared.keys import load_or_create_signer, write_public_key
@@ -32,6 +30,7 @@ from shared.ledger import JsonLines, read_lines
 from shared.settings import Settings
 from shared.signing import Signer
 from shared.store import Manifest, ModelStore, manifest_key, model_key, open_store
+from shared.transport.connect import connected
 
 OPERATOR_KEY = "operator.key"
 SETTLE_SECONDS = 2.0  # how long a freshly written rollback must stay unchallenged before it is announced
@@ -307,30 +306,11 @@ def operator_signer(settings: Settings, run_folder: bool) -> Signer:
 
 async def announce(settings: Settings, manifest: Manifest, signer: Signer) -> None:
     """Publish the version on the models exchange, as the aggregator does for the versions it makes."""
-    names = Names(settings.namespace)
-    broker = await Broker(
-        settings.amqp_url,
-        names,
-        f"fedq-model-rollback-{settings.job}",
-        settings.amqp_heartbeat,
-        publish_retry_seconds=15.0,
-    ).connect()
-    try:
-        channel = await broker.connection.channel()
-        try:
-            await channel.get_exchange(names.models_exchange, ensure=True)  # passive: declare nothing
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            raise BrokerError(
-                f"the broker has no exchange {names.models_exchange!r}: is --namespace right?"
-            ) from None
-        finally:
-            if not channel.is_closed:
-                await channel.close()
-        await broker.publish(
-            names.models_exchange, Names.model_key(manifest.job_id), encode(manifest.announcement(), signer)
-        )
-    finally:
-        await broker.close()
+    async with connected(settings, f"fedq-model-rollback-{settings.job}", publish_retry_seconds=15.0) as transport:
+        models = transport.names.models_exchange
+        if not await transport.exchange_exists(models):
+            raise BrokerError(f"the broker has no exchange {models!r}: is --namespace right?")
+        await transport.publish(models, Names.model_key(manifest.job_id), encode(manifest.announcement(), signer))
 
 
 async def rollback(settings: Settings, to: int, run_folder: bool, do_announce: bool, as_json: bool) -> int:

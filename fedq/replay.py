@@ -18,8 +18,6 @@ from typing import Any
 import torch
 
 from aggregator.core import Accepted, AggregatorCore
-from broker_config.names import Names
-from fedq.streams import StreamEntry, read_stream
 from shared.aggregation import Policy
 from shared.app import App
 from shared.codec import decode_head, open_envelope
@@ -33,6 +31,8 @@ from shared.signing import Keyring
 from shared.staleness import Staleness
 from shared.store import Manifest, ModelStore, open_store
 from shared.tensors import FlatModel
+from shared.transport import StreamEntry
+from shared.transport.connect import connected
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,8 @@ async def load_job(settings: Settings, offset: Any = "first") -> Job:
     if not manifests:
         raise FedqError(f"job {settings.job} has no versions in the store at {settings.store}")
     keyring = DirectoryKeyring(settings.trusted_dir) if settings.trusted_dir.is_dir() else None
-    entries = await read_stream(settings.amqp_url, Names(settings.namespace).update_log, offset)
+    async with connected(settings, "fedq-replay") as transport:
+        entries = await transport.read_all(transport.names.update_log, offset)
     updates = decode_entries(entries, settings.job, keyring)
     ledger = list(read_lines(settings.out_dir / "ledger.jsonl"))
     return Job(settings, store, manifests, updates, ledger)

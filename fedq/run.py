@@ -16,17 +16,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker_config.names import Names
 from broker_config.topology import topology
 from fedq.audit import audit
 from fedq.progress import Progress
 from fedq.summary import build_summary
 from shared.app import load_app
-from shared.broker import Broker
 from shared.errors import ConfigError, FedqError
 from shared.keys import load_or_create_signer, public_key_path
 from shared.ledger import JsonLines
 from shared.settings import Settings, env_name
+from shared.transport.connect import connected
 
 
 def parse_delay_profile(text: str, workers: int) -> list[float]:
@@ -61,15 +60,12 @@ def prepare_keys(run_dir: Path, worker_ids: list[str]) -> Path:
 
 
 async def declare_only(settings: Settings, purge: bool = False) -> None:
-    names = Names(settings.namespace)
-    broker = await Broker(settings.amqp_url, names, "fedq-declare").connect()
-    try:
-        await broker.declare(topology(names, settings.capability_list))
+    async with connected(settings, "fedq-declare") as transport:
+        names = transport.names
+        await transport.declare(topology(names, settings.capability_list))
         if purge:
             for queue in [names.task_queue(c) for c in settings.capability_list] + [names.updates_queue]:
-                await broker.purge(queue)
-    finally:
-        await broker.close()
+                await transport.purge(queue)
 
 
 def _env(settings: Settings, run_dir: Path, keys: Path) -> dict[str, str]:

@@ -14,8 +14,8 @@ import pytest
 
 from broker_config.names import Names
 from broker_config.topology import topology
-from shared.broker import Broker
 from shared.signing import Keyring, Signer
+from shared.transport.rabbitmq import RabbitMQ
 
 # tests/jobs.py is not a test file: rewrite its asserts too, for failure messages as detailed as a test's
 pytest.register_assert_rewrite("tests.jobs")
@@ -48,10 +48,10 @@ def names(request: pytest.FixtureRequest) -> Names:
 
 
 @pytest.fixture
-async def broker(amqp_url: str, names: Names, request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    """A connected ``Broker`` named after the test, with the namespace's topology declared;
+async def broker(amqp_url: str, names: Names, request: pytest.FixtureRequest) -> AsyncIterator[RabbitMQ]:
+    """A connected ``RabbitMQ`` named after the test, with the namespace's topology declared;
     every queue and exchange of the namespace is deleted afterwards."""
-    b = await Broker(amqp_url, names, f"test-{request.node.name}"[:120]).connect()
+    b = await RabbitMQ(amqp_url, names, f"test-{request.node.name}"[:120]).connect()
     await b.declare(topology(names, ("cpu",)))
     yield b
     await b.close()

@@ -14,11 +14,12 @@ import torch
 
 from aggregator.service import CATCH_UP_SECONDS
 from broker_config.names import Names
-from shared.broker import Broker, Delivery
 from shared.codec import decode
 from shared.messages import Receipt, Receipts
 from shared.signing import Keyring
 from shared.store import Manifest, model_key
+from shared.transport import Delivery
+from shared.transport.rabbitmq import RabbitMQ
 from tests.test_rejections import JOB, WAIT, Rig, aggregator_rig, until
 
 
@@ -49,7 +50,7 @@ async def held(rig: Rig, count: int) -> None:
 
 
 async def test_receipts_that_never_confirm_do_not_hold_up_updates(
-    broker: Broker, names: Names, tmp_path: Path
+    broker: RabbitMQ, names: Names, tmp_path: Path
 ) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=2) as rig:
         service = rig.service_broker
@@ -76,7 +77,7 @@ async def test_receipts_that_never_confirm_do_not_hold_up_updates(
 
 
 async def test_the_store_is_not_asked_about_other_versions_on_every_update(
-    broker: Broker, names: Names, tmp_path: Path
+    broker: RabbitMQ, names: Names, tmp_path: Path
 ) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=1000) as rig:
         objects = rig.store.objects
@@ -98,7 +99,7 @@ async def test_the_store_is_not_asked_about_other_versions_on_every_update(
 
 
 async def test_a_version_another_aggregator_stored_is_adopted_before_writing_one(
-    broker: Broker, names: Names, tmp_path: Path
+    broker: RabbitMQ, names: Names, tmp_path: Path
 ) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=2) as rig:
         first, body = rig.update()
@@ -121,7 +122,7 @@ async def test_a_version_another_aggregator_stored_is_adopted_before_writing_one
 
 
 async def test_an_update_on_a_version_only_another_aggregator_stored_is_not_rejected(
-    broker: Broker, names: Names, tmp_path: Path
+    broker: RabbitMQ, names: Names, tmp_path: Path
 ) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=3) as rig:
         await rig.send(rig.update()[1])
@@ -138,7 +139,7 @@ async def test_an_update_on_a_version_only_another_aggregator_stored_is_not_reje
 
 
 async def test_receipts_that_pile_up_behind_a_slow_confirm_go_as_one_message(
-    broker: Broker, names: Names, tmp_path: Path
+    broker: RabbitMQ, names: Names, tmp_path: Path
 ) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=100) as rig:
         inbox: asyncio.Queue[Delivery] = asyncio.Queue()

@@ -6,13 +6,12 @@ from typing import Any
 
 import pytest
 
-import fedq.audit as audit_module
 from broker_config.names import Names
 from fedq.audit import read_update_log
-from shared.broker import Broker
 from shared.codec import encode
 from shared.messages import Receipt, Update
 from shared.signing import Signer
+from shared.transport.rabbitmq import RabbitMQ
 
 
 def update(task_id: str, job_id: str, worker_id: str) -> Update:
@@ -20,7 +19,7 @@ def update(task_id: str, job_id: str, worker_id: str) -> Update:
 
 
 async def test_update_log_names_each_update_of_the_job_and_counts_the_queue(
-    broker: Broker, names: Names, amqp_url: str, signer: Signer
+    broker: RabbitMQ, names: Names, amqp_url: str, signer: Signer
 ) -> None:
     sent = [
         update("t1", "job-a", "w1"),
@@ -34,18 +33,18 @@ async def test_update_log_names_each_update_of_the_job_and_counts_the_queue(
     await broker.publish(
         names.results_exchange, "", encode(Receipt("job-a", "t9", "w3", "applied", "", 1), signer)
     )
-    log, in_queue = await read_update_log(amqp_url, names, "job-a", idle=1.0)
+    log, in_queue = await read_update_log(broker, "job-a", idle=1.0)
     assert log == {"t1": "w1", "t2": "w2"}
     assert in_queue == 6  # the updates queue is bound to the same exchange: everything waits there
 
 
 async def test_an_update_that_arrives_while_the_log_is_read_is_counted_in_both(
-    broker: Broker, names: Names, amqp_url: str, signer: Signer, monkeypatch: pytest.MonkeyPatch
+    broker: RabbitMQ, names: Names, amqp_url: str, signer: Signer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker outside the run may still send an update as the audit reads: it must be in the
     log and in the queue count alike, or the balance calls it lost."""
     await broker.publish(names.results_exchange, "", encode(update("t1", "job-a", "w1"), signer))
-    real_read = audit_module.read_stream
+    real_read = broker.read_all
     late = [update("t2", "job-a", "w2")]
 
     async def read_then_one_more_arrives(*args: Any, **kwargs: Any) -> Any:
@@ -54,6 +53,6 @@ async def test_an_update_that_arrives_while_the_log_is_read_is_counted_in_both(
             await broker.publish(names.results_exchange, "", encode(late.pop(), signer))
         return entries
 
-    monkeypatch.setattr(audit_module, "read_stream", read_then_one_more_arrives)
-    log, in_queue = await read_update_log(amqp_url, names, "job-a", idle=1.0)
+    monkeypatch.setattr(broker, "read_all", read_then_one_more_arrives)
+    log, in_queue = await read_update_log(broker, "job-a", idle=1.0)
     assert (log, in_queue) == ({"t1": "w1", "t2": "w2"}, 2)

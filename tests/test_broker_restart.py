@@ -20,7 +20,8 @@ import pytest
 
 from broker_config.names import Names
 from broker_config.topology import topology
-from shared.broker import Broker, Delivery
+from shared.transport import Delivery
+from shared.transport.rabbitmq import RabbitMQ
 from tests.jobs import check_exact_accounting, finish, problems_in_logs, records, start_run, wait_for
 from tests.private_broker import (  # noqa: F401  (fixtures used by name)
     PrivateRabbit,
@@ -39,7 +40,7 @@ async def test_consumers_and_running_handlers_survive_broker_restart(private_rab
     handler that was running when the link dropped finishes instead of being cancelled; its ack is
     lost, and the broker redelivers the (persistent, quorum-queued) message."""
     names = Names(f"t-{uuid.uuid4().hex[:10]}")
-    broker = await Broker(private_rabbit.amqp_url, names, "test-restart-adapter").connect()
+    broker = await RabbitMQ(private_rabbit.amqp_url, names, "test-restart-adapter").connect()
     try:
         await broker.declare(topology(names, ("cpu",)))
         tasks: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue()

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from broker_config.names import Names
-from shared.broker import Broker
 from shared.codec import encode
 from shared.messages import Update
 from shared.quantize import encode_delta
+from shared.transport.rabbitmq import RabbitMQ
 from tests.jobs import cleanup, finish, records, start_run
 from tests.test_rejections import JOB, Rig, aggregator_rig
 
@@ -50,7 +50,7 @@ async def claim_checked(
     return tid, encode(update, rig.worker), delta
 
 
-async def test_claim_checked_update_is_applied(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_claim_checked_update_is_applied(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=2) as rig:
         bodies = []
         for _ in range(2):
@@ -64,7 +64,7 @@ async def test_claim_checked_update_is_applied(broker: Broker, names: Names, tmp
         await rig.stop_and_assert_all_acked()
 
 
-async def test_claim_check_with_wrong_bytes_is_rejected(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_claim_check_with_wrong_bytes_is_rejected(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     async with aggregator_rig(broker, names, tmp_path) as rig:
         tid, body, blob = await claim_checked(rig)
         await rig.store.objects.put(f"jobs/{JOB}/updates/{tid}.bin", blob[:-1] + bytes([blob[-1] ^ 1]))
@@ -75,7 +75,7 @@ async def test_claim_check_with_wrong_bytes_is_rejected(broker: Broker, names: N
 
 
 async def test_claim_check_with_missing_blob_is_rejected(
-    broker: Broker, names: Names, tmp_path: Path
+    broker: RabbitMQ, names: Names, tmp_path: Path
 ) -> None:
     async with aggregator_rig(broker, names, tmp_path) as rig:
         tid, body, _ = await claim_checked(rig, store=False)
@@ -87,7 +87,7 @@ async def test_claim_check_with_missing_blob_is_rejected(
 
 
 async def test_claim_check_outside_the_updates_area_is_rejected(
-    broker: Broker, names: Names, tmp_path: Path
+    broker: RabbitMQ, names: Names, tmp_path: Path
 ) -> None:
     async with aggregator_rig(broker, names, tmp_path) as rig:
         tid, body, _ = await claim_checked(rig, key=f"jobs/{JOB}/models/v000000.bin", store=False)

@@ -147,9 +147,9 @@ async def _queues_exist(amqp_url: str, names: list[str]) -> bool:
 
 
 async def _declare(amqp_url: str, names: Names) -> None:
-    from shared.broker import Broker
+    from shared.transport.rabbitmq import RabbitMQ
 
-    broker = await Broker(amqp_url, names, "test-definitions").connect()
+    broker = await RabbitMQ(amqp_url, names, "test-definitions").connect()
     try:
         await broker.declare(topology(names, ("cpu",)))  # a conflicting argument would raise here
     finally:

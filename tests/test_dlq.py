@@ -29,11 +29,12 @@ import pytest
 from broker_config.names import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, Names
 from fedq import dlq
 from fedq.dlq import Choice
-from shared.broker import Broker, Delivery
 from shared.codec import encode
 from shared.errors import ConfigError
 from shared.messages import Task, TrainConfig, Update
 from shared.signing import Signer
+from shared.transport import Delivery
+from shared.transport.rabbitmq import RabbitMQ
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -97,7 +98,7 @@ async def dead_letter_through_consumer(
 ) -> None:
     """Play a service: consume ``queue`` on a connection of its own and dead-letter every message
     with the reason given for its body (one at a time, so their order is kept), then go away."""
-    service = await Broker(amqp_url, names, "test-dlq-service").connect()
+    service = await RabbitMQ(amqp_url, names, "test-dlq-service").connect()
     left = dict(verdicts)
     done = asyncio.Event()
 
@@ -114,7 +115,7 @@ async def dead_letter_through_consumer(
         await service.close()
 
 
-async def until_dead(broker: Broker, count: int) -> list[dlq.DeadLetter]:
+async def until_dead(broker: RabbitMQ, count: int) -> list[dlq.DeadLetter]:
     deadline = time.monotonic() + WAIT
     while True:
         letters = await dlq.read(broker)
@@ -125,7 +126,7 @@ async def until_dead(broker: Broker, count: int) -> list[dlq.DeadLetter]:
         await asyncio.sleep(0.05)
 
 
-async def build_scene(broker: Broker, names: Names, amqp_url: str) -> Scene:
+async def build_scene(broker: RabbitMQ, names: Names, amqp_url: str) -> Scene:
     coordinator, worker, impostor = Signer.generate(), Signer.generate(), Signer.generate()
     expired = make_task(coordinator)
     await broker.publish(names.tasks_exchange, "cpu", expired[1], expiration=0.05)
@@ -161,10 +162,10 @@ async def build_scene(broker: Broker, names: Names, amqp_url: str) -> Scene:
     return Scene(names, coordinator, worker, expired, stale_a, garbage, stale_b, impostor_task, orphan)
 
 
-async def drain(broker: Broker, queue: str, expect: int) -> list[Delivery]:
+async def drain(broker: RabbitMQ, queue: str, expect: int) -> list[Delivery]:
     """Consume ``queue`` on a connection of its own (the updates queue allows no basic.get):
     ``expect`` messages, acked, then a quiet spell in which nothing more may arrive."""
-    reader = await Broker(broker.url, broker.names, "test-dlq-reader").connect()
+    reader = await RabbitMQ(broker.url, broker.names, "test-dlq-reader").connect()
     got: asyncio.Queue[Delivery] = asyncio.Queue()
 
     async def on_message(delivery: Delivery) -> None:
@@ -190,7 +191,7 @@ def shape(letters: list[dlq.DeadLetter]) -> list[tuple[int, str, str, str, str]]
 
 
 async def test_list_gives_reasons_and_sources_and_leaves_the_queue_intact(
-    broker: Broker, names: Names, amqp_url: str
+    broker: RabbitMQ, names: Names, amqp_url: str
 ) -> None:
     s = await build_scene(broker, names, amqp_url)
     tasks, updates = names.task_queue("cpu"), names.updates_queue
@@ -221,7 +222,7 @@ async def test_list_gives_reasons_and_sources_and_leaves_the_queue_intact(
 
 
 async def test_show_decodes_the_envelope_without_trusting_it(
-    broker: Broker, names: Names, amqp_url: str
+    broker: RabbitMQ, names: Names, amqp_url: str
 ) -> None:
     s = await build_scene(broker, names, amqp_url)
     d = await dlq.show(broker, 2)
@@ -251,7 +252,7 @@ async def test_show_decodes_the_envelope_without_trusting_it(
     assert len(await dlq.read(broker)) == 6
 
 
-async def test_many_dead_letters_keep_their_order(broker: Broker, names: Names) -> None:
+async def test_many_dead_letters_keep_their_order(broker: RabbitMQ, names: Names) -> None:
     """Well over 32. Measured on 3.10, a quorum queue shuffles that many messages when it takes
     them back unacked, and closing a channel right after that many acks loses some of them:
     a pass must neither reorder nor duplicate."""
@@ -276,7 +277,7 @@ async def test_many_dead_letters_keep_their_order(broker: Broker, names: Names) 
 # -- requeue ------------------------------------------------------------------------------------
 
 
-async def test_requeue_by_reason_puts_exactly_those_back(broker: Broker, names: Names, amqp_url: str) -> None:
+async def test_requeue_by_reason_puts_exactly_those_back(broker: RabbitMQ, names: Names, amqp_url: str) -> None:
     s = await build_scene(broker, names, amqp_url)
     before = await dlq.read(broker)
 
@@ -310,7 +311,7 @@ async def test_requeue_by_reason_puts_exactly_those_back(broker: Broker, names: 
 
 
 async def test_requeue_positions_skips_unknown_sources_and_rejects_bad_ones(
-    broker: Broker, names: Names, amqp_url: str
+    broker: RabbitMQ, names: Names, amqp_url: str
 ) -> None:
     s = await build_scene(broker, names, amqp_url)
 
@@ -377,7 +378,7 @@ def fedq(amqp_url: str, names: Names, *args: str) -> subprocess.CompletedProcess
     )
 
 
-async def test_cli(broker: Broker, names: Names, amqp_url: str) -> None:
+async def test_cli(broker: RabbitMQ, names: Names, amqp_url: str) -> None:
     s = await build_scene(broker, names, amqp_url)
 
     listed = await asyncio.to_thread(fedq, amqp_url, names, "list", "--json")

@@ -23,13 +23,14 @@ from coordinator.service import Coordinator
 from fedq.cli import _given, _settings, build_parser, main
 from fedq.progress import Progress
 from fedq.run import job_started
-from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
 from shared.messages import Hello, Task
 from shared.settings import Settings
 from shared.signing import Keyring, Signer
 from shared.store import Manifest, ModelStore, model_key, open_store
 from shared.tensors import FlatModel
+from shared.transport import Delivery
+from shared.transport.rabbitmq import RabbitMQ
 from tests.tiny import WAIT, LinearApp, events, until
 
 # -- the coordinator waits for its fleet -------------------------------------------------------
@@ -38,7 +39,7 @@ from tests.tiny import WAIT, LinearApp, events, until
 class Fleet:
     """Fake workers: each sends a signed hello every 0.3 s, as a worker's heartbeat does."""
 
-    def __init__(self, broker: Broker, signer: Signer) -> None:
+    def __init__(self, broker: RabbitMQ, signer: Signer) -> None:
         self.broker = broker
         self.signer = signer
         self.tasks: list[asyncio.Task[None]] = []
@@ -73,7 +74,7 @@ class Tasks:
 
 @contextlib.asynccontextmanager
 async def coordinator_rig(
-    broker: Broker, names: Names, amqp_url: str, out: Path, job: str = "", **settings: Any
+    broker: RabbitMQ, names: Names, amqp_url: str, out: Path, job: str = "", **settings: Any
 ) -> AsyncIterator[tuple[Coordinator, Fleet, Tasks, list[dict[str, Any]]]]:
     """A coordinator running in this process on a local store under ``out``; its logs captured."""
     job = job or new_job()
@@ -94,7 +95,7 @@ async def coordinator_rig(
     tasks.keyring.add(signer.public)
     await broker.consume(names.task_queue("cpu"), tasks.on_message, prefetch=32)
     fleet = Fleet(broker, signer)
-    own = await Broker(amqp_url, names, "test-coordinator").connect()
+    own = await RabbitMQ(amqp_url, names, "test-coordinator").connect()
     with capture_logs() as logs:
         coordinator = Coordinator(
             settings=s,
@@ -148,7 +149,7 @@ def write_resumable_state(out: Path, job: str, in_flight: dict[str, Any] | None 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
 async def test_no_task_until_the_nth_worker_says_hello(
-    broker: Broker, names: Names, amqp_url: str, tmp_path: Path, mode: str
+    broker: RabbitMQ, names: Names, amqp_url: str, tmp_path: Path, mode: str
 ) -> None:
     async with coordinator_rig(
         broker, names, amqp_url, tmp_path, mode=mode, min_workers=3, min_workers_wait=60.0
@@ -175,7 +176,7 @@ async def test_no_task_until_the_nth_worker_says_hello(
 
 
 async def test_starts_anyway_after_the_wait_with_a_warning(
-    broker: Broker, names: Names, amqp_url: str, tmp_path: Path
+    broker: RabbitMQ, names: Names, amqp_url: str, tmp_path: Path
 ) -> None:
     async with coordinator_rig(broker, names, amqp_url, tmp_path, min_workers=3, min_workers_wait=2.0) as (
         coordinator,
@@ -195,7 +196,7 @@ async def test_starts_anyway_after_the_wait_with_a_warning(
 
 
 async def test_a_resumed_job_does_not_wait_again(
-    broker: Broker, names: Names, amqp_url: str, tmp_path: Path
+    broker: RabbitMQ, names: Names, amqp_url: str, tmp_path: Path
 ) -> None:
     job = new_job()
     t0 = write_resumable_state(tmp_path, job)
@@ -211,7 +212,7 @@ async def test_a_resumed_job_does_not_wait_again(
 
 
 async def test_a_resumed_job_forgets_tasks_a_stored_version_applied(
-    broker: Broker, names: Names, amqp_url: str, tmp_path: Path
+    broker: RabbitMQ, names: Names, amqp_url: str, tmp_path: Path
 ) -> None:
     """The last state was written before the previous coordinator saw version 1 (which applied
     task ``done``): ``done`` must not keep the one worker's place until its TTL."""

@@ -27,6 +27,7 @@ PURE = (
     "shared.settings",
     "broker_config.names",
     "broker_config.topology",
+    "shared.transport",
     "aggregator.core",
     "coordinator.registry",
 )
@@ -97,9 +98,9 @@ def test_torch_free_part_of_the_core_imports_nothing_forbidden() -> None:
 
 def test_the_probe_sees_a_forbidden_import() -> None:
     """The spy works: importing the broker adapter is reported with its chain."""
-    result = probe(("shared.broker",))
+    result = probe(("shared.transport.rabbitmq",))
     loaded = result["loaded"]
     assert isinstance(loaded, list) and "aio_pika" in loaded and "asyncio" in loaded
     chains = result["chains"]
     assert isinstance(chains, dict)
-    assert any("shared/broker.py" in line for line in chains["aio_pika"])
+    assert any("shared/transport/rabbitmq.py" in line for line in chains["aio_pika"])

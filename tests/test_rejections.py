@@ -27,7 +27,6 @@ import torch
 from aggregator.service import Aggregator
 from broker_config.names import REASON_HEADER, SOURCE_HEADER, Names
 from shared.aggregation import Policy
-from shared.broker import Broker, Delivery
 from shared.codec import encode
 from shared.ledger import JsonLines, read_lines
 from shared.messages import Task, TrainConfig, Update
@@ -35,6 +34,8 @@ from shared.quantize import encode_delta
 from shared.signing import Keyring, Signer
 from shared.store import LocalStore, Manifest, ModelStore, model_key
 from shared.tensors import FlatModel
+from shared.transport import Delivery
+from shared.transport.rabbitmq import RabbitMQ
 from worker.service import Worker
 
 JOB = "job1"
@@ -137,7 +138,7 @@ async def until(check: Callable[[], Awaitable[Any]], what: str, wait: float = WA
         await asyncio.sleep(0.05)
 
 
-async def assert_settled(broker: Broker, queue: str, wait: float = QUIET) -> None:
+async def assert_settled(broker: RabbitMQ, queue: str, wait: float = QUIET) -> None:
     """Nothing is left in ``queue``: call it after the consumer's connection is closed, so that
     anything it had not acked is back in the queue and would reach this fresh consumer."""
     got: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -151,15 +152,15 @@ async def assert_settled(broker: Broker, queue: str, wait: float = QUIET) -> Non
         pytest.fail(f"{queue} still holds a message ({len(d.body)} bytes): it was never acked")
 
 
-async def connect_like(broker: Broker, name: str) -> Broker:
+async def connect_like(broker: RabbitMQ, name: str) -> RabbitMQ:
     """A second connection on the same namespace (a service's own, closable on its own)."""
-    return await asyncio.wait_for(Broker(broker.url, broker.names, name).connect(), WAIT)
+    return await asyncio.wait_for(RabbitMQ(broker.url, broker.names, name).connect(), WAIT)
 
 
 @dataclass
 class Rig:
-    broker: Broker  # the test's connection: publishes updates, reads dead letters
-    service_broker: Broker  # the aggregator's own connection
+    broker: RabbitMQ  # the test's connection: publishes updates, reads dead letters
+    service_broker: RabbitMQ  # the aggregator's own connection
     names: Names
     aggregator: Aggregator
     store: ModelStore
@@ -235,7 +236,7 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def aggregator_rig(
-    broker: Broker,
+    broker: RabbitMQ,
     names: Names,
     tmp_path: Path,
     *,
@@ -279,7 +280,7 @@ async def aggregator_rig(
 # -- rejections -------------------------------------------------------------------------------
 
 
-async def test_undecodable_bytes(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_undecodable_bytes(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     async with aggregator_rig(broker, names, tmp_path) as rig:
         await rig.send(b"garbage")
         entry = await rig.rejected(b"garbage", "undecodable")
@@ -292,7 +293,7 @@ async def test_undecodable_bytes(broker: Broker, names: Names, tmp_path: Path) -
         await rig.stop_and_assert_all_acked()
 
 
-async def test_unknown_signer(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_unknown_signer(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     async with aggregator_rig(broker, names, tmp_path, trust_worker=False) as rig:
         _, body = rig.update()
         await rig.send(body)
@@ -303,7 +304,7 @@ async def test_unknown_signer(broker: Broker, names: Names, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("field_name", ["sig", "head", "payload"])
-async def test_bad_signature(broker: Broker, names: Names, tmp_path: Path, field_name: str) -> None:
+async def test_bad_signature(broker: RabbitMQ, names: Names, tmp_path: Path, field_name: str) -> None:
     async with aggregator_rig(broker, names, tmp_path) as rig:
         _, good = rig.update()
         doc = msgpack.unpackb(good, raw=False)
@@ -323,7 +324,7 @@ async def test_bad_signature(broker: Broker, names: Names, tmp_path: Path, field
         await rig.stop_and_assert_all_acked()
 
 
-async def test_bad_shape_wrong_length(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_bad_shape_wrong_length(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     async with aggregator_rig(broker, names, tmp_path) as rig:
         spec = rig.model.spec
         n = spec.n_float + 1  # one value too many
@@ -338,7 +339,7 @@ async def test_bad_shape_wrong_length(broker: Broker, names: Names, tmp_path: Pa
         await rig.stop_and_assert_all_acked()
 
 
-async def test_bad_shape_other_model(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_bad_shape_other_model(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     """A delta made for a different model (shape or dtype) does not fit this one's payload."""
     async with aggregator_rig(broker, names, tmp_path) as rig:
         bigger = FlatModel.from_state_dict(torch.nn.Linear(6, 3).state_dict())
@@ -364,7 +365,7 @@ async def test_bad_shape_other_model(broker: Broker, names: Names, tmp_path: Pat
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-async def test_non_finite(broker: Broker, names: Names, tmp_path: Path, bad: float) -> None:
+async def test_non_finite(broker: RabbitMQ, names: Names, tmp_path: Path, bad: float) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=1) as rig:
         floats = torch.full((rig.model.spec.n_float,), 0.01, dtype=torch.float32)
         floats[3] = bad
@@ -376,7 +377,7 @@ async def test_non_finite(broker: Broker, names: Names, tmp_path: Path, bad: flo
         await rig.stop_and_assert_all_acked()
 
 
-async def test_duplicate_after_applied(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_duplicate_after_applied(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=1) as rig:
         tid, body = rig.update()
         await rig.send(body)
@@ -389,7 +390,7 @@ async def test_duplicate_after_applied(broker: Broker, names: Names, tmp_path: P
         await rig.stop_and_assert_all_acked()
 
 
-async def test_duplicate_while_buffered(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_duplicate_while_buffered(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=2) as rig:
         tid, body = rig.update()
         await rig.send(body)
@@ -411,7 +412,7 @@ async def test_duplicate_while_buffered(broker: Broker, names: Names, tmp_path: 
         assert applied == [tid, tid2]
 
 
-async def test_stale(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_stale(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=1, max_staleness=1) as rig:
         for v in range(3):
             _, body = rig.update(base_version=v)
@@ -433,7 +434,7 @@ async def test_stale(broker: Broker, names: Names, tmp_path: Path) -> None:
         await rig.stop_and_assert_all_acked()
 
 
-async def test_future_version(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_future_version(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=1) as rig:
         tid, body = rig.update(base_version=5)
         await rig.send(body)
@@ -442,7 +443,7 @@ async def test_future_version(broker: Broker, names: Names, tmp_path: Path) -> N
         await rig.stop_and_assert_all_acked()
 
 
-async def test_bad_sample_count(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_bad_sample_count(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=1) as rig:
         tid, body = rig.update(num_samples=0)
         await rig.send(body)
@@ -451,7 +452,7 @@ async def test_bad_sample_count(broker: Broker, names: Names, tmp_path: Path) ->
         await rig.stop_and_assert_all_acked()
 
 
-async def test_wrong_job(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_wrong_job(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     async with aggregator_rig(broker, names, tmp_path, k=1) as rig:
         tid, body = rig.update(job_id="job2")
         await rig.send(body)
@@ -463,7 +464,7 @@ async def test_wrong_job(broker: Broker, names: Names, tmp_path: Path) -> None:
 # -- the good path ----------------------------------------------------------------------------
 
 
-async def test_k_updates_make_one_version(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_k_updates_make_one_version(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     k = 3
     async with aggregator_rig(broker, names, tmp_path, k=k) as rig:
         ids = []
@@ -489,7 +490,7 @@ async def test_k_updates_make_one_version(broker: Broker, names: Names, tmp_path
 # -- the worker side --------------------------------------------------------------------------
 
 
-async def test_worker_rejects_task_from_unpinned_key(broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_worker_rejects_task_from_unpinned_key(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     from fedq.apps.mnist1d import app
 
     coordinator, impostor = Signer.generate(), Signer.generate()

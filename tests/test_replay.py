@@ -18,8 +18,7 @@ import pytest
 
 from broker_config.names import Names
 from broker_config.topology import topology
-from fedq.streams import read_stream
-from shared.broker import Broker
+from shared.transport.rabbitmq import RabbitMQ
 from tests.conftest import delete_namespace
 from tests.jobs import finish, start_run
 
@@ -93,8 +92,12 @@ def test_verify_names_a_tampered_log_entry(run: tuple[Path, Names], amqp_url: st
     victim = v2["update_ids"][0]
 
     async def copy_log() -> None:
-        entries = await read_stream(amqp_url, names.update_log)
-        broker = await Broker(amqp_url, forged, "test-forger").connect()
+        reader = await RabbitMQ(amqp_url, names, "test-reader").connect()
+        try:
+            entries = await reader.read_all(names.update_log)
+        finally:
+            await reader.close()
+        broker = await RabbitMQ(amqp_url, forged, "test-forger").connect()
         try:
             await broker.declare(topology(forged, ("cpu",)))
             for e in entries:

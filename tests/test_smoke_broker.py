@@ -7,10 +7,11 @@ import asyncio
 from structlog.testing import capture_logs
 
 from broker_config.names import REASON_HEADER, SOURCE_HEADER, Names
-from shared.broker import Broker, Delivery
+from shared.transport import Delivery
+from shared.transport.rabbitmq import RabbitMQ
 
 
-async def test_publish_consume_and_dead_letter(broker: Broker, names: Names) -> None:
+async def test_publish_consume_and_dead_letter(broker: RabbitMQ, names: Names) -> None:
     got: asyncio.Queue[Delivery] = asyncio.Queue()
 
     async def on_update(d: Delivery) -> None:
@@ -35,10 +36,10 @@ async def test_publish_consume_and_dead_letter(broker: Broker, names: Names) -> 
     await d.ack()
 
 
-async def test_a_handler_cut_off_by_close_is_not_logged_as_an_error(broker: Broker, names: Names) -> None:
+async def test_a_handler_cut_off_by_close_is_not_logged_as_an_error(broker: RabbitMQ, names: Names) -> None:
     """A clean stop is not an error: a handler that fails because its own service is closing
     is logged at info, and its delivery goes back to the queue for the next consumer."""
-    own = await Broker(broker.url, names, "test-closing").connect()
+    own = await RabbitMQ(broker.url, names, "test-closing").connect()
     started = asyncio.Event()
 
     async def on_update(d: Delivery) -> None:

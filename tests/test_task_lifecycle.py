@@ -18,12 +18,13 @@ from torch import nn
 
 from broker_config.names import Names
 from shared.app import ClassificationApp, TrainResult
-from shared.broker import Broker, Delivery
 from shared.codec import encode
 from shared.messages import Task, TrainConfig
 from shared.signing import Keyring, Signer
 from shared.store import model_key
 from shared.tensors import FlatModel
+from shared.transport import Delivery
+from shared.transport.rabbitmq import RabbitMQ
 from tests.jobs import cleanup, finish, log_events, records, start_run
 from worker.service import Worker
 
@@ -43,11 +44,11 @@ class BrokenApp(ClassificationApp):
         raise RuntimeError("this app cannot train")
 
 
-async def test_failing_task_stops_at_the_delivery_limit(broker: Broker, names: Names) -> None:
+async def test_failing_task_stops_at_the_delivery_limit(broker: RabbitMQ, names: Names) -> None:
     coordinator = Signer.generate()
     pinned = Keyring()
     pinned.add(coordinator.public)
-    own = await Broker(broker.url, names, "test-broken-worker").connect()
+    own = await RabbitMQ(broker.url, names, "test-broken-worker").connect()
     app = BrokenApp()
     worker = Worker(
         worker_id="w1",

@@ -9,16 +9,17 @@ import pytest
 
 from broker_config.names import Names
 from broker_config.topology import Limits, topology
-from shared.broker import Broker, Delivery
 from shared.errors import TopologyConflictError
+from shared.transport import Delivery
+from shared.transport.rabbitmq import RabbitMQ
 
 
-async def test_declare_is_idempotent(broker: Broker, names: Names) -> None:
+async def test_declare_is_idempotent(broker: RabbitMQ, names: Names) -> None:
     await broker.declare(topology(names, ("cpu",)))
     await broker.declare(topology(names, ("cpu",)))
 
 
-async def test_conflicting_declaration_names_queue_and_argument(broker: Broker, names: Names) -> None:
+async def test_conflicting_declaration_names_queue_and_argument(broker: RabbitMQ, names: Names) -> None:
     with pytest.raises(TopologyConflictError) as info:
         await broker.declare(topology(names, ("cpu",), Limits(task_delivery_limit=3)))
     message = str(info.value)
@@ -27,7 +28,7 @@ async def test_conflicting_declaration_names_queue_and_argument(broker: Broker, 
     assert "5" in message and "3" in message
 
 
-async def test_updates_queue_has_a_single_active_consumer(broker: Broker, names: Names) -> None:
+async def test_updates_queue_has_a_single_active_consumer(broker: RabbitMQ, names: Names) -> None:
     seen: dict[str, list[bytes]] = {"a": [], "b": []}
 
     def collect(tag: str):  # type: ignore[no-untyped-def]
@@ -48,7 +49,7 @@ async def test_updates_queue_has_a_single_active_consumer(broker: Broker, names:
     assert sorted([len(seen["a"]), len(seen["b"])]) == [0, 20]
 
 
-async def test_update_log_stream_keeps_every_update(broker: Broker, names: Names, amqp_url: str) -> None:
+async def test_update_log_stream_keeps_every_update(broker: RabbitMQ, names: Names, amqp_url: str) -> None:
     for i in range(5):
         await broker.publish(names.results_exchange, "", f"u{i}".encode())
     conn = await aio_pika.connect(amqp_url)
@@ -72,7 +73,7 @@ async def test_update_log_stream_keeps_every_update(broker: Broker, names: Names
         await conn.close()
 
 
-async def test_expired_task_is_dead_lettered(broker: Broker, names: Names) -> None:
+async def test_expired_task_is_dead_lettered(broker: RabbitMQ, names: Names) -> None:
     await broker.publish(names.tasks_exchange, "cpu", b"task", expiration=0.2)
     dead: asyncio.Queue[Delivery] = asyncio.Queue()
 
@@ -87,7 +88,7 @@ async def test_expired_task_is_dead_lettered(broker: Broker, names: Names) -> No
     await d.ack()
 
 
-async def test_unroutable_publish_is_an_error(broker: Broker, names: Names) -> None:
+async def test_unroutable_publish_is_an_error(broker: RabbitMQ, names: Names) -> None:
     from shared.errors import BrokerError
 
     with pytest.raises(BrokerError):

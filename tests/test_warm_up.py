@@ -19,12 +19,13 @@ from torch import nn
 import worker.training as training
 from broker_config.names import Names
 from shared.app import PartitionSpec
-from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
 from shared.messages import Task, TrainConfig, Update
 from shared.signing import Keyring, Signer
 from shared.store import model_key
 from shared.tensors import FlatModel
+from shared.transport import Delivery
+from shared.transport.rabbitmq import RabbitMQ
 from tests.tiny import WAIT, LinearApp, events, until
 from worker.service import Worker
 from worker.training import train_task, warm_up
@@ -76,7 +77,7 @@ def cold_process(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_worker_warms_up_in_its_training_thread_before_its_first_hello(
-    broker: Broker, names: Names, amqp_url: str, cold_process: None
+    broker: RabbitMQ, names: Names, amqp_url: str, cold_process: None
 ) -> None:
     app = SpyApp()
     data = app.load_partition(PartitionSpec(0, 1))
@@ -97,7 +98,7 @@ async def test_worker_warms_up_in_its_training_thread_before_its_first_hello(
 
     await broker.subscribe(names.workers_exchange, ("",), on_hello)
     await broker.consume(names.updates_queue, on_update, prefetch=4)
-    own = await Broker(amqp_url, names, "test-warm-worker").connect()
+    own = await RabbitMQ(amqp_url, names, "test-warm-worker").connect()
     stop = asyncio.Event()
     worker = Worker(
         worker_id="w1",
@@ -172,7 +173,7 @@ def test_one_warm_up_per_process(cold_process: None) -> None:
 
 
 async def test_a_failing_warm_up_does_not_stop_the_worker(
-    broker: Broker, names: Names, amqp_url: str, cold_process: None
+    broker: RabbitMQ, names: Names, amqp_url: str, cold_process: None
 ) -> None:
     hellos: asyncio.Queue[bytes] = asyncio.Queue()
 
@@ -181,7 +182,7 @@ async def test_a_failing_warm_up_does_not_stop_the_worker(
         await hellos.put(delivery.body)
 
     await broker.subscribe(names.workers_exchange, ("",), on_hello)
-    own = await Broker(amqp_url, names, "test-cold-worker").connect()
+    own = await RabbitMQ(amqp_url, names, "test-cold-worker").connect()
     stop = asyncio.Event()
     app = LinearApp()
     wrong = (torch.zeros(4, 5), torch.zeros(4, dtype=torch.int64))  # 5 features for a 4-feature model

@@ -27,7 +27,6 @@ from torch import nn
 from broker_config.names import Names
 from fedq.cli import _settings, build_parser
 from shared.app import ClassificationApp, PartitionSpec, TrainResult
-from shared.broker import Broker, Delivery, with_heartbeat
 from shared.codec import decode, encode
 from shared.keys import load_or_create_signer, public_key_path
 from shared.messages import Task, TrainConfig, Update
@@ -35,6 +34,8 @@ from shared.settings import Settings
 from shared.signing import Keyring, Signer
 from shared.store import model_key
 from shared.tensors import FlatModel
+from shared.transport import Delivery
+from shared.transport.rabbitmq import RabbitMQ, with_heartbeat
 from tests.tcpproxy import TcpProxy
 from worker.outbox import Outbox, OutboxError, decode_task_id, encode_task_id
 from worker.service import Worker, default_outbox, serve
@@ -149,7 +150,7 @@ def update_task_id(body: bytes, signer: Signer) -> str:
     return update.task_id
 
 
-async def assert_settled(broker: Broker, queue: str, wait: float = QUIET) -> None:
+async def assert_settled(broker: RabbitMQ, queue: str, wait: float = QUIET) -> None:
     """Nothing is left in ``queue`` (call it once the worker's connection is closed)."""
     inbox = Inbox()
     await broker.consume(queue, inbox.on_message, prefetch=16)
@@ -159,8 +160,8 @@ async def assert_settled(broker: Broker, queue: str, wait: float = QUIET) -> Non
 @dataclass
 class Rig:
     names: Names
-    test_broker: Broker  # publishes tasks, reads updates; never behind the proxy
-    worker_broker: Broker
+    test_broker: RabbitMQ  # publishes tasks, reads updates; never behind the proxy
+    worker_broker: RabbitMQ
     worker: Worker
     coordinator: Signer
     signer: Signer
@@ -184,7 +185,7 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def worker_rig(
-    broker: Broker,
+    broker: RabbitMQ,
     names: Names,
     url: str,
     *,
@@ -199,7 +200,7 @@ async def worker_rig(
     updates = Inbox()
     await broker.consume(names.updates_queue, updates.on_message, prefetch=16)
     worker_broker = await asyncio.wait_for(
-        Broker(url, names, "test-worker-link", heartbeat=heartbeat, publish_retry_seconds=60).connect(), WAIT
+        RabbitMQ(url, names, "test-worker-link", heartbeat=heartbeat, publish_retry_seconds=60).connect(), WAIT
     )
     worker = Worker(
         worker_id="w1",
@@ -232,7 +233,7 @@ def events(logs: Sequence[Mapping[str, Any]], name: str, **match: Any) -> list[M
 # -- a silent partition while training -------------------------------------------------------
 
 
-async def test_silent_cut_while_training(amqp_url: str, broker: Broker, names: Names, tmp_path: Path) -> None:
+async def test_silent_cut_while_training(amqp_url: str, broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "outbox")
     async with TcpProxy(lifetime=90) as proxy:
         with capture_logs() as logs:
@@ -282,7 +283,7 @@ async def test_silent_cut_while_training(amqp_url: str, broker: Broker, names: N
 
 
 async def test_reset_connection_keeps_taking_tasks(
-    amqp_url: str, broker: Broker, names: Names, tmp_path: Path
+    amqp_url: str, broker: RabbitMQ, names: Names, tmp_path: Path
 ) -> None:
     """A link that drops loudly (connections closed): the worker reconnects and its consumer is back."""
     outbox = Outbox(tmp_path / "outbox")
@@ -308,7 +309,7 @@ async def test_reset_connection_keeps_taking_tasks(
 
 
 async def test_outbox_is_flushed_when_a_worker_starts(
-    amqp_url: str, broker: Broker, names: Names, tmp_path: Path
+    amqp_url: str, broker: RabbitMQ, names: Names, tmp_path: Path
 ) -> None:
     old = Signer.generate()
     outbox = Outbox(tmp_path / "outbox")
@@ -333,7 +334,7 @@ async def test_outbox_is_flushed_when_a_worker_starts(
 
 
 async def test_redelivered_task_sends_its_outbox_entry_without_training(
-    amqp_url: str, broker: Broker, names: Names, tmp_path: Path
+    amqp_url: str, broker: RabbitMQ, names: Names, tmp_path: Path
 ) -> None:
     """A worker killed after training: its task comes back, and the update in its outbox is what goes out."""
     outbox = Outbox(tmp_path / "outbox")
@@ -354,7 +355,7 @@ async def test_redelivered_task_sends_its_outbox_entry_without_training(
 
 
 async def test_serve_uses_the_default_outbox(
-    amqp_url: str, broker: Broker, names: Names, tmp_path: Path
+    amqp_url: str, broker: RabbitMQ, names: Names, tmp_path: Path
 ) -> None:
     """``fedq worker`` wiring: settings -> serve() -> <keys_dir>/../outbox/<worker_id>, flushed at start."""
     keys = tmp_path / "run" / "keys"

@@ -36,7 +36,6 @@ from typing import Any
 from broker_config.names import Names, check_token
 from broker_config.topology import capability_topology
 from shared.app import App, PartitionSpec
-from shared.broker import Broker, Delivery
 from shared.codec import decode, encode
 from shared.errors import BrokerError, ConfigError, StoreError, WireError
 from shared.http import http_get, http_put
@@ -47,6 +46,8 @@ from shared.partition import parse_partition
 from shared.settings import Settings, split_capabilities
 from shared.signing import Keyring, Signer
 from shared.store import ObjectStore, open_store
+from shared.transport import Delivery, Transport
+from shared.transport.rabbitmq import RabbitMQ
 from worker.outbox import Outbox, OutboxError, encode_task_id
 from worker.training import TrainingOutcome, WarmUp, train_task, warm_up
 
@@ -59,7 +60,7 @@ class Worker:
         *,
         worker_id: str,
         capabilities: tuple[str, ...],
-        broker: Broker,
+        broker: Transport,
         app: App,
         data: Any,
         signer: Signer,
@@ -144,28 +145,7 @@ class Worker:
         await self._publish(self.names.workers_exchange, encode(message, self.signer), mandatory=False)
 
     async def _publish(self, exchange: str, body: bytes, **options: Any) -> None:
-        """``Broker.publish``, again when the link took the confirm with it.
-
-        When aiormq drops a connection as stuck (missed heartbeats: a silent partition), it fails
-        the pending confirm with ``CancelledError`` although nobody cancelled this task; that is a
-        lost link, not a cancellation, so publish again (``Broker.publish`` waits for the link).
-        A real cancellation of this task is passed on.
-        """
-        deadline = time.monotonic() + self.broker.publish_retry_seconds
-        while True:
-            try:
-                await self.broker.publish(exchange, "", body, **options)
-                return
-            except asyncio.CancelledError as exc:
-                current = asyncio.current_task()
-                if current is None or current.cancelling():
-                    raise
-                if time.monotonic() > deadline:
-                    raise BrokerError(
-                        f"publish to {exchange!r} kept losing its confirm with the link"
-                    ) from exc
-                self.log.warning("publish_retry", exchange=exchange, error="confirm lost with the connection")
-                await asyncio.sleep(0.5)
+        await self.broker.publish(exchange, "", body, **options)
 
     async def heartbeat(self) -> None:
         while True:
@@ -180,13 +160,13 @@ class Worker:
         if self.warm:
             await self.warm_up()  # before the first hello: a worker that says hello is ready to train
         background = [asyncio.create_task(self.heartbeat(), name="heartbeat")]
-        connection = self.broker.connection
+        forget_reconnect: Callable[[], None] | None = None
         if self.outbox is not None:
             swept = await asyncio.to_thread(self.outbox.sweep_temp)
             if swept:
                 self.log.info("outbox_swept", temp_files=swept)
             self._flush_wanted.set()  # entries left by an earlier run go first
-            connection.reconnect_callbacks.add(self._on_reconnect)
+            forget_reconnect = self.broker.on_reconnect(self._on_reconnect)
             background.append(asyncio.create_task(self._flusher(), name="outbox-flusher"))
         for cap in self.capabilities:
             # restored by the robust connection after a reconnect; each delivery is handled in a
@@ -201,7 +181,8 @@ class Worker:
         try:
             await (stop.wait() if stop else asyncio.Event().wait())
         finally:
-            connection.reconnect_callbacks.discard(self._on_reconnect)
+            if forget_reconnect is not None:
+                forget_reconnect()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -211,7 +192,7 @@ class Worker:
                 self._trainer.shutdown(wait=False)
                 self._trainer = None
 
-    def _on_reconnect(self, *_: Any) -> None:
+    def _on_reconnect(self) -> None:
         self.log.info("reconnected")
         self._flush_wanted.set()
 
@@ -435,7 +416,7 @@ async def _serve_one(
         else default_outbox(settings, worker_id)
     )
     names = Names(settings.namespace)
-    broker = await Broker(
+    broker = await RabbitMQ(
         settings.amqp_url, names, f"fedq-worker-{worker_id}", settings.amqp_heartbeat
     ).connect()
     try:

@@ -1,0 +1,451 @@
+"""RabbitMQ through aio-pika: the real transport.
+
+One robust connection per process, named after it; one confirmed channel for publishing and
+one channel per consumer. aio-pika's and aiormq's errors stop here: above this module they are
+``BrokerError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import aio_pika
+import aio_pika.exceptions
+import aiormq.exceptions
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from broker_config.declare import declare
+from broker_config.names import Names
+from broker_config.topology import Queue, Topology
+from shared.errors import BrokerError
+from shared.transport import (
+    Delivery,
+    Handler,
+    Held,
+    QueueInfo,
+    QueuePass,
+    ReconnectCallback,
+    StreamEntry,
+    Transport,
+)
+
+# Errors that mean "the link or channel is gone for now": a robust connection recovers from them.
+LINK_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    asyncio.TimeoutError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+    aio_pika.exceptions.ChannelInvalidStateError,
+)
+# A confirm lost with a link that aiormq dropped as stuck comes back as a CancelledError (see publish).
+PUBLISH_RETRY_ERRORS: tuple[type[BaseException], ...] = (*LINK_ERRORS, asyncio.CancelledError)
+# What a publish or an ack on a pass's channel raises when the broker refuses or the link is gone.
+PASS_ERRORS: tuple[type[BaseException], ...] = (aio_pika.exceptions.AMQPError, *LINK_ERRORS)
+# Annotations a quorum queue adds when it delivers a message: they describe our reading, not the message.
+DELIVERY_HEADERS = frozenset({"x-delivery-count", "x-acquired-count"})
+log = structlog.get_logger("fedq.broker")
+
+
+def with_heartbeat(url: str, heartbeat: int) -> str:
+    parts = urlsplit(url)
+    query = parts.query + ("&" if parts.query else "") + urlencode({"heartbeat": heartbeat})
+    return urlunsplit(parts._replace(query=query)) if "heartbeat=" not in parts.query else url
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts._replace(query=""))
+
+
+class RabbitDelivery(Delivery):
+    """A delivery of an aio-pika message."""
+
+    def __init__(self, message: AbstractIncomingMessage, transport: RabbitMQ, source: str) -> None:
+        super().__init__(
+            transport,
+            source,
+            message.body,
+            headers=message.headers or {},
+            redelivered=bool(message.redelivered),
+            message_id=message.message_id,
+            timestamp=message.timestamp.timestamp() if message.timestamp else None,
+            user_id=message.user_id,
+        )
+        self.message = message
+
+    async def _ack(self) -> bool:
+        try:
+            await self.message.ack()
+        except LINK_ERRORS as exc:
+            log.warning("ack_lost", source=self.source, error=repr(exc))
+            return False
+        return True
+
+    async def _requeue(self) -> None:
+        try:
+            await self.message.nack(requeue=True)
+        except LINK_ERRORS as exc:
+            log.warning("nack_lost", source=self.source, error=repr(exc))
+
+
+class RabbitMQ(Transport):
+    """A named robust connection; one confirmed channel for publishing, one per consumer."""
+
+    def __init__(
+        self,
+        url: str,
+        names: Names,
+        connection_name: str,
+        heartbeat: int = 15,
+        publish_retry_seconds: float = 300.0,
+        connect_timeout: float = 15.0,
+    ) -> None:
+        self.url = with_heartbeat(url, heartbeat)
+        self.names = names
+        self.connection_name = connection_name
+        self.connect_timeout = connect_timeout
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._consumer_channels: list[AbstractChannel] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.publish_retry_seconds = publish_retry_seconds
+        self.bytes_published = 0
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        """The aio-pika connection, for tests that cut or inspect the link."""
+        if self._connection is None:
+            raise BrokerError("broker is not connected")
+        return self._connection
+
+    async def connect(self) -> RabbitMQ:
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self.url,
+                timeout=self.connect_timeout,
+                client_properties={"connection_name": self.connection_name},
+            )
+        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+            raise BrokerError(f"cannot reach RabbitMQ at {redact(self.url)}: {exc!r}") from exc
+        self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        return self
+
+    async def declare(self, topo: Topology) -> None:
+        await declare(self.connection, topo)
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        ex = self._exchanges.get(name)
+        if ex is None:
+            assert self._publish_channel is not None
+            ex = await self._publish_channel.get_exchange(name, ensure=False)
+            self._exchanges[name] = ex
+        return ex
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        expiration: float | None = None,
+        message_id: str | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish persistently and wait for the broker's confirm.
+
+        While the link is down the publish is retried until ``publish_retry_seconds`` pass. A
+        confirm lost with the link is retried too: when aiormq drops a connection as stuck
+        (missed heartbeats: a silent partition) it fails the pending confirm with
+        ``CancelledError`` although nobody cancelled the caller; that is a lost link, not a
+        cancellation. A real cancellation of the caller is passed on. A refusal by the broker
+        (unroutable, nacked) raises ``BrokerError`` at once.
+        """
+        deadline = time.monotonic() + self.publish_retry_seconds
+        while True:
+            message = aio_pika.Message(
+                body,
+                headers=dict(headers or {}),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                expiration=expiration,
+                message_id=message_id,
+                timestamp=datetime.now(UTC),
+            )
+            try:
+                ex = await self._exchange(exchange)
+                await ex.publish(message, routing_key, mandatory=mandatory, timeout=30)
+                break
+            except aio_pika.exceptions.DeliveryError as exc:
+                raise BrokerError(f"broker refused a message to {exchange!r}/{routing_key!r}: {exc}") from exc
+            except PUBLISH_RETRY_ERRORS as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    current = asyncio.current_task()
+                    if current is None or current.cancelling() or self._closing:
+                        raise
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"publish to {exchange!r} failed: {exc!r}") from exc
+                log.warning("publish_retry", exchange=exchange, error=repr(exc) or "confirm lost with the link")
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.connection.ready(), max(0.1, deadline - time.monotonic()))
+        self.bytes_published += len(body)
+
+    async def _dispatch(self, handler: Handler, delivery: Delivery) -> None:
+        """Run ``handler`` in a task of our own, shielded from the consumer's cancellation.
+
+        aiormq runs each delivery's callback in a task of the channel and cancels it when the
+        channel closes (a lost link, a broker restart, a consumer timeout). A handler cut off there
+        would drop work already done (a trained update, a folded buffer) halfway through; shielded,
+        it finishes: its publishes wait for the link (``publish``), its ack on the dead channel is
+        lost (``Delivery.ack`` returns ``False``) and the broker redelivers the message, which the
+        receivers recognise by task id. ``close`` cancels handlers still running.
+        """
+
+        if self._closing:
+            return  # left unacked: the broker gives it back when the connection closes
+
+        async def run() -> None:
+            await handler(delivery)
+
+        task = asyncio.create_task(run(), name=f"handle:{delivery.source}")
+        self._handlers.add(task)
+        task.add_done_callback(self._handler_done)
+        await asyncio.shield(task)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._handlers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            if self._closing:  # cut off by our own close: its delivery goes back to the queue
+                log.info("handler_stopped_at_close", task=task.get_name(), error=repr(task.exception()))
+            else:
+                log.error("handler_failed", task=task.get_name(), error=repr(task.exception()))
+
+    async def consume(
+        self,
+        queue: str,
+        handler: Handler,
+        prefetch: int,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Consume an existing queue on a channel of its own; ``handler`` must settle each delivery.
+
+        The queue is looked up with a passive declare, not ``get_queue(ensure=False)``: only a
+        declared queue is tracked by aio-pika's robust channel, so only then is the consumer
+        restored after a reconnect (with ``get_queue`` it silently was not: a broker restart
+        left every service without its consumer).
+        """
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        self._consumer_channels.append(channel)
+        try:
+            q = await channel.declare_queue(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise BrokerError(f"queue {queue!r} does not exist: is --namespace right?") from None
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await self._dispatch(handler, RabbitDelivery(message, self, queue))
+
+        await q.consume(on_message, arguments=dict(arguments or {}))
+
+    async def subscribe(
+        self,
+        exchange: str,
+        routing_keys: tuple[str, ...],
+        handler: Handler,
+        queue: Queue | None = None,
+    ) -> None:
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=64)
+        self._consumer_channels.append(channel)
+        if queue is None:
+            q = await channel.declare_queue(exclusive=True, auto_delete=True)
+        else:
+            q = await channel.declare_queue(queue.name, durable=True, arguments=dict(queue.arguments))
+        ex = await channel.get_exchange(exchange, ensure=False)
+        for key in routing_keys:
+            await q.bind(ex, routing_key=key)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await self._dispatch(handler, RabbitDelivery(message, self, q.name))
+
+        await q.consume(on_message)
+
+    async def read_stream(
+        self, stream: str, offset: Any = "first", idle: float = 1.5
+    ) -> AsyncIterator[StreamEntry]:
+        """A consumer of its own on a channel of its own, acking only its own stream deliveries."""
+        channel = await self.connection.channel()
+        entries: asyncio.Queue[StreamEntry] = asyncio.Queue()
+        try:
+            await channel.set_qos(prefetch_count=500)
+            try:
+                q = await channel.declare_queue(stream, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                raise BrokerError(f"stream {stream!r} does not exist: is --namespace right?") from None
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                headers = dict(message.headers or {})
+                ts = message.timestamp.timestamp() if message.timestamp else None
+                raw_offset = headers.get("x-stream-offset", -1)
+                number = raw_offset if isinstance(raw_offset, int) else -1
+                entries.put_nowait(StreamEntry(number, ts, message.body, headers))
+                await message.ack()
+
+            await q.consume(on_message, arguments={"x-stream-offset": offset})
+            while True:
+                try:
+                    yield await asyncio.wait_for(entries.get(), idle)
+                except TimeoutError:
+                    return
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(*PASS_ERRORS):
+                    await channel.close()
+
+    async def queue_info(self, queue: str) -> QueueInfo | None:
+        channel = await self.connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        result = declared.declaration_result
+        return QueueInfo(queue, int(result.message_count or 0), int(result.consumer_count or 0))
+
+    async def exchange_exists(self, exchange: str) -> bool:
+        channel = await self.connection.channel()
+        try:
+            await channel.get_exchange(exchange, ensure=True)  # passive: declares nothing
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return True
+
+    async def purge(self, queue: str) -> int:
+        channel = await self.connection.channel()
+        try:
+            q = await channel.get_queue(queue, ensure=False)
+            result = await q.purge()
+            return int(getattr(result, "message_count", 0) or 0)
+        finally:
+            await channel.close()
+
+    @contextlib.asynccontextmanager
+    async def queue_pass(self, queue: str) -> AsyncIterator[QueuePass]:
+        channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            try:
+                q = await channel.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                raise BrokerError(f"no queue {queue!r} on the broker: is the namespace right?") from exc
+            yield _RabbitPass(channel, q)
+        finally:
+            if not channel.is_closed:
+                await channel.close()  # anything still held goes back to the queue
+
+    def on_reconnect(self, callback: ReconnectCallback) -> Callable[[], None]:
+        def relay(*_: Any) -> None:
+            callback()
+
+        callbacks = self.connection.reconnect_callbacks
+        callbacks.add(relay)
+        return lambda: callbacks.discard(relay)
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Cancel handlers still running (they would wait for a link that is going away), then close.
+        Deliveries that arrive meanwhile are not handled: they go back to their queue."""
+        self._closing = True
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        if handlers:
+            await asyncio.wait(handlers, timeout=grace)
+        if self._connection is not None and not self._connection.is_closed:
+            await self._connection.close()
+
+
+class _RabbitPass(QueuePass):
+    """``basic.get`` until empty; copies go to the tail through the default exchange."""
+
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
+        self.channel = channel
+        self.queue = queue
+
+    async def take(self) -> Held | None:
+        message = await self.queue.get(no_ack=False, fail=False, timeout=30)
+        if message is None:
+            return None
+        properties = {
+            "content_type": message.content_type,
+            "content_encoding": message.content_encoding,
+            "priority": message.priority,
+            "correlation_id": message.correlation_id,
+            "reply_to": message.reply_to,
+            "expiration": message.expiration,
+            "type": message.type,
+            "app_id": message.app_id,
+            "raw_timestamp": message.timestamp,
+        }
+        return Held(
+            body=message.body,
+            headers=dict(message.headers or {}),
+            timestamp=message.timestamp.timestamp() if message.timestamp else None,
+            redelivered=bool(message.redelivered),
+            message_id=message.message_id,
+            properties=properties,
+            token=message,
+        )
+
+    async def copy_back(self, held: Held) -> BaseException | None:
+        p = held.properties
+        copy = aio_pika.Message(
+            held.body,
+            headers={k: v for k, v in held.headers.items() if k not in DELIVERY_HEADERS},
+            content_type=p.get("content_type"),
+            content_encoding=p.get("content_encoding"),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=p.get("priority"),
+            correlation_id=p.get("correlation_id"),
+            reply_to=p.get("reply_to"),
+            expiration=p.get("expiration"),
+            message_id=held.message_id,
+            timestamp=p.get("raw_timestamp"),
+            type=p.get("type"),
+            app_id=p.get("app_id"),
+        )
+        try:
+            await self.channel.default_exchange.publish(copy, self.queue.name, mandatory=True, timeout=30)
+        except PASS_ERRORS as exc:
+            return exc
+        return None
+
+    async def ack(self, held: Held) -> BaseException | None:
+        message: AbstractIncomingMessage = held.token
+        try:
+            await message.ack()
+        except PASS_ERRORS as exc:
+            return exc
+        return None
