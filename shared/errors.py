@@ -68,6 +68,13 @@ class TopologyConflictError(BrokerError):
     """An existing queue or exchange was declared with different arguments."""
 
 
+class ServiceFailure(FedqError):
+    """A service cannot go on (its store or broker failed under it): it stops, and the message
+    it was handling stays unsettled for a restart or a standby to take."""
+
+    exit_code = 5
+
+
 class StoreError(FedqError):
     """The model store is missing an object or holds a corrupt one."""
 
