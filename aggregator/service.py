@@ -18,22 +18,23 @@ from typing import Any
 
 from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected
 from broker_config.names import Names
-from broker_config.topology import topology
+from broker_config.topology import Topology, topology
 from shared.aggregation import Policy
-from shared.codec import MAX_HEAD_BYTES, Envelope, decode, encode
-from shared.errors import FedqError, StoreError, WireError
+from shared.codec import MAX_HEAD_BYTES, Envelope, encode
+from shared.errors import FedqError, ServiceFailure, StoreError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer, load_public_key
 from shared.ledger import JsonLines
 from shared.logs import get_logger
-from shared.messages import Receipt, Receipts, Round, Update
+from shared.messages import Message, Receipt, Receipts, Round, Update
+from shared.runtime import FATAL, HANDLER_ERROR, Runtime, Service
 from shared.settings import Settings
 from shared.signing import Keyring, Signer, fingerprint
 from shared.staleness import Staleness
 from shared.store import Manifest, ModelStore, model_key, open_store
 from shared.transport import Delivery, Transport
-from shared.transport.rabbitmq import RabbitMQ
+from shared.transport.connect import connected
 
-OFFLOAD_BYTES = 1 << 20  # decode large updates off the event loop
+OFFLOAD_BYTES = 1 << 20  # screen large updates off the event loop
 CATCH_UP_SECONDS = 0.5  # how often to look for versions another aggregator stored
 
 
@@ -69,13 +70,9 @@ async def resolve_claim(store: ModelStore, update: Update) -> Update | Rejected:
     return dataclasses.replace(update, delta=blob)
 
 
-def _open(raw: bytes, keyring: Keyring) -> tuple[Update | Round, Envelope]:
-    message, envelope = decode(raw, keyring, (Update, Round))
-    assert isinstance(message, Update | Round)
-    return message, envelope
+class Aggregator(Service):
+    name = "aggregator"
 
-
-class Aggregator:
     def __init__(
         self,
         *,
@@ -86,8 +83,10 @@ class Aggregator:
         keyring: Keyring,
         ledger: JsonLines,
         coordinator_fingerprint: str | None = None,
+        declare: Topology | None = None,
     ) -> None:
         self.broker = broker
+        self.declare = declare
         self.names: Names = broker.names
         self.store = store
         self.job_id = store.job_id
@@ -98,7 +97,6 @@ class Aggregator:
         self.coordinator_fp = coordinator_fingerprint
         self.core: AggregatorCore | None = None
         self.held: list[Held] = []
-        self.failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self._lock = asyncio.Lock()
         self.receipts = ReceiptSender(broker, signer, self.job_id)
         self._checked_store_at = -math.inf
@@ -153,22 +151,33 @@ class Aggregator:
         self.log.info("caught_up", version=self.core.version, still_held=len(self.held))
         return True
 
-    async def run(self) -> None:
+    # -- the service ------------------------------------------------------------------------
+    def topology(self) -> Topology | None:
+        return self.declare
+
+    async def start(self, runtime: Runtime) -> None:
         if self.core is None:
             await self.load()
         prefetch = 1024 if self.policy.mode == "sync" else max(4 * self.policy.k, 64)
-        sender = asyncio.create_task(self.receipts.run(), name="receipts")
-        try:
-            await self.broker.consume(self.names.updates_queue, self.handle, prefetch=prefetch)
-            self.log.info("consuming", queue=self.names.updates_queue, prefetch=prefetch)
-            try:
-                exc = await self.failed
-            except asyncio.CancelledError:
-                self.record_pending()
-                raise
-            raise exc
-        finally:
-            sender.cancel()
+        runtime.spawn("receipts", self.receipts.run)
+        # Decoding and verifying happen in the runtime, before the lock: they overlap the fold of
+        # the update before (in a thread, on another core, for large ones).
+        await runtime.consume_messages(
+            self.names.updates_queue,
+            (Update, Round),
+            self.keyring,
+            self.handle,
+            prefetch=prefetch,
+            on_invalid=self._on_invalid,
+        )
+        self.log.info("consuming", queue=self.names.updates_queue, prefetch=prefetch)
+
+    async def stopping(self) -> None:
+        self.record_pending()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run on the shared runtime over this aggregator's transport (already connected)."""
+        await Runtime(self.broker, job=self.job_id).run(self, stop)
 
     def record_pending(self) -> None:
         """On a clean stop: what we hold unacked goes back to the queue; say so in the ledger."""
@@ -186,36 +195,20 @@ class Aggregator:
         if self.held:
             self.log.info("stopped_with_pending", pending=len(self.held))
 
-    async def handle(self, delivery: Delivery) -> None:
-        try:
-            # Decoding and verifying is pure, so it happens before the lock: it overlaps the
-            # fold of the update before (in a thread, on another core, for large ones).
-            decoded = await self._decode(delivery.body)
-            async with self._lock:
-                await self._handle(delivery, decoded)
-        except Exception as exc:  # a bug or a broken store: stop, leave it unacked
-            self.log.exception("aggregator_failed")
-            if not self.failed.done():
-                self.failed.set_result(exc)
+    async def _on_invalid(self, delivery: Delivery, error: WireError) -> None:
+        await self._reject(delivery, None, Rejected("", error.reason, str(error)), signer="")
 
-    async def _decode(self, raw: bytes) -> tuple[Update | Round, Envelope] | WireError:
-        try:
-            if len(raw) > OFFLOAD_BYTES:
-                return await asyncio.to_thread(_open, raw, self.keyring)
-            return _open(raw, self.keyring)
-        except WireError as exc:
-            return exc
+    async def handle(self, message: Message, envelope: Envelope, delivery: Delivery) -> None:
+        async with self._lock:
+            await self._catch_up()
+            assert self.core is not None
+            if isinstance(message, Round):
+                await self._on_round(delivery, message, envelope.signer)
+            elif isinstance(message, Update):
+                await self._on_update(delivery, message, envelope.signer)
 
-    async def _handle(self, delivery: Delivery, decoded: tuple[Update | Round, Envelope] | WireError) -> None:
-        await self._catch_up()
+    async def _on_update(self, delivery: Delivery, message: Update, signer: str) -> None:
         assert self.core is not None
-        if isinstance(decoded, WireError):
-            await self._reject(delivery, None, Rejected("", decoded.reason, str(decoded)), signer="")
-            return
-        message, envelope = decoded
-        if isinstance(message, Round):
-            await self._on_round(delivery, message, envelope.signer)
-            return
         raw = delivery.body
         if delivery.redelivered:
             # The broker gave us again a message we already hold (our channel was restored):
@@ -224,23 +217,39 @@ class Aggregator:
             if same is not None and raw == same.deliveries[0].body:
                 same.deliveries.append(delivery)
                 return
+        try:
+            result = await self._screen(message)
+        except FATAL:
+            raise
+        except Exception as exc:  # a bug or a hostile payload we did not foresee: this update only
+            self.log.exception("update_failed", task=message.task_id)
+            result = Rejected(message.task_id, HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+        if isinstance(result, Rejected):
+            await self._reject(delivery, message, result, signer)
+            return
+        accepted, message = result
+        self.held.append(Held(message, accepted, len(raw) + message.delta_size, [delivery]))
+        self.log.debug("update_buffered", task=message.task_id, buffered=len(self.held))
+        self._receipt(message, "buffered", "", accepted.staleness)
+        if self.core.ready():
+            try:
+                await self._flush()
+            except FATAL:
+                raise
+            except Exception as exc:  # the core may be half-changed: start again from the store
+                raise ServiceFailure(f"making a version failed: {exc!r}") from exc
+
+    async def _screen(self, message: Update) -> tuple[Accepted, Update] | Rejected:
+        """Resolve a claim check, then offer the update to the core."""
         if message.delta_key:
             resolved = await resolve_claim(self.store, message)
             if isinstance(resolved, Rejected):
-                await self._reject(delivery, message, resolved, envelope.signer)
-                return
+                return resolved
             message = resolved
         result = await self._offer(message)
         if isinstance(result, Rejected) and result.reason == "future_version" and await self._catch_up(True):
             result = await self._offer(message)
-        if isinstance(result, Rejected):
-            await self._reject(delivery, message, result, envelope.signer)
-            return
-        self.held.append(Held(message, result, len(raw) + message.delta_size, [delivery]))
-        self.log.debug("update_buffered", task=message.task_id, buffered=len(self.held))
-        self._receipt(message, "buffered", "", result.staleness)
-        if self.core.ready():
-            await self._flush()
+        return result if isinstance(result, Rejected) else (result, message)
 
     async def _offer(self, message: Update) -> Accepted | Rejected:
         assert self.core is not None
@@ -409,21 +418,16 @@ async def serve(settings: Settings) -> None:
         max_staleness=settings.max_staleness,
         max_norm=settings.max_norm,
     )
-    broker = await RabbitMQ(
-        settings.amqp_url, names, f"fedq-aggregator-{settings.job}", settings.amqp_heartbeat
-    ).connect()
-    try:
-        await broker.declare(topology(names, settings.capability_list))
+    async with connected(settings, f"fedq-aggregator-{settings.job}") as transport:
         ledger = JsonLines(settings.out_dir / "ledger.jsonl")
         aggregator = Aggregator(
-            broker=broker,
+            broker=transport,
             store=ModelStore(open_store(settings.store, settings), settings.job),
             policy=policy,
             signer=signer,
             keyring=DirectoryKeyring(settings.trusted_dir),
             ledger=ledger,
             coordinator_fingerprint=coordinator_fp,
+            declare=topology(names, settings.capability_list),
         )
         await aggregator.run()
-    finally:
-        await broker.close()

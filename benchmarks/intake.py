@@ -66,9 +66,10 @@ from aggregator.service import Aggregator
 from broker_config.names import Names
 from broker_config.topology import coordinator_inbox, topology
 from shared.aggregation import Policy
+from shared.codec import Envelope
 from shared.ledger import JsonLines, read_lines
 from shared.logs import configure_logging
-from shared.messages import Update
+from shared.messages import Message, Update
 from shared.signing import Keyring, Signer
 from shared.store import LocalStore, Manifest, ModelStore, model_key
 from shared.tensors import FlatModel
@@ -296,9 +297,9 @@ class TimedAggregator(Aggregator):
         self.timings = defaultdict(float)
         self.calls = defaultdict(int)
 
-    async def _handle(self, delivery: Delivery, decoded: Any) -> None:
+    async def handle(self, message: Message, envelope: Envelope, delivery: Delivery) -> None:
         t0 = time.perf_counter()
-        await super()._handle(delivery, decoded)
+        await super().handle(message, envelope, delivery)
         self.timings["handler, lock held"] += time.perf_counter() - t0
         self.calls["handler, lock held"] += 1
 
@@ -318,9 +319,9 @@ class TimedAggregator(Aggregator):
 def instrument(agg: TimedAggregator) -> None:
     """Stopwatches on the aggregator's decode (module attribute) and its core's offer (instance
     attribute) for this process only; what they do is unchanged."""
-    import aggregator.service as service_module
+    import shared.runtime as runtime_module
 
-    real_decode = service_module.__dict__.setdefault("_bench_real_decode", service_module.__dict__["decode"])
+    real_decode = runtime_module.__dict__.setdefault("_bench_real_decode", runtime_module.__dict__["decode"])
     core = agg.core
     assert core is not None
     real_offer = core.offer
@@ -341,7 +342,7 @@ def instrument(agg: TimedAggregator) -> None:
             agg.timings["offer: dequantize, screen, accumulate"] += agg.last_offer - t0
         return result
 
-    setattr(service_module, "decode", timed_decode)  # noqa: B010 (the module does not export it)
+    setattr(runtime_module, "decode", timed_decode)  # noqa: B010 (the module does not export it)
     core.offer = timed_offer  # type: ignore[method-assign]
 
 
