@@ -30,6 +30,8 @@ PURE = (
     "shared.transport",
     "aggregator.core",
     "coordinator.registry",
+    "worker.decision",
+    "worker.config",
 )
 TORCH_FREE = tuple(
     m for m in PURE if m not in {"shared.quantize", "shared.tensors", "shared.aggregation", "aggregator.core"}

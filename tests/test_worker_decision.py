@@ -1,0 +1,114 @@
+"""The worker's task decision (``worker.decision``) and its config, without a broker."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+
+from shared.errors import ConfigError
+from shared.settings import Settings
+from worker.config import WorkerConfig
+from worker.decision import Decision, Known, decide, outbox_matters
+
+NOW = 1_800_000_000.0
+FRESH = Known(already_sent=False, task_id_ok=True, in_outbox=False, deadline=NOW + 60, now=NOW)
+
+
+def known(**changes: object) -> Known:
+    return dataclasses.replace(FRESH, **changes)  # type: ignore[arg-type]
+
+
+def test_a_fresh_task_is_trained() -> None:
+    assert decide(FRESH) is Decision.TRAIN
+
+
+def test_a_task_whose_update_was_confirmed_is_acked_without_training() -> None:
+    assert decide(known(already_sent=True)) is Decision.ALREADY_SENT
+
+
+def test_a_task_id_the_outbox_cannot_name_is_dead_lettered() -> None:
+    assert decide(known(task_id_ok=False)) is Decision.BAD_TASK_ID
+
+
+def test_a_task_whose_update_waits_in_the_outbox_sends_that() -> None:
+    assert decide(known(in_outbox=True)) is Decision.IN_OUTBOX
+
+
+def test_a_task_past_its_deadline_expires() -> None:
+    assert decide(known(deadline=NOW - 0.001)) is Decision.EXPIRED
+
+
+def test_a_task_at_its_deadline_is_still_trained() -> None:
+    assert decide(known(deadline=NOW)) is Decision.TRAIN
+
+
+def test_dead_letter_reasons_are_the_decision_values() -> None:
+    # the worker dead-letters with these strings: the dlq tool and the tests read them
+    assert Decision.EXPIRED == "expired"
+    assert Decision.BAD_TASK_ID == "bad_task_id"
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        # a confirmed update wins over everything: the work is done, whatever else holds
+        ({"already_sent": True, "task_id_ok": False}, Decision.ALREADY_SENT),
+        ({"already_sent": True, "in_outbox": True}, Decision.ALREADY_SENT),
+        ({"already_sent": True, "deadline": NOW - 1}, Decision.ALREADY_SENT),
+        # an unnameable id is refused before its deadline counts
+        ({"task_id_ok": False, "deadline": NOW - 1}, Decision.BAD_TASK_ID),
+        # an update already trained is sent even when the task has expired meanwhile
+        ({"in_outbox": True, "deadline": NOW - 1}, Decision.IN_OUTBOX),
+    ],
+)
+def test_which_check_comes_first(changes: dict[str, object], expected: Decision) -> None:
+    assert decide(known(**changes)) is expected
+
+
+def test_every_combination_trains_only_when_nothing_stands_in_the_way() -> None:
+    for sent, ok, waiting, late in itertools.product((False, True), repeat=4):
+        k = known(already_sent=sent, task_id_ok=ok, in_outbox=waiting, deadline=NOW - 1 if late else NOW + 1)
+        trains = decide(k) is Decision.TRAIN
+        assert trains == (not sent and ok and not waiting and not late), k
+
+
+@pytest.mark.parametrize(("sent", "ok"), list(itertools.product((False, True), repeat=2)))
+def test_the_outbox_is_looked_at_only_when_its_answer_counts(sent: bool, ok: bool) -> None:
+    """The worker skips the disk when ``outbox_matters`` says no: then the decision must not
+    depend on what the outbox holds."""
+    matters = outbox_matters(sent, ok)
+    assert matters == (ok and not sent)
+    for late in (False, True):
+        deadline = NOW - 1 if late else NOW + 1
+        with_entry = decide(known(already_sent=sent, task_id_ok=ok, in_outbox=True, deadline=deadline))
+        without = decide(known(already_sent=sent, task_id_ok=ok, in_outbox=False, deadline=deadline))
+        assert (with_entry != without) == matters
+
+
+# -- the config --------------------------------------------------------------------------------
+
+
+def test_config_from_settings() -> None:
+    settings = Settings(
+        capability="cpu,lowmem", delay=0.5, heartbeat_interval=7.0, model_seed=3, threads=2, partition="2/5"
+    )
+    config = WorkerConfig.from_settings(settings, "w-2", "2/5")
+    assert config == WorkerConfig(
+        worker_id="w-2",
+        capabilities=("cpu", "lowmem"),
+        partition="2/5",
+        delay=0.5,
+        heartbeat_interval=7.0,
+        model_seed=3,
+        threads=2,
+    )
+    assert config.warm and config.flush_retry == 30.0  # laptop defaults for what settings do not say
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.delay = 1.0  # type: ignore[misc]
+
+
+def test_config_needs_a_capability() -> None:
+    with pytest.raises(ConfigError):
+        WorkerConfig.from_settings(Settings(capability=" , "), "w1", "0/1")

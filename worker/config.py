@@ -1,0 +1,34 @@
+"""A worker's configuration: who it is, what it takes, how it paces itself. Plain data, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.settings import Settings, split_capabilities
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    capabilities: tuple[str, ...] = ("cpu",)
+    partition: str = ""  # "I/N", reported in its hellos
+    delay: float = 0.0  # seconds added after each training (a slow worker, for experiments)
+    heartbeat_interval: float = 2.0  # seconds between hellos
+    model_seed: int = 0
+    threads: int = 1  # torch threads for local training
+    flush_retry: float = 30.0  # seconds between attempts to flush outbox entries a flush could not send
+    warm: bool = True  # warm up before the first hello (see ``worker.training.warm_up``)
+    goodbye_seconds: float = 2.0  # at most this long for the "down" hello when stopping
+
+    @classmethod
+    def from_settings(cls, settings: Settings, worker_id: str, partition: str) -> WorkerConfig:
+        """The config of one worker of this process (``--replicas``: each has its own id and partition)."""
+        return cls(
+            worker_id=worker_id,
+            capabilities=split_capabilities(settings.capability),
+            partition=partition,
+            delay=settings.delay,
+            heartbeat_interval=settings.heartbeat_interval,
+            model_seed=settings.model_seed,
+            threads=settings.threads,
+        )

@@ -1,0 +1,59 @@
+"""What a worker does with a task it has received: one pure decision over what it knows.
+
+The checks run in this order, the first that holds decides (``worker.service`` carries it out):
+
+1. its update was confirmed before (a redelivery after a lost ack): ack, without training again;
+2. the outbox cannot name an entry for its task id: dead-letter it (``bad_task_id``), since its
+   update could not wait safely for its confirm;
+3. its update waits in the outbox (trained before the link or the process was lost): send that
+   update, then ack;
+4. its deadline has passed: dead-letter it (``expired``);
+5. otherwise: train.
+
+Checks 2 and 3 are for a worker with an outbox; without one, a task id is always fine and
+nothing waits. Looking in the outbox is disk I/O, so the worker does it only when
+``outbox_matters`` says the answer can change the decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Decision(StrEnum):
+    """The fate of a received task; a dead-lettered one carries its value as the reason."""
+
+    ALREADY_SENT = "already_sent"  # ack
+    BAD_TASK_ID = "bad_task_id"  # dead-letter
+    IN_OUTBOX = "in_outbox"  # send the waiting update, then ack
+    EXPIRED = "expired"  # dead-letter
+    TRAIN = "train"
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the worker knows of a task as it decides."""
+
+    already_sent: bool  # its update was confirmed by the broker before
+    task_id_ok: bool  # the outbox can name an entry for it (always true without an outbox)
+    in_outbox: bool  # an update for it waits in the outbox
+    deadline: float  # the task's deadline, seconds since the epoch
+    now: float
+
+
+def outbox_matters(already_sent: bool, task_id_ok: bool) -> bool:
+    """Whether looking in the outbox can change the decision (checks 1 and 2 come before it)."""
+    return task_id_ok and not already_sent
+
+
+def decide(known: Known) -> Decision:
+    if known.already_sent:
+        return Decision.ALREADY_SENT
+    if not known.task_id_ok:
+        return Decision.BAD_TASK_ID
+    if known.in_outbox:
+        return Decision.IN_OUTBOX
+    if known.deadline < known.now:
+        return Decision.EXPIRED
+    return Decision.TRAIN
