@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -24,7 +25,7 @@ from shared.app import load_app
 from shared.errors import ConfigError, FedqError
 from shared.keys import load_or_create_signer, public_key_path
 from shared.ledger import JsonLines
-from shared.settings import Settings, env_name
+from shared.settings import CONNECTION, Settings, env_name, env_only_settings, flags
 from shared.transport.connect import connected
 
 
@@ -69,69 +70,35 @@ async def declare_only(settings: Settings, purge: bool = False) -> None:
 
 
 def _env(settings: Settings, run_dir: Path, keys: Path) -> dict[str, str]:
+    """The environment of every process of the run: none of the caller's ``FEDQ_*`` variables, but the
+    run's connection settings and its environment-only ones (S3 keys among them: flags show in ps)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDQ_") or k == "FEDQ_DATA_DIR"}
     values: dict[str, Any] = {
-        "amqp_url": settings.amqp_url,
-        "namespace": settings.namespace,
-        "job": settings.job,
-        "store": settings.store,
-        "s3_endpoint": settings.s3_endpoint,
-        "s3_region": settings.s3_region,
-        "s3_access_key": settings.s3_access_key,  # through the environment: flags would show in ps
-        "s3_secret_key": settings.s3_secret_key,
-        "keys_dir": str(keys),
-        "trusted_keys": str(keys / "trusted"),
-        "out": str(run_dir),
-        "app": settings.app,
-        "log_level": settings.log_level,
-        "log_json": "true",
-        "amqp_heartbeat": settings.amqp_heartbeat,
+        f.setting: getattr(settings, f.setting) for f in flags("run") if f.group == CONNECTION
     }
-    env.update({env_name(k): str(v) for k, v in values.items()})
+    values.update({name: getattr(settings, name) for name in env_only_settings()})
+    values.update(keys_dir=str(keys), trusted_keys=str(keys / "trusted"), out=str(run_dir), log_json="true")
+    env.update({env_name(k): str(v) for k, v in values.items() if v is not None})
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")  # many processes share the cores: no oversubscription
     return env
 
 
 def _public(settings: Settings) -> dict[str, Any]:
-    """The settings fit for a file on disk: no secret keys."""
-    return {k: v for k, v in settings.__dict__.items() if k not in ("s3_access_key", "s3_secret_key")}
+    """The settings fit for a file on disk: no secrets (the fields kept out of repr)."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.repr}
 
 
-def _flags(settings: Settings, fields: list[str]) -> list[str]:
+def _flags(settings: Settings, command: str) -> list[str]:
+    """The run's own job settings that ``command`` takes, as its flags (``fedq run`` and ``command``
+    share them in the schema); connection settings travel in the environment instead."""
+    run = {f.setting for f in flags("run")}
     out = []
-    for f in fields:
-        value = getattr(settings, f)
-        if value is not None:
-            out += ["--" + f.replace("_", "-"), str(value)]
+    for f in flags(command):
+        value = getattr(settings, f.setting)
+        if f.setting in run and f.group != CONNECTION and value is not None:
+            out += [f.name, str(value)]
     return out
-
-
-JOB_FIELDS = [
-    "mode",
-    "capabilities",
-    "concurrency",
-    "target_accuracy",
-    "max_versions",
-    "max_updates",
-    "max_seconds",
-    "task_ttl",
-    "round_timeout",
-    "local_epochs",
-    "batch_size",
-    "optimizer",
-    "lr",
-    "momentum",
-    "quant",
-    "block",
-    "inline_limit",
-    "model_seed",
-    "worker_timeout",
-    "min_workers",
-    "min_workers_wait",
-]
-POLICY_FIELDS = ["mode", "capabilities", "buffer", "server_lr", "staleness", "max_staleness", "max_norm"]
-DATA_FIELDS = ["alpha", "partition_seed", "partition_file"]
 
 
 class Launcher:
@@ -193,7 +160,7 @@ class Launcher:
                 s.capabilities,
                 "--key-file",
                 str(Path(self.env["FEDQ_KEYS_DIR"]) / f"worker-{worker_id}.key"),
-                *_flags(s, DATA_FIELDS),
+                *_flags(s, "worker"),
             ],
         )
 
@@ -329,8 +296,8 @@ def run_job(
     print(f"fedq: run folder {run_dir}", flush=True)
     chaos: Chaos | None = None
     try:
-        launcher.start("aggregator", ["aggregator", *_flags(settings, POLICY_FIELDS)])
-        launcher.start("coordinator", ["coordinator", *_flags(settings, JOB_FIELDS)])
+        launcher.start("aggregator", ["aggregator", *_flags(settings, "aggregator")])
+        launcher.start("coordinator", ["coordinator", *_flags(settings, "coordinator")])
         for i, (wid, delay) in enumerate(zip(worker_ids, delays, strict=True)):
             launcher.start_worker(wid, i, workers, delay)
         display = Progress(run_dir, settings, live=progress and sys.stdout.isatty())

@@ -2,85 +2,376 @@
 
 Every field ``name`` is read from ``FEDQ_<NAME>``; command-line flags override
 the environment. Every knob has a default that works on a laptop.
+
+This is also the one schema of fedq's command line: each field says, in its
+metadata, either which flag sets it (help text, group, the commands that offer
+it) or why it is read from the environment only. ``fedq`` builds its flags from
+:func:`flags`; ``fedq run`` hands its processes their settings by the same rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
 
+# -- the command-line face of a setting ---------------------------------------------------------
+
+# Flag groups, in the order help shows them.
+CONNECTION = "connection and files"
+JOB = "the job"
+POLICY = "aggregation"
+WORKER = "this worker"
+DATA = "data"
+GROUPS = (CONNECTION, JOB, POLICY, WORKER, DATA)
+
+# Commands as ``fedq`` spells them (an action after its command: "replay verify").
+SERVICES = ("coordinator", "aggregator", "worker")
+PROCESSES = ("run", *SERVICES)
+MODEL = tuple(f"model {a}" for a in ("list", "show", "export", "verify", "rollback"))
+DLQ = tuple(f"dlq {a}" for a in ("list", "show", "requeue"))
+READERS = ("audit", "log", "replay verify", "replay what-if", *MODEL)  # tools that read a job's files
+EVERYWHERE = (*PROCESSES, *READERS, "declare", *DLQ)
+
+_CLI = "fedq.cli"
+_ENV_ONLY = "fedq.env_only"
+
+
+def cli(group: str, commands: Iterable[str], help_text: str) -> dict[str, Any]:
+    """Field metadata: the setting has a flag in ``group`` of every command in ``commands``."""
+    return {_CLI: (group, tuple(commands), help_text)}
+
+
+def env_only(why: str) -> dict[str, Any]:
+    """Field metadata: the setting deliberately has no flag, only its ``FEDQ_*`` variable."""
+    return {_ENV_ONLY: why}
+
 
 @dataclass(frozen=True)
 class Settings:
     # where things are
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    namespace: str = "fedq"
-    job: str = "default"
-    store: str = ".fedq/store"
+    amqp_url: str = field(
+        default="amqp://guest:guest@127.0.0.1:5672/",
+        metadata=cli(CONNECTION, EVERYWHERE, "RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/)"),
+    )
+    namespace: str = field(
+        default="fedq",
+        metadata=cli(CONNECTION, EVERYWHERE, "prefix of every exchange and queue name (default fedq)"),
+    )
+    job: str = field(
+        default="default",
+        metadata=cli(CONNECTION, PROCESSES, "job id: letters, digits, - and _ (default 'default')"),
+    )
+    store: str = field(
+        default=".fedq/store",
+        metadata=cli(
+            CONNECTION,
+            (*PROCESSES, *READERS),
+            "model store: a local directory or s3://bucket/prefix (default .fedq/store)",
+        ),
+    )
     # S3 store (--store s3://bucket/prefix); empty = botocore's own AWS_* settings. Keys: environment only
-    s3_endpoint: str = ""  # e.g. http://127.0.0.1:9000 for MinIO
-    s3_region: str = ""
-    s3_access_key: str = field(default="", repr=False)
-    s3_secret_key: str = field(default="", repr=False)
-    keys_dir: str = ".fedq/keys"
-    trusted_keys: str = ""  # default: <keys_dir>/trusted
-    out: str = ""  # job folder for metrics and ledgers; default: .fedq/jobs/<job>
-    app: str = "fedq.apps.mnist1d:app"
-    log_level: str = "info"
-    log_json: bool | None = None
-    amqp_heartbeat: int = 15
+    s3_endpoint: str = field(
+        default="",  # e.g. http://127.0.0.1:9000 for MinIO
+        metadata=cli(
+            CONNECTION,
+            (*PROCESSES, *MODEL),
+            "S3 endpoint URL, e.g. http://127.0.0.1:9000 (default: AWS)",
+        ),
+    )
+    s3_region: str = field(
+        default="",
+        metadata=cli(
+            CONNECTION,
+            (*PROCESSES, *MODEL),
+            "S3 region (default: AWS_DEFAULT_REGION, else us-east-1)",
+        ),
+    )
+    s3_access_key: str = field(default="", repr=False, metadata=env_only("a secret: flags show in ps"))
+    s3_secret_key: str = field(default="", repr=False, metadata=env_only("a secret: flags show in ps"))
+    keys_dir: str = field(
+        default=".fedq/keys",
+        metadata=cli(
+            CONNECTION, (*SERVICES, *MODEL), "where this process keeps its key pair (default .fedq/keys)"
+        ),
+    )
+    trusted_keys: str = field(
+        default="",  # default: <keys_dir>/trusted
+        metadata=cli(
+            CONNECTION,
+            (*SERVICES, "log", "replay verify", *MODEL),
+            "directory of trusted *.pub keys (default <keys-dir>/trusted)",
+        ),
+    )
+    out: str = field(
+        default="",  # job folder for metrics and ledgers; default: .fedq/jobs/<job>
+        metadata=cli(
+            CONNECTION,
+            (*PROCESSES, *READERS),
+            "job folder for metrics, ledger and state (default .fedq/jobs/<job>)",
+        ),
+    )
+    app: str = field(
+        default="fedq.apps.mnist1d:app",
+        metadata=cli(
+            CONNECTION,
+            (*PROCESSES, "replay what-if"),
+            "the app as module:object (default fedq.apps.mnist1d:app)",
+        ),
+    )
+    log_level: str = field(
+        default="info",
+        metadata=cli(CONNECTION, PROCESSES, "debug, info, warning or error (default info)"),
+    )
+    log_json: bool | None = field(
+        default=None,
+        metadata=env_only("how the process writes its log; fedq run and compose set it for their processes"),
+    )
+    amqp_heartbeat: int = field(
+        default=15, metadata=env_only("a deployment knob for flaky links, not a per-job choice")
+    )
     # data partition (the app reads these)
-    alpha: float = 0.5
-    partition_seed: int = 42
-    partition_file: str = ""
+    alpha: float = field(
+        default=0.5,
+        metadata=cli(
+            DATA,
+            ("run", "worker"),
+            "Dirichlet label-skew concentration; smaller is more skewed (default 0.5)",
+        ),
+    )
+    partition_seed: int = field(
+        default=42, metadata=cli(DATA, ("run", "worker"), "seed of the data split (default 42)")
+    )
+    partition_file: str = field(
+        default="",
+        metadata=cli(
+            DATA, ("run", "worker"), "JSON list of index lists, one per worker, instead of Dirichlet"
+        ),
+    )
     # coordinator
-    mode: str = "async"
-    capabilities: str = "cpu"
-    concurrency: int = 0  # tasks in flight per capability; 0 = one per live worker
-    target_accuracy: float = 0.85
-    max_versions: int = 0
-    max_updates: int = 0
-    max_seconds: float = 300.0
-    task_ttl: float = 120.0
-    round_timeout: float = 60.0
-    worker_timeout: float = 10.0
-    min_workers: int = 1  # live workers (any capability) before the first task; fedq run: --workers
-    min_workers_wait: float = 120.0  # seconds after the job's start to stop waiting for them
-    local_epochs: int = 5
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    quant: str = "int8"
-    block: int = 256
-    inline_limit: int = 1024 * 1024
-    model_seed: int = 0
+    mode: str = field(
+        default="async",
+        metadata=cli(
+            JOB,
+            ("run", "coordinator", "aggregator"),
+            "async (FedBuff) or sync (FedAvg rounds) (default async)",
+        ),
+    )
+    capabilities: str = field(
+        default="cpu",
+        metadata=cli(
+            JOB,
+            ("run", "coordinator", "aggregator", "declare"),
+            "capabilities the job hands tasks to (default cpu)",
+        ),
+    )
+    concurrency: int = field(
+        default=0,
+        metadata=cli(
+            JOB,
+            ("run", "coordinator"),
+            "tasks in flight per capability; 0 = one per live worker (default 0)",
+        ),
+    )
+    target_accuracy: float = field(
+        default=0.85,
+        metadata=cli(
+            JOB,
+            ("run", "coordinator"),
+            "stop when test accuracy reaches this; 0 = never (default 0.85)",
+        ),
+    )
+    max_versions: int = field(
+        default=0,
+        metadata=cli(JOB, ("run", "coordinator"), "stop after this many versions; 0 = no limit"),
+    )
+    max_updates: int = field(
+        default=0,
+        metadata=cli(JOB, ("run", "coordinator"), "stop after this many applied updates; 0 = no limit"),
+    )
+    max_seconds: float = field(
+        default=300.0,
+        metadata=cli(JOB, ("run", "coordinator"), "stop after this many seconds (default 300)"),
+    )
+    task_ttl: float = field(
+        default=120.0,
+        metadata=cli(
+            JOB,
+            ("run", "coordinator"),
+            "seconds a task may wait and run before it expires (default 120)",
+        ),
+    )
+    round_timeout: float = field(
+        default=60.0,
+        metadata=cli(JOB, ("run", "coordinator"), "sync mode: round deadline in seconds (default 60)"),
+    )
+    worker_timeout: float = field(
+        default=10.0,
+        metadata=cli(
+            JOB,
+            ("run", "coordinator"),
+            "seconds without a heartbeat before a worker counts as gone (default 10)",
+        ),
+    )
+    min_workers: int = field(
+        default=1,  # live workers (any capability) before the first task; fedq run: --workers
+        metadata=cli(
+            JOB,
+            ("run", "coordinator"),
+            "hand out no task and open no round until this many live workers (any capability) have said "
+            "hello; the job's clock starts at the first task (default 1; fedq run: --workers, or more when "
+            "workers started elsewhere will join)",
+        ),
+    )
+    min_workers_wait: float = field(
+        default=120.0,  # seconds after the job's start to stop waiting for them
+        metadata=cli(
+            JOB,
+            ("run", "coordinator"),
+            "seconds after the job's start to stop waiting for --min-workers and start with the workers "
+            "there are, with a warning (default 120)",
+        ),
+    )
+    local_epochs: int = field(
+        default=5, metadata=cli(JOB, ("run", "coordinator"), "local epochs per task (default 5)")
+    )
+    batch_size: int = field(
+        default=32, metadata=cli(JOB, ("run", "coordinator"), "local batch size (default 32)")
+    )
+    optimizer: str = field(
+        default="sgd",
+        metadata=cli(JOB, ("run", "coordinator"), "local optimizer: sgd or adam (default sgd)"),
+    )
+    lr: float = field(
+        default=0.05, metadata=cli(JOB, ("run", "coordinator"), "local learning rate (default 0.05)")
+    )
+    momentum: float = field(
+        default=0.9, metadata=cli(JOB, ("run", "coordinator"), "local SGD momentum (default 0.9)")
+    )
+    weight_decay: float = field(
+        default=0.0, metadata=env_only("a rarely tuned optimizer knob; fedq run passes it on")
+    )
+    quant: str = field(
+        default="int8",
+        metadata=cli(JOB, ("run", "coordinator"), "update encoding: int8 or none (default int8)"),
+    )
+    block: int = field(
+        default=256,
+        metadata=cli(JOB, ("run", "coordinator"), "values per int8 quantization block (default 256)"),
+    )
+    inline_limit: int = field(
+        default=1024 * 1024,
+        metadata=cli(
+            JOB,
+            ("run", "coordinator"),
+            "models up to this many bytes travel inside the task (default 1 MiB)",
+        ),
+    )
+    model_seed: int = field(
+        default=0, metadata=cli(JOB, ("run", "coordinator"), "seed of version 0 (default 0)")
+    )
     # aggregator
-    buffer: int = 10
-    server_lr: float = 1.0
-    staleness: str = "polynomial:0.5"
-    max_staleness: int = 20
-    max_norm: float | None = None
+    buffer: int = field(
+        default=10,
+        metadata=cli(
+            POLICY,
+            ("run", "aggregator", "replay what-if"),
+            "FedBuff: updates per version, K (default 10; 1 = FedAsync)",
+        ),
+    )
+    server_lr: float = field(
+        default=1.0,
+        metadata=cli(
+            POLICY, ("run", "aggregator", "replay what-if"), "server learning rate eta (default 1.0)"
+        ),
+    )
+    staleness: str = field(
+        default="polynomial:0.5",
+        metadata=cli(
+            POLICY,
+            ("run", "aggregator", "replay what-if"),
+            "constant, polynomial[:a] or hinge[:a,b] (default polynomial:0.5)",
+        ),
+    )
+    max_staleness: int = field(
+        default=20,
+        metadata=cli(
+            POLICY,
+            ("run", "aggregator", "replay what-if"),
+            "reject updates staler than this many versions (default 20)",
+        ),
+    )
+    max_norm: float | None = field(
+        default=None,
+        metadata=cli(
+            POLICY,
+            ("run", "aggregator", "replay what-if"),
+            "reject updates whose L2 norm exceeds this (default: no bound)",
+        ),
+    )
     # worker
-    capability: str = "cpu"
-    partition: str = "0/1"
-    worker_id: str = ""
-    delay: float = 0.0
-    heartbeat_interval: float = 2.0
-    threads: int = 1  # torch threads for local training
-    replicas: int = 1  # simulated workers hosted by one worker process
-    coordinator_key: str = ""  # default: <keys_dir>/coordinator.pub
-    key_file: str = ""  # default: <keys_dir>/<process>.key
-    outbox: str = ""  # updates awaiting their confirm; default: <keys_dir>/../outbox/<worker_id>
+    capability: str = field(
+        default="cpu",
+        metadata=cli(
+            WORKER, ("worker",), "capabilities this worker serves, e.g. cpu or cpu,lowmem (default cpu)"
+        ),
+    )
+    partition: str = field(
+        default="0/1",
+        metadata=cli(WORKER, ("worker",), "which share of the data this worker holds, I/N (default 0/1)"),
+    )
+    worker_id: str = field(
+        default="", metadata=cli(WORKER, ("worker",), "stable worker id (default <hostname>-p<I>)")
+    )
+    delay: float = field(
+        default=0.0,
+        metadata=cli(
+            WORKER, ("worker",), "simulated extra seconds per task, for straggler experiments (default 0)"
+        ),
+    )
+    heartbeat_interval: float = field(
+        default=2.0, metadata=cli(WORKER, ("worker",), "seconds between heartbeats (default 2)")
+    )
+    threads: int = field(
+        default=1,  # torch threads for local training
+        metadata=cli(WORKER, ("worker",), "torch threads for local training (default 1)"),
+    )
+    replicas: int = field(
+        default=1,  # simulated workers hosted by one worker process
+        metadata=cli(
+            WORKER,
+            ("worker",),
+            "simulated workers in this process, each with its own identity, connection and partition "
+            "I..I+M-1 (default 1)",
+        ),
+    )
+    coordinator_key: str = field(
+        default="",  # default: <keys_dir>/coordinator.pub
+        metadata=cli(
+            CONNECTION, SERVICES, "the coordinator's public key to pin (default <keys-dir>/coordinator.pub)"
+        ),
+    )
+    key_file: str = field(
+        default="",  # default: <keys_dir>/<process>.key
+        metadata=cli(CONNECTION, SERVICES, "this process's private key file (created on first start)"),
+    )
+    outbox: str = field(
+        default="",  # updates awaiting their confirm; default: <keys_dir>/../outbox/<worker_id>
+        metadata=cli(
+            WORKER,
+            ("worker",),
+            "directory of trained updates awaiting the broker's confirm "
+            "(default <keys-dir>/../outbox/<worker-id>)",
+        ),
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -137,11 +428,10 @@ def known_env_names() -> frozenset[str]:
 
 
 def _parse(text: str, hint: Any, key: str) -> Any:
-    args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if text.strip().lower() in ("", "none", "auto"):
             return None
-        hint = next(a for a in args if a is not type(None))
+        hint = _plain(hint)
     try:
         if hint is bool:
             low = text.strip().lower()
@@ -155,3 +445,51 @@ def _parse(text: str, hint: Any, key: str) -> Any:
     except ValueError:
         raise ConfigError(f"{key}={text!r} is not a valid {hint.__name__}") from None
     return text
+
+
+# -- the schema, read back ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A setting's flag: ``name`` sets ``Settings.<setting>``; not given, ``FEDQ_<SETTING>`` or the
+    default decides."""
+
+    setting: str
+    value_type: type[Any]  # str, int or float (``X | None`` is ``X``: None means "not given")
+    help: str
+    group: str
+    commands: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return "--" + self.setting.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return env_name(self.setting)
+
+
+@functools.cache
+def flags(command: str | None = None) -> tuple[Flag, ...]:
+    """The flags ``command`` offers (every flag when ``None``): group by group, in field order."""
+    hints = typing.get_type_hints(Settings)
+    found = []
+    for f in dataclasses.fields(Settings):
+        if _CLI in f.metadata:
+            group, commands, help_text = f.metadata[_CLI]
+            if command is None or command in commands:
+                found.append(Flag(f.name, _plain(hints[f.name]), help_text, group, commands))
+    return tuple(sorted(found, key=lambda flag: GROUPS.index(flag.group)))
+
+
+def env_only_settings() -> dict[str, str]:
+    """The settings deliberately read from ``FEDQ_*`` variables only, each with the reason."""
+    return {f.name: f.metadata[_ENV_ONLY] for f in dataclasses.fields(Settings) if _ENV_ONLY in f.metadata}
+
+
+def _plain(hint: Any) -> Any:
+    """``X | None`` -> ``X``; any other type as it is."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
