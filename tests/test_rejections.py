@@ -36,6 +36,7 @@ from shared.store import LocalStore, Manifest, ModelStore, model_key
 from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
+from worker.config import WorkerConfig
 from worker.service import Worker
 
 JOB = "job1"
@@ -498,14 +499,12 @@ async def test_worker_rejects_task_from_unpinned_key(broker: RabbitMQ, names: Na
     pinned.add(coordinator.public)
     service_broker = await connect_like(broker, "test-worker")
     worker = Worker(
-        worker_id="w1",
-        capabilities=("cpu",),
-        broker=service_broker,
+        WorkerConfig("w1", ("cpu",), heartbeat_interval=60.0),
+        transport=service_broker,
         app=app,
         data=None,
         signer=Signer.generate(),
         coordinator_keys=pinned,
-        heartbeat_interval=60.0,
     )
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop), name="worker")

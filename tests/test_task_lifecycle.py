@@ -26,6 +26,7 @@ from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
 from tests.jobs import cleanup, finish, log_events, records, start_run
+from worker.config import WorkerConfig
 from worker.service import Worker
 
 __all__ = ["cleanup"]
@@ -51,14 +52,12 @@ async def test_failing_task_stops_at_the_delivery_limit(broker: RabbitMQ, names:
     own = await RabbitMQ(broker.url, names, "test-broken-worker").connect()
     app = BrokenApp()
     worker = Worker(
-        worker_id="w1",
-        capabilities=("cpu",),
-        broker=own,
+        WorkerConfig("w1", ("cpu",), heartbeat_interval=60.0),
+        transport=own,
         app=app,
         data=None,
         signer=Signer.generate(),
         coordinator_keys=pinned,
-        heartbeat_interval=60.0,
     )
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop))

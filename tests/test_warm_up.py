@@ -27,6 +27,7 @@ from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
 from tests.tiny import WAIT, LinearApp, events, until
+from worker.config import WorkerConfig
 from worker.service import Worker
 from worker.training import train_task, warm_up
 
@@ -101,14 +102,12 @@ async def test_worker_warms_up_in_its_training_thread_before_its_first_hello(
     own = await RabbitMQ(amqp_url, names, "test-warm-worker").connect()
     stop = asyncio.Event()
     worker = Worker(
-        worker_id="w1",
-        capabilities=("cpu",),
-        broker=own,
+        WorkerConfig("w1", ("cpu",), heartbeat_interval=60.0),
+        transport=own,
         app=app,
         data=data,
         signer=worker_signer,
         coordinator_keys=pinned,
-        heartbeat_interval=60.0,
     )
     running = asyncio.create_task(worker.run(stop))
     try:
@@ -188,14 +187,12 @@ async def test_a_failing_warm_up_does_not_stop_the_worker(
     wrong = (torch.zeros(4, 5), torch.zeros(4, dtype=torch.int64))  # 5 features for a 4-feature model
     with capture_logs() as logs:
         worker = Worker(
-            worker_id="w1",
-            capabilities=("cpu",),
-            broker=own,
+            WorkerConfig("w1", ("cpu",), heartbeat_interval=60.0),
+            transport=own,
             app=app,
             data=wrong,
             signer=Signer.generate(),
             coordinator_keys=Keyring(),
-            heartbeat_interval=60.0,
         )
         running = asyncio.create_task(worker.run(stop))
         try:

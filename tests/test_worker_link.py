@@ -37,6 +37,7 @@ from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ, with_heartbeat
 from tests.tcpproxy import TcpProxy
+from worker.config import WorkerConfig
 from worker.outbox import Outbox, OutboxError, decode_task_id, encode_task_id
 from worker.service import Worker, default_outbox, serve
 
@@ -203,14 +204,12 @@ async def worker_rig(
         RabbitMQ(url, names, "test-worker-link", heartbeat=heartbeat, publish_retry_seconds=60).connect(), WAIT
     )
     worker = Worker(
-        worker_id="w1",
-        capabilities=("cpu",),
-        broker=worker_broker,
+        WorkerConfig("w1", ("cpu",), heartbeat_interval=60.0),
+        transport=worker_broker,
         app=app,
         data=app.load_partition(PartitionSpec(0, 1)),
         signer=signer,
         coordinator_keys=pinned,
-        heartbeat_interval=60.0,
         outbox=outbox,
     )
     stop = asyncio.Event()

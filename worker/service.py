@@ -17,6 +17,14 @@ then is the task acked. So:
   confirmed it is acked without training again, and if it is still in the outbox that
   update is sent instead of a new one. Anything sent twice (a lost confirm, a restart
   between confirm and removal) carries the same task id, which the aggregator deduplicates.
+
+What to do with a received task is decided by ``worker.decision.decide`` (pure);
+``Worker.step`` gathers what it needs and carries the decision out. The worker is a
+``shared.runtime.Service``: the runtime declares its queues, checks each task's signature
+(an invalid one is dead-lettered with its ``WireError`` reason) and runs its heartbeat and
+outbox flusher; a heartbeat that cannot be published, even after the transport's retries,
+stops the worker. A task whose training, store or broker step fails is given back to its
+queue (``retry_later``), never dead-lettered: its delivery limit ends a task that always fails.
 """
 
 from __future__ import annotations
@@ -34,68 +42,56 @@ from pathlib import Path
 from typing import Any
 
 from broker_config.names import Names, check_token
-from broker_config.topology import capability_topology
+from broker_config.topology import Topology, capability_topology
 from shared.app import App, PartitionSpec
-from shared.codec import decode, encode
-from shared.errors import BrokerError, ConfigError, StoreError, WireError
+from shared.codec import Envelope, encode
+from shared.errors import ConfigError, StoreError
 from shared.http import http_get, http_put
 from shared.keys import load_or_create_signer, load_public_key
 from shared.logs import get_logger
 from shared.messages import Hello, Task, Update
 from shared.partition import parse_partition
-from shared.settings import Settings, split_capabilities
+from shared.runtime import Runtime, Service
+from shared.settings import Settings
 from shared.signing import Keyring, Signer
 from shared.store import ObjectStore, open_store
 from shared.transport import Delivery, Transport
-from shared.transport.rabbitmq import RabbitMQ
+from shared.transport.connect import connected
+from worker.config import WorkerConfig
+from worker.decision import Decision, Known, decide, outbox_matters
 from worker.outbox import Outbox, OutboxError, encode_task_id
 from worker.training import TrainingOutcome, WarmUp, train_task, warm_up
 
 SENT_MEMORY = 10_000  # confirmed task ids remembered, to ack a redelivered task without training it again
 
 
-class Worker:
+class Worker(Service):
+    name = "worker"
+
     def __init__(
         self,
+        config: WorkerConfig,
         *,
-        worker_id: str,
-        capabilities: tuple[str, ...],
-        broker: Transport,
+        transport: Transport,
         app: App,
         data: Any,
         signer: Signer,
         coordinator_keys: Keyring,
         store: ObjectStore | None = None,
-        partition: str = "",
-        delay: float = 0.0,
-        heartbeat_interval: float = 2.0,
-        model_seed: int = 0,
-        threads: int = 1,
         outbox: Outbox | None = None,
-        flush_retry: float = 30.0,
-        warm: bool = True,
     ) -> None:
         """``outbox``: where trained updates wait for their confirm (``None``: nowhere, so an update
-        whose link is lost before its confirm is trained again after the task's redelivery).
-        ``flush_retry``: seconds between attempts to flush entries a flush could not send.
-        ``warm``: warm up before the first hello (see ``worker.training.warm_up``)."""
-        self.worker_id = worker_id
-        self.capabilities = capabilities
-        self.broker = broker
-        self.names: Names = broker.names
+        whose link is lost before its confirm is trained again after the task's redelivery)."""
+        self.config = config
+        self.worker_id = config.worker_id
+        self.transport = transport
+        self.names: Names = transport.names
         self.app = app
         self.data = data
         self.signer = signer
         self.coordinator_keys = coordinator_keys
         self.store = store
-        self.partition = partition
-        self.delay = delay
-        self.heartbeat_interval = heartbeat_interval
-        self.model_seed = model_seed
-        self.threads = threads
         self.outbox = outbox
-        self.flush_retry = flush_retry
-        self.warm = warm
         self.warmed: WarmUp | None = None
         self.busy = False
         self.completed = 0
@@ -108,8 +104,79 @@ class Worker:
         self._sent: OrderedDict[str, None] = OrderedDict()
         self._flush_wanted = asyncio.Event()
         self._trainer: ThreadPoolExecutor | None = None
-        self.log = get_logger(service="worker", worker=worker_id)
+        self._forget_reconnect: Callable[[], None] | None = None
+        self._stopping = False
+        self.log = get_logger(service="worker", worker=config.worker_id)
 
+    # -- the service ------------------------------------------------------------------------
+    def topology(self) -> Topology:
+        return capability_topology(self.names, self.config.capabilities)
+
+    async def start(self, runtime: Runtime) -> None:
+        if self.config.warm:
+            await self.warm_up()  # before the first hello: a worker that says hello is ready to train
+        runtime.every("heartbeat", self.config.heartbeat_interval, self._heartbeat)
+        if self.outbox is not None:
+            swept = await asyncio.to_thread(self.outbox.sweep_temp)
+            if swept:
+                self.log.info("outbox_swept", temp_files=swept)
+            self._flush_wanted.set()  # entries left by an earlier run go first
+            self._forget_reconnect = self.transport.on_reconnect(self._on_reconnect)
+            runtime.spawn("outbox-flusher", self._flusher)
+        for cap in self.config.capabilities:
+            # restored by the transport after a reconnect; each delivery is handled in a task the
+            # transport shields from the channel's end, so training outlives a lost link
+            await runtime.consume_messages(
+                self.names.task_queue(cap), Task, self.coordinator_keys, self.on_task, prefetch=1
+            )
+        self.log.info(
+            "started",
+            capabilities=list(self.config.capabilities),
+            partition=self.config.partition,
+            outbox=str(self.outbox.root) if self.outbox is not None else "",
+        )
+
+    async def stopping(self) -> None:
+        """Say goodbye (bounded), forget the reconnect hook, let the training thread go."""
+        self._stopping = True
+        if self._forget_reconnect is not None:
+            self._forget_reconnect()
+            self._forget_reconnect = None
+        try:
+            await asyncio.wait_for(self.hello("down"), self.config.goodbye_seconds)
+        finally:
+            if self._trainer is not None:
+                self._trainer.shutdown(wait=False)
+                self._trainer = None
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run on the shared runtime over this worker's transport (already connected)."""
+        await Runtime(self.transport, worker=self.worker_id).run(self, stop)
+
+    # -- hellos -----------------------------------------------------------------------------
+    async def hello(self, state: str = "up") -> None:
+        message = Hello(
+            self.worker_id,
+            self.config.capabilities,
+            self.signer.fingerprint,
+            state,
+            time.time(),
+            self.config.partition,
+            self.busy,
+            tasks_received=self.received,
+            tasks_completed=self.completed,
+            tasks_expired=self.expired,
+            tasks_redelivered=self.redelivered,
+        )
+        await self.transport.publish(
+            self.names.workers_exchange, "", encode(message, self.signer), mandatory=False
+        )
+
+    async def _heartbeat(self) -> None:
+        if not self._stopping:  # once "down" is said, no "up" follows it
+            await self.hello()
+
+    # -- training ---------------------------------------------------------------------------
     async def _in_training_thread(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` in this worker's one training thread (made on first use)."""
         if self._trainer is None:
@@ -119,125 +186,73 @@ class Worker:
     async def warm_up(self) -> None:
         """Warm up in the training thread; a failure is logged, never fatal (the first task then
         pays the start-up, as it would have without a warm-up)."""
+        cfg = self.config
         try:
             self.warmed = await self._in_training_thread(
-                functools.partial(warm_up, self.app, self.data, self.model_seed, self.threads)
+                functools.partial(warm_up, self.app, self.data, cfg.model_seed, cfg.threads)
             )
         except Exception as exc:
             self.log.warning("warm_up_failed", error=repr(exc))
             return
         self.log.info("warmed_up", how=self.warmed.how, seconds=round(self.warmed.seconds, 3))
 
-    async def hello(self, state: str = "up") -> None:
-        message = Hello(
-            self.worker_id,
-            self.capabilities,
-            self.signer.fingerprint,
-            state,
-            time.time(),
-            self.partition,
-            self.busy,
-            tasks_received=self.received,
-            tasks_completed=self.completed,
-            tasks_expired=self.expired,
-            tasks_redelivered=self.redelivered,
-        )
-        await self._publish(self.names.workers_exchange, encode(message, self.signer), mandatory=False)
-
-    async def _publish(self, exchange: str, body: bytes, **options: Any) -> None:
-        await self.broker.publish(exchange, "", body, **options)
-
-    async def heartbeat(self) -> None:
-        while True:
-            try:
-                await self.hello()
-            except Exception as exc:  # a flaky link must not kill the heartbeat
-                self.log.warning("heartbeat_failed", error=repr(exc))
-            await asyncio.sleep(self.heartbeat_interval)
-
-    async def run(self, stop: asyncio.Event | None = None) -> None:
-        await self.broker.declare(capability_topology(self.names, self.capabilities))
-        if self.warm:
-            await self.warm_up()  # before the first hello: a worker that says hello is ready to train
-        background = [asyncio.create_task(self.heartbeat(), name="heartbeat")]
-        forget_reconnect: Callable[[], None] | None = None
-        if self.outbox is not None:
-            swept = await asyncio.to_thread(self.outbox.sweep_temp)
-            if swept:
-                self.log.info("outbox_swept", temp_files=swept)
-            self._flush_wanted.set()  # entries left by an earlier run go first
-            forget_reconnect = self.broker.on_reconnect(self._on_reconnect)
-            background.append(asyncio.create_task(self._flusher(), name="outbox-flusher"))
-        for cap in self.capabilities:
-            # restored by the robust connection after a reconnect; each delivery is handled in a
-            # task the broker shields from the channel's end, so training outlives a lost link
-            await self.broker.consume(self.names.task_queue(cap), self.handle, prefetch=1)
-        self.log.info(
-            "started",
-            capabilities=list(self.capabilities),
-            partition=self.partition,
-            outbox=str(self.outbox.root) if self.outbox is not None else "",
-        )
-        try:
-            await (stop.wait() if stop else asyncio.Event().wait())
-        finally:
-            if forget_reconnect is not None:
-                forget_reconnect()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.hello("down"), 2.0)
-            if self._trainer is not None:
-                self._trainer.shutdown(wait=False)
-                self._trainer = None
-
-    def _on_reconnect(self) -> None:
-        self.log.info("reconnected")
-        self._flush_wanted.set()
-
-    async def handle(self, delivery: Delivery) -> None:
+    # -- tasks ------------------------------------------------------------------------------
+    async def on_task(self, task: Task, envelope: Envelope, delivery: Delivery) -> None:
+        """A verified task (the runtime dead-letters the others). Whatever fails here gives the task
+        back to its queue, to be tried again here or elsewhere, up to its delivery limit."""
         async with self._train_lock:  # one task at a time, whatever the capability
             try:
-                await self._handle(delivery)
+                await self.step(task, delivery)
             except Exception as exc:
-                self.log.exception("task_failed", error=repr(exc))
+                self.log.exception("task_failed", task=task.task_id, error=repr(exc))
                 if self.outbox is not None:
                     self._flush_wanted.set()  # an update that could not be sent: the flusher retries it
                 await delivery.retry_later()
 
-    async def _handle(self, delivery: Delivery) -> None:
-        try:
-            task, _ = decode(delivery.body, self.coordinator_keys, Task)
-        except WireError as exc:
-            self.log.warning("task_rejected", reason=exc.reason, detail=str(exc))
-            await delivery.dead_letter(exc.reason, str(exc))
-            return
+    async def step(self, task: Task, delivery: Delivery) -> Decision:
+        """Decide what to do with ``task`` (``worker.decision``) and do it; returns the decision."""
         log = self.log.bind(task=task.task_id, version=task.base_version)
         self.received += 1
         self.redelivered += bool(delivery.redelivered)
-        if task.task_id in self._sent:  # a redelivery after a lost ack: the update is confirmed already
-            log.info("task_already_sent", redelivered=delivery.redelivered)
-            await delivery.ack()
-            return
-        if self.outbox is not None:
-            try:
-                encode_task_id(task.task_id)
-            except OutboxError as exc:
-                log.warning("task_rejected", reason="bad_task_id", detail=str(exc))
-                await delivery.dead_letter("bad_task_id", str(exc))
-                return
+        already_sent = task.task_id in self._sent
+        bad_id = self._task_id_problem(task.task_id)
+        pending: bytes | None = None
+        if self.outbox is not None and outbox_matters(already_sent, not bad_id):
             pending = await asyncio.to_thread(self.outbox.get, task.task_id)
-            if pending is not None:  # trained before the link or the process was lost: send that
+        decision = decide(Known(already_sent, not bad_id, pending is not None, task.deadline, time.time()))
+        match decision:
+            case Decision.ALREADY_SENT:  # a redelivery after a lost ack: the update is confirmed already
+                log.info("task_already_sent", redelivered=delivery.redelivered)
+                await delivery.ack()
+            case Decision.BAD_TASK_ID:
+                log.warning("task_rejected", reason=decision.value, detail=bad_id)
+                await delivery.dead_letter(decision.value, bad_id)
+            case Decision.IN_OUTBOX:  # trained before the link or the process was lost: send that
+                assert pending is not None
                 log.info("task_in_outbox", redelivered=delivery.redelivered)
                 await self._send(task.task_id, pending)
                 await delivery.ack()
-                return
-        if task.deadline < time.time():
-            log.info("task_expired")
-            self.expired += 1
-            await delivery.dead_letter("expired", "deadline passed before training started")
-            return
+            case Decision.EXPIRED:
+                log.info("task_expired")
+                self.expired += 1
+                await delivery.dead_letter(decision.value, "deadline passed before training started")
+            case Decision.TRAIN:
+                await self._train(task, delivery, log)
+        return decision
+
+    def _task_id_problem(self, task_id: str) -> str:
+        """Why the outbox cannot name an entry for ``task_id`` ("" when it can, or there is no outbox)."""
+        if self.outbox is None:
+            return ""
+        try:
+            encode_task_id(task_id)
+        except OutboxError as exc:
+            return str(exc) or "unusable task id"
+        return ""
+
+    async def _train(self, task: Task, delivery: Delivery, log: Any) -> None:
+        """Fetch the model, train, write the update to the outbox, send it, then ack the task."""
+        cfg = self.config
         try:
             blob = await self._model_bytes(task)
         except StoreError as exc:
@@ -248,10 +263,10 @@ class Worker:
         self.busy = True
         try:
             outcome: TrainingOutcome = await self._in_training_thread(
-                functools.partial(train_task, self.app, self.data, task, blob, self.model_seed, self.threads)
+                functools.partial(train_task, self.app, self.data, task, blob, cfg.model_seed, cfg.threads)
             )
-            if self.delay > 0:
-                await asyncio.sleep(self.delay)
+            if cfg.delay > 0:
+                await asyncio.sleep(cfg.delay)
         finally:
             self.busy = False
         update = Update(
@@ -281,18 +296,19 @@ class Worker:
             acked=acked,
         )
 
+    # -- sending and the outbox -------------------------------------------------------------
     async def _send(self, task_id: str, body: bytes) -> bool:
         """Publish an update and wait for its confirm, then forget its outbox entry.
 
         ``False`` when the update was confirmed before (by the flusher or an earlier delivery of
-        its task): it is not published again. Raises ``BrokerError`` when it cannot be sent; the
-        outbox entry stays for the next flush.
+        its task): it is not published again. Raises ``BrokerError`` when it cannot be sent (the
+        transport retried it for its ``publish_retry_seconds``); the outbox entry stays.
         """
         async with self._send_lock:  # the flusher and a task never publish the same entry together
             if task_id in self._sent:
                 sent = False
             else:
-                await self._publish(self.names.results_exchange, body, message_id=task_id)
+                await self.transport.publish(self.names.results_exchange, "", body, message_id=task_id)
                 self._sent[task_id] = None
                 if len(self._sent) > SENT_MEMORY:
                     self._sent.popitem(last=False)
@@ -302,18 +318,17 @@ class Worker:
             return sent
 
     async def flush_outbox(self) -> int:
-        """Publish every entry of the outbox, oldest first; returns how many are left."""
+        """Publish every entry of the outbox, oldest first; returns how many are left.
+
+        An update that cannot be published even after the transport's retries raises
+        ``BrokerError``, which stops the worker (as a failing heartbeat does); its entry stays
+        for the next start."""
         assert self.outbox is not None
         for entry in await asyncio.to_thread(self.outbox.entries):
             body = await asyncio.to_thread(self.outbox.read, entry)
             if body is None:  # sent and removed meanwhile
                 continue
-            try:
-                sent = await self._send(entry.task_id, body)
-            except BrokerError as exc:
-                self.log.warning("outbox_flush_failed", task=entry.task_id, error=str(exc))
-                continue
-            if sent:
+            if await self._send(entry.task_id, body):
                 self.flushed += 1
                 self.log.info(
                     "outbox_flushed",
@@ -328,14 +343,19 @@ class Worker:
         left = 0
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flush_wanted.wait(), self.flush_retry if left else None)
+                await asyncio.wait_for(self._flush_wanted.wait(), self.config.flush_retry if left else None)
             self._flush_wanted.clear()
             try:
                 left = await self.flush_outbox()
-            except Exception as exc:  # a full disk or a vanished directory must not end the flusher
+            except OSError as exc:  # a full disk or a vanished directory: try again later
                 self.log.warning("outbox_flush_failed", error=repr(exc))
                 left = 1
 
+    def _on_reconnect(self) -> None:
+        self.log.info("reconnected")
+        self._flush_wanted.set()
+
+    # -- models and deltas in the store -----------------------------------------------------
     async def _claim_check(self, task: Task, delta: bytes) -> dict[str, Any]:
         """Large deltas go to the store (by presigned URL when given); the message carries the
         key, size and sha256, which the signature covers. Small ones travel inline."""
@@ -401,8 +421,8 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
 async def _serve_one(
     settings: Settings, app: App, worker_id: str, index: int, count: int, stop: asyncio.Event | None
 ) -> None:
-    capabilities = split_capabilities(settings.capability)
     check_token("worker id", worker_id)
+    config = WorkerConfig.from_settings(settings, worker_id, f"{index}/{count}")
     signer = load_or_create_signer(settings.key_path(f"worker-{worker_id}"))
     pinned = Keyring()
     pinned.add(load_public_key(settings.coordinator_key_path))
@@ -415,30 +435,18 @@ async def _serve_one(
         if settings.outbox
         else default_outbox(settings, worker_id)
     )
-    names = Names(settings.namespace)
-    broker = await RabbitMQ(
-        settings.amqp_url, names, f"fedq-worker-{worker_id}", settings.amqp_heartbeat
-    ).connect()
-    try:
+    async with connected(settings, f"fedq-worker-{worker_id}") as transport:
         worker = Worker(
-            worker_id=worker_id,
-            capabilities=capabilities,
-            broker=broker,
+            config,
+            transport=transport,
             app=app,
             data=data,
             signer=signer,
             coordinator_keys=pinned,
             store=open_store(settings.store, settings),
-            partition=f"{index}/{count}",
-            delay=settings.delay,
-            heartbeat_interval=settings.heartbeat_interval,
-            model_seed=settings.model_seed,
-            threads=settings.threads,
             outbox=outbox,
         )
         await worker.run(stop)
-    finally:
-        await broker.close()
 
 
 def default_outbox(settings: Settings, worker_id: str) -> Path:
