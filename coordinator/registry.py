@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from shared.messages import Hello
+
+
+class WorkerChange(StrEnum):
+    """What a hello changed: a worker joined (or came back), left, or was only seen again."""
+
+    JOINED = "joined"
+    SEEN = "seen"
+    LEFT = "left"
 
 
 @dataclass
@@ -25,19 +34,19 @@ class Registry:
         self._base: dict[str, dict[str, int]] = {}
         self._last: dict[str, dict[str, int]] = {}
 
-    def observe(self, hello: Hello, signer: str, now: float) -> str:
-        """Record a hello; returns ``joined``, ``seen`` or ``left``."""
+    def observe(self, hello: Hello, signer: str, now: float) -> WorkerChange:
+        """Record a hello; what it changed."""
         self._count(hello)
         if hello.state == "down":
-            return "left" if self.workers.pop(hello.worker_id, None) else "seen"
+            return WorkerChange.LEFT if self.workers.pop(hello.worker_id, None) else WorkerChange.SEEN
         info = self.workers.get(hello.worker_id)
         if info is None or info.last_seen < now - self.timeout:
             self.workers[hello.worker_id] = WorkerInfo(hello.worker_id, hello.capabilities, signer, now, now)
-            return "joined"
+            return WorkerChange.JOINED
         info.last_seen = now
         info.capabilities = hello.capabilities
         info.key_fingerprint = signer
-        return "seen"
+        return WorkerChange.SEEN
 
     def _count(self, hello: Hello) -> None:
         now = {

@@ -30,6 +30,9 @@ PURE = (
     "shared.transport",
     "aggregator.core",
     "coordinator.registry",
+    "coordinator.config",
+    "coordinator.state",
+    "coordinator.scheduler",
     "worker.decision",
     "worker.config",
 )
