@@ -203,8 +203,8 @@ class Scheduler:
         """Sync mode: close the current round at its deadline; once it is over (a newer version,
         or the grace after closing ran out), open the next one if the fleet is open."""
         c = self.config
-        if c.mode is not Mode.SYNC or self.state.stop_reason is not None:
-            return None
+        if c.mode is not Mode.SYNC or self.stop(now) is not None:
+            return None  # checked here too: the version that ends a round may be the job's last
         r = self._round
         if r is not None:
             if self.version == r.version:

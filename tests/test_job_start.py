@@ -19,6 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from broker_config.names import Names
+from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator
 from fedq.cli import _given, _settings, build_parser, main
 from fedq.progress import Progress
@@ -98,13 +99,12 @@ async def coordinator_rig(
     own = await RabbitMQ(amqp_url, names, "test-coordinator").connect()
     with capture_logs() as logs:
         coordinator = Coordinator(
-            settings=s,
-            broker=own,
+            config=CoordinatorConfig.from_settings(s),
+            transport=own,
             store=job_store(out, job),
             app=LinearApp(),
             signer=signer,
             keyring=keyring,
-            out_dir=out,
         )
         running = asyncio.create_task(coordinator.run())
         try:
@@ -156,17 +156,20 @@ async def test_no_task_until_the_nth_worker_says_hello(
     ) as (coordinator, fleet, tasks, logs):
         fleet.join("w1")
         fleet.join("w2")
-        await until(lambda: coordinator.registry.live_count(time.time()) == 2, "two workers registered")
+        await until(
+            lambda: coordinator.scheduler.registry.live_count(time.time()) == 2, "two workers registered"
+        )
         await asyncio.sleep(1.5)  # ticks of the coordinator's loop (0.1 s async, 0.5 s sync) go by
-        assert tasks.got == [] and coordinator.tasks_issued == 0 and coordinator.t0 is None
+        state = coordinator.scheduler.state
+        assert tasks.got == [] and state.tasks_issued == 0 and state.t0 is None
         waiting = events(logs, "waiting_for_workers")
         assert waiting and waiting[-1]["need"] == 3 and waiting[0]["have"] <= 2, waiting
-        state = json.loads((tmp_path / "coordinator.json").read_text())
-        assert state["t0"] is None and not state["fleet_ready"] and state["min_workers"] == 3
+        saved = json.loads((tmp_path / "coordinator.json").read_text())
+        assert saved["t0"] is None and not saved["fleet_ready"] and saved["min_workers"] == 3
 
         fleet.join("w3")
         await until(lambda: len(tasks.got) >= 3, "a task per worker once the third said hello")
-        assert coordinator.t0 is not None and coordinator.fleet_ready
+        assert state.t0 is not None and state.fleet_ready
         ready = events(logs, "fleet_ready")
         assert len(ready) == 1 and ready[0]["have"] == 3 and ready[0]["need"] == 3, ready
         assert not events(logs, "starting_without_fleet")
@@ -186,8 +189,9 @@ async def test_starts_anyway_after_the_wait_with_a_warning(
     ):
         fleet.join("w1")
         await until(lambda: tasks.got, "a task after the wait", wait=2.0 + WAIT)
-        assert coordinator.t0 is not None
-        assert coordinator.t0 - coordinator.started >= 2.0  # not before the wait ran out
+        state = coordinator.scheduler.state
+        assert state.t0 is not None
+        assert state.t0 - state.started >= 2.0  # not before the wait ran out
         assert len(tasks.got) == 1  # one live worker, one task
         (warning,) = events(logs, "starting_without_fleet")
         assert warning["log_level"] == "warning"
@@ -206,8 +210,8 @@ async def test_a_resumed_job_does_not_wait_again(
         assert events(logs, "resumed_job")
         fleet.join("w1")
         await until(lambda: tasks.got, "a task for the one worker there is", wait=5.0)
-        assert coordinator.t0 == t0  # the job's clock is the one it had
-        assert coordinator.tasks_issued >= 8
+        assert coordinator.scheduler.state.t0 == t0  # the job's clock is the one it had
+        assert coordinator.scheduler.state.tasks_issued >= 8
         assert not events(logs, "waiting_for_workers") and not events(logs, "starting_without_fleet")
 
 
@@ -246,7 +250,7 @@ async def test_a_resumed_job_forgets_tasks_a_stored_version_applied(
         fleet.join("w1")
         await until(lambda: tasks.got, "a task for the one worker", wait=5.0)
         assert tasks.got[0].base_version == 1
-        assert set(coordinator.in_flight) == {tasks.got[0].task_id}
+        assert set(coordinator.scheduler.in_flight) == {tasks.got[0].task_id}
 
 
 # -- flags, fedq run and its progress line -----------------------------------------------------

@@ -203,6 +203,16 @@ def test_a_round_ends_with_its_version_and_the_next_opens_on_it() -> None:
     assert isinstance(nxt, OpenRound) and (nxt.round, nxt.version, nxt.deadline) == (2, 1, 65.0)
 
 
+def test_no_round_opens_on_the_jobs_last_version() -> None:
+    s = sync(max_versions=1)
+    opened = s.round_step(1.0)
+    assert isinstance(opened, OpenRound)
+    issue(s, opened.tasks, 1.0)
+    s.adopt(1, 2)
+    assert s.round_step(2.0) is None and s.state.round == 1
+    assert s.state.stop_reason == "max_versions"
+
+
 def test_a_round_closes_at_its_deadline_and_waits_a_grace_for_its_version() -> None:
     s = sync()
     opened = s.round_step(1.0)

@@ -1,0 +1,131 @@
+"""The model the coordinator hands out (version 0, or the latest stored) and the tasks that carry it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from coordinator.config import CoordinatorConfig
+from shared.app import App
+from shared.errors import StoreError
+from shared.messages import ModelAnnouncement, Task
+from shared.store import Manifest, ModelStore, model_key
+from shared.tensors import FlatModel, ModelSpec
+
+
+@dataclass(frozen=True)
+class Latest:
+    """The latest version, as tasks carry it."""
+
+    version: int
+    sha256: str
+    key: str
+    blob: bytes
+
+
+async def initial_version(
+    store: ModelStore, app: App, model_seed: int, log: Any
+) -> tuple[Latest, ModelAnnouncement]:
+    """Create version 0 from the app, or resume from the latest stored version."""
+    latest = await store.latest()
+    if latest is None:
+        torch.manual_seed(model_seed)
+        model = await asyncio.to_thread(app.build_model, model_seed)
+        flat = FlatModel.from_state_dict(model.state_dict())
+        blob = flat.to_bytes()
+        manifest = Manifest(
+            job_id=store.job_id,
+            version=0,
+            parent=-1,
+            sha256=hashlib.sha256(blob).hexdigest(),
+            size=len(blob),
+            key=model_key(store.job_id, 0),
+            update_ids=(),
+            created_at=time.time(),
+        )
+        await store.save(manifest, blob)
+        log.info("created_version_0", params=flat.spec.n_float + flat.spec.n_exact, bytes=len(blob))
+        latest = 0
+    else:
+        log.info("resuming", version=latest)
+    manifest, blob = await store.load_bytes(latest)
+    return Latest(latest, manifest.sha256, manifest.key, blob), manifest.announcement()
+
+
+async def applied_since(store: ModelStore, base: int, latest: int, task_ids: set[str]) -> set[str]:
+    """Which of ``task_ids`` (based on ``base`` or later) the stored versions up to ``latest`` applied.
+    A task based on version v can only be applied in a later one: the manifests after ``base`` suffice."""
+    left, applied = set(task_ids), set()
+    for version in range(latest, base, -1):
+        if not left:
+            break
+        try:
+            manifest = await store.manifest(version)
+        except StoreError:
+            continue
+        found = left.intersection(manifest.update_ids)
+        applied |= found
+        left -= found
+    return applied
+
+
+class TaskMaker:
+    """Builds the task for one capability on the latest version, with presigned store URLs when
+    the store can make them (S3), so workers without store credentials can use it."""
+
+    def __init__(self, config: CoordinatorConfig, store: ModelStore) -> None:
+        self.config = config
+        self.store = store
+        self._spec: ModelSpec | None = None
+
+    async def make(self, latest: Latest, capability: str, round_number: int, ttl: float, now: float) -> Task:
+        c = self.config
+        inline = len(latest.blob) <= c.inline_limit
+        task_id = uuid.uuid4().hex
+        update_key = f"jobs/{self.store.job_id}/updates/{task_id}.bin"
+        model_url = "" if inline else await self._presign("get", latest.key, ttl)
+        update_url = await self._presign("put", update_key, ttl) if self._large_updates(latest) else ""
+        return Task(
+            task_id=task_id,
+            job_id=self.store.job_id,
+            capability=capability,
+            base_version=latest.version,
+            model_sha256=latest.sha256,
+            model_key=latest.key,
+            train=c.train,
+            quant=c.quant,
+            block=c.block,
+            deadline=now + ttl,
+            issued_at=now,
+            round=round_number,
+            model_size=len(latest.blob),
+            model_url=model_url,
+            inline_limit=c.inline_limit,
+            update_key=update_key,
+            update_url=update_url,
+            model=latest.blob if inline else b"",
+        )
+
+    def _large_updates(self, latest: Latest) -> bool:
+        """Will an update of this model exceed the inline limit? (int8: ~1 byte per value)"""
+        if self._spec is None:
+            self._spec = FlatModel.from_bytes(latest.blob).spec
+        spec = self._spec
+        per_value = 1 if self.config.quant == "int8" else 4
+        return per_value * spec.n_float + 8 * spec.n_exact > self.config.inline_limit
+
+    async def _presign(self, method: str, key: str, ttl: float) -> str:
+        presign = getattr(self.store.objects, f"presign_{method}", None)
+        if presign is None:
+            return ""
+        url = presign(key, int(ttl) + 600)
+        if inspect.isawaitable(url):
+            url = await url
+        return str(url or "")
