@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from broker_config.names import Names, check_token
-from broker_config.topology import Topology, capability_topology
+from broker_config.topology import Topology, capability_topology, topology
 from shared.app import App, PartitionSpec
 from shared.codec import Envelope, encode
 from shared.errors import ConfigError, StoreError
@@ -110,7 +110,12 @@ class Worker(Service):
 
     # -- the service ------------------------------------------------------------------------
     def topology(self) -> Topology:
-        return capability_topology(self.names, self.config.capabilities)
+        """Its capabilities' task queues, and the exchange its hellos go to: a worker that starts
+        before the coordinator says hello to nobody, rather than to a missing exchange (which,
+        since a heartbeat that cannot be published stops the worker, would stop it)."""
+        tasks = capability_topology(self.names, self.config.capabilities)
+        hellos = tuple(e for e in topology(self.names).exchanges if e.name == self.names.workers_exchange)
+        return Topology(tasks.exchanges + hellos, tasks.queues, tasks.bindings)
 
     async def start(self, runtime: Runtime) -> None:
         if self.config.warm:
