@@ -46,8 +46,8 @@ def test_a_task_at_its_deadline_is_still_trained() -> None:
 
 def test_dead_letter_reasons_are_the_decision_values() -> None:
     # the worker dead-letters with these strings: the dlq tool and the tests read them
-    assert Decision.EXPIRED == "expired"
-    assert Decision.BAD_TASK_ID == "bad_task_id"
+    assert Decision.EXPIRED.value == "expired"
+    assert Decision.BAD_TASK_ID.value == "bad_task_id"
 
 
 @pytest.mark.parametrize(
