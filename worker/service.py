@@ -22,8 +22,8 @@ What to do with a received task is decided by ``worker.decision.decide`` (pure);
 ``Worker.step`` gathers what it needs and carries the decision out. The worker is a
 ``shared.runtime.Service``: the runtime declares its queues, checks each task's signature
 (an invalid one is dead-lettered with its ``WireError`` reason) and runs its heartbeat and
-outbox flusher; a heartbeat that cannot be published, even after the transport's retries,
-stops the worker. A task whose training, store or broker step fails is given back to its
+outbox flusher. A hello or an outbox entry that cannot be published, even after the
+transport's retries, stops the worker; the flusher rides out disk errors only. A task whose training, store or broker step fails is given back to its
 queue (``retry_later``), never dead-lettered: its delivery limit ends a task that always fails.
 """
 
