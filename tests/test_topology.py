@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aio_pika
 import pytest
 
 from broker_config.names import Names
 from broker_config.topology import Limits, topology
-from shared.errors import TopologyConflictError
+from shared.errors import BrokerError, TopologyConflictError
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
 
@@ -89,7 +90,14 @@ async def test_expired_task_is_dead_lettered(broker: RabbitMQ, names: Names) -> 
 
 
 async def test_unroutable_publish_is_an_error(broker: RabbitMQ, names: Names) -> None:
-    from shared.errors import BrokerError
-
     with pytest.raises(BrokerError):
         await broker.publish(names.tasks_exchange, "no-such-capability", b"x")
+
+
+async def test_a_publish_to_a_missing_exchange_is_an_error_at_once(broker: RabbitMQ, names: Names) -> None:
+    """The broker closes the channel (404): that is a wrong name, not a lost link to wait out."""
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match="does not exist"):
+        await broker.publish(f"{names.namespace}.nowhere", "", b"x")
+    assert time.monotonic() - started < broker.publish_retry_seconds
+    await broker.publish(names.results_exchange, "", b"still works")  # the channel came back

@@ -397,3 +397,29 @@ async def test_a_lost_link_while_training_sends_the_update_once(tmp_path: Path) 
             assert info is not None and info.messages == 0
             stop.set()
             await asyncio.wait_for(running, WAIT)
+
+
+async def test_an_outbox_entry_the_broker_refuses_stays_and_holds_up_nothing(tmp_path: Path) -> None:
+    """Entries left by an earlier run go out at start; one the broker refuses stays in the outbox
+    for the next flush, the others are sent, and the worker keeps running."""
+    async with rig(tmp_path) as r:
+        assert r.outbox is not None
+        refused, good = uuid.uuid4().hex, uuid.uuid4().hex
+        r.outbox.put(refused, r.update(refused))
+        r.outbox.put(good, r.update(good))
+        real_publish = r.transport.publish
+
+        async def publish(exchange: str, routing_key: str, body: bytes, **options: Any) -> None:
+            if options.get("message_id") == refused:
+                raise BrokerError("the broker refused it")
+            await real_publish(exchange, routing_key, body, **options)
+
+        r.transport.publish = publish  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        running = await run(r, stop)
+        await until(lambda: len(r.outbox or ()) == 1, "the good entry sent")
+        assert [u.task_id for u, _ in await r.updates()] == [good]
+        assert r.outbox.get(refused) is not None
+        assert not running.done()
+        stop.set()
+        await asyncio.wait_for(running, WAIT)

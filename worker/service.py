@@ -45,7 +45,7 @@ from broker_config.names import Names, check_token
 from broker_config.topology import Topology, capability_topology, topology
 from shared.app import App, PartitionSpec
 from shared.codec import Envelope, encode
-from shared.errors import ConfigError, StoreError
+from shared.errors import BrokerError, ConfigError, StoreError
 from shared.http import http_get, http_put
 from shared.keys import load_or_create_signer, load_public_key
 from shared.logs import get_logger
@@ -325,15 +325,21 @@ class Worker(Service):
     async def flush_outbox(self) -> int:
         """Publish every entry of the outbox, oldest first; returns how many are left.
 
-        An update that cannot be published even after the transport's retries raises
-        ``BrokerError``, which stops the worker (as a failing heartbeat does); its entry stays
-        for the next start."""
+        An entry the broker refuses, or that cannot be sent even after the transport's retries,
+        stays in the outbox for the next flush (``flush_retry`` seconds later): one bad entry
+        must neither hold up the others nor stop the worker, which would meet it again first
+        thing after a restart."""
         assert self.outbox is not None
         for entry in await asyncio.to_thread(self.outbox.entries):
             body = await asyncio.to_thread(self.outbox.read, entry)
             if body is None:  # sent and removed meanwhile
                 continue
-            if await self._send(entry.task_id, body):
+            try:
+                sent = await self._send(entry.task_id, body)
+            except BrokerError as exc:
+                self.log.warning("outbox_flush_failed", task=entry.task_id, error=str(exc))
+                continue
+            if sent:
                 self.flushed += 1
                 self.log.info(
                     "outbox_flushed",

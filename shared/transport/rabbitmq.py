@@ -196,6 +196,9 @@ class RabbitMQ(Transport):
                 break
             except aio_pika.exceptions.DeliveryError as exc:
                 raise BrokerError(f"broker refused a message to {exchange!r}/{routing_key!r}: {exc}") from exc
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                self._exchanges.pop(exchange, None)
+                raise BrokerError(f"exchange {exchange!r} does not exist: is --namespace right?") from exc
             except PUBLISH_RETRY_ERRORS as exc:
                 if isinstance(exc, asyncio.CancelledError):
                     current = asyncio.current_task()
