@@ -22,9 +22,9 @@ What to do with a received task is decided by ``worker.decision.decide`` (pure);
 ``Worker.step`` gathers what it needs and carries the decision out. The worker is a
 ``shared.runtime.Service``: the runtime declares its queues, checks each task's signature
 (an invalid one is dead-lettered with its ``WireError`` reason) and runs its heartbeat and
-outbox flusher. A hello or an outbox entry that cannot be published, even after the
-transport's retries, stops the worker; the flusher rides out disk errors only. A task whose training, store or broker step fails is given back to its
-queue (``retry_later``), never dead-lettered: its delivery limit ends a task that always fails.
+outbox flusher. A hello that cannot be published, even after the transport's retries, stops
+the worker; an outbox entry that cannot be sent stays for the next flush. A task whose
+training, store or broker step fails is given back to its queue (``retry_later``), never dead-lettered: its delivery limit ends a task that always fails.
 """
 
 from __future__ import annotations
