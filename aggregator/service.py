@@ -405,7 +405,7 @@ class ReceiptSender:
 
 async def serve(settings: Settings) -> None:
     """Build the aggregator from settings and run it until stopped or failed."""
-    names = Names(settings.namespace)
+    names = Names(settings.namespace, settings.job)
     signer = load_or_create_signer(settings.key_path("aggregator"))
     coordinator_fp = None
     if settings.coordinator_key_path.exists():

@@ -237,8 +237,9 @@ async def delete_namespace(
 ) -> None:
     """Delete every queue and exchange a benchmark (or a ``fedq run`` under this namespace) declared."""
     topo = topology(names, capabilities)
+    jobs = [topology(names.for_job(j), capabilities) for j in job_ids]
     queues = (
-        [q.name for q in topo.queues] + [names.coordinator_queue(j) for j in job_ids] + list(extra_queues)
+        [q.name for q in topo.queues] + [q.name for t in jobs for q in t.queues] + [names.for_job(j).coordinator_queue for j in job_ids] + list(extra_queues)
     )
     conn = await aio_pika.connect(amqp_url, client_properties={"connection_name": "bench-cleanup"})
     try:

@@ -381,7 +381,7 @@ async def intake(
         await admin.declare(topology(names))
         if inbox:  # the coordinator's durable inbox: receipts and announcements land in a quorum queue
             ch = await admin.connection.channel()
-            box = coordinator_inbox(names, JOB)
+            box = coordinator_inbox(names)
             q = await ch.declare_queue(box.name, durable=True, arguments=dict(box.arguments))
             for key in (Names.model_key(JOB), Names.receipt_key(JOB)):
                 await q.bind(names.models_exchange, key)
@@ -414,7 +414,7 @@ async def intake(
         core = agg.core
         assert core is not None
         n = len(bodies)
-        pub = Feeder(path, names.results_exchange, "", window, f"bench-feeder-{names.namespace}")
+        pub = Feeder(path, names.results_exchange, names.results_key, window, f"bench-feeder-{names.namespace}")
         async with pub:
             with CpuMeter() as cpu:
                 loop_cpu0 = time.thread_time()
@@ -468,7 +468,7 @@ async def intake(
 
 async def fresh(phase: Callable[[Names], Awaitable[Phase]]) -> Phase:
     """Run one phase in a namespace of its own, deleted afterwards (whatever it left unacked goes too)."""
-    names = Names(f"bench-{uuid.uuid4().hex[:10]}")
+    names = Names(f"bench-{uuid.uuid4().hex[:10]}", JOB)
     try:
         return await phase(names)
     finally:

@@ -86,9 +86,13 @@ def render(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
+COMPOSE_JOB = "demo"  # the job compose.yaml runs (FEDQ_JOB)
+
+
 def default_definitions() -> str:
-    """What ``broker_config/definitions.json`` holds: the default namespace, the ``cpu`` capability."""
-    return render(definitions(topology(Names(), ("cpu",))))
+    """What ``broker_config/definitions.json`` holds: the default namespace, with the queues of
+    compose.yaml's job for the ``cpu`` capability (other jobs' queues appear as they start)."""
+    return render(definitions(topology(Names(job=COMPOSE_JOB), ("cpu",))))
 
 
 if __name__ == "__main__":

@@ -22,33 +22,61 @@ def check_token(kind: str, value: str) -> str:
 
 @dataclass(frozen=True)
 class Names:
-    """Names under one namespace (default ``fedq``); tests use a unique namespace each."""
+    """Names of one job under one namespace (default ``fedq``); tests use a unique namespace each.
+
+    Exchanges, the update and model logs and the dead-letter queue belong to the namespace and
+    are shared by its jobs; each job has queues of its own (``<ns>.job.<job>.…``), reached by
+    routing keys that start with the job id, so jobs in one namespace never take each other's
+    tasks, updates or hellos."""
 
     namespace: str = "fedq"
+    job: str = "default"
 
     def __post_init__(self) -> None:
         if not _PREFIX.fullmatch(self.namespace):
             raise ConfigError(f"invalid namespace {self.namespace!r}")
+        check_token("job id", self.job)
 
+    def for_job(self, job: str) -> Names:
+        return Names(self.namespace, job)
+
+    @property
+    def job_prefix(self) -> str:
+        """Every queue of this job starts with it."""
+        return f"{self.namespace}.job.{self.job}."
+
+    # -- tasks: coordinator -> workers ---------------------------------------------------------
     @property
     def tasks_exchange(self) -> str:
         return f"{self.namespace}.tasks"
 
-    def task_queue(self, capability: str) -> str:
-        return f"{self.namespace}.tasks.{check_token('capability', capability)}"
+    def task_key(self, capability: str) -> str:
+        """Routing key of this job's tasks for ``capability`` on the (direct) tasks exchange."""
+        return f"{self.job}.{check_token('capability', capability)}"
 
+    def task_queue(self, capability: str) -> str:
+        return f"{self.job_prefix}tasks.{check_token('capability', capability)}"
+
+    # -- updates (and rounds): workers, coordinator -> aggregator ---------------------------------
     @property
     def results_exchange(self) -> str:
         return f"{self.namespace}.results"
 
     @property
+    def results_key(self) -> str:
+        """Routing key of this job's updates and rounds on the (topic) results exchange."""
+        return self.job
+
+    @property
     def updates_queue(self) -> str:
-        return f"{self.namespace}.updates"
+        return f"{self.job_prefix}updates"
 
     @property
     def update_log(self) -> str:
+        """The stream of every update of every job in the namespace."""
         return f"{self.namespace}.updates.log"
 
+    # -- versions and receipts: aggregator -> coordinator ------------------------------------------
     @property
     def models_exchange(self) -> str:
         return f"{self.namespace}.models"
@@ -57,10 +85,32 @@ class Names:
     def model_log(self) -> str:
         return f"{self.namespace}.models.log"
 
+    @staticmethod
+    def model_key(job_id: str) -> str:
+        """Routing key of a job's version announcements on the models exchange."""
+        return f"model.{check_token('job id', job_id)}"
+
+    @staticmethod
+    def receipt_key(job_id: str) -> str:
+        """Routing key of a job's update receipts on the models exchange."""
+        return f"receipt.{check_token('job id', job_id)}"
+
+    @property
+    def coordinator_queue(self) -> str:
+        """The coordinator's durable inbox of announcements and receipts: survives its restarts."""
+        return f"{self.job_prefix}coordinator"
+
+    # -- hellos: workers -> coordinator --------------------------------------------------------
     @property
     def workers_exchange(self) -> str:
         return f"{self.namespace}.workers"
 
+    @property
+    def hello_key(self) -> str:
+        """Routing key of the hellos of this job's workers on the (topic) workers exchange."""
+        return self.job
+
+    # -- dead letters ----------------------------------------------------------------------------
     @property
     def dead_exchange(self) -> str:
         return f"{self.namespace}.dead"
@@ -69,19 +119,13 @@ class Names:
     def dead_queue(self) -> str:
         return f"{self.namespace}.dead"
 
-    def coordinator_queue(self, job_id: str) -> str:
-        """The coordinator's durable inbox of announcements and receipts: survives its restarts."""
-        return f"{self.namespace}.coordinator.{check_token('job id', job_id)}"
-
-    @staticmethod
-    def model_key(job_id: str) -> str:
-        """Routing key of a model announcement on the models exchange."""
-        return f"model.{check_token('job id', job_id)}"
-
-    @staticmethod
-    def receipt_key(job_id: str) -> str:
-        """Routing key of an update receipt on the models exchange."""
-        return f"receipt.{check_token('job id', job_id)}"
+    def job_of_queue(self, queue: str) -> str | None:
+        """The job whose queue ``queue`` is (in this namespace), if it is one."""
+        prefix = f"{self.namespace}.job."
+        if not queue.startswith(prefix):
+            return None
+        job = queue[len(prefix) :].partition(".")[0]
+        return job if _TOKEN.fullmatch(job) else None
 
 
 # Headers fedq sets on dead-lettered messages.

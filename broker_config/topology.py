@@ -64,25 +64,20 @@ def task_queue(names: Names, capability: str, limits: Limits = Limits()) -> Queu
     )
 
 
-def topology(names: Names, capabilities: tuple[str, ...] = ("cpu",), limits: Limits = Limits()) -> Topology:
-    exchanges = (
+def exchanges(names: Names) -> tuple[Exchange, ...]:
+    """The namespace's exchanges, shared by its jobs (routing keys start with the job id)."""
+    return (
         Exchange(names.tasks_exchange, "direct"),
-        Exchange(names.results_exchange, "fanout"),
+        Exchange(names.results_exchange, "topic"),
         Exchange(names.models_exchange, "topic"),
-        Exchange(names.workers_exchange, "fanout"),
+        Exchange(names.workers_exchange, "topic"),
         Exchange(names.dead_exchange, "fanout"),
     )
+
+
+def namespace_topology(names: Names, limits: Limits = Limits()) -> Topology:
+    """What every job of the namespace shares: exchanges, the update and model logs, the dead queue."""
     queues = (
-        *(task_queue(names, cap, limits) for cap in capabilities),
-        Queue(
-            names.updates_queue,
-            {
-                "x-queue-type": "quorum",
-                "x-single-active-consumer": True,
-                "x-delivery-limit": limits.update_delivery_limit,
-                "x-dead-letter-exchange": names.dead_exchange,
-            },
-        ),
         Queue(
             names.update_log,
             {
@@ -102,24 +97,44 @@ def topology(names: Names, capabilities: tuple[str, ...] = ("cpu",), limits: Lim
         Queue(names.dead_queue, {"x-queue-type": "quorum"}),
     )
     bindings = (
-        *(Binding(names.task_queue(cap), names.tasks_exchange, cap) for cap in capabilities),
-        Binding(names.updates_queue, names.results_exchange),
-        Binding(names.update_log, names.results_exchange),
+        Binding(names.update_log, names.results_exchange, "#"),
         Binding(names.model_log, names.models_exchange, "model.*"),
         Binding(names.dead_queue, names.dead_exchange),
     )
-    return Topology(exchanges, queues, bindings)
+    return Topology(exchanges(names), queues, bindings)
 
 
-def coordinator_inbox(names: Names, job_id: str, idle_expiry_ms: int = 3_600_000) -> Queue:
+def topology(names: Names, capabilities: tuple[str, ...] = ("cpu",), limits: Limits = Limits()) -> Topology:
+    """The namespace's shared part plus the job's own queues: a task queue per capability and
+    the updates queue (single active consumer: a standby aggregator takes over)."""
+    shared = namespace_topology(names, limits)
+    updates = Queue(
+        names.updates_queue,
+        {
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+            "x-delivery-limit": limits.update_delivery_limit,
+            "x-dead-letter-exchange": names.dead_exchange,
+        },
+    )
+    job = capability_topology(names, capabilities, limits)
+    return Topology(
+        shared.exchanges,
+        (*job.queues, updates, *shared.queues),
+        (*job.bindings, Binding(names.updates_queue, names.results_exchange, names.results_key), *shared.bindings),
+    )
+
+
+def coordinator_inbox(names: Names, idle_expiry_ms: int = 3_600_000) -> Queue:
     """A quorum queue per job, deleted by the broker after an hour without a consumer."""
-    return Queue(names.coordinator_queue(job_id), {"x-queue-type": "quorum", "x-expires": idle_expiry_ms})
+    return Queue(names.coordinator_queue, {"x-queue-type": "quorum", "x-expires": idle_expiry_ms})
 
 
 def capability_topology(names: Names, capabilities: tuple[str, ...], limits: Limits = Limits()) -> Topology:
-    """The part a worker needs for its capabilities (a new capability's queue appears on join)."""
+    """The part a worker needs for its job's capabilities (a new capability's queue appears on
+    join), with the exchanges its tasks come from and its hellos go to."""
     return Topology(
-        (Exchange(names.tasks_exchange, "direct"), Exchange(names.dead_exchange, "fanout")),
+        exchanges(names),
         tuple(task_queue(names, cap, limits) for cap in capabilities),
-        tuple(Binding(names.task_queue(cap), names.tasks_exchange, cap) for cap in capabilities),
+        tuple(Binding(names.task_queue(cap), names.tasks_exchange, names.task_key(cap)) for cap in capabilities),
     )

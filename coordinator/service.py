@@ -95,7 +95,7 @@ class Coordinator(Service):
             self.on_hello,
             prefetch=64,
             on_invalid=self._rejected("hello_rejected"),
-            subscribe=(self.names.workers_exchange, ("",)),
+            subscribe=(self.names.workers_exchange, (self.names.hello_key,)),
         )
         await runtime.consume_messages(
             "",
@@ -108,7 +108,7 @@ class Coordinator(Service):
                 self.names.models_exchange,
                 (Names.model_key(self.job_id), Names.receipt_key(self.job_id)),
             ),
-            durable=coordinator_inbox(self.names, self.job_id),
+            durable=coordinator_inbox(self.names),
         )
         runtime.spawn("evaluator", self._evaluation)
         if self.config.mode is Mode.SYNC:
@@ -238,14 +238,14 @@ class Coordinator(Service):
             step = self.scheduler.round_step(now)
             if isinstance(step, OpenRound):
                 opening = Round(self.job_id, step.version, step.round, step.size, step.deadline)
-                await self.transport.publish(self.names.results_exchange, "", encode(opening, self.signer))
+                await self.transport.publish(self.names.results_exchange, self.names.results_key, encode(opening, self.signer))
                 for publish in step.tasks:
                     for _ in range(publish.count):
                         await self._publish_task(publish.capability, publish.round, publish.ttl)
                 self.log.info("round_open", round=step.round, version=step.version, size=step.size)
             elif isinstance(step, CloseRound):
                 closing = Round(self.job_id, step.version, step.round, step.size, step.deadline, close=True)
-                await self.transport.publish(self.names.results_exchange, "", encode(closing, self.signer))
+                await self.transport.publish(self.names.results_exchange, self.names.results_key, encode(closing, self.signer))
                 self.log.info("round_deadline", round=step.round, version=step.version)
             await self._sleep_or_wake(0.2 if self.scheduler.round_closed else 0.5)
 
@@ -270,7 +270,7 @@ class Coordinator(Service):
         body = encode(task, self.signer)
         self.scheduler.issued(task.task_id, capability, task.base_version, task.deadline, len(body), now)
         await self.transport.publish(
-            self.names.tasks_exchange, capability, body, expiration=ttl, message_id=task.task_id
+            self.names.tasks_exchange, self.names.task_key(capability), body, expiration=ttl, message_id=task.task_id
         )
 
     async def _evaluate(self, ann: ModelAnnouncement) -> float:
@@ -295,7 +295,7 @@ async def serve(settings: Settings, app: App) -> str:
     signer = load_or_create_signer(settings.key_path("coordinator"))
     transport = await RabbitMQ(
         settings.amqp_url,
-        Names(settings.namespace),
+        Names(settings.namespace, settings.job),
         f"fedq-coordinator-{settings.job}",
         settings.amqp_heartbeat,
     ).connect()

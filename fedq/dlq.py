@@ -92,18 +92,19 @@ def death_source(headers: Mapping[str, Any]) -> str:
 
 
 def requeue_target(names: Names, source: str) -> str | None:
-    """Where ``requeue`` sends a message back: its source, if that is one of this namespace's
-    task queues or its updates queue; ``None`` for anything else."""
-    if source == names.updates_queue:
+    """Where ``requeue`` sends a message back: its source, if that is a task queue or the updates
+    queue of a job of this namespace; ``None`` for anything else."""
+    job = names.job_of_queue(source)
+    if job is None:
+        return None
+    of_job = names.for_job(job)
+    if source == of_job.updates_queue:
         return source
-    prefix = f"{names.tasks_exchange}."
-    if source.startswith(prefix):
-        try:
-            if names.task_queue(source[len(prefix) :]) == source:
-                return source
-        except ConfigError:
-            return None
-    return None
+    capability = source.removeprefix(f"{of_job.job_prefix}tasks.")
+    try:
+        return source if of_job.task_queue(capability) == source else None
+    except ConfigError:
+        return None
 
 
 def requeue_headers(headers: Mapping[str, Any]) -> dict[str, Any]:

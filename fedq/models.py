@@ -363,7 +363,7 @@ async def rollback(settings: Settings, to: int, run_folder: bool, do_announce: b
             print(f"  announced  NO: {error}\n  a coordinator adopts it when it next starts")
         else:
             print(
-                f"  announced  on {Names(settings.namespace).models_exchange} as {Names.model_key(settings.job)}, "
+                f"  announced  on {Names(settings.namespace, settings.job).models_exchange} as {Names.model_key(settings.job)}, "
                 f"signed by operator key {signer.fingerprint}"
             )
     return 1 if error else 0

@@ -43,8 +43,9 @@ def amqp_url() -> str:
 
 @pytest.fixture
 def names(request: pytest.FixtureRequest) -> Names:
-    """A namespace of its own for every test, so tests never see each other's messages."""
-    return Names(f"t-{uuid.uuid4().hex[:10]}")
+    """A namespace of its own for every test, so tests never see each other's messages; its job
+    is the test module's ``JOB`` when it has one."""
+    return Names(f"t-{uuid.uuid4().hex[:10]}", getattr(request.module, "JOB", "default"))
 
 
 @pytest.fixture

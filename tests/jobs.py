@@ -43,10 +43,13 @@ def start_run(
 
 
 def worker_env(names: Names, out: Path) -> dict[str, str]:
-    """The environment of a worker started beside a run (``out``), outside ``fedq run``."""
+    """The environment of a worker started beside a run (``out``), outside ``fedq run``: its
+    namespace, and its job as the run's config.json names it."""
+    job = json.loads((out / "config.json").read_text())["settings"]["job"]
     return {
         **os.environ,
         "FEDQ_NAMESPACE": names.namespace,
+        "FEDQ_JOB": job,
         "FEDQ_KEYS_DIR": str(out / "keys"),
         "FEDQ_STORE": str(out / "store"),
         "FEDQ_LOG_JSON": "true",

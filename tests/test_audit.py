@@ -28,10 +28,10 @@ async def test_update_log_names_each_update_of_the_job_and_counts_the_queue(
         update("t1", "job-a", "w1"),  # sent again
     ]
     for message in sent:
-        await broker.publish(names.results_exchange, "", encode(message, signer))
-    await broker.publish(names.results_exchange, "", b"not an envelope")
+        await broker.publish(names.results_exchange, names.results_key, encode(message, signer))
+    await broker.publish(names.results_exchange, names.results_key, b"not an envelope")
     await broker.publish(
-        names.results_exchange, "", encode(Receipt("job-a", "t9", "w3", "applied", "", 1), signer)
+        names.results_exchange, names.results_key, encode(Receipt("job-a", "t9", "w3", "applied", "", 1), signer)
     )
     log, in_queue = await read_update_log(broker, "job-a", idle=1.0)
     assert log == {"t1": "w1", "t2": "w2"}
@@ -43,14 +43,14 @@ async def test_an_update_that_arrives_while_the_log_is_read_is_counted_in_both(
 ) -> None:
     """A worker outside the run may still send an update as the audit reads: it must be in the
     log and in the queue count alike, or the balance calls it lost."""
-    await broker.publish(names.results_exchange, "", encode(update("t1", "job-a", "w1"), signer))
+    await broker.publish(names.results_exchange, names.results_key, encode(update("t1", "job-a", "w1"), signer))
     real_read = broker.read_all
     late = [update("t2", "job-a", "w2")]
 
     async def read_then_one_more_arrives(*args: Any, **kwargs: Any) -> Any:
         entries = await real_read(*args, **kwargs)
         if late:
-            await broker.publish(names.results_exchange, "", encode(late.pop(), signer))
+            await broker.publish(names.results_exchange, names.results_key, encode(late.pop(), signer))
         return entries
 
     monkeypatch.setattr(broker, "read_all", read_then_one_more_arrives)

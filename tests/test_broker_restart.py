@@ -66,14 +66,14 @@ async def test_consumers_and_running_handlers_survive_broker_restart(private_rab
             await delivery.ack()
 
         await broker.consume(names.task_queue("cpu"), on_task, prefetch=1)
-        await broker.subscribe(names.workers_exchange, ("",), on_event)
-        await broker.publish(names.tasks_exchange, "cpu", b"slow")
+        await broker.subscribe(names.workers_exchange, (names.hello_key,), on_event)
+        await broker.publish(names.tasks_exchange, names.task_key("cpu"), b"slow")
         await asyncio.wait_for(in_handler.wait(), 30)
 
         await asyncio.to_thread(private_rabbit.restart, 2.0)
         release.set()  # the handler goes on after its channel died
-        await broker.publish(names.tasks_exchange, "cpu", b"after", mandatory=True)
-        await broker.publish(names.workers_exchange, "", b"hello", mandatory=False)
+        await broker.publish(names.tasks_exchange, names.task_key("cpu"), b"after", mandatory=True)
+        await broker.publish(names.workers_exchange, names.hello_key, b"hello", mandatory=False)
 
         seen: list[tuple[bytes, bool]] = []
         deadline = time.monotonic() + 60

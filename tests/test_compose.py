@@ -90,7 +90,7 @@ def test_services_agree_with_the_broker_and_the_store() -> None:
     bucket_made = " ".join(doc["services"]["minio-init"]["command"])
     for name, service in fedq_services().items():
         s = settings_of(service)
-        topo = topology(Names(s.namespace), s.capability_list)
+        topo = topology(Names(s.namespace, s.job), s.capability_list)
         assert {q.name for q in topo.queues} <= queues, f"{name}: namespace or capability not in definitions"
         assert {e.name for e in topo.exchanges} <= exchanges
         amqp = urlsplit(s.amqp_url)
@@ -126,7 +126,7 @@ def test_definitions_file_is_what_the_code_generates() -> None:
     committed = (ROOT / "broker_config" / "definitions.json").read_text()
     assert committed == default_definitions(), "regenerate: python -m broker_config.definitions"
     doc = json.loads(committed)
-    assert {q["name"] for q in doc["queues"]} >= {"fedq.tasks.cpu", "fedq.updates", "fedq.updates.log"}
+    assert {q["name"] for q in doc["queues"]} >= {"fedq.job.demo.tasks.cpu", "fedq.job.demo.updates", "fedq.updates.log"}
 
 
 async def _queues_exist(amqp_url: str, names: list[str]) -> bool:

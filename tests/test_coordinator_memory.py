@@ -58,7 +58,7 @@ class Rig:
 
     async def hello(self, worker_id: str) -> None:
         hello = Hello(worker_id, ("cpu",), self.worker.fingerprint, "up", time.time())
-        await self.harness.publish(NAMES.workers_exchange, "", encode(hello, self.worker))
+        await self.harness.publish(NAMES.workers_exchange, NAMES.hello_key, encode(hello, self.worker))
 
     async def receipt(self, task: Task) -> None:
         receipt = Receipt(JOB, task.task_id, "w1", "buffered", "", task.base_version)
@@ -143,7 +143,7 @@ async def test_async_tasks_receipts_versions_and_the_stop(tmp_path: Path) -> Non
         await asyncio.sleep(0.3)
         assert len(r.tasks) == 1  # one live worker, one task in flight
 
-        await r.harness.publish(NAMES.workers_exchange, "", b"not a message")
+        await r.harness.publish(NAMES.workers_exchange, NAMES.hello_key, b"not a message")
         await until(lambda: events(r.logs, "hello_rejected"), "the bad hello to be logged")
         dead = await r.harness.queue_info(NAMES.dead_queue)
         assert dead is not None and dead.messages == 0  # logged and acked, not dead-lettered

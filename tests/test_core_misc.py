@@ -237,17 +237,48 @@ def test_capabilities() -> None:
 def test_names_under_a_namespace() -> None:
     n = Names("t-abc")
     assert n.tasks_exchange == "t-abc.tasks"
-    assert n.task_queue("gpu") == "t-abc.tasks.gpu"
-    assert n.results_exchange == "t-abc.results"
-    assert n.updates_queue == "t-abc.updates"
+    assert n.task_queue("gpu") == "t-abc.job.default.tasks.gpu"
+    assert n.task_key("gpu") == "default.gpu"
+    assert n.results_exchange == "t-abc.results" and n.results_key == "default"
+    assert n.updates_queue == "t-abc.job.default.updates"
     assert n.update_log == "t-abc.updates.log"
     assert n.models_exchange == "t-abc.models"
     assert n.model_log == "t-abc.models.log"
-    assert n.workers_exchange == "t-abc.workers"
+    assert n.workers_exchange == "t-abc.workers" and n.hello_key == "default"
+    assert n.coordinator_queue == "t-abc.job.default.coordinator"
     assert n.dead_exchange == "t-abc.dead" and n.dead_queue == "t-abc.dead"
     assert Names().tasks_exchange == "fedq.tasks"
     assert Names.model_key("job-1") == "model.job-1"
     assert Names.receipt_key("job_1") == "receipt.job_1"
+
+
+def test_each_job_has_its_own_queues_and_keys_but_shares_the_namespace() -> None:
+    a, b = Names("ns", "a"), Names("ns", "b")
+    assert a.task_queue("cpu") != b.task_queue("cpu") and a.task_key("cpu") != b.task_key("cpu")
+    assert a.updates_queue != b.updates_queue and a.results_key != b.results_key
+    assert a.coordinator_queue != b.coordinator_queue and a.hello_key != b.hello_key
+    for shared in ("tasks_exchange", "results_exchange", "workers_exchange", "update_log", "dead_queue"):
+        assert getattr(a, shared) == getattr(b, shared)
+    assert a.for_job("b") == b
+    # no job's queue can be mistaken for a shared one, whatever the job is called
+    for job in ("log", "updates", "coordinator", "tasks", "dead", "job"):
+        j = Names("ns", job)
+        shared_names = {j.update_log, j.model_log, j.dead_queue}
+        assert not {j.updates_queue, j.coordinator_queue, j.task_queue("cpu")} & shared_names
+        assert j.job_of_queue(j.updates_queue) == job and j.job_of_queue(j.task_queue("x")) == job
+    assert a.job_of_queue(a.update_log) is None and a.job_of_queue(a.dead_queue) is None
+
+
+def test_topology_routes_each_job_to_its_own_queues_and_every_update_to_the_log() -> None:
+    from shared.transport.memory import topic_matches
+
+    topo = topology(Names("ns", "a"), ("cpu",))
+    by_queue = {(b.queue, b.exchange): b.routing_key for b in topo.bindings}
+    a, b = Names("ns", "a"), Names("ns", "b")
+    assert by_queue[(a.updates_queue, a.results_exchange)] == a.results_key
+    assert not topic_matches(a.results_key, b.results_key)
+    assert topic_matches(by_queue[(a.update_log, a.results_exchange)], b.results_key)
+    assert by_queue[(a.task_queue("cpu"), a.tasks_exchange)] == a.task_key("cpu") != b.task_key("cpu")
 
 
 @pytest.mark.parametrize("cap", ["", "a.b", "a b", "-x", "_x", "x" * 64, "é", "a/b", "a*", "a#"])
@@ -268,7 +299,7 @@ def test_trailing_newline_is_not_a_valid_token_or_namespace() -> None:
 @pytest.mark.parametrize("cap", ["cpu", "x" * 63, "A_b-1", "0"])
 def test_valid_capability(cap: str) -> None:
     assert check_token("capability", cap) == cap
-    assert Names("ns").task_queue(cap) == f"ns.tasks.{cap}"
+    assert Names("ns").task_queue(cap) == f"ns.job.default.tasks.{cap}"
 
 
 @pytest.mark.parametrize("job", ["a.b", "*", "#", "", "a b"])
@@ -294,18 +325,18 @@ def test_topology_is_self_consistent_and_namespaced() -> None:
     assert len(exchanges) == len(topo.exchanges) and len(queues) == len(topo.queues)
     for b in topo.bindings:
         assert b.queue in queues and b.exchange in exchanges
-    assert {"t-1.tasks.cpu", "t-1.tasks.gpu"} <= set(queues)
-    assert queues["t-1.tasks.gpu"].arguments["x-delivery-limit"] == 2
-    assert queues["t-1.tasks.gpu"].arguments["x-dead-letter-exchange"] == names.dead_exchange
+    assert {names.task_queue("cpu"), names.task_queue("gpu")} <= set(queues)
+    assert queues[names.task_queue("gpu")].arguments["x-delivery-limit"] == 2
+    assert queues[names.task_queue("gpu")].arguments["x-dead-letter-exchange"] == names.dead_exchange
     assert queues[names.update_log].is_stream and queues[names.model_log].is_stream
     assert not queues[names.updates_queue].is_stream
     assert queues[names.updates_queue].arguments["x-single-active-consumer"] is True
 
     worker = capability_topology(names, ("gpu",))
-    assert {q.name for q in worker.queues} == {"t-1.tasks.gpu"}
+    assert {q.name for q in worker.queues} == {names.task_queue("gpu")}
     for b in worker.bindings:
         assert b.exchange in {e.name for e in worker.exchanges}
-        assert b.routing_key == "gpu"
+        assert b.routing_key == names.task_key("gpu")
 
 
 # ---------------------------------------------------------------- flat models

@@ -129,13 +129,13 @@ async def until_dead(broker: RabbitMQ, count: int) -> list[dlq.DeadLetter]:
 async def build_scene(broker: RabbitMQ, names: Names, amqp_url: str) -> Scene:
     coordinator, worker, impostor = Signer.generate(), Signer.generate(), Signer.generate()
     expired = make_task(coordinator)
-    await broker.publish(names.tasks_exchange, "cpu", expired[1], expiration=0.05)
+    await broker.publish(names.tasks_exchange, names.task_key("cpu"), expired[1], expiration=0.05)
     await until_dead(broker, 1)  # the broker dead-letters it (nobody consumes the task queue yet)
 
     stale_a, stale_b = make_update(worker), make_update(worker)
     garbage = b"garbage \xff not msgpack"
     for body in (stale_a[1], garbage, stale_b[1]):
-        await broker.publish(names.results_exchange, "", body)
+        await broker.publish(names.results_exchange, names.results_key, body)
     await dead_letter_through_consumer(
         amqp_url,
         names,
@@ -148,7 +148,7 @@ async def build_scene(broker: RabbitMQ, names: Names, amqp_url: str) -> Scene:
     )
 
     impostor_task = make_task(impostor)
-    await broker.publish(names.tasks_exchange, "cpu", impostor_task[1])
+    await broker.publish(names.tasks_exchange, names.task_key("cpu"), impostor_task[1])
     await dead_letter_through_consumer(
         amqp_url,
         names,

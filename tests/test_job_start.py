@@ -19,6 +19,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from broker_config.names import Names
+from broker_config.topology import topology
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator
 from fedq.cli import _given, _settings, build_parser, main
@@ -40,9 +41,10 @@ from tests.tiny import WAIT, LinearApp, events, until
 class Fleet:
     """Fake workers: each sends a signed hello every 0.3 s, as a worker's heartbeat does."""
 
-    def __init__(self, broker: RabbitMQ, signer: Signer) -> None:
+    def __init__(self, broker: RabbitMQ, signer: Signer, names: Names) -> None:
         self.broker = broker
         self.signer = signer
+        self.names = names
         self.tasks: list[asyncio.Task[None]] = []
 
     def join(self, worker_id: str) -> None:
@@ -51,7 +53,9 @@ class Fleet:
     async def _beat(self, worker_id: str) -> None:
         while True:
             hello = Hello(worker_id, ("cpu",), self.signer.fingerprint, "up", time.time())
-            await self.broker.publish(self.broker.names.workers_exchange, "", encode(hello, self.signer))
+            await self.broker.publish(
+                self.names.workers_exchange, self.names.hello_key, encode(hello, self.signer)
+            )
             await asyncio.sleep(0.3)
 
     async def close(self) -> None:
@@ -79,6 +83,8 @@ async def coordinator_rig(
 ) -> AsyncIterator[tuple[Coordinator, Fleet, Tasks, list[dict[str, Any]]]]:
     """A coordinator running in this process on a local store under ``out``; its logs captured."""
     job = job or new_job()
+    names = names.for_job(job)
+    await broker.declare(topology(names))
     s = Settings(
         amqp_url=amqp_url,
         namespace=names.namespace,
@@ -95,7 +101,7 @@ async def coordinator_rig(
     tasks = Tasks()
     tasks.keyring.add(signer.public)
     await broker.consume(names.task_queue("cpu"), tasks.on_message, prefetch=32)
-    fleet = Fleet(broker, signer)
+    fleet = Fleet(broker, signer, names)
     own = await RabbitMQ(amqp_url, names, "test-coordinator").connect()
     with capture_logs() as logs:
         coordinator = Coordinator(
@@ -119,7 +125,8 @@ async def coordinator_rig(
             conn = await aio_pika.connect(amqp_url)
             try:
                 channel = await conn.channel()
-                await channel.queue_delete(names.coordinator_queue(job))
+                for queue in (names.coordinator_queue, names.task_queue("cpu"), names.updates_queue):
+                    await channel.queue_delete(queue)
             finally:
                 await conn.close()
 

@@ -142,8 +142,10 @@ async def test_default_exchange_routes_to_named_queue(mem: MemoryTransport) -> N
 
 async def test_unroutable_and_unknown_exchange(mem: MemoryTransport) -> None:
     with pytest.raises(BrokerError, match="unroutable"):
-        await mem.publish(NAMES.tasks_exchange, "no-such-capability", b"x")
-    await mem.publish(NAMES.tasks_exchange, "no-such-capability", b"x", mandatory=False)  # dropped quietly
+        await mem.publish(NAMES.tasks_exchange, NAMES.task_key("no-such-capability"), b"x")
+    await mem.publish(
+        NAMES.tasks_exchange, NAMES.task_key("no-such-capability"), b"x", mandatory=False
+    )  # dropped quietly
     with pytest.raises(BrokerError):
         await mem.publish("no.such.exchange", "", b"x")
     assert mem.bytes_published == 1  # only the accepted publish counts
@@ -210,7 +212,7 @@ async def test_delivery_limit_dead_letters(mem: MemoryTransport) -> None:
         await d.retry_later()
 
     await mem.consume(NAMES.task_queue("cpu"), always_retry, prefetch=1)
-    await mem.publish(NAMES.tasks_exchange, "cpu", b"poison")
+    await mem.publish(NAMES.tasks_exchange, NAMES.task_key("cpu"), b"poison")
     await until(lambda: len(seen) == 6)
     await until(lambda: mem.broker.queues[NAMES.dead_queue].ready)
     await asyncio.sleep(0.02)
@@ -229,7 +231,7 @@ async def test_delivery_limit_dead_letters(mem: MemoryTransport) -> None:
 async def test_base_dead_letter_publishes_with_reason_and_acks(mem: MemoryTransport) -> None:
     h = Holder()
     await mem.consume(NAMES.task_queue("cpu"), h, prefetch=1)
-    await mem.publish(NAMES.tasks_exchange, "cpu", b"bad")
+    await mem.publish(NAMES.tasks_exchange, NAMES.task_key("cpu"), b"bad")
     await until(lambda: h.got)
     await h.got[0].dead_letter("undecodable", "garbage")
     async with mem.queue_pass(NAMES.dead_queue) as p:
@@ -243,7 +245,7 @@ async def test_lost_link_redelivers_reconnects_and_loses_old_acks(mem: MemoryTra
     reconnects: list[int] = []
     forget = mem.on_reconnect(lambda: reconnects.append(1))
     await mem.consume(NAMES.task_queue("cpu"), h, prefetch=1)
-    await mem.publish(NAMES.tasks_exchange, "cpu", b"work")
+    await mem.publish(NAMES.tasks_exchange, NAMES.task_key("cpu"), b"work")
     await until(lambda: h.got)
     old = h.got[0]
     await mem.lose_link()
@@ -278,7 +280,7 @@ async def test_single_active_consumer_takeover(server: MemoryBroker, mem: Memory
     await mem.consume(NAMES.updates_queue, first, prefetch=10)
     await other.consume(NAMES.updates_queue, second, prefetch=10)
     for i in range(3):
-        await mem.publish(NAMES.results_exchange, "", bytes([i]))
+        await mem.publish(NAMES.results_exchange, NAMES.results_key, bytes([i]))
     await until(lambda: len(first.got) == 3)
     assert second.got == []
     assert (await info(mem, NAMES.updates_queue)).consumers == 2
@@ -286,7 +288,7 @@ async def test_single_active_consumer_takeover(server: MemoryBroker, mem: Memory
     await mem.close(grace=0.1)  # two unsettled go back, to the standby
     await until(lambda: len(second.got) == 2)
     assert [(d.body, d.redelivered) for d in second.got] == [(b"\x01", True), (b"\x02", True)]
-    await other.publish(NAMES.results_exchange, "", b"\x03")
+    await other.publish(NAMES.results_exchange, NAMES.results_key, b"\x03")
     await until(lambda: len(second.got) == 3)
     assert second.got[2].body == b"\x03"
     await other.close(grace=0.1)
@@ -294,7 +296,7 @@ async def test_single_active_consumer_takeover(server: MemoryBroker, mem: Memory
 
 async def test_stream_offsets(mem: MemoryTransport) -> None:
     for i in range(3):
-        await mem.publish(NAMES.results_exchange, "", f"u{i}".encode())
+        await mem.publish(NAMES.results_exchange, NAMES.results_key, f"u{i}".encode())
     log = NAMES.update_log
     assert [e.offset for e in await mem.read_all(log, "first", idle=0.02)] == [0, 1, 2]
     assert [e.body for e in await mem.read_all(log, "last", idle=0.02)] == [b"u2"]
@@ -305,11 +307,11 @@ async def test_stream_offsets(mem: MemoryTransport) -> None:
 
 
 async def test_stream_next_sees_new_entries_and_ends_when_idle(mem: MemoryTransport) -> None:
-    await mem.publish(NAMES.results_exchange, "", b"old")
+    await mem.publish(NAMES.results_exchange, NAMES.results_key, b"old")
 
     async def later() -> None:
         await asyncio.sleep(0.03)
-        await mem.publish(NAMES.results_exchange, "", b"new")
+        await mem.publish(NAMES.results_exchange, NAMES.results_key, b"new")
 
     writer = asyncio.create_task(later())
     start = time.monotonic()
@@ -322,7 +324,7 @@ async def test_stream_next_sees_new_entries_and_ends_when_idle(mem: MemoryTransp
 
 async def test_consume_a_stream_from_an_offset(mem: MemoryTransport) -> None:
     for i in range(3):
-        await mem.publish(NAMES.results_exchange, "", bytes([i]))
+        await mem.publish(NAMES.results_exchange, NAMES.results_key, bytes([i]))
     h = Holder()
     await mem.consume(NAMES.update_log, h, prefetch=10, arguments={"x-stream-offset": 1})
     await until(lambda: len(h.got) == 2)
@@ -333,8 +335,8 @@ async def test_consume_a_stream_from_an_offset(mem: MemoryTransport) -> None:
 
 
 async def test_expired_message_goes_to_dead_letter_exchange(mem: MemoryTransport) -> None:
-    await mem.publish(NAMES.tasks_exchange, "cpu", b"stale", expiration=0.03)
-    await mem.publish(NAMES.tasks_exchange, "cpu", b"fresh")
+    await mem.publish(NAMES.tasks_exchange, NAMES.task_key("cpu"), b"stale", expiration=0.03)
+    await mem.publish(NAMES.tasks_exchange, NAMES.task_key("cpu"), b"fresh")
     await asyncio.sleep(0.06)  # no consumer, no look: the broker expires it by itself
     dead = mem.broker.queues[NAMES.dead_queue].ready
     assert [m.body for m in dead] == [b"stale"]
@@ -424,7 +426,7 @@ async def test_close_cancels_handlers_and_returns_their_deliveries(
 
     worker = await MemoryTransport(server, NAMES, "worker").connect()
     await worker.consume(NAMES.task_queue("cpu"), slow, prefetch=1)
-    await mem.publish(NAMES.tasks_exchange, "cpu", b"task")
+    await mem.publish(NAMES.tasks_exchange, NAMES.task_key("cpu"), b"task")
     await started.wait()
     assert (await info(mem, NAMES.task_queue("cpu"))).messages == 0
     start = time.monotonic()
@@ -459,7 +461,8 @@ async def test_private_queue_comes_back_after_a_lost_link(server: MemoryBroker, 
 
 
 async def test_queue_with_x_expires_goes_when_unused(server: MemoryBroker, mem: MemoryTransport) -> None:
-    idle, busy = coordinator_inbox(NAMES, "idle", idle_expiry_ms=30), coordinator_inbox(NAMES, "busy", 30)
+    idle = coordinator_inbox(NAMES.for_job("idle"), idle_expiry_ms=30)
+    busy = coordinator_inbox(NAMES.for_job("busy"), 30)
     await mem.declare(Topology((), (idle, busy), ()))
     await mem.consume(busy.name, Holder(), prefetch=1)
     await asyncio.sleep(0.06)

@@ -177,7 +177,7 @@ class Rig:
         return make_update(self.worker, self.model, **kwargs)
 
     async def send(self, body: bytes) -> None:
-        await self.broker.publish(self.names.results_exchange, "", body)
+        await self.broker.publish(self.names.results_exchange, self.names.results_key, body)
 
     def ledger(self) -> list[dict[str, Any]]:
         return list(read_lines(self.ledger_path))
@@ -527,7 +527,7 @@ async def test_worker_rejects_task_from_unpinned_key(broker: RabbitMQ, names: Na
             model=blob,
         )
         body = encode(task, impostor)
-        await broker.publish(names.tasks_exchange, "cpu", body)
+        await broker.publish(names.tasks_exchange, names.task_key("cpu"), body)
         await dead.expect(body, "unknown_signer", names.task_queue("cpu"))
         await dead.expect_none(1.0)  # not redelivered and dead-lettered again
         assert worker.completed == 0

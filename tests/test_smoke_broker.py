@@ -18,7 +18,7 @@ async def test_publish_consume_and_dead_letter(broker: RabbitMQ, names: Names) -
         await got.put(d)
 
     await broker.consume(names.updates_queue, on_update, prefetch=4)
-    await broker.publish(names.results_exchange, "", b"hello")
+    await broker.publish(names.results_exchange, names.results_key, b"hello")
     delivery = await asyncio.wait_for(got.get(), 10)
     assert delivery.body == b"hello"
     await delivery.dead_letter("undecodable", "not msgpack")
@@ -50,7 +50,7 @@ async def test_a_handler_cut_off_by_close_is_not_logged_as_an_error(broker: Rabb
             raise Exception() from None  # what a handler's I/O on a closing link may raise
 
     await own.consume(names.updates_queue, on_update, prefetch=4)
-    await broker.publish(names.results_exchange, "", b"cut off")
+    await broker.publish(names.results_exchange, names.results_key, b"cut off")
     await asyncio.wait_for(started.wait(), 10)
     with capture_logs() as logs:
         await own.close()

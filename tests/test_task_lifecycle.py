@@ -85,7 +85,7 @@ async def test_failing_task_stops_at_the_delivery_limit(broker: RabbitMQ, names:
             model=blob,
         )
         body = encode(task, coordinator)
-        await broker.publish(names.tasks_exchange, "cpu", body)
+        await broker.publish(names.tasks_exchange, names.task_key("cpu"), body)
         d = await asyncio.wait_for(dead.get(), 60)
         assert d.body == body
         headers = d.message.headers

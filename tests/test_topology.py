@@ -42,7 +42,7 @@ async def test_updates_queue_has_a_single_active_consumer(broker: RabbitMQ, name
     await broker.consume(names.updates_queue, collect("a"), prefetch=10)
     await broker.consume(names.updates_queue, collect("b"), prefetch=10)
     for i in range(20):
-        await broker.publish(names.results_exchange, "", f"m{i}".encode())
+        await broker.publish(names.results_exchange, names.results_key, f"m{i}".encode())
     for _ in range(100):
         if len(seen["a"]) + len(seen["b"]) == 20:
             break
@@ -52,7 +52,7 @@ async def test_updates_queue_has_a_single_active_consumer(broker: RabbitMQ, name
 
 async def test_update_log_stream_keeps_every_update(broker: RabbitMQ, names: Names, amqp_url: str) -> None:
     for i in range(5):
-        await broker.publish(names.results_exchange, "", f"u{i}".encode())
+        await broker.publish(names.results_exchange, names.results_key, f"u{i}".encode())
     conn = await aio_pika.connect(amqp_url)
     try:
         ch = await conn.channel()
@@ -75,7 +75,7 @@ async def test_update_log_stream_keeps_every_update(broker: RabbitMQ, names: Nam
 
 
 async def test_expired_task_is_dead_lettered(broker: RabbitMQ, names: Names) -> None:
-    await broker.publish(names.tasks_exchange, "cpu", b"task", expiration=0.2)
+    await broker.publish(names.tasks_exchange, names.task_key("cpu"), b"task", expiration=0.2)
     dead: asyncio.Queue[Delivery] = asyncio.Queue()
 
     async def on(d: Delivery) -> None:
@@ -91,7 +91,7 @@ async def test_expired_task_is_dead_lettered(broker: RabbitMQ, names: Names) -> 
 
 async def test_unroutable_publish_is_an_error(broker: RabbitMQ, names: Names) -> None:
     with pytest.raises(BrokerError):
-        await broker.publish(names.tasks_exchange, "no-such-capability", b"x")
+        await broker.publish(names.tasks_exchange, names.task_key("no-such-capability"), b"x")
 
 
 async def test_a_publish_to_a_missing_exchange_is_an_error_at_once(broker: RabbitMQ, names: Names) -> None:
@@ -100,4 +100,4 @@ async def test_a_publish_to_a_missing_exchange_is_an_error_at_once(broker: Rabbi
     with pytest.raises(BrokerError, match="does not exist"):
         await broker.publish(f"{names.namespace}.nowhere", "", b"x")
     assert time.monotonic() - started < broker.publish_retry_seconds
-    await broker.publish(names.results_exchange, "", b"still works")  # the channel came back
+    await broker.publish(names.results_exchange, names.results_key, b"still works")  # the channel came back

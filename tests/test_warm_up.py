@@ -97,7 +97,7 @@ async def test_worker_warms_up_in_its_training_thread_before_its_first_hello(
         await delivery.ack()
         await updates.put(delivery.body)
 
-    await broker.subscribe(names.workers_exchange, ("",), on_hello)
+    await broker.subscribe(names.workers_exchange, (names.hello_key,), on_hello)
     await broker.consume(names.updates_queue, on_update, prefetch=4)
     own = await RabbitMQ(amqp_url, names, "test-warm-worker").connect()
     stop = asyncio.Event()
@@ -121,7 +121,7 @@ async def test_worker_warms_up_in_its_training_thread_before_its_first_hello(
 
         task, blob, body = make_task(coordinator, LinearApp(), uuid.uuid4().hex)
         app.seen.clear()
-        await broker.publish(names.tasks_exchange, "cpu", body)
+        await broker.publish(names.tasks_exchange, names.task_key("cpu"), body)
         ring = Keyring()
         ring.add(worker_signer.public)
         update, _ = decode(await asyncio.wait_for(updates.get(), WAIT), ring, Update)
@@ -180,7 +180,7 @@ async def test_a_failing_warm_up_does_not_stop_the_worker(
         await delivery.ack()
         await hellos.put(delivery.body)
 
-    await broker.subscribe(names.workers_exchange, ("",), on_hello)
+    await broker.subscribe(names.workers_exchange, (names.hello_key,), on_hello)
     own = await RabbitMQ(amqp_url, names, "test-cold-worker").connect()
     stop = asyncio.Event()
     app = LinearApp()

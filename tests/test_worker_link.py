@@ -172,7 +172,7 @@ class Rig:
 
     async def send_task(self, task_id: str | None = None) -> Task:
         task, body = make_task(self.coordinator, task_id)
-        await self.test_broker.publish(self.names.tasks_exchange, "cpu", body)
+        await self.test_broker.publish(self.names.tasks_exchange, self.names.task_key("cpu"), body)
         return task
 
     async def next_update(self, wait: float = WAIT) -> tuple[str, bytes]:
@@ -362,6 +362,7 @@ async def test_serve_uses_the_default_outbox(
     settings = Settings(
         amqp_url=amqp_url,
         namespace=names.namespace,
+        job=names.job,
         keys_dir=str(keys),
         coordinator_key=str(public_key_path(keys / "coordinator.key")),
         worker_id="w7",

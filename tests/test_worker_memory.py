@@ -102,7 +102,7 @@ class Rig:
         return encode(update, self.signer)
 
     async def send(self, body: bytes) -> None:
-        await self.client.publish(self.names.tasks_exchange, "cpu", body)
+        await self.client.publish(self.names.tasks_exchange, self.names.task_key("cpu"), body)
 
     async def take(self) -> Delivery:
         """The next task delivery, as the worker's runtime would hand it over (for ``step``)."""
@@ -297,7 +297,7 @@ async def test_the_runtime_declares_its_queues_and_it_consumes_with_prefetch_1(t
             assert [c.prefetch for c in q.consumers] == [1]
             assert q.arguments["x-delivery-limit"] == 5
         # and the exchange its hellos go to, so a worker alone on the broker stays up
-        assert broker.exchanges[names.workers_exchange] == "fanout"
+        assert broker.exchanges[names.workers_exchange] == "topic"
         assert not running.done()
     finally:
         stop.set()
@@ -348,7 +348,7 @@ async def test_hellos_up_then_down_on_stop(tmp_path: Path) -> None:
             assert isinstance(hello, Hello)
             hellos.append(hello)
 
-        await r.client.subscribe(r.names.workers_exchange, ("",), on_hello)
+        await r.client.subscribe(r.names.workers_exchange, (r.names.hello_key,), on_hello)
         stop = asyncio.Event()
         running = await run(r, stop)
         await until(lambda: len(hellos) >= 3, "a few heartbeats")

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from broker_config.names import Names, check_token
-from broker_config.topology import Topology, capability_topology, topology
+from broker_config.topology import Topology, capability_topology
 from shared.app import App, PartitionSpec
 from shared.codec import Envelope, encode
 from shared.errors import BrokerError, ConfigError, StoreError
@@ -110,12 +110,10 @@ class Worker(Service):
 
     # -- the service ------------------------------------------------------------------------
     def topology(self) -> Topology:
-        """Its capabilities' task queues, and the exchange its hellos go to: a worker that starts
+        """Its job's task queues for its capabilities, and the exchanges: a worker that starts
         before the coordinator says hello to nobody, rather than to a missing exchange (which,
         since a heartbeat that cannot be published stops the worker, would stop it)."""
-        tasks = capability_topology(self.names, self.config.capabilities)
-        hellos = tuple(e for e in topology(self.names).exchanges if e.name == self.names.workers_exchange)
-        return Topology(tasks.exchanges + hellos, tasks.queues, tasks.bindings)
+        return capability_topology(self.names, self.config.capabilities)
 
     async def start(self, runtime: Runtime) -> None:
         if self.config.warm:
@@ -174,7 +172,7 @@ class Worker(Service):
             tasks_redelivered=self.redelivered,
         )
         await self.transport.publish(
-            self.names.workers_exchange, "", encode(message, self.signer), mandatory=False
+            self.names.workers_exchange, self.names.hello_key, encode(message, self.signer), mandatory=False
         )
 
     async def _heartbeat(self) -> None:
@@ -313,7 +311,7 @@ class Worker(Service):
             if task_id in self._sent:
                 sent = False
             else:
-                await self.transport.publish(self.names.results_exchange, "", body, message_id=task_id)
+                await self.transport.publish(self.names.results_exchange, self.names.results_key, body, message_id=task_id)
                 self._sent[task_id] = None
                 if len(self._sent) > SENT_MEMORY:
                     self._sent.popitem(last=False)

@@ -15,7 +15,7 @@ def transport_for(settings: Settings, connection_name: str, *, publish_retry_sec
     """An unconnected transport to the broker of ``settings``, named for the process holding it."""
     return RabbitMQ(
         settings.amqp_url,
-        Names(settings.namespace),
+        Names(settings.namespace, settings.job),
         connection_name,
         heartbeat=settings.amqp_heartbeat,
         publish_retry_seconds=publish_retry_seconds,
