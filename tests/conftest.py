@@ -59,14 +59,19 @@ async def broker(amqp_url: str, names: Names, request: pytest.FixtureRequest) ->
     await delete_namespace(amqp_url, names, ("cpu", "gpu", "lowmem"))
 
 
-async def delete_namespace(amqp_url: str, names: Names, capabilities: tuple[str, ...]) -> None:
+async def delete_namespace(
+    amqp_url: str, names: Names, capabilities: tuple[str, ...], jobs: tuple[str, ...] = ()
+) -> None:
+    """Delete the namespace's exchanges and shared queues, and the queues of ``names.job`` and ``jobs``."""
     conn = await aio_pika.connect(amqp_url)
     try:
         topo = topology(names, capabilities)
-        for q in topo.queues:
+        queues = [q.name for j in {names.job, *jobs} for q in topology(names.for_job(j), capabilities).queues]
+        queues += [names.for_job(j).coordinator_queue for j in {names.job, *jobs}]
+        for q in dict.fromkeys(queues):
             ch = await conn.channel()
             try:
-                await ch.queue_delete(q.name)
+                await ch.queue_delete(q)
             except Exception:
                 pass
             finally:

@@ -166,7 +166,9 @@ def check_exact_accounting(out: Path) -> Counter[str]:
 
 
 @pytest.fixture
-def cleanup(amqp_url: str, names: Names) -> Iterator[None]:
-    """Delete the test's namespace on the shared broker afterwards."""
+def cleanup(amqp_url: str, names: Names, tmp_path: Path) -> Iterator[None]:
+    """Delete the test's namespace on the shared broker afterwards, with the queues of every job
+    that a run under ``tmp_path`` started."""
     yield
-    asyncio.run(delete_namespace(amqp_url, names, ("cpu",)))
+    jobs = tuple(json.loads(p.read_text())["settings"]["job"] for p in tmp_path.rglob("config.json"))
+    asyncio.run(delete_namespace(amqp_url, names, ("cpu",), jobs))

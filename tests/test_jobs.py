@@ -222,3 +222,28 @@ def test_one_process_hosts_several_replicas(tmp_path: Path, names: Names, cleanu
     assert all(applied_by[w] >= 1 for w in ids), applied_by
     partitions = {e["worker"]: e["partition"] for e in log_events(tmp_path / "fleet.log", "started")}
     assert partitions == {"fleet-r0": "1/4", "fleet-r1": "2/4", "fleet-r2": "3/4"}
+
+
+def test_two_jobs_on_one_broker_each_reach_their_target(tmp_path: Path, names: Names, cleanup: None) -> None:
+    """Two ``fedq run`` jobs at once in one namespace: neither takes the other's tasks, updates or
+    hellos, so each reaches its target and each audit balances, with no update of the other job
+    in its ledger and no rejection at all."""
+    outs = [tmp_path / "job-a", tmp_path / "job-b"]
+    flags = ("--workers", "3", "--target-accuracy", "0.6", "--max-seconds", "200", "--buffer", "3")
+    runs = [start_run(out, names, *flags) for out in outs]
+    outputs = [finish(run, timeout=300) for run in runs]
+    jobs = []
+    for out, output in zip(outs, outputs, strict=True):
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["stop_reason"] == "target_accuracy", (summary, output[-2000:])
+        assert summary["updates_rejected"] == {}, summary
+        audit = json.loads((out / "audit.json").read_text())
+        assert audit["ok"] and audit["lost"] == 0 and audit["applied"] == summary["updates_applied"], audit
+        job = json.loads((out / "config.json").read_text())["settings"]["job"]
+        jobs.append(job)
+        applied = check_no_double_counting(out)
+        tasks = {r["task_id"] for r in records(out / "ledger.jsonl")}
+        assert set(applied) <= tasks
+    assert jobs[0] != jobs[1]
+    ledgers = [{r["task_id"] for r in records(out / "ledger.jsonl")} for out in outs]
+    assert not ledgers[0] & ledgers[1]  # no update of one job reached the other's aggregator

@@ -24,7 +24,9 @@ from fedq.audit import balance
 from shared.errors import StoreError
 from shared.store import Manifest
 from tests.conftest import delete_namespace
-from tests.jobs import finish, log_events, records, start_run, wait_for
+from tests.jobs import cleanup, finish, log_events, records, start_run, wait_for
+
+__all__ = ["cleanup"]  # the fixture, used by the live-run test
 
 
 def fedq(*args: str) -> subprocess.CompletedProcess[str]:
@@ -223,12 +225,6 @@ def test_rollback_on_a_finished_run(run: tuple[Path, Names], tmp_path: Path) -> 
 
 
 # -- a live run -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def cleanup(amqp_url: str, names: Names) -> Iterator[None]:
-    yield
-    asyncio.run(delete_namespace(amqp_url, names, ("cpu",)))
 
 
 @pytest.mark.slow
