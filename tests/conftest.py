@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import aio_pika
 import pytest
 
 from broker_config.names import Names
@@ -17,8 +16,8 @@ from broker_config.topology import topology
 from shared.signing import Keyring, Signer
 from shared.transport.rabbitmq import RabbitMQ
 
-# tests/jobs.py is not a test file: rewrite its asserts too, for failure messages as detailed as a test's
-pytest.register_assert_rewrite("tests.jobs")
+# tests/support holds no test files: rewrite its asserts too, for failure messages as detailed as a test's
+pytest.register_assert_rewrite("tests.support")
 
 AMQP_URL = os.environ.get("FEDQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -56,38 +55,9 @@ async def broker(amqp_url: str, names: Names, request: pytest.FixtureRequest) ->
     await b.declare(topology(names, ("cpu",)))
     yield b
     await b.close()
+    from tests.support.broker import delete_namespace  # imported after the assert rewrite is registered
+
     await delete_namespace(amqp_url, names, ("cpu", "gpu", "lowmem"))
-
-
-async def delete_namespace(
-    amqp_url: str, names: Names, capabilities: tuple[str, ...], jobs: tuple[str, ...] = ()
-) -> None:
-    """Delete the namespace's exchanges and shared queues, and the queues of ``names.job`` and ``jobs``."""
-    conn = await aio_pika.connect(amqp_url)
-    try:
-        topo = topology(names, capabilities)
-        queues = [q.name for j in {names.job, *jobs} for q in topology(names.for_job(j), capabilities).queues]
-        queues += [names.for_job(j).coordinator_queue for j in {names.job, *jobs}]
-        for q in dict.fromkeys(queues):
-            ch = await conn.channel()
-            try:
-                await ch.queue_delete(q)
-            except Exception:
-                pass
-            finally:
-                if not ch.is_closed:
-                    await ch.close()
-        for ex in topo.exchanges:
-            ch = await conn.channel()
-            try:
-                await ch.exchange_delete(ex.name)
-            except Exception:
-                pass
-            finally:
-                if not ch.is_closed:
-                    await ch.close()
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from broker_config.names import Names
 from broker_config.topology import topology
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
-from tests.jobs import check_exact_accounting, finish, problems_in_logs, records, start_run, wait_for
-from tests.private_broker import (  # noqa: F401  (fixtures used by name)
+from tests.support.jobs import check_exact_accounting, finish, problems_in_logs, records, start_run, wait_for
+from tests.support.private_broker import (  # noqa: F401  (fixtures used by name)
     PrivateRabbit,
     make_private_rabbit_fixture,
     private_rabbit_fixture,

@@ -16,7 +16,7 @@ from shared.codec import encode
 from shared.messages import Update
 from shared.quantize import encode_delta
 from shared.transport.rabbitmq import RabbitMQ
-from tests.jobs import cleanup, finish, records, start_run
+from tests.support.jobs import cleanup, finish, records, start_run
 from tests.test_rejections import JOB, Rig, aggregator_rig
 
 __all__ = ["cleanup"]

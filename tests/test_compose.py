@@ -26,7 +26,7 @@ from broker_config.names import Names
 from broker_config.topology import topology
 from fedq.cli import build_parser
 from shared.settings import Settings, known_env_names
-from tests.conftest import delete_namespace
+from tests.support.broker import delete_namespace
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDQ_COMMANDS = {"coordinator", "aggregator", "worker"}

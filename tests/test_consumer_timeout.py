@@ -23,8 +23,15 @@ from typing import Any
 import pytest
 
 from broker_config.names import Names
-from tests.jobs import check_exact_accounting, finish, log_records, problems_in_logs, records, start_run
-from tests.private_broker import (  # noqa: F401  (fixtures used by name)
+from tests.support.jobs import (
+    check_exact_accounting,
+    finish,
+    log_records,
+    problems_in_logs,
+    records,
+    start_run,
+)
+from tests.support.private_broker import (  # noqa: F401  (fixtures used by name)
     MakeRabbit,
     PrivateRabbit,
     make_private_rabbit_fixture,

@@ -26,7 +26,7 @@ from shared.store import Manifest, ModelStore, model_key, open_store
 from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.memory import MemoryBroker, MemoryTransport
-from tests.tiny import LinearApp, events, until
+from tests.support.tiny import LinearApp, events, until
 
 NAMES = Names("memcoord")
 JOB = "job-mem"

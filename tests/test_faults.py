@@ -14,7 +14,7 @@ import pytest
 
 from broker_config.names import Names
 from shared.keys import load_or_create_signer, public_key_path
-from tests.jobs import cleanup, fedq, finish, log_events, records, start_run, wait_for
+from tests.support.jobs import cleanup, fedq, finish, log_events, records, start_run, wait_for
 
 pytestmark = pytest.mark.slow
 __all__ = ["cleanup"]  # the fixture, re-exported for these tests

@@ -33,7 +33,7 @@ from shared.store import Manifest, ModelStore, model_key, open_store
 from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
-from tests.tiny import WAIT, LinearApp, events, until
+from tests.support.tiny import WAIT, LinearApp, events, until
 
 # -- the coordinator waits for its fleet -------------------------------------------------------
 

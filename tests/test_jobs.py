@@ -16,7 +16,17 @@ from pathlib import Path
 import pytest
 
 from broker_config.names import Names
-from tests.jobs import cleanup, enrol, fedq, finish, log_events, records, start_run, wait_for, worker_env
+from tests.support.jobs import (
+    cleanup,
+    enrol,
+    fedq,
+    finish,
+    log_events,
+    records,
+    start_run,
+    wait_for,
+    worker_env,
+)
 
 __all__ = ["cleanup"]  # the fixture, used by these tests
 

@@ -23,8 +23,8 @@ from broker_config.names import Names
 from fedq.audit import balance
 from shared.errors import StoreError
 from shared.store import Manifest
-from tests.conftest import delete_namespace
-from tests.jobs import cleanup, finish, log_events, records, start_run, wait_for
+from tests.support.broker import delete_namespace
+from tests.support.jobs import cleanup, finish, log_events, records, start_run, wait_for
 
 __all__ = ["cleanup"]  # the fixture, used by the live-run test
 

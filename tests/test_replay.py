@@ -19,8 +19,8 @@ import pytest
 from broker_config.names import Names
 from broker_config.topology import topology
 from shared.transport.rabbitmq import RabbitMQ
-from tests.conftest import delete_namespace
-from tests.jobs import finish, start_run
+from tests.support.broker import delete_namespace
+from tests.support.jobs import finish, start_run
 
 pytestmark = pytest.mark.slow
 

@@ -26,9 +26,9 @@ from shared.s3 import S3Store
 from shared.settings import Settings
 from shared.store import LocalStore, Manifest, ModelStore, manifest_key, model_key, open_store
 from shared.tensors import FlatModel
-from tests.conftest import delete_namespace
-from tests.jobs import finish, records, start_run
-from tests.s3server import S3Server, s3server_fixture  # noqa: F401 - the s3server fixture
+from tests.support.broker import delete_namespace
+from tests.support.jobs import finish, records, start_run
+from tests.support.s3server import S3Server, s3server_fixture  # noqa: F401 - the s3server fixture
 
 
 def unique(name: str) -> str:

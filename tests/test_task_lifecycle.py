@@ -25,7 +25,7 @@ from shared.store import model_key
 from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
-from tests.jobs import cleanup, finish, log_events, records, start_run
+from tests.support.jobs import cleanup, finish, log_events, records, start_run
 from worker.config import WorkerConfig
 from worker.service import Worker
 

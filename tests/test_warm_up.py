@@ -26,7 +26,7 @@ from shared.store import model_key
 from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
-from tests.tiny import WAIT, LinearApp, events, until
+from tests.support.tiny import WAIT, LinearApp, events, until
 from worker.config import WorkerConfig
 from worker.service import Worker
 from worker.training import train_task, warm_up

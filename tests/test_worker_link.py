@@ -36,7 +36,7 @@ from shared.store import model_key
 from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ, with_heartbeat
-from tests.tcpproxy import TcpProxy
+from tests.support.tcpproxy import TcpProxy
 from worker.config import WorkerConfig
 from worker.outbox import Outbox, OutboxError, decode_task_id, encode_task_id
 from worker.service import Worker, default_outbox, serve

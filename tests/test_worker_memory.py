@@ -29,7 +29,7 @@ from shared.store import model_key
 from shared.tensors import FlatModel
 from shared.transport import Delivery, Held
 from shared.transport.memory import MemoryBroker, MemoryTransport
-from tests.tiny import WAIT, LinearApp, events, until
+from tests.support.tiny import WAIT, LinearApp, events, until
 from worker.config import WorkerConfig
 from worker.decision import Decision
 from worker.outbox import Outbox

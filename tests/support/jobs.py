@@ -17,7 +17,7 @@ import pytest
 
 from broker_config.names import Names
 from shared.keys import load_or_create_signer, public_key_path
-from tests.conftest import delete_namespace
+from tests.support.broker import delete_namespace
 
 
 def fedq(*args: str) -> list[str]:
