@@ -68,7 +68,12 @@ class Settings:
     )
     job: str = field(
         default="default",
-        metadata=cli(CONNECTION, PROCESSES, "job id: letters, digits, - and _ (default 'default')"),
+        metadata=cli(
+            CONNECTION,
+            PROCESSES,
+            "job id: letters, digits, - and _ (default 'default'). Jobs in one namespace never see each "
+            "other's tasks or updates; a worker may take several jobs of its app: --job a,b",
+        ),
     )
     store: str = field(
         default=".fedq/store",

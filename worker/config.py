@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from broker_config.names import check_token
+from shared.errors import ConfigError
 from shared.settings import Settings, split_capabilities
 
 
@@ -19,6 +21,7 @@ class WorkerConfig:
     flush_retry: float = 30.0  # seconds between attempts to flush outbox entries a flush could not send
     warm: bool = True  # warm up before the first hello (see ``worker.training.warm_up``)
     goodbye_seconds: float = 2.0  # at most this long for the "down" hello when stopping
+    jobs: tuple[str, ...] = ()  # the jobs it trains for (--job a,b); empty: its transport's job
 
     @classmethod
     def from_settings(cls, settings: Settings, worker_id: str, partition: str) -> WorkerConfig:
@@ -31,4 +34,13 @@ class WorkerConfig:
             heartbeat_interval=settings.heartbeat_interval,
             model_seed=settings.model_seed,
             threads=settings.threads,
+            jobs=split_jobs(settings.job),
         )
+
+
+def split_jobs(text: str) -> tuple[str, ...]:
+    """``--job a,b`` for a worker: the jobs (of the app it holds) whose tasks it takes."""
+    jobs = tuple(dict.fromkeys(j.strip() for j in text.split(",") if j.strip()))
+    if not jobs:
+        raise ConfigError("at least one job is needed (e.g. --job default, or --job a,b)")
+    return tuple(check_token("job id", j) for j in jobs)

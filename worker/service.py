@@ -38,14 +38,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from broker_config.names import Names, check_token
 from broker_config.topology import Topology, capability_topology
 from shared.app import App, PartitionSpec
-from shared.codec import Envelope, encode
-from shared.errors import BrokerError, ConfigError, StoreError
+from shared.codec import Envelope, decode_head, encode, open_envelope
+from shared.errors import BrokerError, ConfigError, StoreError, WireError
 from shared.http import http_get, http_put
 from shared.keys import load_or_create_signer, load_public_key
 from shared.logs import get_logger
@@ -86,6 +87,7 @@ class Worker(Service):
         self.worker_id = config.worker_id
         self.transport = transport
         self.names: Names = transport.names
+        self.jobs: tuple[str, ...] = config.jobs or (transport.names.job,)
         self.app = app
         self.data = data
         self.signer = signer
@@ -110,10 +112,15 @@ class Worker(Service):
 
     # -- the service ------------------------------------------------------------------------
     def topology(self) -> Topology:
-        """Its job's task queues for its capabilities, and the exchanges: a worker that starts
+        """Its jobs' task queues for its capabilities, and the exchanges: a worker that starts
         before the coordinator says hello to nobody, rather than to a missing exchange (which,
         since a heartbeat that cannot be published stops the worker, would stop it)."""
-        return capability_topology(self.names, self.config.capabilities)
+        parts = [capability_topology(self.names.for_job(job), self.config.capabilities) for job in self.jobs]
+        return Topology(
+            parts[0].exchanges,
+            tuple(q for p in parts for q in p.queues),
+            tuple(b for p in parts for b in p.bindings),
+        )
 
     async def start(self, runtime: Runtime) -> None:
         if self.config.warm:
@@ -126,14 +133,20 @@ class Worker(Service):
             self._flush_wanted.set()  # entries left by an earlier run go first
             self._forget_reconnect = self.transport.on_reconnect(self._on_reconnect)
             runtime.spawn("outbox-flusher", self._flusher)
-        for cap in self.config.capabilities:
-            # restored by the transport after a reconnect; each delivery is handled in a task the
-            # transport shields from the channel's end, so training outlives a lost link
-            await runtime.consume_messages(
-                self.names.task_queue(cap), Task, self.coordinator_keys, self.on_task, prefetch=1
-            )
+        for job in self.jobs:
+            for cap in self.config.capabilities:
+                # restored by the transport after a reconnect; each delivery is handled in a task the
+                # transport shields from the channel's end, so training outlives a lost link
+                await runtime.consume_messages(
+                    self.names.for_job(job).task_queue(cap),
+                    Task,
+                    self.coordinator_keys,
+                    self.on_task,
+                    prefetch=1,
+                )
         self.log.info(
             "started",
+            jobs=list(self.jobs),
             capabilities=list(self.config.capabilities),
             partition=self.config.partition,
             outbox=str(self.outbox.root) if self.outbox is not None else "",
@@ -171,9 +184,10 @@ class Worker(Service):
             tasks_expired=self.expired,
             tasks_redelivered=self.redelivered,
         )
-        await self.transport.publish(
-            self.names.workers_exchange, self.names.hello_key, encode(message, self.signer), mandatory=False
-        )
+        body = encode(message, self.signer)
+        for job in self.jobs:  # each job's coordinator counts it among its fleet
+            names = self.names.for_job(job)
+            await self.transport.publish(names.workers_exchange, names.hello_key, body, mandatory=False)
 
     async def _heartbeat(self) -> None:
         if not self._stopping:  # once "down" is said, no "up" follows it
@@ -203,7 +217,13 @@ class Worker(Service):
     async def on_task(self, task: Task, envelope: Envelope, delivery: Delivery) -> None:
         """A verified task (the runtime dead-letters the others). Whatever fails here gives the task
         back to its queue, to be tried again here or elsewhere, up to its delivery limit."""
-        async with self._train_lock:  # one task at a time, whatever the capability
+        async with self._train_lock:  # one task at a time, whatever the capability or job
+            if task.job_id not in self.jobs:  # its update would go to a job this worker does not serve
+                self.log.warning("task_rejected", reason="wrong_job", task=task.task_id, job=task.job_id)
+                await delivery.dead_letter(
+                    "wrong_job", f"job {task.job_id!r} is not one of {list(self.jobs)}"
+                )
+                return
             try:
                 await self.step(task, delivery)
             except Exception as exc:
@@ -311,7 +331,10 @@ class Worker(Service):
             if task_id in self._sent:
                 sent = False
             else:
-                await self.transport.publish(self.names.results_exchange, self.names.results_key, body, message_id=task_id)
+                names = self.names.for_job(_job_of(body))
+                await self.transport.publish(
+                    names.results_exchange, names.results_key, body, message_id=task_id
+                )
                 self._sent[task_id] = None
                 if len(self._sent) > SENT_MEMORY:
                     self._sent.popitem(last=False)
@@ -334,7 +357,7 @@ class Worker(Service):
                 continue
             try:
                 sent = await self._send(entry.task_id, body)
-            except BrokerError as exc:
+            except (BrokerError, WireError) as exc:  # refused, or not an update of ours: it waits
                 self.log.warning("outbox_flush_failed", task=entry.task_id, error=str(exc))
                 continue
             if sent:
@@ -444,7 +467,8 @@ async def _serve_one(
         if settings.outbox
         else default_outbox(settings, worker_id)
     )
-    async with connected(settings, f"fedq-worker-{worker_id}") as transport:
+    first_job = config.jobs[0]  # the transport's own names; the worker takes every job of config.jobs
+    async with connected(replace(settings, job=first_job), f"fedq-worker-{worker_id}") as transport:
         worker = Worker(
             config,
             transport=transport,
@@ -456,6 +480,15 @@ async def _serve_one(
             outbox=outbox,
         )
         await worker.run(stop)
+
+
+def _job_of(update: bytes) -> str:
+    """The job a signed update of ours belongs to (read from its head; we made it, and the
+    aggregator verifies it anyway)."""
+    message = decode_head(open_envelope(update))
+    if not isinstance(message, Update):
+        raise WireError("an outbox entry that is not an update")
+    return message.job_id
 
 
 def default_outbox(settings: Settings, worker_id: str) -> Path:
