@@ -17,6 +17,7 @@ from shared.aggregation import Accumulator, Policy, screen
 from shared.errors import ScreeningError
 from shared.messages import Round, Update
 from shared.quantize import DEFAULT_BLOCK, BlockLayout, block_layout, decode_delta_wire, to_flat, to_wire
+from shared.reasons import Reason
 from shared.tensors import FlatModel
 
 
@@ -31,7 +32,7 @@ class Accepted:
 @dataclass(frozen=True)
 class Rejected:
     task_id: str
-    reason: str
+    reason: Reason
     detail: str
     staleness: int = 0
 
@@ -87,21 +88,21 @@ class AggregatorCore:
         """Screen an update whose signature is already verified; buffer it if it passes."""
         tid = update.task_id
         if update.job_id != self.job_id:
-            return Rejected(tid, "wrong_job", f"update for job {update.job_id!r}, this is {self.job_id!r}")
+            return Rejected(tid, Reason.WRONG_JOB, f"update for job {update.job_id!r}, this is {self.job_id!r}")
         if tid in self.applied or tid in self._pending_ids:
-            return Rejected(tid, "duplicate", f"task {tid} was already counted")
+            return Rejected(tid, Reason.DUPLICATE, f"task {tid} was already counted")
         tau = self.version - update.base_version
         if tau < 0:
             return Rejected(
-                tid, "future_version", f"base version {update.base_version} > current {self.version}"
+                tid, Reason.FUTURE_VERSION, f"base version {update.base_version} > current {self.version}"
             )
         if self.policy.mode == "sync":
             if tau > 0 or self._round is None or self._round.version != self.version:
-                return Rejected(tid, "stale", f"round on version {update.base_version} is closed", tau)
+                return Rejected(tid, Reason.STALE, f"round on version {update.base_version} is closed", tau)
         elif tau > self.policy.max_staleness:
-            return Rejected(tid, "stale", f"staleness {tau} > max {self.policy.max_staleness}", tau)
+            return Rejected(tid, Reason.STALE, f"staleness {tau} > max {self.policy.max_staleness}", tau)
         if update.num_samples < 1:
-            return Rejected(tid, "bad_sample_count", f"num_samples={update.num_samples}", tau)
+            return Rejected(tid, Reason.BAD_SAMPLE_COUNT, f"num_samples={update.num_samples}", tau)
         try:
             floats, exact, layout = decode_delta_wire(
                 update.delta, self.model.spec, update.quant, update.block, self._scratch_for(self.model)
@@ -111,7 +112,7 @@ class AggregatorCore:
             return Rejected(tid, exc.reason, str(exc), tau)
         weight = self.policy.weight(update.num_samples, tau)
         if not 0 < weight < math.inf:
-            return Rejected(tid, "stale", f"staleness weight {weight} leaves nothing to apply", tau)
+            return Rejected(tid, Reason.STALE, f"staleness weight {weight} leaves nothing to apply", tau)
         # The buffer sums in the block order of its first update; others are reordered to match
         # (a copy; free in the usual case where every update uses the job's block size).
         if self._layout is None:

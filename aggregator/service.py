@@ -26,7 +26,8 @@ from shared.keys import DirectoryKeyring, load_or_create_signer, load_public_key
 from shared.ledger import JsonLines
 from shared.logs import get_logger
 from shared.messages import Message, Receipt, Receipts, Round, Update
-from shared.runtime import FATAL, HANDLER_ERROR, Runtime, Service
+from shared.reasons import Fate, Reason
+from shared.runtime import FATAL, Runtime, Service
 from shared.settings import Settings
 from shared.signing import Keyring, Signer, fingerprint
 from shared.staleness import Staleness
@@ -58,15 +59,15 @@ async def resolve_claim(store: ModelStore, update: Update) -> Update | Rejected:
     tid = update.task_id
     prefix = f"jobs/{update.job_id}/updates/"
     if update.delta:
-        return Rejected(tid, "undecodable", "an update carries either a delta or a claim check, not both")
+        return Rejected(tid, Reason.UNDECODABLE, "an update carries either a delta or a claim check, not both")
     if not update.delta_key.startswith(prefix) or ".." in update.delta_key:
-        return Rejected(tid, "bad_payload", f"claim check {update.delta_key!r} is outside {prefix}")
+        return Rejected(tid, Reason.BAD_PAYLOAD, f"claim check {update.delta_key!r} is outside {prefix}")
     try:
         blob = await store.objects.get(update.delta_key)
     except StoreError as exc:
-        return Rejected(tid, "payload_missing", str(exc))
+        return Rejected(tid, Reason.PAYLOAD_MISSING, str(exc))
     if len(blob) != update.delta_size or hashlib.sha256(blob).hexdigest() != update.delta_sha256:
-        return Rejected(tid, "bad_payload", f"{update.delta_key} does not match the signed size and sha256")
+        return Rejected(tid, Reason.BAD_PAYLOAD, f"{update.delta_key} does not match the signed size and sha256")
     return dataclasses.replace(update, delta=blob)
 
 
@@ -187,7 +188,7 @@ class Aggregator(Service):
                     "t": time.time(),
                     "task_id": h.update.task_id,
                     "worker_id": h.update.worker_id,
-                    "fate": "pending",
+                    "fate": Fate.PENDING,
                     "bytes": h.size,
                     "staleness": h.accepted.staleness,
                 }
@@ -223,7 +224,7 @@ class Aggregator(Service):
             raise
         except Exception as exc:  # a bug or a hostile payload we did not foresee: this update only
             self.log.exception("update_failed", task=message.task_id)
-            result = Rejected(message.task_id, HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+            result = Rejected(message.task_id, Reason.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
         if isinstance(result, Rejected):
             await self._reject(delivery, message, result, signer)
             return
@@ -247,7 +248,7 @@ class Aggregator(Service):
                 return resolved
             message = resolved
         result = await self._offer(message)
-        if isinstance(result, Rejected) and result.reason == "future_version" and await self._catch_up(True):
+        if isinstance(result, Rejected) and result.reason is Reason.FUTURE_VERSION and await self._catch_up(True):
             result = await self._offer(message)
         return result if isinstance(result, Rejected) else (result, message)
 
@@ -261,7 +262,7 @@ class Aggregator(Service):
         assert self.core is not None
         if self.coordinator_fp is not None and signer != self.coordinator_fp:
             await self._reject(
-                delivery, None, Rejected("", "unknown_signer", "round not signed by the coordinator"), signer
+                delivery, None, Rejected("", Reason.UNKNOWN_SIGNER, "round not signed by the coordinator"), signer
             )
             return
         if message.job_id == self.job_id:
@@ -308,7 +309,7 @@ class Aggregator(Service):
                     "t": time.time(),
                     "task_id": h.update.task_id,
                     "worker_id": h.update.worker_id,
-                    "fate": "applied",
+                    "fate": Fate.APPLIED,
                     "version": new.version,
                     "staleness": h.accepted.staleness,
                     "weight": h.accepted.weight,
@@ -334,7 +335,7 @@ class Aggregator(Service):
         record: dict[str, Any] = {
             "t": time.time(),
             "task_id": rejected.task_id,
-            "fate": "rejected",
+            "fate": Fate.REJECTED,
             "reason": rejected.reason,
             "detail": rejected.detail,
             "bytes": len(delivery.body),

@@ -19,6 +19,7 @@ from shared.codec import decode_head, open_envelope
 from shared.errors import BrokerError, ConfigError, WireError
 from shared.ledger import read_lines
 from shared.messages import Update
+from shared.reasons import Fate
 from shared.settings import Settings
 from shared.store import ModelStore, open_store
 from shared.transport import Transport
@@ -94,14 +95,14 @@ def balance(
         tid = r.get("task_id", "")
         if r.get("worker_id"):
             worker_of.setdefault(tid, r["worker_id"])
-        if r.get("fate") == "rejected":
+        if r.get("fate") == Fate.REJECTED:
             rejected_ids.setdefault(tid, r.get("reason", "unknown"))
-        elif r.get("fate") == "pending":
+        elif r.get("fate") == Fate.PENDING:
             pending_ids.add(tid)
     # An id applied once elsewhere may also have a "duplicate" rejection: it counts as applied.
     rejections = Counter(reason for tid, reason in rejected_ids.items() if tid and tid not in in_versions)
     rejections.update(
-        r.get("reason", "unknown") for r in ledger if r.get("fate") == "rejected" and not r.get("task_id")
+        r.get("reason", "unknown") for r in ledger if r.get("fate") == Fate.REJECTED and not r.get("task_id")
     )
     pending = sorted(pending_ids - set(in_versions) - set(rejected_ids))
     unaccounted = []

@@ -27,6 +27,7 @@ from shared.codec import encode
 from shared.errors import BrokerError, ConfigError, FedqError, StoreError
 from shared.keys import load_or_create_signer, write_public_key
 from shared.ledger import JsonLines, read_lines
+from shared.reasons import Fate
 from shared.settings import Settings
 from shared.signing import Signer
 from shared.store import Manifest, ModelStore, manifest_key, model_key, open_store
@@ -324,7 +325,7 @@ async def rollback(settings: Settings, to: int, run_folder: bool, do_announce: b
         records.write(
             {
                 "t": time.time(),
-                "fate": "rollback",
+                "fate": Fate.ROLLBACK,
                 "version": manifest.version,
                 "rollback_of": to,
                 "parent": manifest.parent,

@@ -26,6 +26,7 @@ from shared.keys import DirectoryKeyring
 from shared.ledger import read_lines
 from shared.messages import Round, Update
 from shared.quantize import decode_delta
+from shared.reasons import Fate
 from shared.settings import Settings
 from shared.signing import Keyring
 from shared.staleness import Staleness
@@ -332,7 +333,7 @@ def log_rows(job: Job, spec_model: FlatModel) -> list[dict[str, Any]]:
     """One row per logged update: where, when, who, what, and its fate from the ledger."""
     fate: dict[str, dict[str, Any]] = {}
     for r in job.ledger:
-        if r.get("task_id") and (r.get("fate") == "applied" or r["task_id"] not in fate):
+        if r.get("task_id") and (r.get("fate") == Fate.APPLIED or r["task_id"] not in fate):
             fate[r["task_id"]] = r
     applied_in = {tid: v for v, m in job.manifests.items() for tid in m.update_ids}
     rows = []
@@ -346,9 +347,9 @@ def log_rows(job: Job, spec_model: FlatModel) -> list[dict[str, Any]]:
         record = fate.get(up.task_id, {})
         if up.task_id in applied_in:
             outcome = f"applied v{applied_in[up.task_id]}"
-        elif record.get("fate") == "rejected":
+        elif record.get("fate") == Fate.REJECTED:
             outcome = f"rejected {record.get('reason')}"
-        elif record.get("fate") == "pending":
+        elif record.get("fate") == Fate.PENDING:
             outcome = "pending"
         else:
             outcome = "unknown"

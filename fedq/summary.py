@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.ledger import read_lines
+from shared.reasons import Fate
 
 THRESHOLDS = ("0.80", "0.85")
 
@@ -21,8 +22,8 @@ def build_summary(
     for key in THRESHOLDS:
         hit = next((m for m in metrics if m.get("accuracy", 0.0) >= float(key)), None)
         to_acc[key] = round(hit["t"], 3) if hit else None
-    applied = [r for r in ledger if r.get("fate") == "applied"]
-    rejected = Counter(r.get("reason", "unknown") for r in ledger if r.get("fate") == "rejected")
+    applied = [r for r in ledger if r.get("fate") == Fate.APPLIED]
+    rejected = Counter(r.get("reason", "unknown") for r in ledger if r.get("fate") == Fate.REJECTED)
     t0 = coordinator_state.get("t0")
     stopped = coordinator_state.get("stopped")
     active = (stopped - t0) if t0 and stopped else None

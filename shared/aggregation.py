@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shared.errors import ConfigError, ScreeningError
+from shared.reasons import Reason
 from shared.staleness import Staleness
 
 MODES = ("async", "sync")
@@ -114,10 +115,10 @@ def screen(floats: torch.Tensor, exact: torch.Tensor, max_norm: float | None) ->
     if not math.isfinite(norm):
         # One pass in the common case; only a non-finite norm pays for the exact check.
         if not bool(torch.isfinite(floats).all()):
-            raise ScreeningError("non_finite", "update contains NaN or infinite values")
-        raise ScreeningError("norm_too_large", "update norm overflows float32")
+            raise ScreeningError(Reason.NON_FINITE, "update contains NaN or infinite values")
+        raise ScreeningError(Reason.NORM_TOO_LARGE, "update norm overflows float32")
     if max_norm is not None and norm > max_norm:
-        raise ScreeningError("norm_too_large", f"update norm {norm:.4g} exceeds {max_norm:.4g}")
+        raise ScreeningError(Reason.NORM_TOO_LARGE, f"update norm {norm:.4g} exceeds {max_norm:.4g}")
     return norm
 
 

@@ -5,6 +5,8 @@ Errors that reach the command line carry an exit code (see ``fedq.cli``).
 
 from __future__ import annotations
 
+from shared.reasons import Reason
+
 
 class FedqError(Exception):
     """Root of every error fedq raises on purpose."""
@@ -25,7 +27,7 @@ class WireError(FedqError):
     header; ``raw`` keeps the offending bytes for inspection.
     """
 
-    reason = "undecodable"
+    reason: Reason = Reason.UNDECODABLE
 
     def __init__(self, message: str, raw: bytes = b"") -> None:
         super().__init__(message)
@@ -35,25 +37,25 @@ class WireError(FedqError):
 class DecodeError(WireError):
     """The bytes are not a well-formed fedq envelope of a known version and kind."""
 
-    reason = "undecodable"
+    reason = Reason.UNDECODABLE
 
 
 class UnknownSignerError(WireError):
     """The envelope names a signer whose public key is not trusted."""
 
-    reason = "unknown_signer"
+    reason = Reason.UNKNOWN_SIGNER
 
 
 class BadSignatureError(WireError):
     """The signature does not verify, or the payload does not match its sha256."""
 
-    reason = "bad_signature"
+    reason = Reason.BAD_SIGNATURE
 
 
 class ScreeningError(FedqError):
     """A well-formed, correctly signed update that must not touch the model."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 

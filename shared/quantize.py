@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from shared.errors import ScreeningError
+from shared.reasons import Reason
 from shared.tensors import ModelSpec
 
 SCHEMES = ("int8", "none")
@@ -225,12 +226,12 @@ def decode_delta_wire(
     mismatch is a ``bad_shape`` rejection. The floats are written into ``out`` when given
     (float32, ``spec.n_float`` values): the returned tensor is then ``out`` itself."""
     if scheme not in SCHEMES:
-        raise ScreeningError("bad_shape", f"unknown quantization scheme {scheme!r}")
+        raise ScreeningError(Reason.BAD_SHAPE, f"unknown quantization scheme {scheme!r}")
     if scheme == "int8" and not 1 <= block <= 1 << 20:
-        raise ScreeningError("bad_shape", f"block size {block} out of range")
+        raise ScreeningError(Reason.BAD_SHAPE, f"block size {block} out of range")
     expected = payload_size(spec, scheme, block)
     if len(payload) != expected:
-        raise ScreeningError("bad_shape", f"payload is {len(payload)} bytes, the model needs {expected}")
+        raise ScreeningError(Reason.BAD_SHAPE, f"payload is {len(payload)} bytes, the model needs {expected}")
     buf = memoryview(payload)
     n, m = spec.n_float, spec.n_exact
     layout: BlockLayout | None = None

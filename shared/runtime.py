@@ -29,12 +29,12 @@ from shared.codec import Envelope, decode
 from shared.errors import BrokerError, ServiceFailure, StoreError, WireError
 from shared.logs import get_logger
 from shared.messages import Message
+from shared.reasons import Reason
 from shared.signing import Keyring
 from shared.transport import Delivery, Transport
 
 OFFLOAD_BYTES = 1 << 20  # decode larger messages in a thread, off the event loop
 FATAL: tuple[type[BaseException], ...] = (ServiceFailure, BrokerError, StoreError)
-HANDLER_ERROR = "handler_error"
 
 MessageHandler = Callable[[Any, Envelope, Delivery], Awaitable[None]]
 InvalidHandler = Callable[[Delivery, WireError], Awaitable[None]]
@@ -199,7 +199,7 @@ class Runtime:
             except Exception as exc:
                 self.log.exception("handler_failed", source=delivery.source, error=repr(exc))
                 with contextlib.suppress(*FATAL):
-                    await delivery.dead_letter(HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+                    await delivery.dead_letter(Reason.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
 
         return guarded
 

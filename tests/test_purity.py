@@ -25,6 +25,7 @@ PURE = (
     "shared.aggregation",
     "shared.partition",
     "shared.settings",
+    "shared.reasons",
     "broker_config.names",
     "broker_config.topology",
     "shared.transport",

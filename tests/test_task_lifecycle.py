@@ -29,6 +29,8 @@ from tests.support.jobs import cleanup, finish, log_events, records, start_run
 from worker.config import WorkerConfig
 from worker.service import Worker
 
+JOB = "job"  # the job of these tests' tasks; the names fixture takes it too
+
 __all__ = ["cleanup"]
 
 
@@ -72,11 +74,11 @@ async def test_failing_task_stops_at_the_delivery_limit(broker: RabbitMQ, names:
         blob = FlatModel.from_state_dict(app.build_model(0).state_dict()).to_bytes()
         task = Task(
             task_id=uuid.uuid4().hex,
-            job_id="job",
+            job_id=JOB,
             capability="cpu",
             base_version=0,
             model_sha256=hashlib.sha256(blob).hexdigest(),
-            model_key=model_key("job", 0),
+            model_key=model_key(JOB, 0),
             train=TrainConfig(epochs=1),
             quant="int8",
             block=256,

@@ -31,6 +31,8 @@ from worker.config import WorkerConfig
 from worker.service import Worker
 from worker.training import train_task, warm_up
 
+JOB = "job"  # the job of these tests' tasks; the names fixture takes it too
+
 
 class SpyApp(LinearApp):
     """Records, with the thread it ran in, every model built and every forward and backward pass."""
@@ -56,11 +58,11 @@ def make_task(coordinator: Signer, app: LinearApp, task_id: str) -> tuple[Task, 
     blob = FlatModel.from_state_dict(app.build_model(0).state_dict()).to_bytes()
     task = Task(
         task_id=task_id,
-        job_id="job",
+        job_id=JOB,
         capability="cpu",
         base_version=0,
         model_sha256=hashlib.sha256(blob).hexdigest(),
-        model_key=model_key("job", 0),
+        model_key=model_key(JOB, 0),
         train=TrainConfig(epochs=2, batch_size=16),
         quant="int8",
         block=256,

@@ -92,7 +92,13 @@ def test_the_outbox_is_looked_at_only_when_its_answer_counts(sent: bool, ok: boo
 
 def test_config_from_settings() -> None:
     settings = Settings(
-        capability="cpu,lowmem", delay=0.5, heartbeat_interval=7.0, model_seed=3, threads=2, partition="2/5"
+        capability="cpu,lowmem",
+        delay=0.5,
+        heartbeat_interval=7.0,
+        model_seed=3,
+        threads=2,
+        partition="2/5",
+        job="a,b,a",
     )
     config = WorkerConfig.from_settings(settings, "w-2", "2/5")
     assert config == WorkerConfig(
@@ -103,10 +109,17 @@ def test_config_from_settings() -> None:
         heartbeat_interval=7.0,
         model_seed=3,
         threads=2,
+        jobs=("a", "b"),
     )
     assert config.warm and config.flush_retry == 30.0  # laptop defaults for what settings do not say
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.delay = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("jobs", ["", " , ", "a,b.c", "a b"])
+def test_config_needs_valid_jobs(jobs: str) -> None:
+    with pytest.raises(ConfigError):
+        WorkerConfig.from_settings(Settings(job=jobs), "w", "0/1")
 
 
 def test_config_needs_a_capability() -> None:

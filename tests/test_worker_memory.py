@@ -149,7 +149,7 @@ async def rig(
     tmp_path: Path, *, app: CountingApp | None = None, outbox: bool = True, **config: Any
 ) -> AsyncIterator[Rig]:
     broker = MemoryBroker()
-    names = Names(f"mem{uuid.uuid4().hex[:8]}")
+    names = Names(f"mem{uuid.uuid4().hex[:8]}", JOB)
     client = await MemoryTransport(broker, names, "test").connect()
     await client.declare(topology(names))
     transport = await MemoryTransport(broker, names, "worker-w1").connect()
@@ -276,7 +276,7 @@ async def run(r: Rig, stop: asyncio.Event) -> asyncio.Task[None]:
 
 async def test_the_runtime_declares_its_queues_and_it_consumes_with_prefetch_1(tmp_path: Path) -> None:
     broker = MemoryBroker()
-    names = Names(f"mem{uuid.uuid4().hex[:8]}")
+    names = Names(f"mem{uuid.uuid4().hex[:8]}", JOB)
     transport = await MemoryTransport(broker, names, "worker").connect()
     worker = Worker(
         WorkerConfig("w1", ("cpu", "gpu"), heartbeat_interval=60.0, warm=False),

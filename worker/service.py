@@ -52,6 +52,7 @@ from shared.keys import load_or_create_signer, load_public_key
 from shared.logs import get_logger
 from shared.messages import Hello, Task, Update
 from shared.partition import parse_partition
+from shared.reasons import Reason
 from shared.runtime import Runtime, Service
 from shared.settings import Settings
 from shared.signing import Keyring, Signer
@@ -219,9 +220,9 @@ class Worker(Service):
         back to its queue, to be tried again here or elsewhere, up to its delivery limit."""
         async with self._train_lock:  # one task at a time, whatever the capability or job
             if task.job_id not in self.jobs:  # its update would go to a job this worker does not serve
-                self.log.warning("task_rejected", reason="wrong_job", task=task.task_id, job=task.job_id)
+                self.log.warning("task_rejected", reason=Reason.WRONG_JOB, task=task.task_id, job=task.job_id)
                 await delivery.dead_letter(
-                    "wrong_job", f"job {task.job_id!r} is not one of {list(self.jobs)}"
+                    Reason.WRONG_JOB, f"job {task.job_id!r} is not one of {list(self.jobs)}"
                 )
                 return
             try:
@@ -280,7 +281,7 @@ class Worker(Service):
             blob = await self._model_bytes(task)
         except StoreError as exc:
             log.warning("model_unavailable", detail=str(exc))
-            await delivery.dead_letter("bad_model", str(exc))
+            await delivery.dead_letter(Reason.BAD_MODEL, str(exc))
             return
         log.info("task_started", redelivered=delivery.redelivered)
         self.busy = True

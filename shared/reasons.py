@@ -1,0 +1,43 @@
+"""Why fedq refused a message, and what became of an update: one vocabulary for the dead-letter
+header (``x-fedq-reason``), the aggregator's ledger, receipts, ``fedq audit`` and ``fedq dlq``.
+
+The values are contracts (users filter on them: ``fedq dlq list --reason stale``); add freely,
+never rename."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    # the bytes: decoding and signatures (the runtime, before any handler)
+    UNDECODABLE = "undecodable"
+    UNKNOWN_SIGNER = "unknown_signer"
+    BAD_SIGNATURE = "bad_signature"
+    # an update's content (screening)
+    BAD_SHAPE = "bad_shape"
+    NON_FINITE = "non_finite"
+    NORM_TOO_LARGE = "norm_too_large"
+    BAD_SAMPLE_COUNT = "bad_sample_count"
+    BAD_PAYLOAD = "bad_payload"
+    PAYLOAD_MISSING = "payload_missing"
+    # an update against the job's state
+    WRONG_JOB = "wrong_job"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+    FUTURE_VERSION = "future_version"
+    # a task, at the worker
+    EXPIRED = "expired"
+    BAD_TASK_ID = "bad_task_id"
+    BAD_MODEL = "bad_model"
+    # a handler raised on this message (the service went on)
+    HANDLER_ERROR = "handler_error"
+
+
+class Fate(StrEnum):
+    """What the aggregator's ledger says became of an update."""
+
+    APPLIED = "applied"
+    REJECTED = "rejected"
+    PENDING = "pending"  # held unacked when the aggregator stopped: back in the queue
+    ROLLBACK = "rollback"  # a record of ``fedq model rollback``, not of an update
