@@ -30,8 +30,8 @@ class Evaluator:
         self.model_seed = model_seed
         self.log = log
         path = out_dir / METRICS_FILE
-        self.done = {int(m.get("version", -1)) for m in read_lines(path)}  # before a restart too
-        self.evaluated_version = max(self.done, default=-1)
+        self.recorded: set[int] = {m.get("version", -1) for m in read_lines(path)}  # before a restart too
+        self.evaluated_version = max(self.recorded, default=-1)
         self.metrics = JsonLines(path)
         self._queue: asyncio.Queue[ModelAnnouncement] = asyncio.Queue()
 
@@ -63,7 +63,7 @@ class Evaluator:
                 "wall": time.time() - started,
             }
         )
-        self.done.add(ann.version)
+        self.recorded.add(ann.version)
         self.evaluated_version = ann.version
         self.log.info("evaluated", version=ann.version, accuracy=round(acc, 4))
         return acc

@@ -24,7 +24,7 @@ from coordinator.state import CoordinatorState
 from coordinator.tasks import Latest, TaskMaker, applied_since, initial_version
 from shared.app import App
 from shared.codec import Envelope, encode
-from shared.errors import WireError
+from shared.errors import ConfigError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer
 from shared.logs import get_logger
 from shared.messages import Hello, ModelAnnouncement, Receipt, Receipts, Round
@@ -33,7 +33,7 @@ from shared.settings import Settings
 from shared.signing import Keyring, Signer
 from shared.store import ModelStore, open_store
 from shared.transport import Delivery, Transport
-from shared.transport.rabbitmq import RabbitMQ
+from shared.transport.connect import connected
 
 TICK = 0.1  # async mode; sync mode ticks every 0.5 s
 WAITING_LOG_EVERY = 5.0  # seconds between waiting_for_workers lines
@@ -53,6 +53,10 @@ class Coordinator(Service):
         signer: Signer,
         keyring: Keyring,
     ) -> None:
+        if transport.names.job != config.job_id:
+            raise ConfigError(
+                f"the transport's names are job {transport.names.job!r}'s, not {config.job_id!r}'s"
+            )
         self.config = config
         self.transport = transport
         self.names: Names = transport.names
@@ -85,7 +89,7 @@ class Coordinator(Service):
             self.store, self._app, self.config.model_seed, self.log
         )
         self.scheduler.adopt(self.latest.version, self.latest_announcement.updates_total)
-        if self.latest.version not in self.evaluator.done:
+        if self.latest.version not in self.evaluator.recorded:
             self.evaluator.submit(self.latest_announcement)
         await self._forget_applied_in_flight()
         await runtime.consume_messages(
@@ -238,14 +242,18 @@ class Coordinator(Service):
             step = self.scheduler.round_step(now)
             if isinstance(step, OpenRound):
                 opening = Round(self.job_id, step.version, step.round, step.size, step.deadline)
-                await self.transport.publish(self.names.results_exchange, self.names.results_key, encode(opening, self.signer))
+                await self.transport.publish(
+                    self.names.results_exchange, self.names.results_key, encode(opening, self.signer)
+                )
                 for publish in step.tasks:
                     for _ in range(publish.count):
                         await self._publish_task(publish.capability, publish.round, publish.ttl)
                 self.log.info("round_open", round=step.round, version=step.version, size=step.size)
             elif isinstance(step, CloseRound):
                 closing = Round(self.job_id, step.version, step.round, step.size, step.deadline, close=True)
-                await self.transport.publish(self.names.results_exchange, self.names.results_key, encode(closing, self.signer))
+                await self.transport.publish(
+                    self.names.results_exchange, self.names.results_key, encode(closing, self.signer)
+                )
                 self.log.info("round_deadline", round=step.round, version=step.version)
             await self._sleep_or_wake(0.2 if self.scheduler.round_closed else 0.5)
 
@@ -270,7 +278,11 @@ class Coordinator(Service):
         body = encode(task, self.signer)
         self.scheduler.issued(task.task_id, capability, task.base_version, task.deadline, len(body), now)
         await self.transport.publish(
-            self.names.tasks_exchange, self.names.task_key(capability), body, expiration=ttl, message_id=task.task_id
+            self.names.tasks_exchange,
+            self.names.task_key(capability),
+            body,
+            expiration=ttl,
+            message_id=task.task_id,
         )
 
     async def _evaluate(self, ann: ModelAnnouncement) -> float:
@@ -293,13 +305,7 @@ async def serve(settings: Settings, app: App) -> str:
     """Build the coordinator from settings and run the job to its stop condition; the stop reason."""
     config = CoordinatorConfig.from_settings(settings)
     signer = load_or_create_signer(settings.key_path("coordinator"))
-    transport = await RabbitMQ(
-        settings.amqp_url,
-        Names(settings.namespace, settings.job),
-        f"fedq-coordinator-{settings.job}",
-        settings.amqp_heartbeat,
-    ).connect()
-    try:
+    async with connected(settings, f"fedq-coordinator-{settings.job}") as transport:
         coordinator = Coordinator(
             config=config,
             transport=transport,
@@ -309,5 +315,3 @@ async def serve(settings: Settings, app: App) -> str:
             keyring=DirectoryKeyring(settings.trusted_dir),
         )
         return await coordinator.run()
-    finally:
-        await transport.close()

@@ -28,8 +28,8 @@ from shared.transport import Delivery
 from shared.transport.memory import MemoryBroker, MemoryTransport
 from tests.support.tiny import LinearApp, events, until
 
-NAMES = Names("memcoord")
-JOB = "job-mem"
+NAMES = Names("memcoord", "job-mem")
+JOB = NAMES.job
 METRIC_KEYS = {
     "version",
     "parent",
