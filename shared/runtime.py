@@ -13,7 +13,8 @@ handlers and loops in ``start``; the runtime does the rest the same way for all 
 - **Background loops run in one ``asyncio.TaskGroup``**: one that fails stops the service
   with its error; a clean stop cancels them all and waits for them.
 - **Shutdown is one path**: ``Service.stopping`` (say goodbye, note what is held), then the
-  loops, then the transport, which gives unsettled deliveries back to their queues.
+  loops, then the transport is closed, which gives unsettled deliveries back to their queues.
+  Once a stop is under way, handlers take no new delivery: it goes back to its queue too.
 """
 
 from __future__ import annotations
@@ -165,6 +166,9 @@ class Runtime:
                     await self._stop(service)
         except BaseExceptionGroup as group_error:
             raise _first(group_error) from None
+        finally:
+            self._done.set()
+            await self.transport.close(self.grace)  # what is not settled goes back to its queue
         if self._failure is not None:
             raise self._failure
         return self._result
@@ -189,6 +193,8 @@ class Runtime:
 
     def _guard(self, handler: Callable[[Delivery], Awaitable[None]]) -> Callable[[Delivery], Awaitable[None]]:
         async def guarded(delivery: Delivery) -> None:
+            if self._done.is_set():
+                return  # stopping: left unsettled, it goes back to its queue when we close
             try:
                 await handler(delivery)
             except asyncio.CancelledError:
