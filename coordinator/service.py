@@ -92,26 +92,21 @@ class Coordinator(Service):
         if self.latest.version not in self.evaluator.recorded:
             self.evaluator.submit(self.latest_announcement)
         await self._forget_applied_in_flight()
-        await runtime.consume_messages(
-            "",
+        await runtime.subscribe_messages(
+            self.names.workers_exchange,
+            (self.names.hello_key,),
             Hello,
             self.keyring,
             self.on_hello,
-            prefetch=64,
             on_invalid=self._rejected("hello_rejected"),
-            subscribe=(self.names.workers_exchange, (self.names.hello_key,)),
         )
-        await runtime.consume_messages(
-            "",
+        await runtime.subscribe_messages(
+            self.names.models_exchange,
+            (Names.model_key(self.job_id), Names.receipt_key(self.job_id)),
             (ModelAnnouncement, Receipts, Receipt),
             self.keyring,
             self.on_model_event,
-            prefetch=64,
             on_invalid=self._rejected("model_event_rejected"),
-            subscribe=(
-                self.names.models_exchange,
-                (Names.model_key(self.job_id), Names.receipt_key(self.job_id)),
-            ),
             durable=coordinator_inbox(self.names),
         )
         runtime.spawn("evaluator", self._evaluation)

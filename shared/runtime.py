@@ -25,7 +25,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from broker_config.topology import Topology
+from broker_config.topology import Queue, Topology
 from shared.codec import Envelope, decode
 from shared.errors import BrokerError, ServiceFailure, StoreError, WireError
 from shared.logs import get_logger
@@ -118,13 +118,33 @@ class Runtime:
         *,
         prefetch: int,
         on_invalid: InvalidHandler = dead_letter_invalid,
-        subscribe: tuple[str, tuple[str, ...]] | None = None,
-        durable: Any = None,
     ) -> None:
-        """Consume decoded, verified messages of the ``expect`` kinds. With ``subscribe``
-        (exchange, routing keys) a queue is bound first: ``durable`` names it (a ``Queue``),
-        otherwise it is private to this connection."""
+        """Consume decoded, verified messages of the ``expect`` kinds from ``queue``."""
+        await self.transport.consume(queue, self._checked(expect, keyring, handler, on_invalid), prefetch)
 
+    async def subscribe_messages(
+        self,
+        exchange: str,
+        routing_keys: tuple[str, ...],
+        expect: type[Message] | tuple[type[Message], ...],
+        keyring: Keyring,
+        handler: MessageHandler,
+        *,
+        on_invalid: InvalidHandler = dead_letter_invalid,
+        durable: Queue | None = None,
+    ) -> None:
+        """Like ``consume_messages``, from a queue bound to ``exchange`` with ``routing_keys``:
+        ``durable`` (kept while we are away) or, when ``None``, one private to this connection."""
+        checked = self._checked(expect, keyring, handler, on_invalid)
+        await self.transport.subscribe(exchange, routing_keys, checked, queue=durable)
+
+    def _checked(
+        self,
+        expect: type[Message] | tuple[type[Message], ...],
+        keyring: Keyring,
+        handler: MessageHandler,
+        on_invalid: InvalidHandler,
+    ) -> Callable[[Delivery], Awaitable[None]]:
         async def checked(delivery: Delivery) -> None:
             opened: tuple[Message, Envelope]
             try:
@@ -137,11 +157,7 @@ class Runtime:
                 return
             await handler(*opened, delivery)
 
-        if subscribe is None:
-            await self.transport.consume(queue, self._guard(checked), prefetch)
-        else:
-            exchange, keys = subscribe
-            await self.transport.subscribe(exchange, keys, self._guard(checked), queue=durable)
+        return self._guard(checked)
 
     # -- the run ---------------------------------------------------------------------------
     async def run(self, service: Service, stop: asyncio.Event | None = None) -> Any:
