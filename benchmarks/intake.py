@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import hashlib
 import io
 import os
 import pstats
@@ -71,7 +70,7 @@ from shared.ledger import JsonLines, read_lines
 from shared.logs import configure_logging
 from shared.messages import Message, Update
 from shared.signing import Keyring, Signer
-from shared.store import LocalStore, Manifest, ModelStore, model_key
+from shared.store import LocalStore, Manifest, ModelStore
 from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
@@ -348,17 +347,7 @@ def instrument(agg: TimedAggregator) -> None:
 
 async def save_v0(store: ModelStore, model: FlatModel) -> None:
     blob = model.to_bytes()
-    manifest = Manifest(
-        job_id=store.job_id,
-        version=0,
-        parent=-1,
-        sha256=hashlib.sha256(blob).hexdigest(),
-        size=len(blob),
-        key=model_key(store.job_id, 0),
-        update_ids=(),
-        created_at=time.time(),
-    )
-    await store.save(manifest, blob)
+    await store.save(Manifest.first(store.job_id, blob, time.time()), blob)
 
 
 async def intake(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import inspect
 import time
 import uuid
@@ -16,7 +15,7 @@ from coordinator.config import CoordinatorConfig
 from shared.app import App
 from shared.errors import StoreError
 from shared.messages import ModelAnnouncement, Task
-from shared.store import Manifest, ModelStore, model_key
+from shared.store import Manifest, ModelStore
 from shared.tensors import FlatModel, ModelSpec
 
 
@@ -40,17 +39,7 @@ async def initial_version(
         model = await asyncio.to_thread(app.build_model, model_seed)
         flat = FlatModel.from_state_dict(model.state_dict())
         blob = flat.to_bytes()
-        manifest = Manifest(
-            job_id=store.job_id,
-            version=0,
-            parent=-1,
-            sha256=hashlib.sha256(blob).hexdigest(),
-            size=len(blob),
-            key=model_key(store.job_id, 0),
-            update_ids=(),
-            created_at=time.time(),
-        )
-        await store.save(manifest, blob)
+        await store.save(Manifest.first(store.job_id, blob, time.time()), blob)
         log.info("created_version_0", params=flat.spec.n_float + flat.spec.n_exact, bytes=len(blob))
         latest = 0
     else:

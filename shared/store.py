@@ -128,6 +128,20 @@ class Manifest:
     # ``fedq model rollback``: this version re-stores version N's model (no updates, parent = the latest)
     rollback_of: int | None = None
 
+    @classmethod
+    def first(cls, job_id: str, blob: bytes, created_at: float) -> Manifest:
+        """The manifest of version 0 of ``job_id``, whose model is ``blob``."""
+        return cls(
+            job_id=job_id,
+            version=0,
+            parent=-1,
+            sha256=hashlib.sha256(blob).hexdigest(),
+            size=len(blob),
+            key=model_key(job_id, 0),
+            update_ids=(),
+            created_at=created_at,
+        )
+
     def announcement(self) -> ModelAnnouncement:
         """The message that tells the fleet this version is stored."""
         return ModelAnnouncement(
