@@ -1,5 +1,5 @@
-"""Shared fixtures: the real local RabbitMQ (a missing broker is an error, never a skip),
-a unique namespace per test with cleanup, and key material."""
+"""Shared fixtures: the real local RabbitMQ (a missing broker is an error, never a skip), an
+in-memory broker, a unique namespace per test with cleanup, and key material."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from broker_config.names import Names
 from broker_config.topology import topology
 from shared.signing import Keyring, Signer
+from shared.transport.memory import MemoryBroker, MemoryTransport
 from shared.transport.rabbitmq import RabbitMQ
 
 # tests/support holds no test files: rewrite its asserts too, for failure messages as detailed as a test's
@@ -58,6 +59,16 @@ async def broker(amqp_url: str, names: Names, request: pytest.FixtureRequest) ->
     from tests.support.broker import delete_namespace  # imported after the assert rewrite is registered
 
     await delete_namespace(amqp_url, names, ("cpu", "gpu", "lowmem"))
+
+
+@pytest.fixture
+async def mem(names: Names) -> AsyncIterator[MemoryTransport]:
+    """The test's connection to an in-memory broker of its own (``mem.broker``), with the
+    namespace's topology declared as ``broker`` has it."""
+    t = await MemoryTransport(MemoryBroker(), names, f"test-{names.namespace}").connect()
+    await t.declare(topology(names, ("cpu",)))
+    yield t
+    await t.close(grace=0.1)
 
 
 @pytest.fixture

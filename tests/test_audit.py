@@ -12,10 +12,11 @@ from shared.codec import encode
 from shared.messages import Receipt, Update
 from shared.signing import Signer
 from shared.transport.rabbitmq import RabbitMQ
+from tests.support.messages import an_update
 
 
 def update(task_id: str, job_id: str, worker_id: str) -> Update:
-    return Update(task_id, job_id, worker_id, 0, 10, "none", 256, {}, 0.0, delta=b"\x00" * 8)
+    return an_update(task_id=task_id, job_id=job_id, worker_id=worker_id, quant="none", delta=b"\x00" * 8)
 
 
 async def test_update_log_names_each_update_of_the_job_and_counts_the_queue(

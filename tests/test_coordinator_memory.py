@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -22,11 +21,13 @@ from coordinator.service import Coordinator
 from shared.codec import decode, encode
 from shared.messages import Hello, Receipt, Receipts, Round, Task
 from shared.signing import Keyring, Signer
-from shared.store import Manifest, ModelStore, model_key, open_store
+from shared.store import ModelStore, open_store
 from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.memory import MemoryBroker, MemoryTransport
-from tests.support.tiny import LinearApp, events, until
+from tests.support.messages import save_version
+from tests.support.tiny import LinearApp
+from tests.support.waiting import events, until
 
 NAMES = Names("memcoord", "job-mem")
 JOB = NAMES.job
@@ -68,18 +69,9 @@ class Rig:
     async def version(self, version: int, update_ids: tuple[str, ...]) -> None:
         """Store ``version`` (the same weights as v0) and announce it, as the aggregator does."""
         _, blob = await self.store.load_bytes(0)
-        manifest = Manifest(
-            job_id=JOB,
-            version=version,
-            parent=version - 1,
-            sha256=hashlib.sha256(blob).hexdigest(),
-            size=len(blob),
-            key=model_key(JOB, version),
-            update_ids=update_ids,
-            created_at=time.time(),
-            updates_total=len(update_ids) * version,
+        manifest = await save_version(
+            self.store, blob, version, update_ids, updates_total=len(update_ids) * version
         )
-        await self.store.save(manifest, blob)
         body = encode(manifest.announcement(), self.aggregator)
         await self.harness.publish(NAMES.models_exchange, Names.model_key(JOB), body)
 

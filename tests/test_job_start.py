@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import time
 import uuid
@@ -29,11 +28,12 @@ from shared.codec import decode, encode
 from shared.messages import Hello, Task
 from shared.settings import Settings
 from shared.signing import Keyring, Signer
-from shared.store import Manifest, ModelStore, model_key, open_store
-from shared.tensors import FlatModel
+from shared.store import ModelStore, open_store
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
-from tests.support.tiny import WAIT, LinearApp, events, until
+from tests.support.messages import save_version, tiny_model
+from tests.support.tiny import LinearApp
+from tests.support.waiting import WAIT, events, until
 
 # -- the coordinator waits for its fleet -------------------------------------------------------
 
@@ -229,21 +229,9 @@ async def test_a_resumed_job_forgets_tasks_a_stored_version_applied(
     task ``done``): ``done`` must not keep the one worker's place until its TTL."""
     job = new_job()
     store = job_store(tmp_path, job)
-    blob = FlatModel.from_state_dict(LinearApp().build_model(0).state_dict()).to_bytes()
+    blob = tiny_model().to_bytes()
     for version, ids in ((0, ()), (1, ("done",))):
-        await store.save(
-            Manifest(
-                job_id=job,
-                version=version,
-                parent=version - 1,
-                sha256=hashlib.sha256(blob).hexdigest(),
-                size=len(blob),
-                key=model_key(job, version),
-                update_ids=ids,
-                created_at=time.time(),
-            ),
-            blob,
-        )
+        await save_version(store, blob, version, ids)
     late = time.time() + 600
     write_resumable_state(tmp_path, job, {"done": {"capability": "cpu", "deadline": late, "version": 0}})
     async with coordinator_rig(broker, names, amqp_url, tmp_path, job=job) as (

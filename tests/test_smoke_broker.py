@@ -6,9 +6,10 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from broker_config.names import REASON_HEADER, SOURCE_HEADER, Names
+from broker_config.names import Names
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
+from tests.support.broker import Inbox
 
 
 async def test_publish_consume_and_dead_letter(broker: RabbitMQ, names: Names) -> None:
@@ -23,17 +24,8 @@ async def test_publish_consume_and_dead_letter(broker: RabbitMQ, names: Names) -
     assert delivery.body == b"hello"
     await delivery.dead_letter("undecodable", "not msgpack")
 
-    dead: asyncio.Queue[Delivery] = asyncio.Queue()
-
-    async def on_dead(d: Delivery) -> None:
-        await dead.put(d)
-
-    await broker.consume(names.dead_queue, on_dead, prefetch=4)
-    d = await asyncio.wait_for(dead.get(), 10)
-    assert d.body == b"hello"
-    assert d.message.headers[REASON_HEADER] == "undecodable"
-    assert d.message.headers[SOURCE_HEADER] == names.updates_queue
-    await d.ack()
+    dead = await Inbox.on(broker, names.dead_queue)
+    await dead.expect(b"hello", "undecodable", names.updates_queue)
 
 
 async def test_a_handler_cut_off_by_close_is_not_logged_as_an_error(broker: RabbitMQ, names: Names) -> None:

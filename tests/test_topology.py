@@ -13,6 +13,7 @@ from broker_config.topology import Limits, topology
 from shared.errors import BrokerError, TopologyConflictError
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
+from tests.support.broker import Inbox
 
 
 async def test_declare_is_idempotent(broker: RabbitMQ, names: Names) -> None:
@@ -76,17 +77,11 @@ async def test_update_log_stream_keeps_every_update(broker: RabbitMQ, names: Nam
 
 async def test_expired_task_is_dead_lettered(broker: RabbitMQ, names: Names) -> None:
     await broker.publish(names.tasks_exchange, names.task_key("cpu"), b"task", expiration=0.2)
-    dead: asyncio.Queue[Delivery] = asyncio.Queue()
-
-    async def on(d: Delivery) -> None:
-        await dead.put(d)
-
-    await broker.consume(names.dead_queue, on, prefetch=1)
-    d = await asyncio.wait_for(dead.get(), 15)
+    dead = await Inbox.on(broker, names.dead_queue)
+    d = await dead.next(15)
     assert d.body == b"task"
-    death = d.message.headers["x-death"][0]  # type: ignore[index]
-    assert death["reason"] == "expired" and death["queue"] == names.task_queue("cpu")  # type: ignore[index,call-overload]
-    await d.ack()
+    death = d.headers["x-death"][0]
+    assert death["reason"] == "expired" and death["queue"] == names.task_queue("cpu")
 
 
 async def test_unroutable_publish_is_an_error(broker: RabbitMQ, names: Names) -> None:

@@ -1,14 +1,11 @@
 """A worker warms up before its first hello: one tiny pass, once per process, in the thread it
-trains in, that changes no training result. Workers run here in the test's process against the
-real broker."""
+trains in, that changes no training result. Workers run here in the test's process on the
+in-memory broker."""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import threading
-import time
-import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,27 +14,27 @@ from structlog.testing import capture_logs
 from torch import nn
 
 import worker.training as training
-from broker_config.names import Names
 from shared.app import PartitionSpec
-from shared.codec import decode, encode
-from shared.messages import Task, TrainConfig, Update
-from shared.signing import Keyring, Signer
-from shared.store import model_key
+from shared.messages import Task, TrainConfig
+from shared.signing import Signer
 from shared.tensors import FlatModel
 from shared.transport import Delivery
-from shared.transport.rabbitmq import RabbitMQ
-from tests.support.tiny import WAIT, LinearApp, events, until
-from worker.config import WorkerConfig
-from worker.service import Worker
+from shared.transport.memory import MemoryTransport
+from tests.support.messages import make_task
+from tests.support.rigs import worker_rig
+from tests.support.tiny import LinearApp
+from tests.support.waiting import events, until
 from worker.training import train_task, warm_up
 
 JOB = "job"  # the job of these tests' tasks; the names fixture takes it too
+TRAIN = TrainConfig(epochs=2, batch_size=16)
 
 
 class SpyApp(LinearApp):
     """Records, with the thread it ran in, every model built and every forward and backward pass."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.seen: list[tuple[str, int]] = []
 
     def build_model(self, seed: int) -> nn.Module:
@@ -54,23 +51,10 @@ class SpyApp(LinearApp):
         return model
 
 
-def make_task(coordinator: Signer, app: LinearApp, task_id: str) -> tuple[Task, bytes, bytes]:
-    blob = FlatModel.from_state_dict(app.build_model(0).state_dict()).to_bytes()
-    task = Task(
-        task_id=task_id,
-        job_id=JOB,
-        capability="cpu",
-        base_version=0,
-        model_sha256=hashlib.sha256(blob).hexdigest(),
-        model_key=model_key(JOB, 0),
-        train=TrainConfig(epochs=2, batch_size=16),
-        quant="int8",
-        block=256,
-        deadline=time.time() + 600,
-        issued_at=time.time(),
-        model=blob,
-    )
-    return task, blob, encode(task, coordinator)
+def task_for(signer: Signer, app: LinearApp, task_id: str | None = None) -> tuple[Task, bytes]:
+    """A task of two epochs on version 0 of ``app``'s model."""
+    model = FlatModel.from_state_dict(app.build_model(0).state_dict()).to_bytes()
+    return make_task(signer, task_id=task_id, job_id=JOB, model=model, train=TRAIN)
 
 
 @pytest.fixture
@@ -80,60 +64,34 @@ def cold_process(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_worker_warms_up_in_its_training_thread_before_its_first_hello(
-    broker: RabbitMQ, names: Names, amqp_url: str, cold_process: None
+    mem: MemoryTransport, tmp_path: Path, cold_process: None
 ) -> None:
     app = SpyApp()
-    data = app.load_partition(PartitionSpec(0, 1))
-    coordinator, worker_signer = Signer.generate(), Signer.generate()
-    pinned = Keyring()
-    pinned.add(coordinator.public)
     seen_at_hello: list[list[tuple[str, int]]] = []
 
     async def on_hello(delivery: Delivery) -> None:
         await delivery.ack()
         seen_at_hello.append(list(app.seen))
 
-    updates: asyncio.Queue[bytes] = asyncio.Queue()
-
-    async def on_update(delivery: Delivery) -> None:
-        await delivery.ack()
-        await updates.put(delivery.body)
-
-    await broker.subscribe(names.workers_exchange, (names.hello_key,), on_hello)
-    await broker.consume(names.updates_queue, on_update, prefetch=4)
-    own = await RabbitMQ(amqp_url, names, "test-warm-worker").connect()
-    stop = asyncio.Event()
-    worker = Worker(
-        WorkerConfig("w1", ("cpu",), heartbeat_interval=60.0),
-        transport=own,
-        app=app,
-        data=data,
-        signer=worker_signer,
-        coordinator_keys=pinned,
-    )
-    running = asyncio.create_task(worker.run(stop))
-    try:
+    await mem.subscribe(mem.names.workers_exchange, (mem.names.hello_key,), on_hello)
+    async with worker_rig(mem, tmp_path, app=app, warm=True) as rig:
+        await rig.start()
         await until(lambda: seen_at_hello, "the worker's first hello")
         first = seen_at_hello[0]
         kinds = [kind for kind, _ in first]
         assert kinds == ["build", "forward", "backward"], first  # warmed up, and before the hello
-        assert worker.warmed is not None and worker.warmed.how == "pass"
+        assert rig.worker.warmed is not None and rig.worker.warmed.how == "pass"
         warm_thread = first[0][1]
         assert warm_thread != threading.get_ident()  # off the event loop
 
-        task, blob, body = make_task(coordinator, LinearApp(), uuid.uuid4().hex)
+        task, body = task_for(rig.coordinator, LinearApp())
         app.seen.clear()
-        await broker.publish(names.tasks_exchange, names.task_key("cpu"), body)
-        ring = Keyring()
-        ring.add(worker_signer.public)
-        update, _ = decode(await asyncio.wait_for(updates.get(), WAIT), ring, Update)
+        await rig.send(body)
+        update, _ = await rig.next_update()
         assert {thread for _, thread in app.seen} == {warm_thread}  # trained where it warmed up
         # the warm-up changed nothing: the same task trained here, in a warm process, gives the same bytes
-        assert update.delta == train_task(LinearApp(), data, task, blob).delta
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, WAIT)
-        await own.close()
+        data = app.load_partition(PartitionSpec(0, 1))
+        assert update.delta == train_task(LinearApp(), data, task, task.model).delta
 
 
 class DropoutApp(LinearApp):
@@ -147,7 +105,8 @@ class DropoutApp(LinearApp):
 def test_warm_up_leaves_the_training_result_unchanged(cold_process: None) -> None:
     app = DropoutApp()
     data = app.load_partition(PartitionSpec(0, 1))
-    task, blob, _ = make_task(Signer.generate(), app, "0123456789abcdef" * 2)
+    task, _ = task_for(Signer.generate(), app, "0123456789abcdef" * 2)
+    blob = task.model
 
     torch.manual_seed(7)
     without = train_task(app, data, task, blob).delta
@@ -173,35 +132,26 @@ def test_one_warm_up_per_process(cold_process: None) -> None:
     assert [kind for kind, _ in app.seen] == ["build", "forward", "backward"]
 
 
+class WrongDataApp(LinearApp):
+    """Its data has 5 features, for a model that takes 4: the warm-up pass fails."""
+
+    def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(4, 5), torch.zeros(4, dtype=torch.int64)
+
+
 async def test_a_failing_warm_up_does_not_stop_the_worker(
-    broker: RabbitMQ, names: Names, amqp_url: str, cold_process: None
+    mem: MemoryTransport, tmp_path: Path, cold_process: None
 ) -> None:
-    hellos: asyncio.Queue[bytes] = asyncio.Queue()
+    hellos: list[bytes] = []
 
     async def on_hello(delivery: Delivery) -> None:
         await delivery.ack()
-        await hellos.put(delivery.body)
+        hellos.append(delivery.body)
 
-    await broker.subscribe(names.workers_exchange, (names.hello_key,), on_hello)
-    own = await RabbitMQ(amqp_url, names, "test-cold-worker").connect()
-    stop = asyncio.Event()
-    app = LinearApp()
-    wrong = (torch.zeros(4, 5), torch.zeros(4, dtype=torch.int64))  # 5 features for a 4-feature model
+    await mem.subscribe(mem.names.workers_exchange, (mem.names.hello_key,), on_hello)
     with capture_logs() as logs:
-        worker = Worker(
-            WorkerConfig("w1", ("cpu",), heartbeat_interval=60.0),
-            transport=own,
-            app=app,
-            data=wrong,
-            signer=Signer.generate(),
-            coordinator_keys=Keyring(),
-        )
-        running = asyncio.create_task(worker.run(stop))
-        try:
-            await asyncio.wait_for(hellos.get(), WAIT)
+        async with worker_rig(mem, tmp_path, app=WrongDataApp(), warm=True) as rig:
+            await rig.start()
+            await until(lambda: hellos, "the worker's first hello")
             assert events(logs, "warm_up_failed")
-            assert not running.done()
-        finally:
-            stop.set()
-            await asyncio.wait_for(running, WAIT)
-            await own.close()
+            rig.check_alive()

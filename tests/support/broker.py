@@ -1,11 +1,108 @@
-"""The real local RabbitMQ as the tests use it: a namespace's cleanup."""
+"""Brokers as the tests use them, real or in memory: a second connection like the test's own,
+collectors of what arrives on a queue, the check that a queue holds nothing unacked, and a
+namespace's cleanup on the real RabbitMQ."""
 
 from __future__ import annotations
 
-import aio_pika
+import asyncio
+import contextlib
+from typing import TypeVar
 
-from broker_config.names import Names
+import aio_pika
+import pytest
+
+from broker_config.names import REASON_HEADER, SOURCE_HEADER, Names
 from broker_config.topology import topology
+from shared.transport import Delivery, Transport
+from shared.transport.memory import MemoryTransport
+from shared.transport.rabbitmq import RabbitMQ
+from tests.support.waiting import QUIET, WAIT
+
+AnyTransport = TypeVar("AnyTransport", MemoryTransport, RabbitMQ)
+
+
+def quiet_for(transport: Transport) -> float:
+    """How long a silence counts as "nothing more arrives": the in-memory broker delivers at once."""
+    return 0.05 if isinstance(transport, MemoryTransport) else QUIET
+
+
+async def connect_like(
+    transport: AnyTransport,
+    name: str,
+    *,
+    url: str | None = None,
+    heartbeat: int = 15,
+    publish_retry_seconds: float = 300.0,
+) -> AnyTransport:
+    """Another connection to ``transport``'s broker, on its namespace (a service's own, closable
+    on its own); ``url`` (RabbitMQ only) reaches the broker another way, e.g. through a proxy."""
+    if isinstance(transport, MemoryTransport):
+        assert url is None, "an in-memory broker has no URL"
+        other: MemoryTransport | RabbitMQ = MemoryTransport(transport.broker, transport.names, name)
+        other.publish_retry_seconds = publish_retry_seconds
+    else:
+        other = RabbitMQ(url or transport.url, transport.names, name, heartbeat, publish_retry_seconds)
+    return await asyncio.wait_for(other.connect(), WAIT)  # type: ignore[return-value]
+
+
+class Inbox:
+    """What arrives on a queue, acked at once, for the test to look at."""
+
+    def __init__(self, quiet: float = QUIET) -> None:
+        self.got: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.quiet = quiet
+
+    @classmethod
+    async def on(cls, transport: Transport, queue: str) -> Inbox:
+        """An inbox consuming ``queue`` on ``transport``."""
+        inbox = cls(quiet_for(transport))
+        await transport.consume(queue, inbox.on_message, prefetch=16)
+        return inbox
+
+    async def on_message(self, delivery: Delivery) -> None:
+        await delivery.ack()
+        await self.got.put(delivery)
+
+    async def next(self, wait: float = WAIT) -> Delivery:
+        return await asyncio.wait_for(self.got.get(), wait)
+
+    async def take(self, count: int, wait: float = WAIT) -> list[Delivery]:
+        """The next ``count`` messages, then nothing more for a quiet spell."""
+        got = [await self.next(wait) for _ in range(count)]
+        await self.expect_none()
+        return got
+
+    async def expect(self, body: bytes, reason: str, source: str) -> Delivery:
+        """The next message is ``body``, dead-lettered from ``source`` with ``reason``."""
+        d = await self.next()
+        assert d.headers.get(REASON_HEADER) == reason, dict(d.headers)
+        assert d.headers.get(SOURCE_HEADER) == source
+        assert d.body == body
+        return d
+
+    async def expect_none(self, wait: float | None = None) -> None:
+        with contextlib.suppress(TimeoutError):
+            d = await self.next(self.quiet if wait is None else wait)
+            pytest.fail(
+                f"unexpected message ({len(d.body)} bytes, message id {d.message_id}, headers {dict(d.headers)})"
+            )
+
+
+async def drain(transport: AnyTransport, queue: str, expect: int) -> list[Delivery]:
+    """Consume ``queue`` on a connection of its own (the updates queue allows no basic.get):
+    ``expect`` messages, acked, then a quiet spell in which nothing more may arrive."""
+    reader = await connect_like(transport, "test-reader")
+    try:
+        inbox = await Inbox.on(reader, queue)
+        return await inbox.take(expect)
+    finally:
+        await reader.close()
+
+
+async def assert_settled(transport: AnyTransport, queue: str) -> None:
+    """Nothing is left in ``queue``: call it once the consumer's connection is closed, so that
+    anything it had not acked is back in the queue and would reach this fresh consumer."""
+    await drain(transport, queue, expect=0)
 
 
 async def delete_namespace(

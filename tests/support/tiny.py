@@ -1,25 +1,30 @@
-"""A tiny app and waiting helpers for tests that run services in the test's own process."""
+"""The tiny app the in-process service tests train: four features, three classes, a linear model."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 from torch import nn
 
-from shared.app import ClassificationApp
-
-WAIT = 10.0  # seconds any single expectation may take before the test fails
+from shared.app import ClassificationApp, TrainResult
+from shared.messages import TrainConfig
 
 
 class LinearApp(ClassificationApp):
-    """Four features, three classes: a linear model, evaluated in no time."""
+    """A linear model, trained and evaluated in no time. It counts its trainings (``trained``);
+    ``train_seconds`` makes each last (in the training thread, as long local training would),
+    ``fail`` makes each raise, and ``then`` runs after each (in the training thread too)."""
 
     name = "linear"
+
+    def __init__(self, *, train_seconds: float = 0.0, fail: bool = False) -> None:
+        self.train_seconds = train_seconds
+        self.fail = fail
+        self.trained = 0
+        self.then: Callable[[], object] = lambda: None
 
     def build_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
@@ -32,14 +37,11 @@ class LinearApp(ClassificationApp):
     def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.train_data()
 
-
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [e for e in logs if e.get("event") == name]
-
-
-async def until(check: Callable[[], Any], what: str, wait: float = WAIT) -> None:
-    deadline = time.monotonic() + wait
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    def train(self, model: nn.Module, data: Any, config: TrainConfig, seed: int) -> TrainResult:
+        self.trained += 1
+        if self.fail:
+            raise RuntimeError("this app cannot train")
+        time.sleep(self.train_seconds)
+        result = super().train(model, data, config, seed)
+        self.then()
+        return result

@@ -1,0 +1,121 @@
+"""Messages and models for tests: a tiny model, signed tasks and updates, versions in a store."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from typing import Any
+
+import torch
+
+from shared.codec import encode
+from shared.messages import Task, TrainConfig, Update
+from shared.quantize import encode_delta
+from shared.signing import Signer
+from shared.store import Manifest, ModelStore, model_key
+from shared.tensors import FlatModel
+from tests.support.tiny import LinearApp
+
+JOB = "job1"  # the job of the tests' messages, unless one says otherwise
+TRAIN = TrainConfig(epochs=1, batch_size=16)
+
+
+def tiny_model(seed: int = 0) -> FlatModel:
+    """``LinearApp``'s model (15 floats): what the tests' tasks carry and their updates change."""
+    return FlatModel.from_state_dict(LinearApp().build_model(seed).state_dict())
+
+
+def make_task(
+    signer: Signer,
+    *,
+    task_id: str | None = None,
+    job_id: str = JOB,
+    model: bytes | None = None,
+    train: TrainConfig = TRAIN,
+    deadline: float | None = None,
+    capability: str = "cpu",
+) -> tuple[Task, bytes]:
+    """A task on version 0 of ``model`` (by default ``tiny_model()``, inline), signed by ``signer``;
+    it is due in ten minutes unless ``deadline`` says otherwise."""
+    blob = tiny_model().to_bytes() if model is None else model
+    task = Task(
+        task_id=task_id or uuid.uuid4().hex,
+        job_id=job_id,
+        capability=capability,
+        base_version=0,
+        model_sha256=hashlib.sha256(blob).hexdigest(),
+        model_key=model_key(job_id, 0),
+        train=train,
+        quant="int8",
+        block=256,
+        deadline=time.time() + 600 if deadline is None else deadline,
+        issued_at=time.time(),
+        model=blob,
+    )
+    return task, encode(task, signer)
+
+
+def an_update(
+    model: FlatModel | None = None,
+    *,
+    task_id: str | None = None,
+    job_id: str = JOB,
+    worker_id: str = "w1",
+    base_version: int = 0,
+    quant: str = "int8",
+    block: int = 256,
+    floats: torch.Tensor | None = None,
+    delta: bytes | None = None,
+    num_samples: int = 10,
+) -> Update:
+    """An update; by default a small valid delta (0.01 on every float) for ``model`` (``tiny_model()``)."""
+    if delta is None:
+        spec = (model or tiny_model()).spec
+        if floats is None:
+            floats = torch.full((spec.n_float,), 0.01, dtype=torch.float32)
+        exact = torch.zeros(spec.n_exact, dtype=torch.int64)
+        delta = encode_delta(floats, exact, spec, quant, block, torch.Generator().manual_seed(1))
+    return Update(
+        task_id=task_id or uuid.uuid4().hex,
+        job_id=job_id,
+        worker_id=worker_id,
+        base_version=base_version,
+        num_samples=num_samples,
+        quant=quant,
+        block=block,
+        metrics={"train_loss": 0.5},
+        sent_at=time.time(),
+        delta=delta,
+    )
+
+
+def make_update(signer: Signer, model: FlatModel | None = None, **fields: Any) -> tuple[str, bytes]:
+    """``an_update(model, **fields)`` signed by ``signer``: its task id and its bytes."""
+    update = an_update(model, **fields)
+    return update.task_id, encode(update, signer)
+
+
+async def save_version(
+    store: ModelStore, blob: bytes, version: int, update_ids: tuple[str, ...] = (), **fields: Any
+) -> Manifest:
+    """Store ``blob`` as ``version`` of the store's job (parent: the version before), as an
+    aggregator or the coordinator would."""
+    manifest = Manifest(
+        job_id=store.job_id,
+        version=version,
+        parent=version - 1,
+        sha256=hashlib.sha256(blob).hexdigest(),
+        size=len(blob),
+        key=model_key(store.job_id, version),
+        update_ids=update_ids,
+        created_at=time.time(),
+        **fields,
+    )
+    await store.save(manifest, blob)
+    return manifest
+
+
+async def save_v0(store: ModelStore, model: FlatModel) -> str:
+    """Store ``model`` as version 0; its sha256."""
+    return (await save_version(store, model.to_bytes(), 0)).sha256
