@@ -1,250 +1,63 @@
-"""Intermittent workers: the outbox, and a worker whose link to the broker is cut, on the real broker.
+"""Intermittent workers on the real broker: a worker whose link is cut (a TCP proxy), and the
+outbox that carries its update across the cut; the outbox itself, and its settings.
 
 A worker's trained update goes to its on-disk outbox, then to the broker; it leaves the
 outbox only after the broker's confirm, and the task is acked only after that. These tests
-cut the link silently (a TCP proxy that stops moving bytes: only heartbeats notice), restart
-workers on a leftover outbox, and check that every update reaches ``fedq.updates`` once.
+cut the link silently (a TCP proxy that stops moving bytes: only heartbeats notice) or loudly,
+and check that every update reaches the updates queue once. The worker's handling of what
+its outbox holds at start or on a redelivered task is service logic, checked on the in-memory
+broker in tests/test_worker_memory.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import os
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 from structlog.testing import capture_logs
-from torch import nn
 
 from broker_config.names import Names
 from fedq.cli import _settings, build_parser
-from shared.app import ClassificationApp, PartitionSpec, TrainResult
-from shared.codec import decode, encode
 from shared.keys import load_or_create_signer, public_key_path
-from shared.messages import Task, TrainConfig, Update
 from shared.settings import Settings
-from shared.signing import Keyring, Signer
-from shared.store import model_key
-from shared.tensors import FlatModel
-from shared.transport import Delivery
+from shared.signing import Signer
 from shared.transport.rabbitmq import RabbitMQ, with_heartbeat
+from tests.support.broker import Inbox, assert_settled, connect_like
+from tests.support.messages import make_update
+from tests.support.rigs import worker_rig
 from tests.support.tcpproxy import TcpProxy
-from worker.config import WorkerConfig
+from tests.support.tiny import LinearApp
+from tests.support.waiting import WAIT, events, until
 from worker.outbox import Outbox, OutboxError, decode_task_id, encode_task_id
-from worker.service import Worker, default_outbox, serve
+from worker.service import default_outbox, serve
 
 JOB = "job1"
-WAIT = 10.0  # seconds any single expectation may take before the test fails
-QUIET = 1.0  # seconds of silence that count as "nothing more arrives"
 HEARTBEAT = 2  # AMQP heartbeat of the worker behind the proxy: it notices a silent cut in ~3 x (2 + 1) s
 
 
-class TinyApp(ClassificationApp):
-    """Four features, three classes, a linear model; ``train_seconds`` makes training last."""
-
-    name = "tiny"
-
-    def __init__(self, train_seconds: float = 0.0, fail: bool = False) -> None:
-        self.train_seconds = train_seconds
-        self.fail = fail
-
-    def build_model(self, seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return nn.Linear(4, 3)
-
-    def train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(0)
-        return torch.randn(48, 4, generator=gen), torch.randint(0, 3, (48,), generator=gen)
-
-    def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.train_data()
-
-    def train(
-        self, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], config: TrainConfig, seed: int
-    ) -> TrainResult:
-        if self.fail:
-            raise AssertionError("this worker must not train")
-        time.sleep(self.train_seconds)  # in the training thread, as long local training would
-        return super().train(model, data, config, seed)
-
-
-def make_task(coordinator: Signer, task_id: str | None = None) -> tuple[Task, bytes]:
-    blob = FlatModel.from_state_dict(TinyApp().build_model(0).state_dict()).to_bytes()
-    task = Task(
-        task_id=task_id or uuid.uuid4().hex,
-        job_id=JOB,
-        capability="cpu",
-        base_version=0,
-        model_sha256=hashlib.sha256(blob).hexdigest(),
-        model_key=model_key(JOB, 0),
-        train=TrainConfig(epochs=1, batch_size=16),
-        quant="int8",
-        block=256,
-        deadline=time.time() + 600,
-        issued_at=time.time(),
-        model=blob,
+async def behind(proxy: TcpProxy, broker: RabbitMQ, amqp_url: str, heartbeat: int = 15) -> RabbitMQ:
+    """The worker's own connection, through ``proxy``."""
+    return await connect_like(
+        broker, "test-worker-link", url=proxy.url(amqp_url), heartbeat=heartbeat, publish_retry_seconds=60
     )
-    return task, encode(task, coordinator)
-
-
-def make_update(signer: Signer, task_id: str) -> bytes:
-    update = Update(
-        task_id=task_id,
-        job_id=JOB,
-        worker_id="w-old",
-        base_version=0,
-        num_samples=48,
-        quant="none",
-        block=256,
-        metrics={"train_loss": 1.0},
-        sent_at=time.time(),
-        delta=b"\x00" * 8,
-    )
-    return encode(update, signer)
-
-
-class Inbox:
-    """What arrives on a queue, acked at once."""
-
-    def __init__(self) -> None:
-        self.got: asyncio.Queue[Delivery] = asyncio.Queue()
-
-    async def on_message(self, delivery: Delivery) -> None:
-        await delivery.ack()
-        await self.got.put(delivery)
-
-    async def next(self, wait: float = WAIT) -> Delivery:
-        return await asyncio.wait_for(self.got.get(), wait)
-
-    async def expect_none(self, wait: float = QUIET) -> None:
-        with contextlib.suppress(TimeoutError):
-            d = await self.next(wait)
-            pytest.fail(f"unexpected message ({len(d.body)} bytes, message id {d.message.message_id})")
-
-
-async def until(check: Callable[[], Any], what: str, wait: float = WAIT) -> None:
-    """Poll ``check`` (plain or async) until it is truthy, for at most ``wait`` seconds."""
-    deadline = time.monotonic() + wait
-    while True:
-        value = check()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def update_task_id(body: bytes, signer: Signer) -> str:
-    ring = Keyring()
-    ring.add(signer.public)
-    update, _ = decode(body, ring, Update)
-    return update.task_id
-
-
-async def assert_settled(broker: RabbitMQ, queue: str, wait: float = QUIET) -> None:
-    """Nothing is left in ``queue`` (call it once the worker's connection is closed)."""
-    inbox = Inbox()
-    await broker.consume(queue, inbox.on_message, prefetch=16)
-    await inbox.expect_none(wait)
-
-
-@dataclass
-class Rig:
-    names: Names
-    test_broker: RabbitMQ  # publishes tasks, reads updates; never behind the proxy
-    worker_broker: RabbitMQ
-    worker: Worker
-    coordinator: Signer
-    signer: Signer
-    updates: Inbox
-    running: asyncio.Task[None]
-    stop: asyncio.Event
-
-    async def send_task(self, task_id: str | None = None) -> Task:
-        task, body = make_task(self.coordinator, task_id)
-        await self.test_broker.publish(self.names.tasks_exchange, self.names.task_key("cpu"), body)
-        return task
-
-    async def next_update(self, wait: float = WAIT) -> tuple[str, bytes]:
-        d = await self.updates.next(wait)
-        return update_task_id(d.body, self.signer), d.body
-
-    def check_alive(self) -> None:
-        if self.running.done():
-            raise AssertionError(f"the worker stopped: {self.running!r}")
-
-
-@contextlib.asynccontextmanager
-async def worker_rig(
-    broker: RabbitMQ,
-    names: Names,
-    url: str,
-    *,
-    app: TinyApp,
-    outbox: Outbox | None,
-    heartbeat: int = 15,
-) -> AsyncIterator[Rig]:
-    """A ``Worker`` with its own connection to ``url``, and a consumer of the updates queue."""
-    coordinator, signer = Signer.generate(), Signer.generate()
-    pinned = Keyring()
-    pinned.add(coordinator.public)
-    updates = Inbox()
-    await broker.consume(names.updates_queue, updates.on_message, prefetch=16)
-    worker_broker = await asyncio.wait_for(
-        RabbitMQ(url, names, "test-worker-link", heartbeat=heartbeat, publish_retry_seconds=60).connect(), WAIT
-    )
-    worker = Worker(
-        WorkerConfig("w1", ("cpu",), heartbeat_interval=60.0),
-        transport=worker_broker,
-        app=app,
-        data=app.load_partition(PartitionSpec(0, 1)),
-        signer=signer,
-        coordinator_keys=pinned,
-        outbox=outbox,
-    )
-    stop = asyncio.Event()
-    running = asyncio.create_task(worker.run(stop), name="worker")
-    rig = Rig(names, broker, worker_broker, worker, coordinator, signer, updates, running, stop)
-    try:
-        yield rig
-        rig.check_alive()
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(running, WAIT)
-        await worker_broker.close()
-
-
-def events(logs: Sequence[Mapping[str, Any]], name: str, **match: Any) -> list[Mapping[str, Any]]:
-    return [e for e in logs if e["event"] == name and all(e.get(k) == v for k, v in match.items())]
 
 
 # -- a silent partition while training -------------------------------------------------------
 
 
 async def test_silent_cut_while_training(amqp_url: str, broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "outbox")
     async with TcpProxy(lifetime=90) as proxy:
+        own = await behind(proxy, broker, amqp_url, heartbeat=HEARTBEAT)
+        assert f"heartbeat={HEARTBEAT}" in own.url
         with capture_logs() as logs:
             async with worker_rig(
-                broker,
-                names,
-                proxy.url(amqp_url),
-                app=TinyApp(train_seconds=3),
-                outbox=outbox,
-                heartbeat=HEARTBEAT,
+                broker, tmp_path, app=LinearApp(train_seconds=3), transport=own, start=True
             ) as rig:
-                assert f"heartbeat={HEARTBEAT}" in rig.worker_broker.url
+                outbox = rig.outbox
+                assert outbox is not None
                 first = await rig.send_task()
                 await until(lambda: rig.worker.busy, "training to start")
                 proxy.cut()
@@ -260,8 +73,8 @@ async def test_silent_cut_while_training(amqp_url: str, broker: RabbitMQ, names:
                 proxy.heal()
 
                 # the update arrives once, with the right task id, and leaves the outbox
-                task_id, _ = await rig.next_update(WAIT + 5)
-                assert task_id == first.task_id
+                update, _ = await rig.next_update(WAIT + 5)
+                assert update.task_id == first.task_id
                 await until(lambda: len(outbox) == 0, "an empty outbox")
                 # the task's ack died with the old channel: it comes back and is acked without training
                 await until(
@@ -272,11 +85,11 @@ async def test_silent_cut_while_training(amqp_url: str, broker: RabbitMQ, names:
 
                 # the consumer came back with the link: the worker takes and completes another task
                 second = await rig.send_task()
-                task_id, _ = await rig.next_update()
-                assert task_id == second.task_id
+                update, _ = await rig.next_update()
+                assert update.task_id == second.task_id
                 await rig.updates.expect_none()
                 await until(lambda: rig.worker.completed == 2, "the second task's ack")
-                assert len(outbox) == 0
+                assert len(outbox) == 0 and rig.app.trained == 2
             # every task was acked: nothing comes back once the worker's connection is closed
             await assert_settled(broker, names.task_queue("cpu"))
 
@@ -285,72 +98,24 @@ async def test_reset_connection_keeps_taking_tasks(
     amqp_url: str, broker: RabbitMQ, names: Names, tmp_path: Path
 ) -> None:
     """A link that drops loudly (connections closed): the worker reconnects and its consumer is back."""
-    outbox = Outbox(tmp_path / "outbox")
-    async with (
-        TcpProxy(lifetime=60) as proxy,
-        worker_rig(broker, names, proxy.url(amqp_url), app=TinyApp(), outbox=outbox) as rig,
-    ):
-        first = await rig.send_task()
-        assert (await rig.next_update())[0] == first.task_id
-        await until(lambda: rig.worker.completed == 1, "the first task's ack")
-        proxy.reset()
-        async with asyncio.timeout(WAIT):
-            await proxy.wait_accepted(2)
-        await until(lambda: rig.worker_broker.connection.connected.is_set(), "the reconnect")
-        for _ in range(2):
-            task = await rig.send_task()
-            assert (await rig.next_update())[0] == task.task_id
-        await until(lambda: rig.worker.completed == 3, "the last task's ack")
-        assert len(outbox) == 0
+    async with TcpProxy(lifetime=60) as proxy:
+        own = await behind(proxy, broker, amqp_url)
+        async with worker_rig(broker, tmp_path, transport=own, start=True) as rig:
+            first = await rig.send_task()
+            assert (await rig.next_update())[0].task_id == first.task_id
+            await until(lambda: rig.worker.completed == 1, "the first task's ack")
+            proxy.reset()
+            async with asyncio.timeout(WAIT):
+                await proxy.wait_accepted(2)
+            await until(lambda: own.connection.connected.is_set(), "the reconnect")
+            for _ in range(2):
+                task = await rig.send_task()
+                assert (await rig.next_update())[0].task_id == task.task_id
+            await until(lambda: rig.worker.completed == 3, "the last task's ack")
+            assert rig.outbox is not None and len(rig.outbox) == 0
 
 
-# -- the outbox survives a restart -----------------------------------------------------------
-
-
-async def test_outbox_is_flushed_when_a_worker_starts(
-    amqp_url: str, broker: RabbitMQ, names: Names, tmp_path: Path
-) -> None:
-    old = Signer.generate()
-    outbox = Outbox(tmp_path / "outbox")
-    left = [uuid.uuid4().hex for _ in range(2)]
-    bodies = {tid: make_update(old, tid) for tid in left}
-    for tid in left:
-        outbox.put(tid, bodies[tid])
-    inbox = Inbox()
-    await broker.consume(names.updates_queue, inbox.on_message, prefetch=16)
-    await inbox.expect_none(0.3)  # entries on disk go nowhere by themselves
-    with capture_logs() as logs:
-        async with worker_rig(broker, names, amqp_url, app=TinyApp(), outbox=outbox) as rig:
-            got = [await inbox.next(), await inbox.next()]
-            # the exact bytes, oldest first, each once
-            assert [d.body for d in got] == [bodies[tid] for tid in left]
-            assert [d.message.message_id for d in got] == left
-            await until(lambda: rig.worker.flushed == 2, "both entries flushed")
-            assert len(outbox) == 0
-            assert [e["task"] for e in events(logs, "outbox_flushed")] == left
-            await inbox.expect_none()
-            await rig.updates.expect_none(0.1)
-
-
-async def test_redelivered_task_sends_its_outbox_entry_without_training(
-    amqp_url: str, broker: RabbitMQ, names: Names, tmp_path: Path
-) -> None:
-    """A worker killed after training: its task comes back, and the update in its outbox is what goes out."""
-    outbox = Outbox(tmp_path / "outbox")
-    with capture_logs() as logs:
-        async with worker_rig(broker, names, amqp_url, app=TinyApp(fail=True), outbox=outbox) as rig:
-            await until(lambda: events(logs, "started"), "the worker to start")
-            await asyncio.sleep(0.5)  # its first flush is over: the flusher runs again only on a reconnect
-            task_id = uuid.uuid4().hex
-            body = make_update(rig.signer, task_id)
-            outbox.put(task_id, body)  # trained, written, then the process was killed
-            await rig.send_task(task_id)  # the task's redelivery
-            assert await rig.next_update() == (task_id, body)
-            await until(lambda: len(outbox) == 0, "an empty outbox")
-            await rig.updates.expect_none()
-            assert events(logs, "task_in_outbox", task=task_id)
-            assert rig.worker.flushed == 0 and rig.worker.completed == 0  # TinyApp(fail=True) never trained
-    await assert_settled(broker, names.task_queue("cpu"))
+# -- the outbox: fedq worker's wiring ---------------------------------------------------------
 
 
 async def test_serve_uses_the_default_outbox(
@@ -371,12 +136,11 @@ async def test_serve_uses_the_default_outbox(
     )
     outbox = Outbox(default_outbox(settings, "w7"))
     assert outbox.root == tmp_path / "run" / "outbox" / "w7"
-    body = make_update(Signer.generate(), "t-left-over")
+    _, body = make_update(Signer.generate(), task_id="t-left-over", job_id=names.job)
     outbox.put("t-left-over", body)
-    inbox = Inbox()
-    await broker.consume(names.updates_queue, inbox.on_message, prefetch=16)
+    inbox = await Inbox.on(broker, names.updates_queue)
     stop = asyncio.Event()
-    serving = asyncio.create_task(serve(settings, TinyApp(), stop))
+    serving = asyncio.create_task(serve(settings, LinearApp(), stop))
     try:
         assert (await inbox.next()).body == body
         await until(lambda: len(outbox) == 0, "an empty outbox")
