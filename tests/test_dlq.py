@@ -1,5 +1,5 @@
-"""``fedq dlq`` against the real broker: list and show leave the dead-letter queue as it was,
-requeue puts exactly the chosen messages back on their source queue, clean of dead-letter headers.
+"""``fedq dlq``: list and show leave the dead-letter queue as it was, requeue puts exactly the
+chosen messages back on their source queue, clean of dead-letter headers.
 
 Each test builds the same dead queue in its own namespace:
 
@@ -9,18 +9,18 @@ Each test builds the same dead queue in its own namespace:
     #4 stale           another update
     #5 unknown_signer  a task dead-lettered by a consumer of the task queue
     #6 unknown         bytes published straight to the dead-letter exchange: no reason, no source
+
+What ``fedq dlq`` makes of the queue runs on the in-memory broker; the real RabbitMQ keeps the
+ordered pass over a quorum queue (which it reorders, measured on 3.10) and the command line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,55 +29,31 @@ import pytest
 from broker_config.names import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, Names
 from fedq import dlq
 from fedq.dlq import Choice
-from shared.codec import encode
 from shared.errors import ConfigError
-from shared.messages import Task, TrainConfig, Update
+from shared.messages import TrainConfig
 from shared.signing import Signer
-from shared.transport import Delivery
+from shared.transport import Delivery, Transport
+from shared.transport.memory import MemoryTransport
 from shared.transport.rabbitmq import RabbitMQ
+from tests.support.broker import connect_like, drain
+from tests.support.messages import make_task, make_update
+from tests.support.waiting import WAIT, until
 
 pytestmark = pytest.mark.timeout(30)
 
-WAIT = 10.0  # seconds any single expectation may take
-QUIET = 0.5  # seconds of silence that count as "nothing more arrives"
 REPO = Path(__file__).resolve().parents[1]
 DEATH_HEADERS = {REASON_HEADER, DETAIL_HEADER, SOURCE_HEADER, "x-death"}
 
 
-def make_task(signer: Signer) -> tuple[str, bytes]:
-    tid = uuid.uuid4().hex
-    task = Task(
-        task_id=tid,
-        job_id="job1",
-        capability="cpu",
-        base_version=0,
-        model_sha256="0" * 64,
-        model_key="job1/v0",
-        train=TrainConfig(epochs=1),
-        quant="int8",
-        block=256,
-        deadline=time.time() + 600,
-        issued_at=time.time(),
-        model=b"\x07" * 300,
-    )
-    return tid, encode(task, signer)
+def dead_task(signer: Signer) -> tuple[str, bytes]:
+    """A task as the dead queue will hold it: its id and bytes (300 bytes of model)."""
+    task, body = make_task(signer, model=b"\x07" * 300, train=TrainConfig(epochs=1))
+    return task.task_id, body
 
 
-def make_update(signer: Signer) -> tuple[str, bytes]:
-    tid = uuid.uuid4().hex
-    update = Update(
-        task_id=tid,
-        job_id="job1",
-        worker_id="w1",
-        base_version=0,
-        num_samples=10,
-        quant="int8",
-        block=256,
-        metrics={"train_loss": 0.5},
-        sent_at=time.time(),
-        delta=b"\x01" * 200,
-    )
-    return tid, encode(update, signer)
+def dead_update(signer: Signer) -> tuple[str, bytes]:
+    """An update (200 bytes of payload) and its task id."""
+    return make_update(signer, delta=b"\x01" * 200)
 
 
 @dataclass
@@ -94,11 +70,11 @@ class Scene:
 
 
 async def dead_letter_through_consumer(
-    amqp_url: str, names: Names, queue: str, verdicts: dict[bytes, tuple[str, str]]
+    broker: Transport, queue: str, verdicts: dict[bytes, tuple[str, str]]
 ) -> None:
     """Play a service: consume ``queue`` on a connection of its own and dead-letter every message
     with the reason given for its body (one at a time, so their order is kept), then go away."""
-    service = await RabbitMQ(amqp_url, names, "test-dlq-service").connect()
+    service = await connect_like(broker, "test-dlq-service")
     left = dict(verdicts)
     done = asyncio.Event()
 
@@ -115,30 +91,28 @@ async def dead_letter_through_consumer(
         await service.close()
 
 
-async def until_dead(broker: RabbitMQ, count: int) -> list[dlq.DeadLetter]:
-    deadline = time.monotonic() + WAIT
-    while True:
+async def until_dead(broker: Transport, count: int) -> list[dlq.DeadLetter]:
+    async def enough() -> list[dlq.DeadLetter]:
         letters = await dlq.read(broker)
-        if len(letters) >= count:
-            return letters
-        if time.monotonic() > deadline:
-            pytest.fail(f"the dead queue holds {len(letters)} messages, expected {count}")
-        await asyncio.sleep(0.05)
+        return letters if len(letters) >= count else []
+
+    letters: list[dlq.DeadLetter] = await until(enough, f"{count} messages in the dead queue")
+    return letters
 
 
-async def build_scene(broker: RabbitMQ, names: Names, amqp_url: str) -> Scene:
+async def build_scene(broker: Transport) -> Scene:
+    names = broker.names
     coordinator, worker, impostor = Signer.generate(), Signer.generate(), Signer.generate()
-    expired = make_task(coordinator)
+    expired = dead_task(coordinator)
     await broker.publish(names.tasks_exchange, names.task_key("cpu"), expired[1], expiration=0.05)
     await until_dead(broker, 1)  # the broker dead-letters it (nobody consumes the task queue yet)
 
-    stale_a, stale_b = make_update(worker), make_update(worker)
+    stale_a, stale_b = dead_update(worker), dead_update(worker)
     garbage = b"garbage \xff not msgpack"
     for body in (stale_a[1], garbage, stale_b[1]):
         await broker.publish(names.results_exchange, names.results_key, body)
     await dead_letter_through_consumer(
-        amqp_url,
-        names,
+        broker,
         names.updates_queue,
         {
             stale_a[1]: ("stale", "staleness 3 > 2"),
@@ -147,11 +121,10 @@ async def build_scene(broker: RabbitMQ, names: Names, amqp_url: str) -> Scene:
         },
     )
 
-    impostor_task = make_task(impostor)
+    impostor_task = dead_task(impostor)
     await broker.publish(names.tasks_exchange, names.task_key("cpu"), impostor_task[1])
     await dead_letter_through_consumer(
-        amqp_url,
-        names,
+        broker,
         names.task_queue("cpu"),
         {impostor_task[1]: ("unknown_signer", "task signed by an unpinned key")},
     )
@@ -162,27 +135,6 @@ async def build_scene(broker: RabbitMQ, names: Names, amqp_url: str) -> Scene:
     return Scene(names, coordinator, worker, expired, stale_a, garbage, stale_b, impostor_task, orphan)
 
 
-async def drain(broker: RabbitMQ, queue: str, expect: int) -> list[Delivery]:
-    """Consume ``queue`` on a connection of its own (the updates queue allows no basic.get):
-    ``expect`` messages, acked, then a quiet spell in which nothing more may arrive."""
-    reader = await RabbitMQ(broker.url, broker.names, "test-dlq-reader").connect()
-    got: asyncio.Queue[Delivery] = asyncio.Queue()
-
-    async def on_message(delivery: Delivery) -> None:
-        await delivery.ack()
-        await got.put(delivery)
-
-    try:
-        await reader.consume(queue, on_message, prefetch=16)
-        out = [await asyncio.wait_for(got.get(), WAIT) for _ in range(expect)]
-        with contextlib.suppress(TimeoutError):
-            extra = await asyncio.wait_for(got.get(), QUIET)
-            pytest.fail(f"{queue} holds an unexpected message: {extra.body[:40]!r}")
-        return out
-    finally:
-        await reader.close()
-
-
 def shape(letters: list[dlq.DeadLetter]) -> list[tuple[int, str, str, str, str]]:
     return [(d.position, d.reason, d.source, d.peek.kind, d.peek.task_id) for d in letters]
 
@@ -190,12 +142,10 @@ def shape(letters: list[dlq.DeadLetter]) -> list[tuple[int, str, str, str, str]]
 # -- list and show ------------------------------------------------------------------------------
 
 
-async def test_list_gives_reasons_and_sources_and_leaves_the_queue_intact(
-    broker: RabbitMQ, names: Names, amqp_url: str
-) -> None:
-    s = await build_scene(broker, names, amqp_url)
+async def test_list_gives_reasons_and_sources_and_leaves_the_queue_intact(mem: MemoryTransport, names: Names) -> None:
+    s = await build_scene(mem)
     tasks, updates = names.task_queue("cpu"), names.updates_queue
-    letters = await dlq.read(broker)
+    letters = await dlq.read(mem)
     assert shape(letters) == [
         (1, "expired", tasks, "task", s.expired[0]),
         (2, "stale", updates, "update", s.stale_a[0]),
@@ -209,23 +159,21 @@ async def test_list_gives_reasons_and_sources_and_leaves_the_queue_intact(
     assert letters[2].size == len(s.garbage)
 
     # nothing was taken away, reordered or changed: a second reading sees the same messages
-    again = await dlq.read(broker)
+    again = await dlq.read(mem)
     assert [(d.sha256, d.headers, d.time) for d in again] == [(d.sha256, d.headers, d.time) for d in letters]
 
-    assert shape(await dlq.read(broker, reason="stale")) == [shape(letters)[1], shape(letters)[3]]
+    assert shape(await dlq.read(mem, reason="stale")) == [shape(letters)[1], shape(letters)[3]]
     text = dlq.render_list(names.dead_queue, letters)
     assert text.splitlines()[-1] == (
         f"6 dead letters in {names.dead_queue}: expired 1, stale 2, undecodable 1, unknown 1, unknown_signer 1"
     )
     assert s.stale_a[0] in text and "died 20" in text
-    assert len(await dlq.read(broker)) == 6
+    assert len(await dlq.read(mem)) == 6
 
 
-async def test_show_decodes_the_envelope_without_trusting_it(
-    broker: RabbitMQ, names: Names, amqp_url: str
-) -> None:
-    s = await build_scene(broker, names, amqp_url)
-    d = await dlq.show(broker, 2)
+async def test_show_decodes_the_envelope_without_trusting_it(mem: MemoryTransport, names: Names) -> None:
+    s = await build_scene(mem)
+    d = await dlq.show(mem, 2)
     assert (d.reason, d.detail, d.source) == ("stale", "staleness 3 > 2", names.updates_queue)
     assert d.peek.kind == "update" and d.peek.signer == s.worker.fingerprint
     assert d.peek.fields["task_id"] == s.stale_a[0] and d.peek.fields["num_samples"] == 10
@@ -234,22 +182,22 @@ async def test_show_decodes_the_envelope_without_trusting_it(
     assert "signature not verified" in text and "<200 bytes of payload>" in text
     assert f'{REASON_HEADER}: "stale"' in text
 
-    expired = await dlq.show(broker, 1)
+    expired = await dlq.show(mem, 1)
     assert expired.headers["x-first-death-reason"] == "expired"
     doc = json.loads(json.dumps(expired.to_dict(names, full=True)))  # x-death times become text
     assert doc["headers"]["x-death"][0]["reason"] == "expired"
     assert doc["fields"]["train"]["epochs"] == 1 and doc["payload_bytes"] == 300
     assert doc["requeue_to"] == names.task_queue("cpu")
 
-    garbage = await dlq.show(broker, 3)
+    garbage = await dlq.show(mem, 3)
     assert garbage.peek.kind == "" and "not msgpack" in garbage.peek.error
     assert "body starts b'garbage" in dlq.render_show(names.dead_queue, names, garbage)
 
     with pytest.raises(ConfigError, match=r"no message #7: .* holds 6 \(#1 to #6\)"):
-        await dlq.show(broker, 7)
+        await dlq.show(mem, 7)
     with pytest.raises(ConfigError, match="positions start at 1"):
-        await dlq.show(broker, 0)
-    assert len(await dlq.read(broker)) == 6
+        await dlq.show(mem, 0)
+    assert len(await dlq.read(mem)) == 6
 
 
 async def test_many_dead_letters_keep_their_order(broker: RabbitMQ, names: Names) -> None:
@@ -277,30 +225,30 @@ async def test_many_dead_letters_keep_their_order(broker: RabbitMQ, names: Names
 # -- requeue ------------------------------------------------------------------------------------
 
 
-async def test_requeue_by_reason_puts_exactly_those_back(broker: RabbitMQ, names: Names, amqp_url: str) -> None:
-    s = await build_scene(broker, names, amqp_url)
-    before = await dlq.read(broker)
+async def test_requeue_by_reason_puts_exactly_those_back(mem: MemoryTransport, names: Names) -> None:
+    s = await build_scene(mem)
+    before = await dlq.read(mem)
 
-    dry = await dlq.requeue(broker, Choice(reason="stale"), dry_run=True)
+    dry = await dlq.requeue(mem, Choice(reason="stale"), dry_run=True)
     assert [(o.action, o.letter.position, o.target) for o in dry] == [
         ("would requeue", 2, names.updates_queue),
         ("would requeue", 4, names.updates_queue),
     ]
-    assert [d.sha256 for d in await dlq.read(broker)] == [d.sha256 for d in before]
+    assert [d.sha256 for d in await dlq.read(mem)] == [d.sha256 for d in before]
 
-    outcomes = await dlq.requeue(broker, Choice(reason="stale"))
+    outcomes = await dlq.requeue(mem, Choice(reason="stale"))
     assert [(o.action, o.letter.position, o.target) for o in outcomes] == [
         ("requeued", 2, names.updates_queue),
         ("requeued", 4, names.updates_queue),
     ]
-    back = await drain(broker, names.updates_queue, expect=2)
+    back = await drain(mem, names.updates_queue, expect=2)
     assert [d.body for d in back] == [s.stale_a[1], s.stale_b[1]]
     for d in back:
-        assert not DEATH_HEADERS & set(d.message.headers or {}), dict(d.message.headers)
-        assert not any(k.startswith("x-first-death-") for k in d.message.headers or {})
-        assert not d.redelivered and (d.message.headers or {}).get("x-delivery-count", 0) == 0
+        assert not DEATH_HEADERS & set(d.headers), dict(d.headers)
+        assert not any(k.startswith("x-first-death-") for k in d.headers)
+        assert not d.redelivered and d.headers.get("x-delivery-count", 0) == 0
 
-    left = await dlq.read(broker)
+    left = await dlq.read(mem)
     assert [(d.position, d.reason) for d in left] == [
         (1, "expired"),
         (2, "undecodable"),
@@ -310,18 +258,16 @@ async def test_requeue_by_reason_puts_exactly_those_back(broker: RabbitMQ, names
     assert "requeued 2" in dlq.render_requeue(names.dead_queue, outcomes, dry_run=False)
 
 
-async def test_requeue_positions_skips_unknown_sources_and_rejects_bad_ones(
-    broker: RabbitMQ, names: Names, amqp_url: str
-) -> None:
-    s = await build_scene(broker, names, amqp_url)
+async def test_requeue_positions_skips_unknown_sources_and_rejects_bad_ones(mem: MemoryTransport, names: Names) -> None:
+    s = await build_scene(mem)
 
     with pytest.raises(ConfigError, match=r"no message #9, #12: .* holds 6.*nothing was requeued"):
-        await dlq.requeue(broker, Choice(positions=(1, 9, 12)))
-    assert len(await dlq.read(broker)) == 6
+        await dlq.requeue(mem, Choice(positions=(1, 9, 12)))
+    assert len(await dlq.read(mem)) == 6
     with pytest.raises(ConfigError, match="say which messages"):
         Choice()
 
-    outcomes = await dlq.requeue(broker, Choice(positions=(6, 1)))
+    outcomes = await dlq.requeue(mem, Choice(positions=(6, 1)))
     assert [(o.action, o.letter.position, o.target) for o in outcomes] == [
         ("requeued", 1, names.task_queue("cpu")),
         ("skipped", 6, None),
@@ -331,19 +277,16 @@ async def test_requeue_positions_skips_unknown_sources_and_rejects_bad_ones(
     assert f"requeued #1 (expired task {s.expired[0]}) -> {names.task_queue('cpu')}" in text
 
     # the expired task is back on its task queue, as it was sent, with no record of its death
-    channel = await broker.connection.channel()
-    try:
-        queue = await channel.declare_queue(names.task_queue("cpu"), passive=True)
-        message = await queue.get(no_ack=True, fail=False, timeout=WAIT)
+    async with mem.queue_pass(names.task_queue("cpu")) as task_queue:
+        message = await task_queue.take()
         assert message is not None and message.body == s.expired[1]
-        headers = set(message.headers or {})
+        headers = set(message.headers)
         assert not DEATH_HEADERS & headers and not any(h.startswith("x-first-death-") for h in headers)
-        assert not message.redelivered and (message.headers or {}).get("x-delivery-count", 0) == 0
-        assert await queue.get(no_ack=True, fail=False, timeout=WAIT) is None
-    finally:
-        await channel.close()
+        assert not message.redelivered and message.headers.get("x-delivery-count", 0) == 0
+        assert await task_queue.ack(message) is None
+        assert await task_queue.take() is None
 
-    assert [(d.reason, d.source) for d in await dlq.read(broker)] == [
+    assert [(d.reason, d.source) for d in await dlq.read(mem)] == [
         ("stale", names.updates_queue),
         ("undecodable", names.updates_queue),
         ("stale", names.updates_queue),
@@ -379,7 +322,7 @@ def fedq(amqp_url: str, names: Names, *args: str) -> subprocess.CompletedProcess
 
 
 async def test_cli(broker: RabbitMQ, names: Names, amqp_url: str) -> None:
-    s = await build_scene(broker, names, amqp_url)
+    s = await build_scene(broker)
 
     listed = await asyncio.to_thread(fedq, amqp_url, names, "list", "--json")
     assert listed.returncode == 0, listed.stderr
