@@ -1,5 +1,9 @@
 """Shared fixtures: the real local RabbitMQ (a missing broker is an error, never a skip), an
-in-memory broker, a unique namespace per test with cleanup, and key material."""
+in-memory broker, a unique namespace per test with cleanup, and key material.
+
+Every test that reaches the real broker (through the ``amqp_url`` fixture, which ``broker``,
+``cleanup`` and every job-running fixture ask for, or a private RabbitMQ node) is marked
+``broker``: ``-m "not broker"`` runs the rest, which needs no RabbitMQ at all."""
 
 from __future__ import annotations
 
@@ -21,6 +25,14 @@ from shared.transport.rabbitmq import RabbitMQ
 pytest.register_assert_rewrite("tests.support")
 
 AMQP_URL = os.environ.get("FEDQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# fixtures that reach a RabbitMQ: a test whose fixture closure holds one of them is marked ``broker``
+BROKER_FIXTURES = frozenset({"amqp_url", "make_private_rabbit"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
 
 
 def _broker_answers(host: str = "127.0.0.1", port: int = 5672) -> bool:
