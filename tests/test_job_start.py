@@ -1,142 +1,29 @@
 """When a job starts: the coordinator waits for its fleet (``--min-workers``) before the first task,
 and a restarted one picks the job up without waiting again. Coordinators run here in the test's
-process against the real broker; fake workers are just signed hellos."""
+process on the in-memory broker; fake workers are just signed hellos."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import pytest
-from structlog.testing import capture_logs
 
-from broker_config.names import Names
-from broker_config.topology import topology
-from coordinator.config import CoordinatorConfig
-from coordinator.service import Coordinator
+from coordinator.config import Mode
 from fedq.cli import _given, _settings, build_parser, main
 from fedq.progress import Progress
 from fedq.run import job_started
-from shared.codec import decode, encode
-from shared.messages import Hello, Task
 from shared.settings import Settings
-from shared.signing import Keyring, Signer
 from shared.store import ModelStore, open_store
-from shared.transport import Delivery
-from shared.transport.rabbitmq import RabbitMQ
+from shared.transport.memory import MemoryTransport
 from tests.support.messages import save_version, tiny_model
-from tests.support.tiny import LinearApp
+from tests.support.rigs import coordinator_rig
 from tests.support.waiting import WAIT, events, until
 
 # -- the coordinator waits for its fleet -------------------------------------------------------
-
-
-class Fleet:
-    """Fake workers: each sends a signed hello every 0.3 s, as a worker's heartbeat does."""
-
-    def __init__(self, broker: RabbitMQ, signer: Signer, names: Names) -> None:
-        self.broker = broker
-        self.signer = signer
-        self.names = names
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def join(self, worker_id: str) -> None:
-        self.tasks.append(asyncio.create_task(self._beat(worker_id)))
-
-    async def _beat(self, worker_id: str) -> None:
-        while True:
-            hello = Hello(worker_id, ("cpu",), self.signer.fingerprint, "up", time.time())
-            await self.broker.publish(
-                self.names.workers_exchange, self.names.hello_key, encode(hello, self.signer)
-            )
-            await asyncio.sleep(0.3)
-
-    async def close(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-class Tasks:
-    """The tasks the coordinator publishes, as the task queue holds them (acked here at once)."""
-
-    def __init__(self) -> None:
-        self.got: list[Task] = []
-        self.keyring = Keyring()
-
-    async def on_message(self, delivery: Delivery) -> None:
-        task, _ = decode(delivery.body, self.keyring, Task)
-        self.got.append(task)
-        await delivery.ack()
-
-
-@contextlib.asynccontextmanager
-async def coordinator_rig(
-    broker: RabbitMQ, names: Names, amqp_url: str, out: Path, job: str = "", **settings: Any
-) -> AsyncIterator[tuple[Coordinator, Fleet, Tasks, list[dict[str, Any]]]]:
-    """A coordinator running in this process on a local store under ``out``; its logs captured."""
-    job = job or new_job()
-    names = names.for_job(job)
-    await broker.declare(topology(names))
-    s = Settings(
-        amqp_url=amqp_url,
-        namespace=names.namespace,
-        job=job,
-        out=str(out),
-        target_accuracy=0.0,
-        max_seconds=0.0,
-        worker_timeout=30.0,
-        **settings,
-    )
-    signer = Signer.generate()
-    keyring = Keyring()
-    keyring.add(signer.public)
-    tasks = Tasks()
-    tasks.keyring.add(signer.public)
-    await broker.consume(names.task_queue("cpu"), tasks.on_message, prefetch=32)
-    fleet = Fleet(broker, signer, names)
-    own = await RabbitMQ(amqp_url, names, "test-coordinator").connect()
-    with capture_logs() as logs:
-        coordinator = Coordinator(
-            config=CoordinatorConfig.from_settings(s),
-            transport=own,
-            store=job_store(out, job),
-            app=LinearApp(),
-            signer=signer,
-            keyring=keyring,
-        )
-        running = asyncio.create_task(coordinator.run())
-        try:
-            await until(lambda: events(logs, "started") or running.done(), "the coordinator to start")
-            yield coordinator, fleet, tasks, logs
-            assert not running.done(), running
-        finally:
-            await fleet.close()
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
-            await own.close()
-            conn = await aio_pika.connect(amqp_url)
-            try:
-                channel = await conn.channel()
-                for queue in (names.coordinator_queue, names.task_queue("cpu"), names.updates_queue):
-                    await channel.queue_delete(queue)
-            finally:
-                await conn.close()
-
-
-def new_job() -> str:
-    return f"job-{uuid.uuid4().hex[:8]}"
-
-
-def job_store(out: Path, job: str) -> ModelStore:
-    return ModelStore(open_store(str(out / "store")), job)
 
 
 def write_resumable_state(out: Path, job: str, in_flight: dict[str, Any] | None = None) -> float:
@@ -155,27 +42,26 @@ def write_resumable_state(out: Path, job: str, in_flight: dict[str, Any] | None 
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
-async def test_no_task_until_the_nth_worker_says_hello(
-    broker: RabbitMQ, names: Names, amqp_url: str, tmp_path: Path, mode: str
-) -> None:
+async def test_no_task_until_the_nth_worker_says_hello(mem: MemoryTransport, tmp_path: Path, mode: str) -> None:
     async with coordinator_rig(
-        broker, names, amqp_url, tmp_path, mode=mode, min_workers=3, min_workers_wait=60.0
-    ) as (coordinator, fleet, tasks, logs):
-        fleet.join("w1")
-        fleet.join("w2")
+        mem, tmp_path, mode=Mode(mode), min_workers=3, min_workers_wait=60.0, worker_timeout=30.0
+    ) as rig:
+        coordinator, logs = rig.coordinator, rig.logs
+        rig.join("w1")
+        rig.join("w2")
         await until(
             lambda: coordinator.scheduler.registry.live_count(time.time()) == 2, "two workers registered"
         )
         await asyncio.sleep(1.5)  # ticks of the coordinator's loop (0.1 s async, 0.5 s sync) go by
         state = coordinator.scheduler.state
-        assert tasks.got == [] and state.tasks_issued == 0 and state.t0 is None
+        assert rig.tasks == [] and state.tasks_issued == 0 and state.t0 is None
         waiting = events(logs, "waiting_for_workers")
         assert waiting and waiting[-1]["need"] == 3 and waiting[0]["have"] <= 2, waiting
         saved = json.loads((tmp_path / "coordinator.json").read_text())
         assert saved["t0"] is None and not saved["fleet_ready"] and saved["min_workers"] == 3
 
-        fleet.join("w3")
-        await until(lambda: len(tasks.got) >= 3, "a task per worker once the third said hello")
+        rig.join("w3")
+        await until(lambda: len(rig.tasks) >= 3, "a task per worker once the third said hello")
         assert state.t0 is not None and state.fleet_ready
         ready = events(logs, "fleet_ready")
         assert len(ready) == 1 and ready[0]["have"] == 3 and ready[0]["need"] == 3, ready
@@ -183,69 +69,55 @@ async def test_no_task_until_the_nth_worker_says_hello(
         if mode == "sync":
             opened = events(logs, "round_open")
             assert opened and opened[0]["size"] == 3, opened  # the first round has the whole fleet
+        rig.check_alive()
 
 
-async def test_starts_anyway_after_the_wait_with_a_warning(
-    broker: RabbitMQ, names: Names, amqp_url: str, tmp_path: Path
-) -> None:
-    async with coordinator_rig(broker, names, amqp_url, tmp_path, min_workers=3, min_workers_wait=2.0) as (
-        coordinator,
-        fleet,
-        tasks,
-        logs,
-    ):
-        fleet.join("w1")
-        await until(lambda: tasks.got, "a task after the wait", wait=2.0 + WAIT)
-        state = coordinator.scheduler.state
+async def test_starts_anyway_after_the_wait_with_a_warning(mem: MemoryTransport, tmp_path: Path) -> None:
+    async with coordinator_rig(mem, tmp_path, min_workers=3, min_workers_wait=2.0, worker_timeout=30.0) as rig:
+        rig.join("w1")
+        await until(lambda: rig.tasks, "a task after the wait", wait=2.0 + WAIT)
+        state = rig.coordinator.scheduler.state
         assert state.t0 is not None
         assert state.t0 - state.started >= 2.0  # not before the wait ran out
-        assert len(tasks.got) == 1  # one live worker, one task
-        (warning,) = events(logs, "starting_without_fleet")
+        assert len(rig.tasks) == 1  # one live worker, one task
+        (warning,) = events(rig.logs, "starting_without_fleet")
         assert warning["log_level"] == "warning"
         assert (warning["have"], warning["need"]) == (1, 3), warning
-        assert not events(logs, "fleet_ready")
+        assert not events(rig.logs, "fleet_ready")
+        rig.check_alive()
 
 
-async def test_a_resumed_job_does_not_wait_again(
-    broker: RabbitMQ, names: Names, amqp_url: str, tmp_path: Path
-) -> None:
-    job = new_job()
-    t0 = write_resumable_state(tmp_path, job)
-    async with coordinator_rig(
-        broker, names, amqp_url, tmp_path, job=job, min_workers=3, min_workers_wait=60.0
-    ) as (coordinator, fleet, tasks, logs):
-        assert events(logs, "resumed_job")
-        fleet.join("w1")
-        await until(lambda: tasks.got, "a task for the one worker there is", wait=5.0)
-        assert coordinator.scheduler.state.t0 == t0  # the job's clock is the one it had
-        assert coordinator.scheduler.state.tasks_issued >= 8
-        assert not events(logs, "waiting_for_workers") and not events(logs, "starting_without_fleet")
+async def test_a_resumed_job_does_not_wait_again(mem: MemoryTransport, tmp_path: Path) -> None:
+    t0 = write_resumable_state(tmp_path, mem.names.job)
+    async with coordinator_rig(mem, tmp_path, min_workers=3, min_workers_wait=60.0, worker_timeout=30.0) as rig:
+        assert events(rig.logs, "resumed_job")
+        rig.join("w1")
+        await until(lambda: rig.tasks, "a task for the one worker there is", wait=5.0)
+        state = rig.coordinator.scheduler.state
+        assert state.t0 == t0  # the job's clock is the one it had
+        assert state.tasks_issued >= 8
+        assert not events(rig.logs, "waiting_for_workers") and not events(rig.logs, "starting_without_fleet")
+        rig.check_alive()
 
 
-async def test_a_resumed_job_forgets_tasks_a_stored_version_applied(
-    broker: RabbitMQ, names: Names, amqp_url: str, tmp_path: Path
-) -> None:
+async def test_a_resumed_job_forgets_tasks_a_stored_version_applied(mem: MemoryTransport, tmp_path: Path) -> None:
     """The last state was written before the previous coordinator saw version 1 (which applied
     task ``done``): ``done`` must not keep the one worker's place until its TTL."""
-    job = new_job()
-    store = job_store(tmp_path, job)
+    job = mem.names.job
+    store = ModelStore(open_store(str(tmp_path / "store")), job)  # where the rig's coordinator looks
     blob = tiny_model().to_bytes()
     for version, ids in ((0, ()), (1, ("done",))):
         await save_version(store, blob, version, ids)
     late = time.time() + 600
     write_resumable_state(tmp_path, job, {"done": {"capability": "cpu", "deadline": late, "version": 0}})
-    async with coordinator_rig(broker, names, amqp_url, tmp_path, job=job) as (
-        coordinator,
-        fleet,
-        tasks,
-        logs,
-    ):
-        (forgot,) = events(logs, "in_flight_already_applied")
+    async with coordinator_rig(mem, tmp_path, worker_timeout=30.0) as rig:
+        (forgot,) = events(rig.logs, "in_flight_already_applied")
         assert forgot["count"] == 1
-        fleet.join("w1")
-        await until(lambda: tasks.got, "a task for the one worker", wait=5.0)
-        assert tasks.got[0].base_version == 1
-        assert set(coordinator.scheduler.in_flight) == {tasks.got[0].task_id}
+        rig.join("w1")
+        await until(lambda: rig.tasks, "a task for the one worker", wait=5.0)
+        assert rig.tasks[0].base_version == 1
+        assert set(rig.coordinator.scheduler.in_flight) == {rig.tasks[0].task_id}
+        rig.check_alive()
 
 
 # -- flags, fedq run and its progress line -----------------------------------------------------

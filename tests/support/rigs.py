@@ -1,6 +1,6 @@
 """Services running in the test's own process, over any transport (the real RabbitMQ or the
-in-memory broker): an aggregator rig and a worker rig, each with the test's own connection
-beside the service's to send what the service consumes and collect what it sends."""
+in-memory broker): an aggregator rig, a worker rig and a coordinator rig, each with the test's
+own connection beside the service's to send what the service consumes and collect what it sends."""
 
 from __future__ import annotations
 
@@ -14,21 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from aggregator.service import Aggregator
 from broker_config.names import Names
+from coordinator.config import CoordinatorConfig
+from coordinator.service import Coordinator
 from shared.aggregation import Policy
 from shared.app import PartitionSpec
 from shared.codec import decode, encode
 from shared.ledger import JsonLines, read_lines
-from shared.messages import Round, Task, Update
+from shared.messages import Hello, Receipt, Receipts, Round, Task, Update
 from shared.signing import Keyring, Signer
-from shared.store import LocalStore, ModelStore
+from shared.store import LocalStore, ModelStore, open_store
 from shared.tensors import FlatModel
 from shared.transport import Delivery, Transport
 from tests.support.broker import Inbox, assert_settled, connect_like
-from tests.support.messages import make_task, make_update, save_v0, tiny_model
+from tests.support.messages import make_task, make_update, save_v0, save_version, tiny_model
 from tests.support.tiny import LinearApp
-from tests.support.waiting import WAIT, until
+from tests.support.waiting import WAIT, events, until
 from worker.config import WorkerConfig
 from worker.outbox import Outbox
 from worker.service import Worker
@@ -366,3 +370,110 @@ async def worker_rig(
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(rig.running, WAIT)
         await transport.close()
+
+
+# -- the coordinator -----------------------------------------------------------------------------
+
+
+@dataclass
+class CoordinatorRig:
+    client: Transport  # the test's connection: hellos, receipts and versions in; tasks and rounds out
+    coordinator: Coordinator
+    store: ModelStore
+    worker: Signer  # signs the hellos of every fake worker
+    aggregator: Signer  # signs receipts and announcements
+    running: asyncio.Task[Any]
+    logs: list[dict[str, Any]]  # the coordinator's, captured
+    tasks: list[Task] = field(default_factory=list)  # what the task queue got, acked at once
+    rounds: list[Round] = field(default_factory=list)  # what the updates queue got
+    fleet: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def names(self) -> Names:
+        return self.client.names
+
+    async def hello(self, worker_id: str) -> None:
+        """One hello of ``worker_id`` (capability ``cpu``)."""
+        hello = Hello(worker_id, ("cpu",), self.worker.fingerprint, "up", time.time())
+        await self.client.publish(self.names.workers_exchange, self.names.hello_key, encode(hello, self.worker))
+
+    def join(self, worker_id: str, every: float = 0.3) -> None:
+        """A fake worker: a hello every ``every`` seconds, as a worker's heartbeat does."""
+
+        async def beat() -> None:
+            while True:
+                await self.hello(worker_id)
+                await asyncio.sleep(every)
+
+        self.fleet.append(asyncio.create_task(beat(), name=f"hellos-{worker_id}"))
+
+    async def receipt(self, task: Task) -> None:
+        """The aggregator's word that ``task``'s update is buffered."""
+        job = self.names.job
+        receipt = Receipt(job, task.task_id, "w1", "buffered", "", task.base_version)
+        body = encode(Receipts(job, (receipt,)), self.aggregator)
+        await self.client.publish(self.names.models_exchange, Names.receipt_key(job), body)
+
+    async def version(self, version: int, update_ids: tuple[str, ...]) -> None:
+        """Store ``version`` (the same weights as v0) and announce it, as the aggregator does."""
+        _, blob = await self.store.load_bytes(0)
+        manifest = await save_version(
+            self.store, blob, version, update_ids, updates_total=len(update_ids) * version
+        )
+        body = encode(manifest.announcement(), self.aggregator)
+        await self.client.publish(self.names.models_exchange, Names.model_key(self.names.job), body)
+
+    def check_alive(self) -> None:
+        if self.running.done():
+            raise AssertionError(f"the coordinator stopped: {self.running!r}")
+
+
+@contextlib.asynccontextmanager
+async def coordinator_rig(client: Transport, out: Path, **config: Any) -> AsyncIterator[CoordinatorRig]:
+    """A ``Coordinator`` of ``client``'s job on a connection of its own, with its state, metrics
+    and local store under ``out``, running ``LinearApp``; it stops on no target accuracy and no
+    time limit unless ``config`` (``CoordinatorConfig`` fields) says otherwise."""
+    names = client.names
+    coordinator_key, worker, aggregator = Signer.generate(), Signer.generate(), Signer.generate()
+    keyring = Keyring()
+    for signer in (worker, aggregator):
+        keyring.add(signer.public)
+    seen = Keyring()
+    seen.add(coordinator_key.public)
+    store = ModelStore(open_store(str(out / "store")), names.job)
+    own = await connect_like(client, "test-coordinator")
+    config = {"target_accuracy": 0.0, "max_seconds": 0.0, **config}
+    with capture_logs() as logs:
+        coordinator = Coordinator(
+            config=CoordinatorConfig(job_id=names.job, out_dir=out, **config),
+            transport=own,
+            store=store,
+            app=LinearApp(),
+            signer=coordinator_key,
+            keyring=keyring,
+        )
+        running = asyncio.create_task(coordinator.run(), name="coordinator")
+        rig = CoordinatorRig(client, coordinator, store, worker, aggregator, running, logs)
+
+        async def on_task(delivery: Delivery) -> None:
+            task, _ = decode(delivery.body, seen, Task)
+            rig.tasks.append(task)
+            await delivery.ack()
+
+        async def on_round(delivery: Delivery) -> None:
+            message, _ = decode(delivery.body, seen, Round)
+            rig.rounds.append(message)
+            await delivery.ack()
+
+        await client.consume(names.task_queue("cpu"), on_task, prefetch=100)
+        await client.consume(names.updates_queue, on_round, prefetch=100)
+        try:
+            await until(lambda: events(logs, "started") or running.done(), "the coordinator to start")
+            yield rig
+        finally:
+            for beat in rig.fleet:
+                beat.cancel()
+            await asyncio.gather(*rig.fleet, return_exceptions=True)
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            await own.close(grace=0.1)
