@@ -21,8 +21,7 @@ from shared.runtime import Runtime, Service
 from shared.signing import Keyring, Signer
 from shared.transport import Delivery
 from shared.transport.memory import MemoryBroker, MemoryTransport
-
-WAIT = 5.0
+from tests.support.waiting import WAIT, until
 
 
 class Probe(Service):
@@ -93,14 +92,6 @@ async def started(world: World, probe: Probe, stop: asyncio.Event | None = None)
     return running
 
 
-async def until(check: Callable[[], bool]) -> None:
-    for _ in range(int(WAIT / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("timed out")
-
-
 async def ok(_: Hello) -> None:
     pass
 
@@ -113,7 +104,7 @@ async def test_invalid_messages_never_reach_the_handler_and_are_dead_lettered_wi
     await client.publish(world.names.results_exchange, world.names.results_key, b"not an envelope")
     await world.send(client, "stranger", signer=Signer.generate())
     await world.send(client, "w1")
-    await until(lambda: probe.seen == ["w1"])
+    await until(lambda: probe.seen == ["w1"], "the valid hello handled")
     assert sorted(await world.dead(client)) == [Reason.UNDECODABLE, Reason.UNKNOWN_SIGNER]
     assert not running.done()
     running.cancel()
@@ -131,7 +122,7 @@ async def test_a_handler_error_dead_letters_that_message_only_and_the_service_go
     client = await world.client()
     await world.send(client, "bad")
     await world.send(client, "good")
-    await until(lambda: probe.seen == ["bad", "good"])
+    await until(lambda: probe.seen == ["bad", "good"], "both hellos handled")
     assert await world.dead(client) == [Reason.HANDLER_ERROR]
     info = await client.queue_info(world.names.updates_queue)
     assert info is not None and info.messages == 0  # the good one was acked, the bad one is not back
@@ -223,6 +214,6 @@ async def test_a_wire_error_handler_may_choose_to_ack() -> None:
     running = await started(world, probe)
     client = await world.client()
     await client.publish(world.names.results_exchange, world.names.results_key, b"junk")
-    await until(lambda: seen == [Reason.UNDECODABLE])
+    await until(lambda: seen == [Reason.UNDECODABLE], "the junk seen")
     assert await world.dead(client) == []
     running.cancel()
