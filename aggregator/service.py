@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from aggregator.config import AggregatorConfig
 from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected
 from broker_config.names import Names
 from broker_config.topology import Topology, topology
-from shared.aggregation import Policy
 from shared.codec import MAX_HEAD_BYTES, Envelope, encode
 from shared.errors import FedqError, ServiceFailure, StoreError, WireError
 from shared.keys import DirectoryKeyring, load_or_create_signer, load_public_key
@@ -30,7 +30,6 @@ from shared.reasons import Fate, Reason
 from shared.runtime import FATAL, Runtime, Service
 from shared.settings import Settings
 from shared.signing import Keyring, Signer, fingerprint
-from shared.staleness import Staleness
 from shared.store import Manifest, ModelStore, model_key, open_store
 from shared.transport import Delivery, Transport
 from shared.transport.connect import connected
@@ -76,22 +75,22 @@ class Aggregator(Service):
 
     def __init__(
         self,
+        config: AggregatorConfig,
         *,
-        broker: Transport,
+        transport: Transport,
         store: ModelStore,
-        policy: Policy,
         signer: Signer,
         keyring: Keyring,
         ledger: JsonLines,
         coordinator_fingerprint: str | None = None,
-        declare: Topology | None = None,
     ) -> None:
-        self.broker = broker
-        self.declare = declare
-        self.names: Names = broker.names
+        """``coordinator_fingerprint``: the only key whose rounds count (``None``: any trusted key)."""
+        self.config = config
+        self.transport = transport
+        self.names: Names = transport.names
         self.store = store
         self.job_id = store.job_id
-        self.policy = policy
+        self.policy = config.policy
         self.signer = signer
         self.keyring = keyring
         self.ledger = ledger
@@ -99,7 +98,7 @@ class Aggregator(Service):
         self.core: AggregatorCore | None = None
         self.held: list[Held] = []
         self._lock = asyncio.Lock()
-        self.receipts = ReceiptSender(broker, signer, self.job_id)
+        self.receipts = ReceiptSender(transport, signer, self.job_id)
         self._checked_store_at = -math.inf
         self.log = get_logger(service="aggregator", job=self.job_id)
 
@@ -153,12 +152,12 @@ class Aggregator(Service):
         return True
 
     # -- the service ------------------------------------------------------------------------
-    def topology(self) -> Topology | None:
-        return self.declare
+    def topology(self) -> Topology:
+        return topology(self.names, self.config.capabilities)
 
     async def start(self, runtime: Runtime) -> None:
         if self.core is None:
-            await self.load()
+            await self.load(self.config.load_wait)
         prefetch = 1024 if self.policy.mode == "sync" else max(4 * self.policy.k, 64)
         runtime.spawn("receipts", self.receipts.run)
         # Decoding and verifying happen in the runtime, before the lock: they overlap the fold of
@@ -178,7 +177,7 @@ class Aggregator(Service):
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run on the shared runtime over this aggregator's transport (already connected)."""
-        await Runtime(self.broker, job=self.job_id).run(self, stop)
+        await Runtime(self.transport, job=self.job_id).run(self, stop)
 
     def record_pending(self) -> None:
         """On a clean stop: what we hold unacked goes back to the queue; say so in the ledger."""
@@ -295,7 +294,7 @@ class Aggregator(Service):
             updates_total=self.core.updates_total,
         )
         await self.store.save(manifest, blob)
-        await self.broker.publish(
+        await self.transport.publish(
             self.names.models_exchange,
             Names.model_key(self.job_id),
             encode(manifest.announcement(), self.signer),
@@ -370,8 +369,8 @@ class ReceiptSender:
 
     LIMIT = 256  # receipts per message (about 40 kB with the usual ids; longer ones are split)
 
-    def __init__(self, broker: Transport, signer: Signer, job_id: str) -> None:
-        self.broker = broker
+    def __init__(self, transport: Transport, signer: Signer, job_id: str) -> None:
+        self.transport = transport
         self.signer = signer
         self.job_id = job_id
         self.pending: list[Receipt] = []
@@ -399,36 +398,27 @@ class ReceiptSender:
             return
         key = Names.receipt_key(self.job_id)  # no listener bound is no error
         try:
-            await self.broker.publish(self.broker.names.models_exchange, key, body, mandatory=False)
+            await self.transport.publish(self.transport.names.models_exchange, key, body, mandatory=False)
         except FedqError as exc:
             self.log.warning("receipts_not_sent", receipts=len(batch), error=str(exc))
 
 
 async def serve(settings: Settings) -> None:
     """Build the aggregator from settings and run it until stopped or failed."""
-    names = Names(settings.namespace, settings.job)
+    config = AggregatorConfig.from_settings(settings)
     signer = load_or_create_signer(settings.key_path("aggregator"))
     coordinator_fp = None
     if settings.coordinator_key_path.exists():
         coordinator_fp = fingerprint(load_public_key(settings.coordinator_key_path))
-    policy = Policy(
-        mode=settings.mode,
-        k=settings.buffer,
-        server_lr=settings.server_lr,
-        staleness=Staleness.parse(settings.staleness),
-        max_staleness=settings.max_staleness,
-        max_norm=settings.max_norm,
-    )
     async with connected(settings, f"fedq-aggregator-{settings.job}") as transport:
         ledger = JsonLines(settings.out_dir / "ledger.jsonl")
         aggregator = Aggregator(
-            broker=transport,
+            config,
+            transport=transport,
             store=ModelStore(open_store(settings.store, settings), settings.job),
-            policy=policy,
             signer=signer,
             keyring=DirectoryKeyring(settings.trusted_dir),
             ledger=ledger,
             coordinator_fingerprint=coordinator_fp,
-            declare=topology(names, settings.capability_list),
         )
         await aggregator.run()

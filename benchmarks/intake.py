@@ -61,6 +61,7 @@ from _common import (
     table,
 )
 
+from aggregator.config import AggregatorConfig
 from aggregator.service import Aggregator
 from broker_config.names import Names
 from broker_config.topology import coordinator_inbox, topology
@@ -382,9 +383,9 @@ async def intake(
         ring.add(signer.public)
         ring.add(worker.public)
         agg = TimedAggregator(
-            broker=service,
+            AggregatorConfig(Policy(mode="async", k=k, max_staleness=len(bodies) + 1)),
+            transport=service,
             store=store,
-            policy=Policy(mode="async", k=k, max_staleness=len(bodies) + 1),
             signer=signer,
             keyring=ring,
             ledger=JsonLines(tmp / "ledger.jsonl"),

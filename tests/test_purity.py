@@ -30,6 +30,7 @@ PURE = (
     "broker_config.topology",
     "shared.transport",
     "aggregator.core",
+    "aggregator.config",
     "coordinator.registry",
     "coordinator.config",
     "coordinator.state",
@@ -38,7 +39,7 @@ PURE = (
     "worker.config",
 )
 TORCH_FREE = tuple(
-    m for m in PURE if m not in {"shared.quantize", "shared.tensors", "shared.aggregation", "aggregator.core"}
+    m for m in PURE if m not in {"shared.quantize", "shared.tensors", "shared.aggregation", "aggregator.core", "aggregator.config"}
 )
 
 # Runs in the child: a meta-path finder that never finds anything itself, but records the

@@ -16,6 +16,7 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
+from aggregator.config import AggregatorConfig
 from aggregator.service import Aggregator
 from broker_config.names import Names
 from coordinator.config import CoordinatorConfig
@@ -205,9 +206,9 @@ async def aggregator_rig(
     ledger = JsonLines(ledger_path)
     service = service or await connect_like(client, "test-aggregator")
     aggregator = Aggregator(
-        broker=service,
+        AggregatorConfig(Policy(mode=mode, k=k, max_staleness=max_staleness)),
+        transport=service,
         store=store,
-        policy=Policy(mode=mode, k=k, max_staleness=max_staleness),
         signer=agg_signer,
         keyring=ring,
         ledger=ledger,
