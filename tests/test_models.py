@@ -3,16 +3,10 @@ on a finished run and in the middle of a live one."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,42 +15,29 @@ import torch
 
 from broker_config.names import Names
 from fedq.audit import balance
+from shared.app import load_app
 from shared.errors import StoreError
 from shared.store import Manifest
-from tests.support.broker import delete_namespace
-from tests.support.jobs import cleanup, finish, log_events, records, start_run, wait_for
+from tests.support.jobs import (
+    TINY_APP,
+    cleanup,
+    cli,
+    copy_run,
+    finish,
+    finished_run,
+    json_lines,
+    log_events,
+    manifests,
+    records,
+    start_run,
+    wait_for,
+)
 
 __all__ = ["cleanup"]  # the fixture, used by the live-run test
 
 
-def fedq(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedq.cli", *args], capture_output=True, text=True, timeout=180
-    )
-
-
-def json_lines(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
-def manifests(out: Path) -> dict[int, dict[str, Any]]:
-    found = (json.loads(p.read_text()) for p in (out / "store").rglob("v*.json"))
-    return {m["version"]: m for m in found}
-
-
 def model_file(out: Path, manifest: dict[str, Any]) -> Path:
     return out / "store" / manifest["key"]
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    """A run folder copied elsewhere, its config pointing at the copy (the job and broker stay)."""
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    for key, value in config["settings"].items():
-        if isinstance(value, str) and value.startswith(str(src)):
-            config["settings"][key] = str(dst) + value[len(str(src)) :]
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
 
 
 # -- without a broker ---------------------------------------------------------------------------
@@ -101,24 +82,19 @@ def test_audit_balance_ignores_rollback_records() -> None:
 
 
 @pytest.fixture(scope="module")
-def run(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Names]]:
-    """One finished run shared by the tests below; they change only copies of it."""
-    names = Names(f"t-{uuid.uuid4().hex[:10]}")
-    out = tmp_path_factory.mktemp("models") / "run"
-    finish(
-        start_run(
-            out, names, "--workers", "2", "--buffer", "2", "--target-accuracy", "0", "--max-versions", "4"
-        )
-    )
-    yield out, names
-    asyncio.run(delete_namespace(amqp_url, names, ("cpu",)))
+def run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, amqp_url: str
+) -> tuple[Path, Names]:
+    """The session's finished run (tests/support/jobs.py: ``finished_run``); the tests below change
+    only copies of it."""
+    return finished_run(request, tmp_path_factory, amqp_url)
 
 
 @pytest.mark.slow
 def test_list_shows_every_version(run: tuple[Path, Names]) -> None:
     out, _ = run
     stored = manifests(out)
-    result = fedq("model", "list", str(out), "--json")
+    result = cli("model", "list", str(out), "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json_lines(result.stdout)
     assert [r["version"] for r in rows] == sorted(stored) and len(rows) >= 5
@@ -134,12 +110,12 @@ def test_list_shows_every_version(run: tuple[Path, Names]) -> None:
         assert r["updates"] == len(m["update_ids"]) and r["mean_staleness"] == m["mean_staleness"]
         assert r["accuracy"] == (metrics[r["version"]]["accuracy"] if r["version"] in metrics else None)
         assert r["rollback_of"] is None
-    table = fedq("model", "list", str(out))
+    table = cli("model", "list", str(out))
     assert table.returncode == 0
     for v, m in stored.items():
         assert any(line.split()[:2] == [str(v), str(m["parent"])] for line in table.stdout.splitlines())
         assert m["sha256"][:12] in table.stdout
-    shown = fedq("model", "show", str(out), "1", "--json")
+    shown = cli("model", "show", str(out), "1", "--json")
     assert shown.returncode == 0, shown.stderr
     doc = json.loads(shown.stdout)
     assert doc["manifest"] == stored[1] and doc["metrics"] == metrics.get(1)
@@ -147,38 +123,37 @@ def test_list_shows_every_version(run: tuple[Path, Names]) -> None:
 
 @pytest.mark.slow
 def test_export_loads_into_the_apps_model(run: tuple[Path, Names], tmp_path: Path) -> None:
-    from fedq.apps.mnist1d import app
-
     out, _ = run
+    app = load_app(json.loads((out / "config.json").read_text())["settings"]["app"])
     metrics = {m["version"]: m for m in records(out / "metrics.jsonl")}
     version = max(v for v in metrics if v > 0)
     path = tmp_path / "model.pt"
-    result = fedq("model", "export", str(out), str(version), str(path))
+    result = cli("model", "export", str(out), str(version), str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     state = torch.load(path, weights_only=True)
     torch.set_num_threads(1)
     net = app.build_model(0)
     net.load_state_dict(state)
     assert app.evaluate(net)["accuracy"] == pytest.approx(metrics[version]["accuracy"], abs=1e-6)
-    assert fedq("model", "export", str(out), "99", str(tmp_path / "x.pt")).returncode == 2
+    assert cli("model", "export", str(out), "99", str(tmp_path / "x.pt")).returncode == 2
 
 
 @pytest.mark.slow
 def test_verify_names_a_changed_model(run: tuple[Path, Names], tmp_path: Path) -> None:
     out, _ = run
-    result = fedq("model", "verify", str(out))
+    result = cli("model", "verify", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     copy = copy_run(out, tmp_path / "run")
     blob = model_file(copy, manifests(copy)[2])
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0x01
     blob.write_bytes(bytes(data))
-    result = fedq("model", "verify", str(copy))
+    result = cli("model", "verify", str(copy))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "failing: v2" in result.stdout
-    verdicts = json_lines(fedq("model", "verify", str(copy), "--json").stdout)
+    verdicts = json_lines(cli("model", "verify", str(copy), "--json").stdout)
     assert [v["version"] for v in verdicts if not v["ok"]] == [2]
-    assert fedq("model", "export", str(copy), "2", str(tmp_path / "v2.pt")).returncode == 4  # StoreError
+    assert cli("model", "export", str(copy), "2", str(tmp_path / "v2.pt")).returncode == 4  # StoreError
 
 
 @pytest.mark.slow
@@ -187,9 +162,9 @@ def test_rollback_on_a_finished_run(run: tuple[Path, Names], tmp_path: Path) -> 
     copy = copy_run(out, tmp_path / "run")
     before = manifests(copy)
     latest = max(before)
-    applied_before = json.loads(fedq("audit", str(copy), "--json").stdout)["applied"]
+    applied_before = json.loads(cli("audit", str(copy), "--json").stdout)["applied"]
 
-    result = fedq("model", "rollback", str(copy), "--to", "1", "--json")
+    result = cli("model", "rollback", str(copy), "--to", "1", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     done = json.loads(result.stdout)
     assert done["version"] == latest + 1 and done["parent"] == latest and done["rollback_of"] == 1
@@ -206,21 +181,21 @@ def test_rollback_on_a_finished_run(run: tuple[Path, Names], tmp_path: Path) -> 
         copy / "keys" / "operator.pub"
     ).read_bytes()
 
-    rows = json_lines(fedq("model", "list", str(copy), "--json").stdout)
+    rows = json_lines(cli("model", "list", str(copy), "--json").stdout)
     assert rows[-1]["version"] == latest + 1 and rows[-1]["rollback_of"] == 1
-    assert fedq("model", "verify", str(copy)).returncode == 0
-    audit = fedq("audit", str(copy), "--json")
+    assert cli("model", "verify", str(copy)).returncode == 0
+    audit = cli("audit", str(copy), "--json")
     assert audit.returncode == 0, audit.stdout + audit.stderr
     balance_after = json.loads(audit.stdout)
     assert balance_after["ok"] and balance_after["chain_ok"] and balance_after["applied"] == applied_before
-    replay = fedq("replay", "verify", str(copy), "--all", "--json")
+    replay = cli("replay", "verify", str(copy), "--all", "--json")
     assert replay.returncode == 0, replay.stdout + replay.stderr
     verdict = {v["version"]: v for v in json_lines(replay.stdout)}[latest + 1]
     assert verdict["ok"] and verdict["derived"] == before[1]["sha256"]
 
     # nothing to roll back to: the latest version itself, or a version that does not exist
-    assert fedq("model", "rollback", str(copy), "--to", str(latest + 1), "--no-announce").returncode == 2
-    assert fedq("model", "rollback", str(copy), "--to", "99", "--no-announce").returncode == 2
+    assert cli("model", "rollback", str(copy), "--to", str(latest + 1), "--no-announce").returncode == 2
+    assert cli("model", "rollback", str(copy), "--to", "99", "--no-announce").returncode == 2
     assert max(manifests(copy)) == latest + 1
 
 
@@ -232,30 +207,37 @@ def test_rollback_during_a_live_run(names: Names, tmp_path: Path, cleanup: None)
     """Roll a running job back to version 1: the coordinator adopts the new version and hands out
     tasks on it, the aggregator folds on from it, and the job ends balanced and replayable."""
     out = tmp_path / "run"
+    # One task in flight at a time, each held 0.3 s: a version (K=4) every second and a half or
+    # so, and at most one update waiting while the aggregator is held still below.
     proc = start_run(
         out,
         names,
+        *TINY_APP,
         "--workers",
         "2",
+        "--delay-profile",
+        "0.3*2",
+        "--concurrency",
+        "1",
         "--buffer",
         "4",
         "--target-accuracy",
-        "0.99",
+        "0",
         "--max-versions",
-        "8",
+        "7",
         "--max-seconds",
         "200",
     )
     try:
-        wait_for(lambda: len(manifests(out)) >= 3, 150, "version 2")
+        wait_for(lambda: len(manifests(out)) >= 2, 150, "version 1")
         job = json.loads((out / "config.json").read_text())["settings"]["job"]
         aggregator = json.loads((out / "processes.json").read_text())["aggregator"]
         seen = max(manifests(out))
         wait_for(lambda: max(manifests(out)) > seen, 60, "a fresh version")
         # Hold the aggregator still (stopped, not killed) while rolling back, so that the coordinator
         # provably adopts the rollback before any update can make a newer version. Right after a
-        # version its buffer (K=4) is nearly empty: when it resumes, the updates it held or that
-        # queued up fill no buffer at once, and their receipts make the coordinator top up with
+        # version its buffer (K=4) is nearly empty: when it resumes, the updates it held and the one
+        # that queued up fill no buffer at once, and their receipts make the coordinator top up with
         # tasks on the rollback version.
         os.kill(aggregator, signal.SIGSTOP)
         try:
@@ -265,7 +247,7 @@ def test_rollback_during_a_live_run(names: Names, tmp_path: Path, cleanup: None)
                 time.sleep(0.5)
                 os.kill(aggregator, signal.SIGSTOP)
                 latest = max(manifests(out))
-            result = fedq("model", "rollback", str(out), "--to", "1", "--json")
+            result = cli("model", "rollback", str(out), "--to", "1", "--json")
             assert result.returncode == 0, result.stdout + result.stderr
             rolled = json.loads(result.stdout)["version"]
             assert rolled == latest + 1
@@ -296,10 +278,10 @@ def test_rollback_during_a_live_run(names: Names, tmp_path: Path, cleanup: None)
     # tasks were handed out on the rollback version, trained, and their updates applied
     started = [e for w in ("w00", "w01") for e in log_events(out / "logs" / f"{w}.log", "task_started")]
     assert any(e["version"] == rolled for e in started)
-    logged = json_lines(fedq("log", str(out), "--json").stdout)
+    logged = json_lines(cli("log", str(out), "--json").stdout)
     on_rollback = [r for r in logged if r["base_version"] == rolled]
     assert any(r["fate"].startswith("applied") for r in on_rollback), on_rollback
-    audit = fedq("audit", str(out))
+    audit = cli("audit", str(out))
     assert audit.returncode == 0, audit.stdout + audit.stderr
-    replay = fedq("replay", "verify", str(out), "--all")
+    replay = cli("replay", "verify", str(out), "--all")
     assert replay.returncode == 0, replay.stdout + replay.stderr

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
-import sys
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import pytest
@@ -20,47 +15,35 @@ from broker_config.names import Names
 from broker_config.topology import topology
 from shared.transport.rabbitmq import RabbitMQ
 from tests.support.broker import delete_namespace
-from tests.support.jobs import finish, start_run
+from tests.support.jobs import (
+    TINY_APP,
+    cleanup,
+    cli,
+    copy_run,
+    finish,
+    finished_run,
+    json_lines,
+    records,
+    start_run,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def fedq(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedq.cli", *args], capture_output=True, text=True, timeout=180
-    )
-
-
-def json_lines(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+__all__ = ["cleanup"]  # the fixture, used by the live-job test
 
 
 @pytest.fixture(scope="module")
-def run(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Names]]:
-    """One finished run shared by the tests of this module (read-only for them)."""
-    names = Names(f"t-{uuid.uuid4().hex[:10]}")
-    out = tmp_path_factory.mktemp("replay") / "run"
-    finish(
-        start_run(
-            out,
-            names,
-            "--workers",
-            "3",
-            "--buffer",
-            "3",
-            "--target-accuracy",
-            "0",
-            "--max-versions",
-            "6",
-        )
-    )
-    yield out, names
-    asyncio.run(delete_namespace(amqp_url, names, ("cpu",)))
+def run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, amqp_url: str
+) -> tuple[Path, Names]:
+    """The session's finished run (tests/support/jobs.py: ``finished_run``): seven versions of
+    three updates each from two workers; read-only for these tests."""
+    return finished_run(request, tmp_path_factory, amqp_url)
 
 
 def test_verify_all_matches_every_version(run: tuple[Path, Names]) -> None:
     out, _ = run
-    result = fedq("replay", "verify", str(out), "--all", "--json")
+    result = cli("replay", "verify", str(out), "--all", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     verdicts = json_lines(result.stdout)
     assert [v["version"] for v in verdicts] == list(range(len(verdicts))) and len(verdicts) >= 7
@@ -69,17 +52,12 @@ def test_verify_all_matches_every_version(run: tuple[Path, Names]) -> None:
 
 def test_verify_names_a_tampered_stored_version(run: tuple[Path, Names], tmp_path: Path) -> None:
     out, _ = run
-    copy = tmp_path / "run"
-    shutil.copytree(out, copy)
-    config = json.loads((copy / "config.json").read_text())
-    config["settings"]["store"] = str(copy / "store")
-    config["settings"]["out"] = str(copy)
-    (copy / "config.json").write_text(json.dumps(config))
+    copy = copy_run(out, tmp_path / "run")
     blob = next((copy / "store").rglob("v000003.bin"))
     data = bytearray(blob.read_bytes())
     data[-10] ^= 0x01
     blob.write_bytes(bytes(data))
-    result = fedq("replay", "verify", str(copy), "--all")
+    result = cli("replay", "verify", str(copy), "--all")
     assert result.returncode == 1
     assert "v3 " in result.stdout and "MISMATCH" in result.stdout and "failing: [3, 4]" in result.stdout
 
@@ -115,12 +93,11 @@ def test_verify_names_a_tampered_log_entry(run: tuple[Path, Names], amqp_url: st
 
     asyncio.run(copy_log())
     try:
-        copy = tmp_path / "run"
-        shutil.copytree(out, copy)
+        copy = copy_run(out, tmp_path / "run")
         config = json.loads((copy / "config.json").read_text())
         config["settings"]["namespace"] = forged.namespace
         (copy / "config.json").write_text(json.dumps(config))
-        result = fedq("replay", "verify", str(copy), "--all")
+        result = cli("replay", "verify", str(copy), "--all")
         assert result.returncode == 1
         assert "v2 " in result.stdout and victim in result.stdout and "tampered" in result.stdout
     finally:
@@ -129,12 +106,12 @@ def test_verify_names_a_tampered_log_entry(run: tuple[Path, Names], amqp_url: st
 
 def test_what_if_original_policy_reproduces_and_another_differs(run: tuple[Path, Names]) -> None:
     out, _ = run
-    same = fedq("replay", "what-if", str(out), "--json")
+    same = cli("replay", "what-if", str(out), "--json")
     assert same.returncode == 0, same.stderr
     doc = json_lines(same.stdout)[-1]
     assert doc["reproduces_original"] is True
     assert doc["what_if"]["shas"] == doc["original"]["shas"]
-    other = fedq("replay", "what-if", str(out), "--buffer", "5", "--json")
+    other = cli("replay", "what-if", str(out), "--buffer", "5", "--json")
     assert other.returncode == 0, other.stderr
     doc2 = json_lines(other.stdout)[-1]
     assert doc2["reproduces_original"] is False and doc2["policy"]["k"] == 5
@@ -144,7 +121,7 @@ def test_what_if_original_policy_reproduces_and_another_differs(run: tuple[Path,
 
 def test_log_offsets_times_and_filters(run: tuple[Path, Names]) -> None:
     out, _ = run
-    every = json_lines(fedq("log", str(out), "--json").stdout)
+    every = json_lines(cli("log", str(out), "--json").stdout)
     applied = sum(len(json.loads(p.read_text())["update_ids"]) for p in (out / "store").rglob("v*.json"))
     assert len(every) >= applied > 0
     assert all(r["signature"] == "valid" for r in every)
@@ -152,37 +129,50 @@ def test_log_offsets_times_and_filters(run: tuple[Path, Names]) -> None:
     offsets = [r["offset"] for r in every]
     assert offsets == sorted(offsets)
     middle = offsets[len(offsets) // 2]
-    tail = json_lines(fedq("log", str(out), "--from", str(middle), "--json").stdout)
+    tail = json_lines(cli("log", str(out), "--from", str(middle), "--json").stdout)
     assert tail and tail[0]["offset"] == middle and len(tail) == len([o for o in offsets if o >= middle])
-    assert len(json_lines(fedq("log", str(out), "--from", "1h", "--json").stdout)) == len(every)
+    assert len(json_lines(cli("log", str(out), "--from", "1h", "--json").stdout)) == len(every)
     later = datetime.now(UTC).isoformat()
-    assert json_lines(fedq("log", str(out), "--from", later, "--json").stdout) == []
+    assert json_lines(cli("log", str(out), "--from", later, "--json").stdout) == []
     w = every[0]["worker"]
-    mine = json_lines(fedq("log", str(out), "--worker", w, "--json").stdout)
+    mine = json_lines(cli("log", str(out), "--worker", w, "--json").stdout)
     assert mine and all(r["worker"] == w for r in mine)
     assert len(mine) < len(every)
-    table = fedq("log", str(out), "--versions", "1:2").stdout
+    table = cli("log", str(out), "--versions", "1:2").stdout
     assert "applied v1" in table and "applied v3" not in table
-    bad = fedq("log", str(out), "--from", "yesterday")
+    bad = cli("log", str(out), "--from", "yesterday")
     assert bad.returncode == 2 and "bad offset" in bad.stderr
 
 
-def test_reading_the_log_does_not_disturb_a_live_job(tmp_path: Path, amqp_url: str) -> None:
-    names = Names(f"t-{uuid.uuid4().hex[:10]}")
+def test_reading_the_log_does_not_disturb_a_live_job(tmp_path: Path, names: Names, cleanup: None) -> None:
+    """``fedq log`` reads the update log again and again while a job runs; the job still ends on
+    its own terms with every update accounted for: the reader takes nothing from the live queues."""
     out = tmp_path / "run"
+    # each task held 0.5 s: the 40 updates take about ten seconds, time for several reads
     proc = start_run(
-        out, names, "--workers", "2", "--buffer", "2", "--target-accuracy", "0", "--max-updates", "30"
+        out,
+        names,
+        *TINY_APP,
+        "--workers",
+        "2",
+        "--delay-profile",
+        "0.5*2",
+        "--buffer",
+        "2",
+        "--target-accuracy",
+        "0",
+        "--max-updates",
+        "40",
     )
-    try:
-        deadline = datetime.now(UTC).timestamp() + 120
-        reads = 0
-        while proc.poll() is None and datetime.now(UTC).timestamp() < deadline:
-            if (out / "config.json").exists() and (out / "store").exists():
-                result = fedq("log", str(out), "--json")
-                reads += result.returncode == 0
-        finish(proc)
-        assert reads >= 1
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["stop_reason"] == "max_updates" and summary["audit"]["ok"]
-    finally:
-        asyncio.run(delete_namespace(amqp_url, names, ("cpu",)))
+    wait_for(lambda: records(out / "ledger.jsonl"), 120, "the first applied updates", proc)
+    read_while_running = []
+    while proc.poll() is None:
+        result = cli("log", str(out), "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        if proc.poll() is None:
+            read_while_running.append(len(json_lines(result.stdout)))
+    finish(proc)
+    assert len(read_while_running) >= 2 and read_while_running[0] > 0, read_while_running
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_updates" and summary["audit"]["ok"], summary
+    assert summary["audit"]["lost"] == 0 and summary["audit"]["applied"] == summary["updates_applied"]

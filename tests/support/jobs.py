@@ -3,25 +3,79 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from broker_config.names import Names
+from fedq.cli import main
 from shared.keys import load_or_create_signer, public_key_path
 from tests.support.broker import delete_namespace
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository: services started by a test import tests.support
+# The tiny linear app (tests/support/tiny.py) for jobs whose point is not learning MNIST-1D: a task
+# trains in milliseconds, so such a job's pace is set by ``--delay-profile`` (seconds a worker sleeps
+# after each task), not by the load on the machine.
+TINY_APP = ("--app", "tests.support.tiny:LinearApp")
+
 
 def fedq(*args: str) -> list[str]:
+    """The command line of ``fedq ARGS`` as a process of its own."""
     return [sys.executable, "-m", "fedq.cli", *args]
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What a ``fedq`` command run by ``cli`` returned and printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str | Path) -> Ran:
+    """``fedq ARGS`` run in this process through ``fedq.cli.main``, as the command line would run it
+    (same parsing, settings, exit codes and output), without a process of its own: a tool such as
+    ``fedq log`` or ``fedq model`` then costs no Python and PyTorch start-up (seconds each on a loaded
+    machine). The logging configuration the command sets up is put back afterwards."""
+    out, err = io.StringIO(), io.StringIO()
+    logging = structlog.get_config()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse refused the command line
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        structlog.configure(**logging)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON objects a command printed one a line (``--json``), skipping anything else."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def service_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a service a test starts, able to import ``tests.support``
+    (the tiny app) from any working directory."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
 def start_run(
@@ -38,23 +92,25 @@ def start_run(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, **(env or {}), "FEDQ_LOG_LEVEL": "info"},
+        env=service_env({**(env or {}), "FEDQ_LOG_LEVEL": "info"}),
     )
 
 
 def worker_env(names: Names, out: Path) -> dict[str, str]:
-    """The environment of a worker started beside a run (``out``), outside ``fedq run``: its
-    namespace, and its job as the run's config.json names it."""
-    job = json.loads((out / "config.json").read_text())["settings"]["job"]
-    return {
-        **os.environ,
-        "FEDQ_NAMESPACE": names.namespace,
-        "FEDQ_JOB": job,
-        "FEDQ_KEYS_DIR": str(out / "keys"),
-        "FEDQ_STORE": str(out / "store"),
-        "FEDQ_LOG_JSON": "true",
-        "OMP_NUM_THREADS": "1",
-    }
+    """The environment of a service started beside a run (``out``), outside ``fedq run``: its
+    namespace, and its job and app as the run's config.json names them."""
+    settings = json.loads((out / "config.json").read_text())["settings"]
+    return service_env(
+        {
+            "FEDQ_NAMESPACE": names.namespace,
+            "FEDQ_JOB": settings["job"],
+            "FEDQ_APP": settings["app"],
+            "FEDQ_KEYS_DIR": str(out / "keys"),
+            "FEDQ_STORE": str(out / "store"),
+            "FEDQ_LOG_JSON": "true",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
 
 
 def enrol(keys: Path, name: str) -> Path:
@@ -65,14 +121,27 @@ def enrol(keys: Path, name: str) -> Path:
     return key
 
 
+def stop_run(proc: subprocess.Popen[str]) -> str:
+    """Interrupt a run that is still going, as Ctrl-C would (it stops its processes), or kill it
+    if it does not end in time; what it printed since. Nothing to do for a run that has ended (a
+    test calls it on the way out, whatever happened)."""
+    if proc.returncode is not None:
+        return ""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=30)[0] or ""
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0] or ""
+
+
 def finish(proc: subprocess.Popen[str], timeout: float = 240, check: bool = True) -> str:
     """The run's output once it ends. ``check``: it must end within ``timeout`` with exit code 0;
-    otherwise the caller reads ``proc.returncode`` (a run that outlives ``timeout`` is killed)."""
+    otherwise the caller reads ``proc.returncode`` (a run that outlives ``timeout`` is stopped)."""
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
+        output = stop_run(proc)
         if check:
             raise AssertionError(f"fedq run did not finish in {timeout}s:\n{output[-3000:]}") from None
         return f"fedq run did not finish in {timeout}s\n{output}"
@@ -163,6 +232,41 @@ def check_exact_accounting(out: Path) -> Counter[str]:
     # A rejected copy of an applied task may only be a recognised duplicate.
     assert rejected_reasons <= {"duplicate"}, (rejected_applied, rejected_reasons)
     return applied
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A run folder copied elsewhere, its config pointing at the copy (the job and broker stay): a
+    test may change the copy without disturbing other readers of the run."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    for key, value in config["settings"].items():
+        if isinstance(value, str) and value.startswith(str(src)):
+            config["settings"][key] = str(dst) + value[len(str(src)) :]
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+# The finished run that the tools' tests read: the tiny app, two workers, K=3, seven versions (0-6).
+FINISHED_RUN = (*TINY_APP, "--workers", "2", "--buffer", "3", "--target-accuracy", "0", "--max-versions", "6")
+_finished_run = pytest.StashKey[tuple[Path, Names]]()
+
+
+def finished_run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, amqp_url: str
+) -> tuple[Path, Names]:
+    """One finished ``fedq run`` (``FINISHED_RUN``) for the whole session, made when a test first
+    needs it; its run folder and namespace. Tests only read it: one that changes a file works on a
+    ``copy_run``. The namespace is deleted when the session ends."""
+    stash = request.config.stash
+    if _finished_run not in stash:
+        names = Names(f"t-{uuid.uuid4().hex[:10]}")
+        out = tmp_path_factory.mktemp("finished") / "run"
+        request.config.add_cleanup(
+            lambda: asyncio.run(delete_namespace(amqp_url, names, ("cpu",), (out.name,)))
+        )
+        finish(start_run(out, names, *FINISHED_RUN))
+        stash[_finished_run] = (out, names)
+    return stash[_finished_run]
 
 
 @pytest.fixture
