@@ -1,5 +1,11 @@
 """Fault tests: kill the aggregator mid-buffer, fail over to a standby, restart the coordinator,
-run the chaos monkey. Each ends with the audit balance checked."""
+run the chaos monkey. Each ends with the audit balance checked.
+
+The jobs train the tiny app (a task takes milliseconds) and their workers sleep a fixed time after
+each task (``--delay-profile``), so a job's pace does not depend on the load on the machine. A test
+that must act at a given point holds the process it acts on still (SIGSTOP) and looks before it
+kills, rather than racing the job.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,29 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker_config.names import Names
-from shared.keys import load_or_create_signer, public_key_path
-from tests.support.jobs import cleanup, fedq, finish, log_events, records, start_run, wait_for
+from tests.support.jobs import (
+    TINY_APP,
+    cleanup,
+    cli,
+    copy_run,
+    enrol,
+    fedq,
+    finish,
+    finished_run,
+    log_events,
+    records,
+    start_run,
+    stop_run,
+    wait_for,
+    worker_env,
+)
 
 pytestmark = pytest.mark.slow
 __all__ = ["cleanup"]  # the fixture, re-exported for these tests
@@ -30,14 +51,18 @@ def applied(out: Path) -> list[dict[str, Any]]:
 
 
 def audit(out: Path) -> dict[str, Any]:
-    result = subprocess.run(fedq("audit", str(out), "--json"), capture_output=True, text=True, timeout=120)
+    """``fedq audit RUN --json``: the balance, read again from the store, the ledger and the broker."""
+    result = cli("audit", out, "--json")
     balance: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == (0 if balance["ok"] else 1), result.stderr
     return balance
 
 
-def assert_balanced(out: Path) -> dict[str, Any]:
-    balance = audit(out)
+def assert_balanced(out: Path, balance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The audit balances: by default the one ``fedq run`` made once every process had stopped
+    (``audit.json``)."""
+    if balance is None:
+        balance = json.loads((out / "audit.json").read_text())
     assert balance["ok"], balance
     assert balance["applied_twice"] == {} and balance["lost"] == 0 and balance["chain_ok"]
     assert balance["sent"] >= balance["applied"] > 0
@@ -45,114 +70,151 @@ def assert_balanced(out: Path) -> dict[str, Any]:
 
 
 def test_aggregator_killed_with_half_full_buffer(tmp_path: Path, names: Names, cleanup: None) -> None:
+    """The aggregator is killed while it holds a part-filled buffer (updates it has not acked: they
+    are acked only once a stored version holds them). ``fedq run`` restarts it; the held updates
+    come back redelivered and are applied once."""
     out = tmp_path / "run"
     proc = start_run(
         out,
         names,
+        *TINY_APP,
         "--workers",
-        "3",
+        "2",
+        "--delay-profile",
+        "0.3*2",
         "--buffer",
         "4",
         "--target-accuracy",
         "0",
         "--max-updates",
-        "48",
+        "40",
         "--max-seconds",
         "200",
         "--log-level",
         "debug",
     )
     log = out / "logs" / "aggregator.log"
-
-    def half_full() -> bool:
-        events = log_events(log, "update_buffered")
-        return len(applied(out)) >= 8 and bool(events) and 0 < events[-1]["buffered"] < 4
-
-    wait_for(half_full, 150, "a half-full buffer after two versions")
-    os.kill(pids(out)["aggregator"], signal.SIGKILL)
-    finish(proc)
+    try:
+        wait_for(lambda: len(applied(out)) >= 8, 150, "two versions", proc)
+        aggregator = pids(out)["aggregator"]
+        # Hold it still and read its last buffer count: an update_buffered event is logged before a
+        # full buffer is folded, so 1-3 as the last count means that many updates held, unacked.
+        deadline = time.monotonic() + 60
+        while True:
+            os.kill(aggregator, signal.SIGSTOP)
+            buffered = log_events(log, "update_buffered")[-1]["buffered"]
+            if 0 < buffered < 4:
+                break
+            os.kill(aggregator, signal.SIGCONT)
+            assert time.monotonic() < deadline, "never caught the aggregator with a part-filled buffer"
+            time.sleep(0.1)
+        os.kill(aggregator, signal.SIGKILL)
+        finish(proc)
+    finally:
+        stop_run(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "max_updates", summary
     assert summary["restarts"].get("aggregator") == 1
     assert len(log_events(log, "resumed")) == 2  # the first process and its replacement
     # what the killed aggregator held unacked came back and was applied once
-    assert any(r["redelivered"] for r in applied(out))
+    assert sum(r["redelivered"] for r in applied(out)) >= buffered
     assert summary["audit"]["ok"]
     assert_balanced(out)
 
 
 def test_standby_aggregator_takes_over(tmp_path: Path, names: Names, cleanup: None) -> None:
+    """A second aggregator attaches while the first is alive: while updates flow, the first goes on
+    making every version and the standby waits (single active consumer); when the first is killed,
+    the standby makes the next versions and the job ends balanced."""
     out = tmp_path / "run"
     proc = start_run(
         out,
         names,
+        *TINY_APP,
         "--workers",
         "2",
+        "--delay-profile",
+        "0.2*2",
         "--buffer",
         "2",
         "--target-accuracy",
         "0",
         "--max-updates",
-        "50",
+        "40",
         "--max-seconds",
         "200",
     )
-    wait_for(lambda: len(applied(out)) >= 4, 150, "the job to get going")
-    env = {
-        **os.environ,
-        "FEDQ_NAMESPACE": names.namespace,
-        "FEDQ_JOB": "run",
-        "FEDQ_STORE": str(out / "store"),
-        "FEDQ_KEYS_DIR": str(out / "keys"),
-        "FEDQ_TRUSTED_KEYS": str(out / "keys" / "trusted"),
-        "FEDQ_OUT": str(out),
-        "FEDQ_LOG_JSON": "true",
-        "FEDQ_BUFFER": "2",
-    }
-    standby_key = out / "keys" / "standby.key"
-    load_or_create_signer(standby_key)  # enrol it: the coordinator trusts only known aggregators
-    (out / "keys" / "trusted" / "standby.pub").write_bytes(public_key_path(standby_key).read_bytes())
-    standby_log = out / "logs" / "standby.log"
-    with standby_log.open("wb") as fh:
-        standby = subprocess.Popen(
-            fedq("aggregator", "--key-file", str(standby_key)),
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
+    log = out / "logs" / "aggregator.log"
+    standby: subprocess.Popen[bytes] | None = None
     try:
-        wait_for(lambda: bool(log_events(standby_log, "consuming")), 60, "the standby to attach")
+        wait_for(lambda: len(applied(out)) >= 4, 150, "the job to get going", proc)
+        coordinator, primary = pids(out)["coordinator"], pids(out)["aggregator"]
+        # Hold the coordinator still while the standby starts: no new task, so the job cannot end
+        # before the takeover; the first aggregator runs on.
+        os.kill(coordinator, signal.SIGSTOP)
+        try:
+            env = {
+                **worker_env(names, out),
+                "FEDQ_TRUSTED_KEYS": str(out / "keys" / "trusted"),
+                "FEDQ_OUT": str(out),
+                "FEDQ_BUFFER": "2",
+            }
+            standby_key = enrol(out / "keys", "standby")  # the coordinator trusts only known aggregators
+            standby_log = out / "logs" / "standby.log"
+            with standby_log.open("wb") as fh:
+                standby = subprocess.Popen(
+                    fedq("aggregator", "--key-file", str(standby_key)),
+                    env=env,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                )
+            wait_for(lambda: bool(log_events(standby_log, "consuming")), 90, "the standby to attach", proc)
+            made = len(log_events(log, "version"))
+        finally:
+            os.kill(coordinator, signal.SIGCONT)
+        # updates flow again, to the first aggregator only: two more versions (four updates), none
+        # of them made by the standby
+        wait_for(lambda: len(log_events(log, "version")) >= made + 2, 60, "two more versions", proc)
         assert not log_events(standby_log, "version")  # single active consumer: it waits
-        os.kill(pids(out)["aggregator"], signal.SIGKILL)
-        wait_for(lambda: bool(log_events(standby_log, "version")), 60, "the standby to take over")
+        os.kill(primary, signal.SIGKILL)
+        wait_for(lambda: bool(log_events(standby_log, "version")), 60, "the standby to take over", proc)
         finish(proc)
     finally:
-        standby.send_signal(signal.SIGTERM)
-        standby.wait(20)
+        stop_run(proc)
+        if standby is not None:
+            standby.send_signal(signal.SIGTERM)
+            standby.wait(20)
     assert json.loads((out / "summary.json").read_text())["stop_reason"] == "max_updates"
-    assert_balanced(out)
+    assert_balanced(out, audit(out))  # again, now that the standby (outside the run) has stopped too
 
 
 def test_coordinator_restart_resumes_the_job(tmp_path: Path, names: Names, cleanup: None) -> None:
     out = tmp_path / "run"
+    # about six updates a second: the job has some 30 left, five seconds, when the coordinator dies
     proc = start_run(
         out,
         names,
+        *TINY_APP,
         "--workers",
-        "3",
+        "2",
+        "--delay-profile",
+        "0.3*2",
         "--buffer",
         "3",
         "--target-accuracy",
         "0",
         "--max-updates",
-        "45",
+        "36",
         "--max-seconds",
         "200",
     )
-    wait_for(lambda: len(applied(out)) >= 6, 150, "the job to get going")
-    issued_before = json.loads((out / "coordinator.json").read_text())["tasks_issued"]
-    os.kill(pids(out)["coordinator"], signal.SIGKILL)
-    finish(proc)
+    try:
+        wait_for(lambda: len(applied(out)) >= 6, 150, "the job to get going", proc)
+        issued_before = json.loads((out / "coordinator.json").read_text())["tasks_issued"]
+        os.kill(pids(out)["coordinator"], signal.SIGKILL)
+        finish(proc)
+    finally:
+        stop_run(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "max_updates", summary
     assert summary["restarts"].get("coordinator") == 1
@@ -166,13 +228,19 @@ def test_coordinator_restart_resumes_the_job(tmp_path: Path, names: Names, clean
 
 
 def test_chaos_run_balances(tmp_path: Path, names: Names, cleanup: None) -> None:
+    """``--chaos 2``: a worker killed every 2 s (and restarted later), the aggregator killed once at
+    5 s. Three workers that sleep 1 s a task make at most 3 updates a second: half of the 30 are
+    still to come when the aggregator is killed."""
     out = tmp_path / "run"
     finish(
         start_run(
             out,
             names,
+            *TINY_APP,
             "--workers",
-            "4",
+            "3",
+            "--delay-profile",
+            "1*3",
             "--buffer",
             "3",
             "--chaos",
@@ -180,7 +248,7 @@ def test_chaos_run_balances(tmp_path: Path, names: Names, cleanup: None) -> None
             "--target-accuracy",
             "0",
             "--max-updates",
-            "45",
+            "30",
             "--max-seconds",
             "240",
         ),
@@ -193,14 +261,13 @@ def test_chaos_run_balances(tmp_path: Path, names: Names, cleanup: None) -> None
     assert_balanced(out)
 
 
-def test_audit_detects_an_update_applied_twice(tmp_path: Path, names: Names, cleanup: None) -> None:
-    out = tmp_path / "run"
-    finish(
-        start_run(
-            out, names, "--workers", "2", "--buffer", "2", "--target-accuracy", "0", "--max-versions", "3"
-        )
-    )
-    assert_balanced(out)
+def test_audit_detects_an_update_applied_twice(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, amqp_url: str, tmp_path: Path
+) -> None:
+    """On a copy of the session's finished run: the audit balances; an update id copied into a second
+    version is named as applied twice, and a version whose parent is wrong breaks the chain."""
+    out = copy_run(finished_run(request, tmp_path_factory, amqp_url)[0], tmp_path / "run")
+    assert_balanced(out, audit(out))
     manifests = sorted((out / "store").rglob("v*.json"))
     v1, v2 = (json.loads(p.read_text()) for p in manifests[1:3])
     v2["update_ids"].append(v1["update_ids"][0])
