@@ -1,7 +1,9 @@
-"""Whole jobs through the real broker: each service its own process, real training on MNIST-1D.
+"""Whole jobs through the real broker: each service its own process.
 
 These are the slowest tests (tens of seconds each): they run ``fedq run`` as a
-user would and read the run folder it leaves behind.
+user would and read the run folder it leaves behind. The jobs that must learn train
+MNIST-1D for real; the others train the tiny app, their pace set by the workers'
+``--delay-profile`` rather than by the load on the machine.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 
 from broker_config.names import Names
 from tests.support.jobs import (
+    TINY_APP,
     cleanup,
     enrol,
     fedq,
@@ -24,6 +27,7 @@ from tests.support.jobs import (
     log_events,
     records,
     start_run,
+    stop_run,
     wait_for,
     worker_env,
 )
@@ -115,33 +119,47 @@ def test_sync_job_learns(tmp_path: Path, names: Names, cleanup: None) -> None:
 
 
 def test_killed_worker_does_not_stop_the_job(tmp_path: Path, names: Names, cleanup: None) -> None:
+    """A worker killed in the middle of a task: the job goes on, and the task it held is redelivered
+    and done by another worker, once."""
     out = tmp_path / "run"
-    # w01 is slow (3 s extra per task), so it is almost always mid-task when killed.
+    # The tiny app: w01 sleeps 3 s after each task, so it is almost always mid-task when killed;
+    # the others, 0.5 s: some 35 of the 50 updates are still to come when it is killed.
     proc = start_run(
         out,
         names,
+        *TINY_APP,
         "--workers",
         "3",
         "--delay-profile",
-        "0*1,3*1,0*1",
+        "0.5*1,3*1,0.5*1",
         "--target-accuracy",
         "0",
         "--max-updates",
-        "60",
+        "50",
         "--max-seconds",
         "200",
         "--buffer",
         "3",
     )
     log = out / "logs" / "w01.log"
-    wait_for(
-        lambda: len(log_events(log, "update_sent")) >= 1 and (out / "processes.json").exists(), 120, "w01"
-    )
-    wait_for(lambda: len(log_events(log, "task_started")) > len(log_events(log, "update_sent")), 30, "a task")
-    in_hand = log_events(log, "task_started")[-1]["task"]
-    pid = json.loads((out / "processes.json").read_text())["w01"]
-    os.kill(pid, signal.SIGKILL)
-    finish(proc)
+    try:
+        wait_for(
+            lambda: len(log_events(log, "update_sent")) >= 1 and (out / "processes.json").exists(),
+            120,
+            "w01",
+            proc,
+        )
+        wait_for(
+            lambda: len(log_events(log, "task_started")) > len(log_events(log, "update_sent")),
+            30,
+            "a task",
+            proc,
+        )
+        in_hand = log_events(log, "task_started")[-1]["task"]
+        os.kill(json.loads((out / "processes.json").read_text())["w01"], signal.SIGKILL)
+        finish(proc)
+    finally:
+        stop_run(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "max_updates", summary
     applied = check_no_double_counting(out)
@@ -151,56 +169,22 @@ def test_killed_worker_does_not_stop_the_job(tmp_path: Path, names: Names, clean
     assert applied[in_hand] == 1
 
 
-def test_worker_joins_mid_job(tmp_path: Path, names: Names, cleanup: None) -> None:
+def test_workers_started_by_hand_join_mid_job(tmp_path: Path, names: Names, cleanup: None) -> None:
+    """Workers started outside the run, their keys enrolled, join it while it runs and take part: a
+    single worker (``late``), and one process hosting three replicas (``fedq worker --replicas 3``),
+    each with its own id, key and share of the data."""
     out = tmp_path / "run"
+    # The tiny app: the run's own worker sleeps 2 s after each task, so alone it would need 80 s for
+    # the 40 updates; the workers started by hand (no sleep) have all that time to start, then do
+    # most of them.
     proc = start_run(
         out,
         names,
-        "--workers",
-        "2",
-        "--target-accuracy",
-        "0",
-        "--max-updates",
-        "70",  # long enough for the late worker to start up and take part
-        "--max-seconds",
-        "400",  # room for a loaded machine: the job is meant to end on max_updates
-        "--buffer",
-        "2",
-    )
-    wait_for(
-        lambda: len(records(out / "ledger.jsonl")) >= 4 if (out / "ledger.jsonl").exists() else False,
-        120,
-        "the job to get going",
-    )
-    late_key = enrol(out / "keys", "worker-late")  # the newcomer's public key goes to the trusted directory
-    late_log = (tmp_path / "late.log").open("w")
-    late = subprocess.Popen(
-        fedq("worker", "--worker-id", "late", "--partition", "1/2", "--key-file", str(late_key)),
-        env=worker_env(names, out),
-        stdout=late_log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        finish(proc, timeout=480)
-    finally:
-        late.send_signal(signal.SIGTERM)
-        late.wait(20)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["stop_reason"] == "max_updates", summary
-    check_no_double_counting(out)
-    joined = [e["worker"] for e in log_events(out / "logs" / "coordinator.log", "worker_joined")]
-    assert "late" in joined
-    applied_by = Counter(r["worker_id"] for r in records(out / "ledger.jsonl") if r["fate"] == "applied")
-    assert applied_by["late"] >= 1, applied_by
-
-
-def test_one_process_hosts_several_replicas(tmp_path: Path, names: Names, cleanup: None) -> None:
-    out = tmp_path / "run"
-    proc = start_run(
-        out,
-        names,
+        *TINY_APP,
         "--workers",
         "1",
+        "--delay-profile",
+        "2*1",
         "--target-accuracy",
         "0",
         "--max-updates",
@@ -210,26 +194,42 @@ def test_one_process_hosts_several_replicas(tmp_path: Path, names: Names, cleanu
         "--buffer",
         "2",
     )
-    wait_for(lambda: (out / "keys" / "coordinator.pub").exists(), 60, "the run's keys")
-    ids = [f"fleet-r{j}" for j in range(3)]
-    for wid in ids:  # enrol the replicas' keys before they start
-        enrol(out / "keys", f"worker-{wid}")
-    with (tmp_path / "fleet.log").open("w") as log:
-        fleet = subprocess.Popen(
-            fedq("worker", "--worker-id", "fleet", "--replicas", "3", "--partition", "1/4"),
-            env=worker_env(names, out),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    replicas = [f"fleet-r{j}" for j in range(3)]
+    started: list[subprocess.Popen[bytes]] = []
     try:
+        wait_for(lambda: len(records(out / "ledger.jsonl")) >= 2, 120, "the job's first version", proc)
+        # the newcomers' public keys go to the trusted directory; replicas keep their private keys
+        # in the keys directory, under their own ids
+        late_key = enrol(out / "keys", "worker-late")
+        for wid in replicas:
+            enrol(out / "keys", f"worker-{wid}")
+        for name, args in (
+            ("late", ("--worker-id", "late", "--partition", "1/2", "--key-file", str(late_key))),
+            ("fleet", ("--worker-id", "fleet", "--replicas", "3", "--partition", "1/4")),
+        ):
+            with (tmp_path / f"{name}.log").open("w") as log:
+                started.append(
+                    subprocess.Popen(
+                        fedq("worker", *args),
+                        env=worker_env(names, out),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         finish(proc)
     finally:
-        fleet.send_signal(signal.SIGTERM)
-        fleet.wait(20)
+        stop_run(proc)
+        for worker in started:
+            worker.send_signal(signal.SIGTERM)
+        for worker in started:
+            worker.wait(20)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stop_reason"] == "max_updates" and summary["audit"]["ok"]
+    assert summary["stop_reason"] == "max_updates" and summary["audit"]["ok"], summary
+    check_no_double_counting(out)
+    joined = {e["worker"] for e in log_events(out / "logs" / "coordinator.log", "worker_joined")}
+    assert {"late", *replicas} <= joined, joined
     applied_by = Counter(r["worker_id"] for r in records(out / "ledger.jsonl") if r["fate"] == "applied")
-    assert all(applied_by[w] >= 1 for w in ids), applied_by
+    assert all(applied_by[w] >= 1 for w in ("late", *replicas)), applied_by
     partitions = {e["worker"]: e["partition"] for e in log_events(tmp_path / "fleet.log", "started")}
     assert partitions == {"fleet-r0": "1/4", "fleet-r1": "2/4", "fleet-r2": "3/4"}
 
