@@ -7,8 +7,12 @@ the task; the robust channel is reopened, the task is delivered again, and dedup
 (in the worker, and in the aggregator for a copy trained elsewhere) keeps the effect exactly-once.
 
 RabbitMQ 3.10 checks the timeout only when a channel ticks (``channel_tick_interval``, 60 s by
-default), so a 5 s timeout alone fires after about a minute; the private node here also ticks
-every second, which makes the channel close 5-6 s after the delivery.
+default), so a 3 s timeout alone fires after about a minute; the private node here also ticks
+every second, which makes the channel close 3-4 s after the delivery. The module's two tests share
+the node (tests/support/private_broker.py); each reads only what the node logged during its own job.
+
+The jobs train the tiny app (a task takes milliseconds): how long a worker holds a task is its
+``--delay-profile``, whatever the load on the machine.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import re
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import pytest
 
 from broker_config.names import Names
 from tests.support.jobs import (
+    TINY_APP,
     check_exact_accounting,
     finish,
     log_records,
@@ -39,22 +45,31 @@ from tests.support.private_broker import (  # noqa: F401  (fixtures used by name
 
 pytestmark = pytest.mark.slow
 
-TIMEOUT_MS = 5000
+TIMEOUT_MS = 3000
 TICK_MS = 1000
-WORKER_DELAY = 7.0  # seconds of extra "training" after one real epoch (~1 s): a task is held ~8 s > 5 s
+WORKER_DELAY = 6.0  # seconds a worker holds each task: 2 s past the channel's close at 3-4 s
 
 _CONNECTION_NAME = re.compile(r"connection (<[\d.]+>) \(.*\) has a client-provided name: (\S+)")
 _CHANNEL_ERROR = re.compile(r"\] (<[\d.]+>) Channel error on connection (<[\d.]+>)")
 _ACK_TIMEOUT = re.compile(r"\] (<[\d.]+>) operation .*delivery acknowledgement on channel \d+ timed out")
 
 
-def consumer_timeouts(node: PrivateRabbit) -> Counter[str]:
-    """How many channels the node closed for an ack timeout, by client connection name."""
+def log_sizes(node: PrivateRabbit) -> dict[Path, int]:
+    """How far the node's log files go now: ``consumer_timeouts`` reads on from there."""
+    return {path: path.stat().st_size for path in node.logs.glob("*.log")}
+
+
+def consumer_timeouts(node: PrivateRabbit, since: Mapping[Path, int]) -> Counter[str]:
+    """How many channels the node closed for an ack timeout after ``since`` (``log_sizes``), by
+    client connection name."""
     names: dict[str, str] = {}
     channel_of: dict[str, str] = {}
     found: Counter[str] = Counter()
     for path in sorted(node.logs.glob("*.log")):
-        for line in path.read_text(errors="replace").splitlines():
+        with path.open("rb") as fh:
+            fh.seek(since.get(path, 0))
+            text = fh.read().decode(errors="replace")
+        for line in text.splitlines():
             if m := _CONNECTION_NAME.search(line):
                 names[m.group(1)] = m.group(2)
             elif m := _CHANNEL_ERROR.search(line):
@@ -73,18 +88,22 @@ def deliveries(out: Path, worker: str) -> dict[str, list[bool]]:
     return seen
 
 
-def run_slow_job(node: PrivateRabbit, out: Path, *args: str) -> dict[str, Any]:
+def run_slow_job(
+    node: PrivateRabbit, out: Path, updates: int, *args: str
+) -> tuple[dict[str, Any], Counter[str]]:
+    """A job of ``updates`` updates (K=1) whose workers hold each task ``WORKER_DELAY`` s; its
+    summary and the consumer timeouts the node logged meanwhile."""
+    since = log_sizes(node)
     proc = start_run(
         out,
         Names(f"t-{uuid.uuid4().hex[:10]}"),
+        *TINY_APP,
         "--target-accuracy",
         "0",
         "--max-updates",
-        "3",
+        str(updates),
         "--buffer",
         "1",
-        "--local-epochs",
-        "1",  # keeps the time a task is held close to WORKER_DELAY, even on a loaded machine
         "--max-seconds",
         "80",
         *args,
@@ -97,7 +116,7 @@ def run_slow_job(node: PrivateRabbit, out: Path, *args: str) -> dict[str, Any]:
         pytest.fail(f"fedq run failed (exit {code})\n{context}", pytrace=False)
     summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
     summary["_context"] = context
-    return summary
+    return summary, consumer_timeouts(node, since)
 
 
 @pytest.mark.timeout(150)
@@ -106,9 +125,8 @@ def test_task_held_past_consumer_timeout_is_redelivered_and_counted_once(
 ) -> None:
     node = make_private_rabbit(consumer_timeout_ms=TIMEOUT_MS, channel_tick_ms=TICK_MS)
     out = tmp_path / "run"
-    summary = run_slow_job(node, out, "--workers", "1", "--delay-profile", f"{WORKER_DELAY}*1")
+    summary, timeouts = run_slow_job(node, out, 2, "--workers", "1", "--delay-profile", f"{WORKER_DELAY}*1")
     context = summary["_context"]
-    timeouts = consumer_timeouts(node)
     # The broker closed the worker's channel for holding its task too long ...
     assert timeouts["fedq-worker-w00"] >= 1, (
         f"no consumer timeout for the worker: {dict(timeouts)}\n{context}"
@@ -119,7 +137,7 @@ def test_task_held_past_consumer_timeout_is_redelivered_and_counted_once(
     # ... and the job still ended on its own terms, every task counted once.
     assert summary["stop_reason"] == "max_updates", f"{summary['stop_reason']}\n{context}"
     applied = check_exact_accounting(out)
-    assert len(applied) >= 3
+    assert len(applied) >= 2
     assert redelivered & set(applied), "a redelivered task should also be an applied one"
     rejected = Counter(r["reason"] for r in records(out / "ledger.jsonl") if r["fate"] == "rejected")
     assert set(rejected) <= {"duplicate"}, rejected
@@ -133,11 +151,12 @@ def test_copy_trained_by_a_second_worker_is_rejected_as_duplicate(
     aggregator applies the first update and rejects the second as a duplicate."""
     node = make_private_rabbit(consumer_timeout_ms=TIMEOUT_MS, channel_tick_ms=TICK_MS)
     out = tmp_path / "run"
-    summary = run_slow_job(
-        node, out, "--workers", "2", "--concurrency", "1", "--delay-profile", f"{WORKER_DELAY}*2"
+    # three updates: the second copy of the first task (trained 3-4 s + WORKER_DELAY after it was first
+    # delivered) reaches the aggregator well before the job ends
+    summary, timeouts = run_slow_job(
+        node, out, 3, "--workers", "2", "--concurrency", "1", "--delay-profile", f"{WORKER_DELAY}*2"
     )
     context = summary["_context"]
-    timeouts = consumer_timeouts(node)
     assert sum(n for name, n in timeouts.items() if name.startswith("fedq-worker-")) >= 1, (
         f"no consumer timeout for a worker: {dict(timeouts)}\n{context}"
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,8 @@ from shared.settings import Settings
 from shared.store import LocalStore, Manifest, ModelStore, manifest_key, model_key, open_store
 from shared.tensors import FlatModel
 from tests.support.broker import delete_namespace
-from tests.support.jobs import finish, records, start_run
+from tests.support.jobs import TINY_APP, finish, records, start_run
+from tests.support.private_broker import free_port
 from tests.support.s3server import S3Server, s3server_fixture  # noqa: F401 - the s3server fixture
 
 
@@ -207,20 +207,12 @@ async def test_missing_bucket_and_unreachable_endpoint(s3server: S3Server) -> No
         for call in (missing.get("k"), missing.put("k", b"1"), missing.list("")):
             with pytest.raises(StoreError, match="bucket 'no-such-bucket-fedq' does not exist at http://127"):
                 await call
-    endpoint = f"http://127.0.0.1:{closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     async with store_for(s3server, "x", endpoint=endpoint) as nowhere:
         started = time.monotonic()
         with pytest.raises(StoreError, match=f"S3 endpoint {endpoint} is unreachable"):
             await nowhere.get("k")
         assert time.monotonic() - started < 30
-
-
-def closed_port() -> int:
-    """A loopback port that nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 async def test_settings_fedq_values_win_over_aws_ones(
@@ -292,20 +284,25 @@ def test_s3_flags_but_no_key_flags() -> None:
 def test_job_stores_its_versions_on_s3(
     s3server: S3Server, tmp_path: Path, names: Names, amqp_url: str
 ) -> None:
+    """A whole job (the tiny app: what is stored matters here, not learning) keeps its versions in
+    the bucket: every manifest and model there, the ledger matching the manifests, nothing local."""
     out = tmp_path / unique("s3run")  # the job id is the run folder's name: unique in the shared bucket
     try:
         output = finish(
             start_run(
                 out,
                 names,
+                *TINY_APP,
                 "--workers",
-                "3",
+                "2",
+                "--buffer",
+                "2",
                 "--store",
                 f"s3://{s3server.bucket}/runs",
                 "--target-accuracy",
-                "0.7",
-                "--max-seconds",
-                "150",
+                "0",
+                "--max-versions",
+                "4",
                 "--inline-limit",
                 "0",  # tasks carry a store reference: workers fetch every model from S3
                 env=s3server.env(),
@@ -313,9 +310,9 @@ def test_job_stores_its_versions_on_s3(
             timeout=240,
         )
     finally:
-        asyncio.run(delete_namespace(amqp_url, names, ("cpu",)))
+        asyncio.run(delete_namespace(amqp_url, names, ("cpu",), (out.name,)))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stop_reason"] == "target_accuracy", (summary, output[-2000:])
+    assert summary["stop_reason"] == "max_versions", (summary, output[-2000:])
     assert summary["audit"]["lost"] == 0 and not summary["audit"]["applied_twice"], summary["audit"]
     assert not (out / "store").exists()  # nothing went to the local default
     config = json.loads((out / "config.json").read_text())["settings"]
@@ -325,7 +322,9 @@ def test_job_stores_its_versions_on_s3(
     job = out.name
     keys = raw_keys(s3server, f"runs/jobs/{job}/models/")
     versions = sorted(int(k.rsplit("/v", 1)[1][:-5]) for k in keys if k.endswith(".json"))
-    assert versions == list(range(summary["versions"] + 1)) and len(versions) >= 2, keys
+    # the chain from 0, up to the version the job stopped at or one more (the aggregator may fold the
+    # updates in flight when the coordinator stops, before it is stopped itself)
+    assert versions == list(range(len(versions))) and max(versions) >= summary["versions"] >= 4, keys
     assert {f"runs/{model_key(job, v)}" for v in versions} <= set(keys)
     client = s3server.client()
     in_manifests: Counter[str] = Counter()

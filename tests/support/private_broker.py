@@ -50,7 +50,8 @@ class PrivateBrokerError(RuntimeError):
     """A private RabbitMQ node could not be started or controlled."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on (bound, then released) for a server to take."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -130,10 +131,10 @@ class PrivateRabbit:
         self.scripts = find_rabbitmq_scripts()
         self.node = f"fedq-test-{secrets.token_hex(4)}@localhost"
         self.host = "127.0.0.1"
-        self.port = _free_port()
-        self.dist_port = _free_port()
+        self.port = free_port()
+        self.dist_port = free_port()
         while self.dist_port == self.port:
-            self.dist_port = _free_port()
+            self.dist_port = free_port()
         self.home = root / "home"
         self.mnesia = root / "mnesia"
         self.logs = root / "log"
@@ -338,28 +339,37 @@ def private_rabbit_node(
 MakeRabbit = Callable[..., PrivateRabbit]
 
 
-@pytest.fixture(name="make_private_rabbit")
+@pytest.fixture(name="make_private_rabbit", scope="module")
 def make_private_rabbit_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeRabbit]:
-    """A factory of started private nodes (``make(consumer_timeout_ms=5000, channel_tick_ms=1000)``);
-    every node it made is killed at teardown, even when the test failed. A node that cannot be
-    started fails the test loudly with the reason."""
+    """A factory of started private nodes (``make(consumer_timeout_ms=5000, channel_tick_ms=1000)``),
+    one node per configuration for the test module: a node takes seconds to start, so the module's
+    tests share it (each on a namespace of its own; one may restart it). A node found stopped (a test
+    failed while it was down) is started again. Every node it made is killed at the module's end,
+    even when a test failed. A node that cannot be started fails the test loudly with the reason."""
+    nodes: dict[tuple[int | None, int | None], PrivateRabbit] = {}
     with contextlib.ExitStack() as stack:
 
         def make(consumer_timeout_ms: int | None = None, channel_tick_ms: int | None = None) -> PrivateRabbit:
-            root = tmp_path_factory.mktemp("rabbit")
+            config = (consumer_timeout_ms, channel_tick_ms)
             try:
-                return stack.enter_context(
-                    private_rabbit_node(
-                        root, consumer_timeout_ms=consumer_timeout_ms, channel_tick_ms=channel_tick_ms
+                if config in nodes:
+                    nodes[config].start()  # nothing to do if it runs
+                else:
+                    nodes[config] = stack.enter_context(
+                        private_rabbit_node(
+                            tmp_path_factory.mktemp("rabbit"),
+                            consumer_timeout_ms=consumer_timeout_ms,
+                            channel_tick_ms=channel_tick_ms,
+                        )
                     )
-                )
             except PrivateBrokerError as exc:
                 pytest.fail(f"cannot start a private RabbitMQ node for this test: {exc}", pytrace=False)
+            return nodes[config]
 
         yield make
 
 
 @pytest.fixture(name="private_rabbit")
 def private_rabbit_fixture(make_private_rabbit: MakeRabbit) -> PrivateRabbit:
-    """A started private node with the default configuration."""
+    """The module's started private node with the default configuration."""
     return make_private_rabbit()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.private_broker import free_port
 
 REGION = "us-east-1"
 
@@ -81,13 +82,6 @@ class S3Server:
             self._moto_api("reset-auth", b"inf")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
@@ -104,7 +98,7 @@ def moto_server(log_dir: Path, bucket: str = "fedq-test", timeout: float = 30.0)
             "moto's S3 server is not installed: .venv/bin/pip install 'moto[server]' (it is in the dev extra)",
             pytrace=False,
         )
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log_path = log_dir / "moto.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FEDQ_S3_", "MOTO_"))}
