@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -47,6 +48,23 @@ def check_no_double_counting(out: Path) -> Counter[str]:
         in_manifests.update(json.loads(manifest.read_text())["update_ids"])
     assert in_manifests == applied
     return applied
+
+
+def stop_workers(workers: list[subprocess.Popen[bytes]], grace: float = 20) -> list[str]:
+    """SIGTERM every worker, give them ``grace`` seconds to stop, kill those still running (no
+    process outlives the test); the command lines of those that had to be killed."""
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    lingering = []
+    for worker in workers:
+        try:
+            worker.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+            lingering.append(" ".join(map(str, worker.args[2:])))  # type: ignore[index]
+    return lingering
 
 
 def test_async_job_learns(tmp_path: Path, names: Names, cleanup: None) -> None:
@@ -219,10 +237,7 @@ def test_workers_started_by_hand_join_mid_job(tmp_path: Path, names: Names, clea
         finish(proc)
     finally:
         stop_run(proc)
-        for worker in started:
-            worker.send_signal(signal.SIGTERM)
-        for worker in started:
-            worker.wait(20)
+        lingering = stop_workers(started)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "max_updates" and summary["audit"]["ok"], summary
     check_no_double_counting(out)
@@ -232,6 +247,7 @@ def test_workers_started_by_hand_join_mid_job(tmp_path: Path, names: Names, clea
     assert all(applied_by[w] >= 1 for w in ("late", *replicas)), applied_by
     partitions = {e["worker"]: e["partition"] for e in log_events(tmp_path / "fleet.log", "started")}
     assert partitions == {"fleet-r0": "1/4", "fleet-r1": "2/4", "fleet-r2": "3/4"}
+    assert not lingering, f"still running 20 s after SIGTERM (killed): {lingering}"
 
 
 def test_two_jobs_on_one_broker_each_reach_their_target(tmp_path: Path, names: Names, cleanup: None) -> None:
