@@ -11,7 +11,6 @@ from pathlib import Path
 from broker_config.names import Names
 from shared.transport.rabbitmq import RabbitMQ
 from tests.support.broker import connect_like
-from tests.support.rigs import AggregatorRig as Rig  # noqa: F401 - tests/test_claim_checks.py imports it from here
 from tests.support.rigs import aggregator_rig, held_updates_survive_a_lost_link
 from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import WAIT
