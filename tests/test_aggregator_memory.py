@@ -26,11 +26,9 @@ from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.memory import MemoryTransport
 from tests.support.broker import drain
-from tests.support.messages import make_update, save_version
+from tests.support.messages import JOB, make_update, save_version
 from tests.support.rigs import AggregatorRig, aggregator_rig, held_updates_survive_a_lost_link
 from tests.support.waiting import WAIT, until
-
-JOB = "job1"
 
 
 def unacked(mem: MemoryTransport) -> int:

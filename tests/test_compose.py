@@ -12,7 +12,6 @@ import subprocess
 import time
 import tomllib
 import uuid
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,8 +26,8 @@ from broker_config.topology import topology
 from fedq.cli import build_parser
 from shared.settings import Settings, known_env_names
 from tests.support.broker import delete_namespace
+from tests.support.jobs import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 FEDQ_COMMANDS = {"coordinator", "aggregator", "worker"}
 
 

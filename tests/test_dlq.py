@@ -20,9 +20,7 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -36,12 +34,12 @@ from shared.transport import Delivery, Transport
 from shared.transport.memory import MemoryTransport
 from shared.transport.rabbitmq import RabbitMQ
 from tests.support.broker import connect_like, drain
+from tests.support.jobs import ROOT, fedq
 from tests.support.messages import make_task, make_update
 from tests.support.waiting import WAIT, until
 
 pytestmark = pytest.mark.timeout(30)
 
-REPO = Path(__file__).resolve().parents[1]
 DEATH_HEADERS = {REASON_HEADER, DETAIL_HEADER, SOURCE_HEADER, "x-death"}
 
 
@@ -298,33 +296,17 @@ async def test_requeue_positions_skips_unknown_sources_and_rejects_bad_ones(mem:
 # -- the command line ---------------------------------------------------------------------------
 
 
-def fedq(amqp_url: str, names: Names, *args: str) -> subprocess.CompletedProcess[str]:
+def dlq_command(amqp_url: str, names: Names, *args: str) -> subprocess.CompletedProcess[str]:
+    """``fedq dlq ARGS`` as its own process, with no FEDQ_* setting but the namespace and URL given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDQ_")}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedq.cli",
-            "dlq",
-            *args,
-            "--namespace",
-            names.namespace,
-            "--amqp-url",
-            amqp_url,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
+    argv = fedq("dlq", *args, "--namespace", names.namespace, "--amqp-url", amqp_url)
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=20, check=False)
 
 
 async def test_cli(broker: RabbitMQ, names: Names, amqp_url: str) -> None:
     s = await build_scene(broker)
 
-    listed = await asyncio.to_thread(fedq, amqp_url, names, "list", "--json")
+    listed = await asyncio.to_thread(dlq_command, amqp_url, names, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     doc = json.loads(listed.stdout)
     assert doc["total"] == 6
@@ -340,25 +322,25 @@ async def test_cli(broker: RabbitMQ, names: Names, amqp_url: str) -> None:
     assert doc["messages"][1]["task_id"] == s.stale_a[0]
     assert doc["messages"][1]["requeue_to"] == names.updates_queue
 
-    plain = await asyncio.to_thread(fedq, amqp_url, names, "list", "--reason", "stale")
+    plain = await asyncio.to_thread(dlq_command, amqp_url, names, "list", "--reason", "stale")
     assert plain.returncode == 0 and "(showing the 2 with reason 'stale')" in plain.stdout
 
-    shown = await asyncio.to_thread(fedq, amqp_url, names, "show", "5", "--json")
+    shown = await asyncio.to_thread(dlq_command, amqp_url, names, "show", "5", "--json")
     assert shown.returncode == 0, shown.stderr
     one = json.loads(shown.stdout)
     assert (one["kind"], one["task_id"], one["position"]) == ("task", s.impostor_task[0], 5)
     assert one["detail"] == "task signed by an unpinned key"
     assert one["headers"][SOURCE_HEADER] == names.task_queue("cpu")
 
-    bad = await asyncio.to_thread(fedq, amqp_url, names, "show", "99")
+    bad = await asyncio.to_thread(dlq_command, amqp_url, names, "show", "99")
     assert bad.returncode == 2 and "no message #99" in bad.stderr
 
-    dry = await asyncio.to_thread(fedq, amqp_url, names, "requeue", "--all", "--dry-run")
+    dry = await asyncio.to_thread(dlq_command, amqp_url, names, "requeue", "--all", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "would requeue 5, skipped 1 (dry run)" in dry.stdout
     assert len(await dlq.read(broker)) == 6
 
-    done = await asyncio.to_thread(fedq, amqp_url, names, "requeue", "3")
+    done = await asyncio.to_thread(dlq_command, amqp_url, names, "requeue", "3")
     assert done.returncode == 0, done.stderr
     assert f"requeued #3 (undecodable) -> {names.updates_queue}" in done.stdout
     assert [d.body for d in await drain(broker, names.updates_queue, expect=1)] == [s.garbage]

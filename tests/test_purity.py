@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.jobs import ROOT
+
 FORBIDDEN = ("asyncio", "aio_pika", "aiormq", "aioboto3", "structlog")
 PURE = (
     "shared.codec",

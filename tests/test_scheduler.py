@@ -14,8 +14,8 @@ from coordinator.registry import WorkerChange
 from coordinator.scheduler import CloseRound, Gate, OpenRound, Publish, Scheduler, StopReason
 from coordinator.state import CoordinatorState, InFlight
 from shared.errors import ConfigError
-from shared.messages import Hello
 from shared.settings import Settings
+from tests.support.messages import a_hello
 
 STATE_KEYS = {
     "job_id",
@@ -52,13 +52,9 @@ def scheduler(started: float = 0.0, **kw: Any) -> Scheduler:
     return s
 
 
-def hello(worker: str, caps: tuple[str, ...] = ("cpu",), state: str = "up", **counts: int) -> Hello:
-    return Hello(worker, caps, "fp", state, 0.0, **counts)
-
-
 def join(s: Scheduler, *workers: str, now: float = 0.0, caps: tuple[str, ...] = ("cpu",)) -> None:
     for w in workers:
-        assert s.hello(hello(w, caps), "fp", now) is WorkerChange.JOINED
+        assert s.hello(a_hello(w, caps), "fp", now) is WorkerChange.JOINED
 
 
 def issue(s: Scheduler, publishes: tuple[Publish, ...], now: float, prefix: str = "t") -> list[str]:
@@ -95,7 +91,7 @@ def test_the_gate_opens_without_the_fleet_when_the_wait_runs_out_and_stays_open(
     late = s.fleet(12.0)
     assert (late.gate, late.have, late.need) == (Gate.WITHOUT_FLEET, 1, 3)
     assert s.top_up(12.0) == (Publish("cpu", 1, 120.0),)
-    assert s.hello(hello("w1", state="down"), "fp", 13.0) is WorkerChange.LEFT
+    assert s.hello(a_hello("w1", state="down"), "fp", 13.0) is WorkerChange.LEFT
     assert s.fleet(13.0).gate is Gate.OPEN  # for good, even with nobody left
     assert s.top_up(13.0) == ()  # but nobody to hand work to
 
@@ -307,7 +303,7 @@ def test_the_first_rule_wins_and_a_stop_holds() -> None:
 
 def test_the_state_file_keeps_every_key_and_a_restart_resumes_from_it(tmp_path: Path) -> None:
     s = scheduler(started=100.0, task_ttl=10.0)
-    s.hello(hello("w1", tasks_received=3, tasks_completed=2), "fp", 100.0)
+    s.hello(a_hello("w1", tasks_received=3, tasks_completed=2), "fp", 100.0)
     s.fleet(100.0)
     (old,) = issue(s, s.top_up(100.0), 100.0, prefix="old")
     s.done([old])

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from shared.codec import encode
-from shared.messages import Task, TrainConfig, Update
+from shared.messages import Hello, Task, TrainConfig, Update
 from shared.quantize import encode_delta
 from shared.signing import Signer
 from shared.store import Manifest, ModelStore, model_key
@@ -19,6 +19,11 @@ from tests.support.tiny import LinearApp
 
 JOB = "job1"  # the job of the tests' messages, unless one says otherwise
 TRAIN = TrainConfig(epochs=1, batch_size=16)
+
+
+def a_hello(worker: str, caps: tuple[str, ...] = ("cpu",), state: str = "up", **counts: int) -> Hello:
+    """A worker's hello (unsigned: for the registry and the scheduler, which take it decoded)."""
+    return Hello(worker, caps, "fp", state, 0.0, **counts)
 
 
 def tiny_model(seed: int = 0) -> FlatModel:
