@@ -181,7 +181,7 @@ class Runtime:
                         w.cancel()
                     await self._stop(service)
         except BaseExceptionGroup as group_error:
-            raise _first(group_error) from None
+            raise first_error(group_error) from None
         finally:
             self._done.set()
             await self.transport.close(self.grace)  # what is not settled goes back to its queue
@@ -232,7 +232,7 @@ def _decode(raw: bytes, keyring: Keyring, expect: type[Message] | tuple[type[Mes
     return message, envelope
 
 
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first leaf of an exception group (one failing loop ends the group)."""
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf of an exception group: what stopped the group, with its own exit code."""
     first = group.exceptions[0]
-    return _first(first) if isinstance(first, BaseExceptionGroup) else first
+    return first_error(first) if isinstance(first, BaseExceptionGroup) else first

@@ -32,7 +32,7 @@ from tests.support.tcpproxy import TcpProxy
 from tests.support.tiny import LinearApp
 from tests.support.waiting import WAIT, events, until
 from worker.outbox import Outbox, OutboxError, decode_task_id, encode_task_id
-from worker.service import default_outbox, serve
+from worker.service import Worker, default_outbox, serve
 
 JOB = "job1"
 HEARTBEAT = 2  # AMQP heartbeat of the worker behind the proxy: it notices a silent cut in ~3 x (2 + 1) s
@@ -147,6 +147,49 @@ async def test_serve_uses_the_default_outbox(
     finally:
         stop.set()
         await asyncio.wait_for(serving, WAIT)
+
+
+async def test_replicas_have_all_stopped_when_serve_returns(
+    amqp_url: str, broker: RabbitMQ, names: Names, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fedq worker --replicas 3`` stopped (SIGTERM cancels serve): every replica says goodbye and
+    closes before serve returns. It returned at the first one, and the process, cutting the
+    others' shutdown short, hung on exit."""
+    keys = tmp_path / "keys"
+    load_or_create_signer(keys / "coordinator.key")
+    settings = Settings(
+        amqp_url=amqp_url,
+        namespace=names.namespace,
+        job=names.job,
+        keys_dir=str(keys),
+        worker_id="fleet",
+        replicas=3,
+        partition="0/3",
+        store=str(tmp_path / "store"),
+        heartbeat_interval=60.0,
+    )
+    goodbye = Worker.stopping
+
+    async def one_slow_goodbye(worker: Worker) -> None:  # one replica takes longer to stop
+        if worker.worker_id.endswith("-r2"):
+            await asyncio.sleep(0.5)
+        await goodbye(worker)
+
+    monkeypatch.setattr(Worker, "stopping", one_slow_goodbye)
+    serving = asyncio.create_task(serve(settings, LinearApp()))
+
+    async def all_consume() -> bool:
+        info = await broker.queue_info(names.task_queue("cpu"))
+        return info is not None and info.consumers == 3
+
+    await until(all_consume, "three replicas consuming")
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(serving, WAIT)
+    replicas = [t for t in asyncio.all_tasks() if "_serve_one" in repr(t.get_coro())]
+    assert replicas == [], replicas
+    info = await broker.queue_info(names.task_queue("cpu"))
+    assert info is not None and info.consumers == 0
 
 
 # -- the proxy itself -------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from shared.logs import get_logger
 from shared.messages import Hello, Task, Update
 from shared.partition import parse_partition
 from shared.reasons import Reason
-from shared.runtime import Runtime, Service
+from shared.runtime import Runtime, Service, first_error
 from shared.settings import Settings
 from shared.signing import Keyring, Signer
 from shared.store import ObjectStore, open_store
@@ -443,12 +443,14 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
     if settings.replicas == 1:
         await _serve_one(settings, app, base_id, index, count, stop)
         return
-    await asyncio.gather(
-        *(
-            _serve_one(settings, app, f"{base_id}-r{j}", index + j, count, stop)
-            for j in range(settings.replicas)
-        )
-    )
+    # A task group, not gather: on a stop it waits until every replica has said goodbye and closed
+    # (gather returns at the first one, and the process then cut the others' shutdown short and hung)
+    try:
+        async with asyncio.TaskGroup() as replicas:
+            for j in range(settings.replicas):
+                replicas.create_task(_serve_one(settings, app, f"{base_id}-r{j}", index + j, count, stop))
+    except BaseExceptionGroup as failed:  # one replica failed: the others stopped; say why
+        raise first_error(failed) from None
 
 
 async def _serve_one(
