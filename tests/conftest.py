@@ -84,6 +84,15 @@ async def mem(names: Names) -> AsyncIterator[MemoryTransport]:
 
 
 @pytest.fixture
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, amqp_url: str) -> tuple[Path, Names]:
+    """The session's one finished tiny-app ``fedq run`` (tests/support/jobs.py: ``finished_run``):
+    its run folder and namespace, read-only (a test that changes a file works on a ``copy_run``)."""
+    from tests.support.jobs import finished_run
+
+    return finished_run(request, tmp_path_factory, amqp_url)
+
+
+@pytest.fixture
 def signer() -> Signer:
     return Signer.generate()
 

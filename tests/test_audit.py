@@ -15,7 +15,7 @@ from shared.transport.rabbitmq import RabbitMQ
 from tests.support.messages import an_update
 
 
-def update(task_id: str, job_id: str, worker_id: str) -> Update:
+def plain_update(task_id: str, job_id: str, worker_id: str) -> Update:
     return an_update(task_id=task_id, job_id=job_id, worker_id=worker_id, quant="none", delta=b"\x00" * 8)
 
 
@@ -23,10 +23,10 @@ async def test_update_log_names_each_update_of_the_job_and_counts_the_queue(
     broker: RabbitMQ, names: Names, amqp_url: str, signer: Signer
 ) -> None:
     sent = [
-        update("t1", "job-a", "w1"),
-        update("t2", "job-a", "w2"),
-        update("t3", "job-b", "w1"),  # another job's
-        update("t1", "job-a", "w1"),  # sent again
+        plain_update("t1", "job-a", "w1"),
+        plain_update("t2", "job-a", "w2"),
+        plain_update("t3", "job-b", "w1"),  # another job's
+        plain_update("t1", "job-a", "w1"),  # sent again
     ]
     for message in sent:
         await broker.publish(names.results_exchange, names.results_key, encode(message, signer))
@@ -44,9 +44,9 @@ async def test_an_update_that_arrives_while_the_log_is_read_is_counted_in_both(
 ) -> None:
     """A worker outside the run may still send an update as the audit reads: it must be in the
     log and in the queue count alike, or the balance calls it lost."""
-    await broker.publish(names.results_exchange, names.results_key, encode(update("t1", "job-a", "w1"), signer))
+    await broker.publish(names.results_exchange, names.results_key, encode(plain_update("t1", "job-a", "w1"), signer))
     real_read = broker.read_all
-    late = [update("t2", "job-a", "w2")]
+    late = [plain_update("t2", "job-a", "w2")]
 
     async def read_then_one_more_arrives(*args: Any, **kwargs: Any) -> Any:
         entries = await real_read(*args, **kwargs)

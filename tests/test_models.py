@@ -24,7 +24,6 @@ from tests.support.jobs import (
     cli,
     copy_run,
     finish,
-    finished_run,
     json_lines,
     log_events,
     manifests,
@@ -81,13 +80,6 @@ def test_audit_balance_ignores_rollback_records() -> None:
 # -- a finished run -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def run(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, amqp_url: str
-) -> tuple[Path, Names]:
-    """The session's finished run (tests/support/jobs.py: ``finished_run``); the tests below change
-    only copies of it."""
-    return finished_run(request, tmp_path_factory, amqp_url)
 
 
 @pytest.mark.slow

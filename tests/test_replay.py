@@ -21,7 +21,6 @@ from tests.support.jobs import (
     cli,
     copy_run,
     finish,
-    finished_run,
     json_lines,
     records,
     start_run,
@@ -32,13 +31,6 @@ pytestmark = pytest.mark.slow
 __all__ = ["cleanup"]  # the fixture, used by the live-job test
 
 
-@pytest.fixture(scope="module")
-def run(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, amqp_url: str
-) -> tuple[Path, Names]:
-    """The session's finished run (tests/support/jobs.py: ``finished_run``): seven versions of
-    three updates each from two workers; read-only for these tests."""
-    return finished_run(request, tmp_path_factory, amqp_url)
 
 
 def test_verify_all_matches_every_version(run: tuple[Path, Names]) -> None:
