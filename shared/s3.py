@@ -70,6 +70,8 @@ class S3Store:
     """Objects in one bucket under one prefix. One aioboto3 session per store and one client,
     created on first use and reused; ``close()`` releases its connections."""
 
+    list_page = 1000  # keys per listing request (S3's own maximum); a test may list in smaller pages
+
     def __init__(
         self,
         url: str,
@@ -204,7 +206,9 @@ class S3Store:
         s3 = await self._s3()
         keys: list[str] = []
         try:
-            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+            pages = s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=base, PaginationConfig={"PageSize": self.list_page}
+            )
             async for page in pages:
                 keys.extend(obj["Key"] for obj in page.get("Contents", ()))
         except (BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
