@@ -254,7 +254,7 @@ class Worker(Service):
             case Decision.IN_OUTBOX:  # trained before the link or the process was lost: send that
                 assert pending is not None
                 log.info("task_in_outbox", redelivered=delivery.redelivered)
-                await self._send(task.task_id, pending)
+                await self._send(task.task_id, pending, task.job_id)
                 await delivery.ack()
             case Decision.EXPIRED:
                 log.info("task_expired")
@@ -309,7 +309,7 @@ class Worker(Service):
         if self.outbox is not None:
             await asyncio.to_thread(self.outbox.put, task.task_id, body)
             log.info("outbox_written", bytes=len(body))
-        await self._send(task.task_id, body)
+        await self._send(task.task_id, body, task.job_id)
         acked = await delivery.ack()  # False: the channel is gone and the task comes back
         self.completed += 1
         log.info(
@@ -321,8 +321,8 @@ class Worker(Service):
         )
 
     # -- sending and the outbox -------------------------------------------------------------
-    async def _send(self, task_id: str, body: bytes) -> bool:
-        """Publish an update and wait for its confirm, then forget its outbox entry.
+    async def _send(self, task_id: str, body: bytes, job: str) -> bool:
+        """Publish an update to ``job``'s aggregator and wait for its confirm, then forget its outbox entry.
 
         ``False`` when the update was confirmed before (by the flusher or an earlier delivery of
         its task): it is not published again. Raises ``BrokerError`` when it cannot be sent (the
@@ -332,7 +332,7 @@ class Worker(Service):
             if task_id in self._sent:
                 sent = False
             else:
-                names = self.names.for_job(_job_of(body))
+                names = self.names.for_job(job)
                 await self.transport.publish(
                     names.results_exchange, names.results_key, body, message_id=task_id
                 )
@@ -357,7 +357,7 @@ class Worker(Service):
             if body is None:  # sent and removed meanwhile
                 continue
             try:
-                sent = await self._send(entry.task_id, body)
+                sent = await self._send(entry.task_id, body, _job_of(body))
             except (BrokerError, WireError) as exc:  # refused, or not an update of ours: it waits
                 self.log.warning("outbox_flush_failed", task=entry.task_id, error=str(exc))
                 continue
