@@ -369,50 +369,48 @@ class RabbitMQ(Transport):
                 with contextlib.suppress(*PASS_ERRORS):
                     await channel.close()
 
-    async def queue_info(self, queue: str) -> QueueInfo | None:
-        channel = await self.connection.channel()
+    @contextlib.asynccontextmanager
+    async def _channel(self, **options: Any) -> AsyncIterator[AbstractChannel]:
+        """A channel for one errand, closed after it (a 404 closes it for us)."""
+        channel = await self.connection.channel(**options)
         try:
-            declared = await channel.declare_queue(queue, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return None
+            yield channel
         finally:
             if not channel.is_closed:
                 await channel.close()
+
+    async def queue_info(self, queue: str) -> QueueInfo | None:
+        async with self._channel() as channel:
+            try:
+                declared = await channel.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return None
         result = declared.declaration_result
         return QueueInfo(queue, int(result.message_count or 0), int(result.consumer_count or 0))
 
     async def exchange_exists(self, exchange: str) -> bool:
-        channel = await self.connection.channel()
-        try:
-            await channel.get_exchange(exchange, ensure=True)  # passive: declares nothing
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return False
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        async with self._channel() as channel:
+            try:
+                await channel.get_exchange(exchange, ensure=True)  # passive: declares nothing
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
         return True
 
     async def purge(self, queue: str) -> int:
-        channel = await self.connection.channel()
-        try:
+        async with self._channel() as channel:
             q = await channel.get_queue(queue, ensure=False)
             result = await q.purge()
             return int(getattr(result, "message_count", 0) or 0)
-        finally:
-            await channel.close()
 
     @contextlib.asynccontextmanager
     async def queue_pass(self, queue: str) -> AsyncIterator[QueuePass]:
-        channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        try:
+        # leaving the block closes the channel: anything still held goes back to the queue
+        async with self._channel(publisher_confirms=True, on_return_raises=True) as channel:
             try:
                 q = await channel.declare_queue(queue, passive=True)
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 raise BrokerError(f"no queue {queue!r} on the broker: is the namespace right?") from exc
             yield _RabbitPass(channel, q)
-        finally:
-            if not channel.is_closed:
-                await channel.close()  # anything still held goes back to the queue
 
     def on_reconnect(self, callback: ReconnectCallback) -> Callable[[], None]:
         def relay(*_: Any) -> None:
