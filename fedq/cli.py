@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_dlq(sub)
     _add_model(sub)
+    _add_keys(sub)
     return parser
 
 
@@ -388,6 +389,96 @@ def _model_request(args: argparse.Namespace) -> Any:
     )
 
 
+def _add_keys(sub: Subparsers) -> None:
+    """``fedq keys init | create | enrol | revoke | list | rotate``: keys and the trust directory (fedq/keys.py)."""
+    keys = sub.add_parser(
+        "keys",
+        help="make keys, enrol and revoke workers, rotate the coordinator's or aggregator's key",
+        description="The operator's side of fedq's trust: every trusted public key sits in a role folder of the "
+        "trust directory (--trusted-keys, default <keys-dir>/trusted): coordinator/, aggregator/, operator/ and "
+        "workers/<worker id>.pub, with <trusted>/revoked listing keys never to trust again. The services only "
+        "read it and follow every change within a second.",
+    )
+    actions = keys.add_subparsers(dest="keys_action", required=True, metavar="ACTION")
+    where = {CONNECTION: "where the keys live"}
+
+    def action(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        parser = _command(actions, f"keys {name}", help_text, description, titles=where)
+        return parser
+
+    init = action(
+        "init",
+        "make the operator's, coordinator's and aggregator's keys and the trust directory",
+        "Make DIR/operator.key, DIR/coordinator.key and DIR/aggregator.key (mode 0600, .pub beside) and the "
+        "trust directory (DIR/trusted, or --trusted-keys) with each public key in its role folder as "
+        "<fingerprint>.pub. Keys already there are kept: a re-run changes nothing. Prints which file goes "
+        "to which machine.",
+    )
+    init.add_argument(
+        "directory", nargs="?", default="", metavar="DIR", help="where to make the keys (default --keys-dir)"
+    )
+    _json_flag(init, "print what was made as one JSON object")
+    create = action(
+        "create",
+        "make a worker's key pair (on the worker's machine) to send to the operator",
+        "Make <keys-dir>/worker-WORKER_ID.key (mode 0600) and its .pub, the key `fedq worker --worker-id "
+        "WORKER_ID` signs with; an existing key is kept. Send the .pub to the operator to enrol.",
+    )
+    create.add_argument("worker_id", metavar="WORKER_ID")
+    _json_flag(create, "print the key's files and fingerprint as one JSON object")
+    enrol = action(
+        "enrol",
+        "trust a worker's public key for its worker id",
+        "Write <trusted>/workers/WORKER_ID.pub: the key then speaks for WORKER_ID only. Refuses a revoked key, "
+        "a key trusted in another role or for another worker, and a worker id enrolled with another key "
+        "(unless --replace). Running services trust it within a second.",
+    )
+    enrol.add_argument("worker_id", metavar="WORKER_ID")
+    enrol.add_argument("pubkey", metavar="PUBKEY_FILE", help="the worker's Ed25519 public key (PEM)")
+    enrol.add_argument(
+        "--replace", action="store_true", help="give an enrolled worker id this key instead of its old one"
+    )
+    _json_flag(enrol, "print the result as one JSON object")
+    revoke = action(
+        "revoke",
+        "never trust a key again: a worker id or a fingerprint",
+        "Add the key's fingerprint to <trusted>/revoked (with who and when) and remove every .pub that holds "
+        "it, in any role. A fingerprint is revoked even if its file is gone. Running services drop it within "
+        "a second.",
+    )
+    revoke.add_argument("what", metavar="WORKER_ID|FINGERPRINT")
+    _json_flag(revoke, "print the result as one JSON object")
+    listing = action(
+        "list",
+        "every trusted key: role, worker id, fingerprint, file; revoked keys and problems",
+        "List the trust directory as the services read it, and what they would skip or miss.",
+    )
+    _json_flag(listing, "print one JSON object: keys, revoked, problems")
+    rotate = action(
+        "rotate",
+        "give the coordinator or the aggregator a new key without stopping the job",
+        "Make a new key pair, trust its public key (the role folder) first, then replace "
+        "<keys-dir>/ROLE.key atomically: the running service signs with the new key within a second. The old "
+        "public key stays trusted, so what it signed still verifies; revoke it when the job no longer needs it.",
+    )
+    rotate.add_argument("what", metavar="ROLE", choices=["coordinator", "aggregator"])
+    _json_flag(rotate, "print the result as one JSON object")
+
+
+def _keys_request(args: argparse.Namespace) -> Any:
+    from fedq.keys import Request
+
+    return Request(
+        args.keys_action,
+        directory=getattr(args, "directory", ""),
+        worker_id=getattr(args, "worker_id", ""),
+        pubkey=getattr(args, "pubkey", ""),
+        what=getattr(args, "what", ""),
+        replace=getattr(args, "replace", False),
+        as_json=getattr(args, "json", False),
+    )
+
+
 # -- running a command --------------------------------------------------------------------------
 
 # What a command hands back: its exit code, and what to print (None: nothing, or the tool printed it).
@@ -515,6 +606,12 @@ def _model(args: argparse.Namespace, settings: Settings) -> Outcome:
     return asyncio.run(run(settings_for(args.target, settings), _model_request(args))), None
 
 
+def _keys(args: argparse.Namespace, settings: Settings) -> Outcome:
+    from fedq.keys import run
+
+    return run(settings, _keys_request(args))
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Outcome]] = {
     "run": _run,
     "coordinator": _coordinator,
@@ -526,6 +623,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Outcome]] = {
     "declare": _declare,
     "dlq": _dlq,
     "model": _model,
+    "keys": _keys,
 }
 
 
