@@ -23,13 +23,14 @@ from typing import Any
 import torch
 
 from broker_config.names import Names
+from fedq.keys import trust_role_key
 from shared.codec import encode
-from shared.errors import BrokerError, ConfigError, FedqError, StoreError
-from shared.keys import load_or_create_signer, write_public_key
+from shared.errors import BrokerError, ConfigError, FedqError, StoreError, UnsignedVersionError
+from shared.keys import DirectoryTrust, load_or_create_signer, role_dir
 from shared.ledger import JsonLines, read_lines
-from shared.reasons import Fate
+from shared.reasons import Fate, Reason
 from shared.settings import Settings
-from shared.signing import Signer
+from shared.signing import Role, Signer
 from shared.store import Manifest, ModelStore, manifest_key, model_key, open_store
 from shared.transport.connect import connected
 
@@ -50,7 +51,25 @@ class Request:
 
 
 def open_models(settings: Settings) -> ModelStore:
-    return ModelStore(open_store(settings.store, settings), settings.job)
+    """The job's versions, every manifest read checked against the trust directory (``unsigned_version``)."""
+    return ModelStore(open_store(settings.store, settings), settings.job, DirectoryTrust(settings.trusted_dir))
+
+
+def as_stored(store: ModelStore) -> ModelStore:
+    """The same versions read as they are stored, signed or not: for showing them, not for using them."""
+    return ModelStore(store.objects, store.job_id)
+
+
+def signature_of(store: ModelStore, manifest: Manifest) -> dict[str, Any]:
+    """Who signed ``manifest`` (fingerprint, role), or why it does not count as signed."""
+    signed: dict[str, Any] = {"signed": False, "signer": manifest.signer or None, "signer_role": None}
+    if store.trust is None:
+        return {**signed, "signature_problem": "no trust directory to check it against"}
+    try:
+        peer = manifest.verify(store.trust)
+    except UnsignedVersionError as exc:
+        return {**signed, "signature_problem": f"{Reason.UNSIGNED_VERSION}: {exc}"}
+    return {**signed, "signed": True, "signer_role": "/".join(sorted(peer.roles)), "signature_problem": None}
 
 
 def read_metrics(out_dir: Path) -> dict[int, dict[str, Any]]:
@@ -62,7 +81,9 @@ def read_metrics(out_dir: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
-def version_row(manifest: Manifest, metrics: dict[str, Any] | None) -> dict[str, Any]:
+def version_row(
+    manifest: Manifest, metrics: dict[str, Any] | None, signature: dict[str, Any] | None = None
+) -> dict[str, Any]:
     accuracy = (metrics or {}).get("accuracy")
     return {
         "version": manifest.version,
@@ -75,6 +96,7 @@ def version_row(manifest: Manifest, metrics: dict[str, Any] | None) -> dict[str,
         "size": manifest.size,
         "accuracy": float(accuracy) if accuracy is not None else None,
         "rollback_of": manifest.rollback_of,
+        **(signature or {}),
     }
 
 
@@ -95,7 +117,12 @@ def render_rows(rows: list[dict[str, Any]]) -> str:
             )
             continue
         accuracy = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
-        note = f"rollback of v{r['rollback_of']}" if r["rollback_of"] is not None else ""
+        notes = [f"rollback of v{r['rollback_of']}"] if r["rollback_of"] is not None else []
+        if r.get("signed"):
+            notes.append(f"signed by {r['signer_role']} {r['signer']}")
+        elif "signed" in r:
+            notes.append(f"UNSIGNED ({r['signature_problem']})")
+        note = "; ".join(notes)
         lines.append(
             f"{r['version']:>7} {r['parent']:>6}  {_when(r['created_at']):<19} {r['updates']:>7} "
             f"{r['mean_staleness']:>9.2f}  {r['sha256'][:12]:<12} {r['size']:>9} {accuracy:>8}  {note}".rstrip()
@@ -105,6 +132,7 @@ def render_rows(rows: list[dict[str, Any]]) -> str:
 
 async def list_versions(settings: Settings, as_json: bool) -> int:
     store = open_models(settings)
+    stored = as_stored(store)  # an unsigned version is listed, and marked
     versions = await store.versions()
     if not versions:
         raise ConfigError(f"job {settings.job} has no versions in the store at {settings.store}")
@@ -112,7 +140,8 @@ async def list_versions(settings: Settings, as_json: bool) -> int:
     rows: list[dict[str, Any]] = []
     for v in versions:
         try:
-            rows.append(version_row(await store.manifest(v), metrics.get(v)))
+            manifest = await stored.manifest(v)
+            rows.append(version_row(manifest, metrics.get(v), signature_of(store, manifest)))
         except StoreError as exc:
             rows.append({"version": v, "error": str(exc)})
     if as_json:
@@ -128,10 +157,11 @@ async def show_version(settings: Settings, version: int, as_json: bool) -> int:
     store = open_models(settings)
     if not await store.exists(version):
         raise ConfigError(f"job {settings.job} has no version {version}")
-    manifest = await store.manifest(version)
+    manifest = await as_stored(store).manifest(version)  # shown even unsigned, and marked
+    signature = signature_of(store, manifest)
     metrics = read_metrics(settings.out_dir).get(version)
     if as_json:
-        print(json.dumps({"manifest": json.loads(manifest.to_json()), "metrics": metrics}))
+        print(json.dumps({"manifest": json.loads(manifest.to_json()), "metrics": metrics, "signature": signature}))
         return 0
     m = manifest
     lines = [
@@ -141,6 +171,12 @@ async def show_version(settings: Settings, version: int, as_json: bool) -> int:
         f"  sha256          {m.sha256}",
         f"  size            {m.size} bytes",
         f"  key             {m.key}",
+        "  signed by       "
+        + (
+            f"{signature['signer_role']} key {m.signer}"
+            if signature["signed"]
+            else f"NOBODY TRUSTED: {signature['signature_problem']}"
+        ),
     ]
     if m.rollback_of is not None:
         lines.append(f"  rollback of     v{m.rollback_of} (same model bytes, no updates)")
@@ -179,18 +215,24 @@ async def export_version(settings: Settings, version: int, path: Path) -> int:
 
 
 async def check_version(store: ModelStore, version: int) -> list[str]:
-    """Problems of one stored version: unreadable manifest, missing or altered model bytes,
-    a rollback that does not re-store its version's bytes."""
+    """Problems of one stored version: unreadable manifest, a manifest not signed by a key allowed
+    to make it (``unsigned_version``, when ``store`` has a trust set), missing or altered model
+    bytes, a rollback that does not re-store its version's bytes."""
+    stored = as_stored(store)  # the signature is one problem among others, reported below
     try:
-        manifest, blob = await store.load_bytes(version)
+        manifest, blob = await stored.load_bytes(version)
     except StoreError as exc:
         return [str(exc)]
     problems = []
+    if store.trust is not None:
+        signature = signature_of(store, manifest)
+        if not signature["signed"]:
+            problems.append(signature["signature_problem"])
     if len(blob) != manifest.size:
         problems.append(f"model is {len(blob)} bytes, its manifest says {manifest.size}")
     if manifest.rollback_of is not None:
         try:
-            target = await store.manifest(manifest.rollback_of)
+            target = await stored.manifest(manifest.rollback_of)
         except StoreError as exc:
             problems.append(f"rollback of v{manifest.rollback_of}, which cannot be read: {exc}")
         else:
@@ -217,10 +259,13 @@ async def verify_versions(settings: Settings, as_json: bool) -> int:
         if as_json:
             print(json.dumps({"version": v, "ok": not problems, "problems": problems}))
         else:
-            print(f"v{v:<6} {'ok' if not problems else 'CORRUPT'}" + "".join(f"\n    {p}" for p in problems))
+            verdict = "ok" if not problems else "CORRUPT"
+            if problems and all(p.startswith(Reason.UNSIGNED_VERSION) for p in problems):
+                verdict = "UNSIGNED"
+            print(f"v{v:<6} {verdict}" + "".join(f"\n    {p}" for p in problems))
     if not as_json:
         print(
-            f"{len(versions) - len(failing)}/{len(versions)} versions match their manifests"
+            f"{len(versions) - len(failing)}/{len(versions)} versions match their signed manifests"
             + (f"; failing: {', '.join(f'v{v}' for v in failing)}" if failing else "")
         )
     return 1 if failing else 0
@@ -241,9 +286,11 @@ async def _taken(store: ModelStore, version: int) -> bool:
 
 
 async def write_rollback(
-    store: ModelStore, to: int, settle: float = SETTLE_SECONDS, attempts: int = 5
+    store: ModelStore, to: int, signer: Signer, settle: float = SETTLE_SECONDS, attempts: int = 5
 ) -> Manifest:
-    """Store version L+1 with version ``to``'s model bytes, parent L and ``rollback_of = to``.
+    """Store version L+1 with version ``to``'s model bytes, parent L and ``rollback_of = to``, its
+    manifest signed by ``signer`` (the operator's key). With a trust set, version ``to`` must be
+    signed: a rollback never restores a version nobody trusted made.
 
     A running aggregator may store its own L+1 at the same moment. The store has no
     create-if-absent, so: the model goes to a key of its own, the number is checked just before
@@ -258,8 +305,8 @@ async def write_rollback(
             raise ConfigError(f"job {store.job_id} has no version {to} (the latest is {latest})")
         if to == latest:
             raise ConfigError(f"version {to} is already the latest: there is nothing to roll back")
-        target, blob = await store.load_bytes(to)  # never roll back to a corrupt version
-        head = await store.manifest(latest)
+        target, blob = await store.load_bytes(to)  # never roll back to a corrupt (or unsigned) version
+        head = await as_stored(store).manifest(latest)  # the latest may be the unsigned one to undo
         version = latest + 1
         manifest = Manifest(
             job_id=store.job_id,
@@ -274,7 +321,7 @@ async def write_rollback(
             mean_staleness=0.0,
             updates_total=head.updates_total,
             rollback_of=to,
-        )
+        ).signed_by(signer)
         assert manifest.sha256 == target.sha256
         await store.objects.put(manifest.key, blob)
         if await _taken(store, version):
@@ -295,13 +342,22 @@ async def write_rollback(
 
 
 def operator_signer(settings: Settings, run_folder: bool) -> Signer:
-    """The operator's key, ``<keys_dir>/operator.key``, created on first use. In a run folder its public
-    key is also put among the run's trusted keys, so the run's coordinator accepts what it signs;
-    a deployment enrols it like a worker key (copy ``operator.pub`` to the coordinator's trusted keys)."""
+    """The operator's key, ``<keys_dir>/operator.key`` (``fedq keys init`` makes it; created here on
+    first use otherwise). In a run folder its public key is also put in the run's operator role
+    folder, so the run's services accept what it signs; a deployment trusts it with ``fedq keys
+    init`` (its ``trusted/operator/``), and the trust directory must say so before anything is written."""
     path = Path(settings.keys_dir) / OPERATOR_KEY
     signer = load_or_create_signer(path)
     if run_folder:
-        write_public_key(signer.public, settings.trusted_dir / "operator.pub")
+        trust_role_key(settings.trusted_dir, Role.OPERATOR, signer.public)
+    peers = [p for p in DirectoryTrust(settings.trusted_dir).peers() if p.fingerprint == signer.fingerprint]
+    if not any(Role.OPERATOR in p.roles for p in peers):
+        raise ConfigError(
+            f"the operator key {signer.fingerprint} ({path}) is not trusted in "
+            f"{role_dir(settings.trusted_dir, Role.OPERATOR)}/: the services would refuse its rollback as "
+            f"{Reason.UNSIGNED_VERSION}. Put {path.with_suffix('.pub').name} there as {signer.fingerprint}.pub on "
+            "every machine (fedq keys init does it), or give the --keys-dir that holds the trusted operator key"
+        )
     return signer
 
 
@@ -317,7 +373,7 @@ async def announce(settings: Settings, manifest: Manifest, signer: Signer) -> No
 async def rollback(settings: Settings, to: int, run_folder: bool, do_announce: bool, as_json: bool) -> int:
     signer = operator_signer(settings, run_folder)  # first: a key problem must stop us before we write
     store = open_models(settings)
-    manifest = await write_rollback(store, to)
+    manifest = await write_rollback(store, to, signer)
     ledger_path = settings.out_dir / "ledger.jsonl"
     ledger: str | None = None
     if settings.out_dir.is_dir():  # the aggregator's job folder: record the rollback among its decisions

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +18,11 @@ from typing import Any
 
 from broker_config.topology import topology
 from fedq.audit import audit
+from fedq.keys import create_key, enrol, init
 from fedq.progress import Progress
 from fedq.summary import build_summary
 from shared.app import load_app
 from shared.errors import ConfigError, FedqError
-from shared.keys import load_or_create_signer, public_key_path
 from shared.ledger import JsonLines
 from shared.settings import CONNECTION, Settings, env_name, env_only_settings, flags
 from shared.transport.connect import connected
@@ -49,14 +48,15 @@ def parse_delay_profile(text: str, workers: int) -> list[float]:
 
 
 def prepare_keys(run_dir: Path, worker_ids: list[str]) -> Path:
-    """Key pairs for every process of the run, and a trusted directory holding their public keys."""
+    """The run's keys, laid out as an operator would (``fedq keys``): the operator's, the coordinator's
+    and the aggregator's keys in their role folders of ``keys/trusted``, and each worker's key made in
+    ``keys/worker-<id>.key`` and enrolled under its id. No worker enrols itself."""
     keys = run_dir / "keys"
     trusted = keys / "trusted"
-    trusted.mkdir(parents=True, exist_ok=True)
-    for name in ["coordinator", "aggregator", *(f"worker-{w}" for w in worker_ids)]:
-        private = keys / f"{name}.key"
-        load_or_create_signer(private)
-        shutil.copy(public_key_path(private), trusted / f"{name}.pub")
+    init(keys, trusted)
+    for wid in worker_ids:
+        signer, _ = create_key(keys / f"worker-{wid}.key")
+        enrol(trusted, wid, signer.public)
     return keys
 
 

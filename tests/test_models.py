@@ -3,6 +3,9 @@ on a finished run and in the middle of a live one."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -15,9 +18,14 @@ import torch
 
 from broker_config.names import Names
 from fedq.audit import balance
+from fedq.keys import init
+from fedq.models import Request, check_version, open_models, run, write_rollback
 from shared.app import load_app
-from shared.errors import StoreError
-from shared.store import Manifest
+from shared.errors import ConfigError, StoreError, UnsignedVersionError
+from shared.keys import load_or_create_signer
+from shared.settings import Settings
+from shared.signing import Signer, fingerprint
+from shared.store import Manifest, ModelStore, manifest_key, model_key
 from tests.support.jobs import (
     TINY_APP,
     cleanup,
@@ -36,7 +44,7 @@ __all__ = ["cleanup"]  # the fixture, used by the live-run test
 
 
 def model_file(out: Path, manifest: dict[str, Any]) -> Path:
-    return out / "store" / manifest["key"]
+    return out / "store" / str(manifest["key"])
 
 
 # -- without a broker ---------------------------------------------------------------------------
@@ -77,9 +85,114 @@ def test_audit_balance_ignores_rollback_records() -> None:
     assert set(with_rollback.per_worker) == {"w0", "w1"}  # no worker "?" or "" from the rollback record
 
 
+# -- signed versions, on a local store (no broker) -----------------------------------------------
+
+
+def _version(job: str, v: int, blob: bytes, **extra: Any) -> Manifest:
+    return Manifest(
+        job, v, v - 1, hashlib.sha256(blob).hexdigest(), len(blob), model_key(job, v), (), 1.0 + v, **extra
+    )
+
+
+def signed_job(tmp_path: Path) -> Settings:
+    """A job of four versions: v0 by the coordinator, v1 and v2 by the aggregator, v3 by nobody."""
+    keys = tmp_path / "keys"
+    init(keys, keys / "trusted")
+    coordinator, aggregator = (
+        load_or_create_signer(keys / f"{r}.key") for r in ("coordinator", "aggregator")
+    )
+    settings = Settings(store=str(tmp_path / "store"), job="j", keys_dir=str(keys), out=str(tmp_path / "out"))
+    store = ModelStore(open_models(settings).objects, "j")
+
+    async def fill() -> None:
+        for v in range(4):
+            blob = bytes([v]) * 64
+            m = _version("j", v, blob)
+            m = m.signed_by(coordinator) if v == 0 else m.signed_by(aggregator) if v < 3 else m
+            await store.save(m, blob)
+
+    asyncio.run(fill())
+    return settings
+
+
+def test_verify_refuses_a_version_nobody_trusted_signed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = signed_job(tmp_path)
+    store = open_models(settings)
+    problems = {v: asyncio.run(check_version(store, v)) for v in range(4)}
+    assert problems[0] == problems[1] == problems[2] == []
+    assert len(problems[3]) == 1 and problems[3][0].startswith("unsigned_version")
+    # a manifest changed after signing, or signed by a key of the wrong role, is no better
+    manifest_file = tmp_path / "store" / manifest_key("j", 2)
+    doc = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**doc, "mean_staleness": 9.0}))
+    assert asyncio.run(check_version(store, 2))[0].startswith("unsigned_version")
+    worker = Signer.generate()
+    blob = bytes([1]) * 64
+    asyncio.run(
+        store.objects.put(manifest_key("j", 1), _version("j", 1, blob).signed_by(worker).to_json().encode())
+    )
+    assert "not among the trusted keys" in asyncio.run(check_version(store, 1))[0]
+    capsys.readouterr()
+
+    assert asyncio.run(run(settings, Request("verify", "j", as_json=True))) == 1
+    verdicts = {r["version"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert [v for v, r in verdicts.items() if not r["ok"]] == [1, 2, 3]
+    assert asyncio.run(run(settings, Request("verify", "j"))) == 1
+    assert "v3      UNSIGNED" in capsys.readouterr().out
+
+
+def test_list_and_show_say_who_signed_each_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = signed_job(tmp_path)
+    keys = Path(settings.keys_dir)
+    aggregator = fingerprint(load_or_create_signer(keys / "aggregator.key").public)
+    assert (
+        asyncio.run(run(settings, Request("list", "j", as_json=True))) == 0
+    )  # an unsigned version fails nothing
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["signed"], r["signer_role"]) for r in rows] == [
+        (True, "coordinator"),
+        (True, "aggregator"),
+        (True, "aggregator"),
+        (False, None),
+    ]
+    assert rows[1]["signer"] == aggregator and rows[3]["signature_problem"].startswith("unsigned_version")
+    assert asyncio.run(run(settings, Request("list", "j"))) == 0
+    table = capsys.readouterr().out
+    assert f"signed by aggregator {aggregator}" in table and "UNSIGNED (unsigned_version" in table
+    assert asyncio.run(run(settings, Request("show", "j", version=3, as_json=True))) == 0
+    assert json.loads(capsys.readouterr().out)["signature"]["signed"] is False
+    assert asyncio.run(run(settings, Request("show", "j", version=1))) == 0
+    assert f"signed by       aggregator key {aggregator}" in capsys.readouterr().out
+
+
+def test_rollback_is_signed_by_the_operator_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = signed_job(tmp_path)
+    store = open_models(settings)
+    operator = load_or_create_signer(Path(settings.keys_dir) / "operator.key")
+    back = asyncio.run(write_rollback(store, 1, operator, settle=0.0))
+    assert (back.version, back.parent, back.rollback_of, back.signer) == (4, 3, 1, operator.fingerprint)
+    assert asyncio.run(store.manifest(4)) == back  # read through the trust directory: it verifies
+    assert asyncio.run(check_version(store, 4)) == []
+    # never to a version nobody trusted made
+    with pytest.raises(UnsignedVersionError, match="not signed"):
+        asyncio.run(write_rollback(store, 3, operator, settle=0.0))
+    # the command: signed by <keys-dir>/operator.key, refused before anything is written if it is not trusted
+    assert asyncio.run(run(settings, Request("rollback", "j", version=2, announce=False, as_json=True))) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["version"] == 5 and done["signer"] == operator.fingerprint
+    stranger = dataclasses.replace(
+        settings, keys_dir=str(tmp_path / "elsewhere"), trusted_keys=str(Path(settings.keys_dir) / "trusted")
+    )
+    with pytest.raises(ConfigError, match="not trusted"):
+        asyncio.run(run(stranger, Request("rollback", "j", version=2, announce=False)))
+    assert asyncio.run(store.latest()) == 5
+
+
 # -- a finished run -----------------------------------------------------------------------------
-
-
 
 
 @pytest.mark.slow
@@ -169,12 +282,15 @@ def test_rollback_on_a_finished_run(run: tuple[Path, Names], tmp_path: Path) -> 
     assert {v: m for v, m in after.items() if v <= latest} == before  # history untouched
     last = records(copy / "ledger.jsonl")[-1]
     assert (last["fate"], last["version"], last["rollback_of"]) == ("rollback", latest + 1, 1)
-    assert (copy / "keys" / "trusted" / "operator.pub").read_bytes() == (
+    operator = fingerprint(load_or_create_signer(copy / "keys" / "operator.key").public)
+    assert (copy / "keys" / "trusted" / "operator" / f"{operator}.pub").read_bytes() == (
         copy / "keys" / "operator.pub"
     ).read_bytes()
+    assert done["signer"] == operator and new["signer"] == operator  # the manifest is the operator's
 
     rows = json_lines(cli("model", "list", str(copy), "--json").stdout)
     assert rows[-1]["version"] == latest + 1 and rows[-1]["rollback_of"] == 1
+    assert (rows[-1]["signed"], rows[-1]["signer_role"]) == (True, "operator")
     assert cli("model", "verify", str(copy)).returncode == 0
     audit = cli("audit", str(copy), "--json")
     assert audit.returncode == 0, audit.stdout + audit.stderr
