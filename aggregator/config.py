@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from shared.aggregation import Policy
+from shared.aggregation import Clip, Policy, Robust
+from shared.errors import ConfigError
 from shared.settings import Settings
 from shared.staleness import Staleness
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,5 +29,15 @@ class AggregatorConfig:
             staleness=Staleness.parse(settings.staleness),
             max_staleness=settings.max_staleness,
             max_norm=settings.max_norm,
+            clip=_parsed(Clip.parse, "--clip / FEDQ_CLIP", settings.clip),
+            robust=_parsed(Robust.parse, "--robust / FEDQ_ROBUST", settings.robust),
         )
         return cls(policy, settings.capability_list)
+
+
+def _parsed(parse: Callable[[str], T], where: str, text: str) -> T:
+    """``parse(text)``, its ``ConfigError`` naming the flag and variable the text came from."""
+    try:
+        return parse(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -4,6 +4,11 @@
 says why it is rejected; when the policy says the buffer is full (or a sync
 round closes), ``flush`` folds the buffer into a new version. Replaying the
 same updates in the same order through a fresh core gives the same bytes.
+
+The core also keeps the clip window: the (clipped) norms of the last applied updates,
+which the adaptive clip takes its median from. It is part of a version's state like
+the model: ``NewVersion.clip_window`` is what the next version starts from, the
+manifest records it, and a core resumed or replayed at a version is given it back.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.aggregation import Accumulator, Policy, screen
+from shared.aggregation import Accumulator, Policy, RobustBuffer, screen
 from shared.errors import ScreeningError
 from shared.messages import Round, Update
 from shared.quantize import DEFAULT_BLOCK, BlockLayout, block_layout, decode_delta_wire, to_flat, to_wire
@@ -26,7 +31,8 @@ class Accepted:
     task_id: str
     staleness: int
     weight: float
-    norm: float
+    norm: float  # before clipping
+    clip: float = 1.0  # the scale the clip applied to the delta's floats (1.0: not clipped)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class NewVersion:
     model: FlatModel
     update_ids: tuple[str, ...]
     mean_staleness: float
+    clip_window: tuple[float, ...] = ()  # recorded norms after this version, oldest first
 
 
 @dataclass
@@ -61,6 +68,7 @@ class AggregatorCore:
     job_id: str
     applied: set[str] = field(default_factory=set)
     updates_total: int = 0
+    clip_window: tuple[float, ...] = ()  # the recorded norms as of ``version`` (its manifest's)
 
     def __post_init__(self) -> None:
         self._reset_buffer()
@@ -75,9 +83,14 @@ class AggregatorCore:
         return self._scratch
 
     def _reset_buffer(self) -> None:
-        self.buffer = Accumulator(self.model.spec.n_float, self.model.spec.n_exact)
+        self.buffer: Accumulator | RobustBuffer
+        if self.policy.robust.kind == "none":
+            self.buffer = Accumulator(self.model.spec.n_float, self.model.spec.n_exact)
+        else:
+            self.buffer = RobustBuffer(self.policy.robust)
         self._layout: BlockLayout | None = None  # the block order the buffer sums in
         self.pending: list[Accepted] = []
+        self._recorded: list[float] = []  # the pending updates' norms after clipping
         self._pending_ids: set[str] = set()  # kept beside the list: checked on every offer
 
     @property
@@ -113,14 +126,23 @@ class AggregatorCore:
         weight = self.policy.weight(update.num_samples, tau)
         if not 0 < weight < math.inf:
             return Rejected(tid, Reason.STALE, f"staleness weight {weight} leaves nothing to apply", tau)
-        # The buffer sums in the block order of its first update; others are reordered to match
-        # (a copy; free in the usual case where every update uses the job's block size).
-        if self._layout is None:
-            self._layout = layout or block_layout(self.model.spec.float_sizes, DEFAULT_BLOCK)
-        if layout is not self._layout:
-            floats = to_wire(floats if layout is None else to_flat(floats, layout), self._layout)
-        self.buffer.add(floats, exact, weight, self.policy.norm_weight(update.num_samples, tau))
-        accepted = Accepted(tid, tau, weight, norm)
+        # Clipped against the norms recorded before it: the window of the parent version, then
+        # this buffer's, in arrival order. A clipped update is recorded at the bound.
+        bound = self.policy.clip.limit([*self.clip_window, *self._recorded])
+        clip = bound / norm if bound is not None and norm > bound else 1.0
+        if isinstance(self.buffer, RobustBuffer):
+            flat = floats if layout is None else to_flat(floats, layout)
+            self.buffer.add(flat, exact, self.policy.robust_factor(tau), clip)
+        else:
+            # The buffer sums in the block order of its first update; others are reordered to
+            # match (a copy; free in the usual case where every update uses the job's block size).
+            if self._layout is None:
+                self._layout = layout or block_layout(self.model.spec.float_sizes, DEFAULT_BLOCK)
+            if layout is not self._layout:
+                floats = to_wire(floats if layout is None else to_flat(floats, layout), self._layout)
+            self.buffer.add(floats, exact, weight, self.policy.norm_weight(update.num_samples, tau), clip)
+        accepted = Accepted(tid, tau, weight, norm, clip)
+        self._recorded.append(norm if bound is None or norm <= bound else bound)
         self.pending.append(accepted)
         self._pending_ids.add(tid)
         return accepted
@@ -147,16 +169,23 @@ class AggregatorCore:
         )
 
     def flush(self) -> NewVersion:
-        if self._layout is not None:  # back to the model's flat order, once per version
-            self.buffer.floats = to_flat(self.buffer.floats, self._layout)
+        if isinstance(self.buffer, Accumulator) and self._layout is not None:
+            self.buffer.floats = to_flat(self.buffer.floats, self._layout)  # flat order, once per version
         floats, exact = self.buffer.apply(self.model.floats, self.model.exact, self.policy.server_lr)
         ids = tuple(a.task_id for a in self.pending)
         mean_tau = sum(a.staleness for a in self.pending) / len(self.pending)
+        window = (*self.clip_window, *self._recorded)[-self.policy.clip.window :]
         new = NewVersion(
-            self.version + 1, self.version, self.model.with_vectors(floats, exact), ids, mean_tau
+            self.version + 1,
+            self.version,
+            self.model.with_vectors(floats, exact),
+            ids,
+            mean_tau,
+            window,
         )
         self.model = new.model
         self.version = new.version
+        self.clip_window = window
         self.applied.update(ids)
         self.updates_total += len(ids)
         self._round = None

@@ -3,7 +3,8 @@ and re-aggregate a finished job under another policy (``fedq replay what-if``).
 
 A version is a pure function of (parent, ordered applied updates, policy): the
 aggregator folds updates one by one in arrival order, element-wise in float32,
-single-threaded per element, so the same inputs give the same bytes.
+single-threaded per element, so the same inputs give the same bytes. The adaptive
+clip's window of recent norms is part of the parent: its manifest records it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from aggregator.core import Accepted, AggregatorCore
-from shared.aggregation import Policy
+from shared.aggregation import Clip, Policy, Robust, clip_window_of
 from shared.app import App
 from shared.codec import decode_head, open_envelope
 from shared.errors import FedqError, StoreError, WireError
@@ -82,6 +83,9 @@ def policy_of(manifest: Manifest) -> Policy:
         max_staleness=p["max_staleness"],
         max_norm=p.get("max_norm"),
         normalize=p.get("normalize", "samples"),
+        # A manifest from before clipping and robust aggregation: neither was applied.
+        clip=Clip.parse(p.get("clip", "off")),
+        robust=Robust.parse(p.get("robust", "none")),
     )
 
 
@@ -190,7 +194,8 @@ async def verify_version(job: Job, version: int) -> Verdict:
     except StoreError as exc:
         return Verdict(version, False, manifest.sha256, None, [f"parent: {exc}"])
     policy = policy_of(manifest)
-    core = AggregatorCore(parent, manifest.parent, policy, job.settings.job)
+    window = clip_window_of(job.manifests[manifest.parent].policy) if manifest.parent in job.manifests else ()
+    core = AggregatorCore(parent, manifest.parent, policy, job.settings.job, clip_window=window)
     if policy.mode == "sync":
         core.open_round(Round(job.settings.job, manifest.parent, 0, len(manifest.update_ids), 0.0))
     for i, tid in enumerate(manifest.update_ids):
@@ -459,6 +464,10 @@ async def run_what_if(
     fields = {k: v for k, v in overrides.items() if v is not None}
     if "staleness" in fields:
         fields["staleness"] = Staleness.parse(fields["staleness"])
+    if "clip" in fields:
+        fields["clip"] = Clip.parse(fields["clip"])
+    if "robust" in fields:
+        fields["robust"] = Robust.parse(fields["robust"])
     policy = dataclasses.replace(original_policy, **fields)
     label = ", ".join(f"{k}={overrides[k]}" for k in fields) or "original policy"
     original = await original_curve(job, app)

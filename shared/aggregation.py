@@ -7,11 +7,16 @@ All three are the same fold: accumulate ``w_i * delta_i`` into a buffer with
 when the buffer is applied, which the ``Policy`` decides.
 Accumulation is in arrival order, element-wise, in float32: the result is a
 pure function of (parent, ordered updates, policy).
+
+Bounded influence: ``Clip`` scales a delta whose norm is out of line down to a bound (a
+fixed one, or a multiple of the median norm of recently applied updates), and ``Robust``
+swaps the weighted fold for a coordinate-wise trimmed mean or median of the buffer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +26,141 @@ from shared.reasons import Reason
 from shared.staleness import Staleness
 
 MODES = ("async", "sync")
+CLIPS = ("adaptive", "fixed", "off")
+ROBUST = ("none", "trimmed-mean", "median")
+# An integer delta (BatchNorm's num_batches_tracked and the like) beyond this is no training step.
+MAX_EXACT_DELTA = 2**31
+# The key of a manifest's policy record that carries the clip window after that version.
+CLIP_WINDOW = "clip_window"
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Norm clipping: a delta whose L2 norm (float part) exceeds the bound is scaled down to it.
+
+    ``fixed``: the bound is ``bound``. ``adaptive``: ``factor`` times the median of the last
+    ``window`` recorded norms, once ``warmup`` of them are known (no clip before, nor while the
+    median is 0). A recorded norm is the norm after clipping, so an attacker's boosted deltas
+    cannot drag the median up. ``off``: no clip (``--max-norm`` still rejects).
+    """
+
+    kind: str = "adaptive"
+    bound: float = 0.0  # fixed only
+    factor: float = 3.0
+    window: int = 50
+    warmup: int = 5
+
+    def __post_init__(self) -> None:
+        if self.kind not in CLIPS:
+            raise ConfigError(f"unknown clip {self.kind!r}; use adaptive, a positive number or off")
+        if self.kind == "fixed" and not 0 < self.bound < math.inf:
+            raise ConfigError(f"the clip bound must be a positive number, not {self.bound!r}")
+        if not 0 < self.factor < math.inf:
+            raise ConfigError(f"the adaptive clip factor must be positive, not {self.factor!r}")
+        if not 1 <= self.warmup <= self.window:
+            raise ConfigError("the adaptive clip needs 1 <= warm-up <= window")
+
+    def limit(self, history: Sequence[float]) -> float | None:
+        """The norm bound given the recorded norms so far (oldest first), or ``None``: no clip."""
+        if self.kind == "fixed":
+            return self.bound
+        if self.kind == "off" or len(history) < self.warmup:
+            return None
+        recent = sorted(history[-self.window :])
+        mid = len(recent) // 2
+        median = recent[mid] if len(recent) % 2 else (recent[mid - 1] + recent[mid]) / 2
+        return self.factor * median if median > 0 else None
+
+    @classmethod
+    def parse(cls, text: str) -> Clip:
+        """``adaptive[:C[,window[,warmup]]]``, a positive number (a fixed bound) or ``off``."""
+        kind, _, params = text.strip().partition(":")
+        if kind == "off" and not params:
+            return cls("off")
+        parts = params.split(",") if params else []
+        if kind == "adaptive" and len(parts) <= 3:
+            try:
+                factor = float(parts[0]) if parts else cls.factor
+                window = int(parts[1]) if len(parts) > 1 else cls.window
+                warmup = int(parts[2]) if len(parts) > 2 else min(cls.warmup, window)
+            except ValueError:
+                raise ConfigError(f"bad clip {text!r}: use adaptive[:C[,window[,warmup]]]") from None
+            return cls("adaptive", factor=factor, window=window, warmup=warmup)
+        try:
+            bound = float(text)
+        except ValueError:
+            raise ConfigError(
+                f"bad clip {text!r}: use adaptive, a positive number (a fixed bound) or off"
+            ) from None
+        return cls("fixed", bound)
+
+    def describe(self) -> str:
+        """What ``parse`` reads back to this same clip (floats in full, for exact replay)."""
+        if self.kind == "fixed":
+            return repr(self.bound)
+        if self.kind == "off":
+            return "off"
+        return f"adaptive:{self.factor!r},{self.window},{self.warmup}"
+
+
+@dataclass(frozen=True)
+class Robust:
+    """How the buffer combines: ``none`` is the weighted fold; ``trimmed-mean`` drops the
+    fraction ``trim`` of the largest and of the smallest values of each coordinate and averages
+    the rest; ``median`` takes each coordinate's median. The robust statistics are unweighted:
+    sample counts do not count, each delta is scaled by its weight over its normalizing weight
+    (its staleness factor with ``normalize=samples``, 1 with ``weights``) and by its clip."""
+
+    kind: str = "none"
+    trim: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROBUST:
+            raise ConfigError(f"unknown robust aggregation {self.kind!r}; use none, trimmed-mean:F or median")
+        if not 0 <= self.trim < 0.5:
+            raise ConfigError(f"trimmed-mean's F must be in [0, 0.5), not {self.trim!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> Robust:
+        kind, colon, params = text.strip().partition(":")
+        if kind in ("none", "median") and not colon:
+            return cls(kind)
+        if kind == "trimmed-mean" and params:
+            try:
+                trim = float(params)
+            except ValueError:
+                raise ConfigError(f"bad robust {text!r}: F must be a number in [0, 0.5)") from None
+            if not 0 <= trim < 0.5:
+                raise ConfigError(f"bad robust {text!r}: F must be in [0, 0.5)")
+            return cls(kind, trim)
+        raise ConfigError(f"bad robust {text!r}: use none, trimmed-mean:F (0 <= F < 0.5) or median")
+
+    def describe(self) -> str:
+        return f"trimmed-mean:{self.trim!r}" if self.kind == "trimmed-mean" else self.kind
+
+    def combine(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The coordinate-wise statistic of ``rows`` (one delta each, same dtype and length).
+
+        Sorted per coordinate (stably, so ties such as -0.0 and 0.0 keep their arrival order),
+        then summed row by row element-wise: no reduction whose order could vary."""
+        k = len(rows)
+        if k == 0:
+            raise ValueError("nothing to combine")
+        ordered = torch.sort(torch.stack(list(rows)), dim=0, stable=True).values
+        if self.kind == "median":
+            mid = k // 2
+            return ordered[mid].clone() if k % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        cut = math.floor(self.trim * k + 1e-9) if self.kind == "trimmed-mean" else 0
+        total = ordered[cut].clone()
+        for row in ordered[cut + 1 : k - cut]:
+            total.add_(row)
+        return total / (k - 2 * cut)
+
+
+def clip_window_of(record: Mapping[str, object]) -> tuple[float, ...]:
+    """The recorded clip norms a manifest's policy record carries (none in older manifests)."""
+    window = record.get(CLIP_WINDOW) or ()
+    return tuple(float(v) for v in window)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -40,6 +180,8 @@ class Policy:
     max_staleness: int = 20
     max_norm: float | None = None
     normalize: str = "samples"
+    clip: Clip = field(default_factory=Clip)
+    robust: Robust = field(default_factory=Robust)
 
     def __post_init__(self) -> None:
         if self.normalize not in ("samples", "weights"):
@@ -57,6 +199,14 @@ class Policy:
         """What the buffer's step divides by: sample counts alone, or the full weights."""
         return float(num_samples) if self.normalize == "samples" else self.weight(num_samples, tau)
 
+    def robust_factor(self, tau: int) -> float:
+        """What scales a delta for robust aggregation, in place of its weight: the staleness
+        factor when the fold would divide by sample counts (``normalize=samples``: a stale
+        buffer takes a smaller step), else 1. Sample counts do not count."""
+        if self.mode == "sync" or self.normalize == "weights":
+            return 1.0
+        return self.staleness.weight(tau)
+
     def weight(self, num_samples: int, tau: int) -> float:
         if self.mode == "sync":
             return float(num_samples)
@@ -71,6 +221,8 @@ class Policy:
             "max_staleness": self.max_staleness,
             "max_norm": self.max_norm,
             "normalize": self.normalize,
+            "clip": self.clip.describe(),
+            "robust": self.robust.describe(),
         }
 
 
@@ -85,12 +237,18 @@ class Accumulator:
         self.count = 0
 
     def add(
-        self, floats: torch.Tensor, exact: torch.Tensor, weight: float, norm_weight: float | None = None
+        self,
+        floats: torch.Tensor,
+        exact: torch.Tensor,
+        weight: float,
+        norm_weight: float | None = None,
+        clip: float = 1.0,
     ) -> None:
-        """Add ``weight * delta``; the step divides by the sum of ``norm_weight`` (default: ``weight``)."""
+        """Add ``weight * clip * delta`` (the clip scales the floats only); the step divides by the
+        sum of ``norm_weight`` (default: ``weight``)."""
         if weight <= 0:
             raise ValueError("weight must be positive")
-        self.floats.add_(floats, alpha=weight)
+        self.floats.add_(floats, alpha=weight * clip)  # weight * 1.0 is weight: unclipped is unchanged
         if exact.numel():
             self.exact.add_(exact.to(torch.float64), alpha=weight)
         self.total_weight += weight
@@ -109,8 +267,45 @@ class Accumulator:
         return new_floats, new_exact
 
 
+class RobustBuffer:
+    """The buffer's deltas kept one by one (in flat order) for a coordinate-wise statistic."""
+
+    def __init__(self, robust: Robust) -> None:
+        self.robust = robust
+        self.floats: list[torch.Tensor] = []
+        self.exact: list[torch.Tensor] = []
+        self.count = 0
+
+    def add(self, floats: torch.Tensor, exact: torch.Tensor, factor: float, clip: float = 1.0) -> None:
+        """Keep ``factor * clip * floats`` (a copy: ``floats`` may be a scratch vector) and
+        ``factor * exact`` in float64: the clip bounds the float norm, not integer tensors."""
+        scale = factor * clip
+        self.floats.append(floats * scale if scale != 1.0 else floats.clone())
+        self.exact.append(exact.to(torch.float64) * factor)
+        self.count += 1
+
+    def apply(
+        self, floats: torch.Tensor, exact: torch.Tensor, server_lr: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the new (floats, exact): x + eta * statistic(deltas)."""
+        if self.count == 0:
+            raise ValueError("nothing to apply")
+        step = self.robust.combine(self.floats)
+        new_floats = floats + step * server_lr
+        if not exact.numel():
+            return new_floats, exact.clone()
+        exact_step = self.robust.combine(self.exact)
+        return new_floats, exact + torch.round(exact_step * server_lr).to(torch.int64)
+
+
 def screen(floats: torch.Tensor, exact: torch.Tensor, max_norm: float | None) -> float:
-    """Return the delta's L2 norm, or raise ``ScreeningError`` for non-finite or too-large deltas."""
+    """Return the delta's L2 norm, or raise ``ScreeningError`` for non-finite or too-large deltas
+    and for integer deltas out of range (|v| > 2**31: no training step moves a counter that far)."""
+    # Not ``abs()``: the absolute value of int64's minimum is itself, negative.
+    if exact.numel() and bool(((exact > MAX_EXACT_DELTA) | (exact < -MAX_EXACT_DELTA)).any()):
+        raise ScreeningError(
+            Reason.INT_OUT_OF_RANGE, f"an integer tensor's delta exceeds {MAX_EXACT_DELTA} in magnitude"
+        )
     norm = float(torch.linalg.vector_norm(floats)) if floats.numel() else 0.0
     if not math.isfinite(norm):
         # One pass in the common case; only a non-finite norm pays for the exact check.

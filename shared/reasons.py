@@ -18,6 +18,7 @@ class Reason(StrEnum):
     BAD_SHAPE = "bad_shape"
     NON_FINITE = "non_finite"
     NORM_TOO_LARGE = "norm_too_large"
+    INT_OUT_OF_RANGE = "int_out_of_range"  # an integer tensor's delta beyond any training step
     BAD_SAMPLE_COUNT = "bad_sample_count"
     BAD_PAYLOAD = "bad_payload"
     PAYLOAD_MISSING = "payload_missing"

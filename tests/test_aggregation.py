@@ -251,6 +251,8 @@ def test_policy_weights_and_dict() -> None:
         "max_staleness": 0,
         "max_norm": 2.0,
         "normalize": "samples",
+        "clip": "adaptive:3.0,50,5",
+        "robust": "none",
     }
 
 
