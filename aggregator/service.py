@@ -16,20 +16,27 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from aggregator.binding import bind
 from aggregator.config import AggregatorConfig
 from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected
 from broker_config.names import Names
 from broker_config.topology import Topology, topology
 from shared.codec import MAX_HEAD_BYTES, Envelope, encode
-from shared.errors import FedqError, ServiceFailure, StoreError, WireError
-from shared.keys import DirectoryKeyring, load_or_create_signer, load_public_key
+from shared.errors import (
+    FedqError,
+    ServiceFailure,
+    StoreError,
+    UnsignedVersionError,
+    WireError,
+)
+from shared.keys import DirectoryTrust, key_file_signer
 from shared.ledger import JsonLines
 from shared.logs import get_logger
 from shared.messages import Message, Receipt, Receipts, Round, Update
 from shared.reasons import Fate, Reason
 from shared.runtime import FATAL, Runtime, Service
 from shared.settings import Settings
-from shared.signing import Keyring, Signer, fingerprint
+from shared.signing import Keyring, Role, Signer
 from shared.store import Manifest, ModelStore, model_key, open_store
 from shared.transport import Delivery, Transport
 from shared.transport.connect import connected
@@ -65,6 +72,8 @@ async def resolve_claim(store: ModelStore, update: Update) -> Update | Rejected:
         blob = await store.objects.get(update.delta_key)
     except StoreError as exc:
         return Rejected(tid, Reason.PAYLOAD_MISSING, str(exc))
+    except OSError as exc:  # a key naming a directory, a file we may not read: this update only
+        return Rejected(tid, Reason.BAD_PAYLOAD, f"claim check {update.delta_key!r}: {exc.strerror or exc}")
     if len(blob) != update.delta_size or hashlib.sha256(blob).hexdigest() != update.delta_sha256:
         return Rejected(tid, Reason.BAD_PAYLOAD, f"{update.delta_key} does not match the signed size and sha256")
     return dataclasses.replace(update, delta=blob)
@@ -82,19 +91,20 @@ class Aggregator(Service):
         signer: Signer,
         keyring: Keyring,
         ledger: JsonLines,
-        coordinator_fingerprint: str | None = None,
     ) -> None:
-        """``coordinator_fingerprint``: the only key whose rounds count (``None``: any trusted key)."""
+        """``keyring``: the trust set (roles decide who may send what; the coordinator's keys
+        vouch for tasks, aggregator keys for versions); every version read is verified with it."""
         self.config = config
         self.transport = transport
         self.names: Names = transport.names
-        self.store = store
+        self.store = store if store.trust is not None else ModelStore(store.objects, store.job_id, keyring)
         self.job_id = store.job_id
+        self.incarnation = ""  # the job's, from version 0
         self.policy = config.policy
         self.signer = signer
         self.keyring = keyring
         self.ledger = ledger
-        self.coordinator_fp = coordinator_fingerprint
+        self._refused: set[int] = set()  # unsigned versions already logged
         self.core: AggregatorCore | None = None
         self.held: list[Held] = []
         self._lock = asyncio.Lock()
@@ -105,17 +115,26 @@ class Aggregator(Service):
     async def load(self, wait: float = 120.0) -> AggregatorCore:
         """Resume from the latest stored version (waiting for v0 if the job is new)."""
         deadline = time.monotonic() + wait
-        latest = await self.store.latest()
+        latest = await self.store.latest_signed()
         while latest is None:
             if time.monotonic() > deadline:
-                raise FedqError(f"no version 0 of job {self.job_id} appeared in the store")
-            self.log.info("waiting_for_version_0")
+                raise FedqError(
+                    f"no signed version 0 of job {self.job_id} appeared in the store"
+                    + "".join(f"; {p}" for p in self.keyring.missing(Role.COORDINATOR))
+                )
+            self.log.info("waiting_for_version_0", missing=self.keyring.missing(Role.COORDINATOR))
             await asyncio.sleep(0.5)
-            latest = await self.store.latest()
+            latest = await self.store.latest_signed()
+        self.incarnation = await self.store.incarnation()
         manifest, model = await self.store.load(latest)
         applied: set[str] = set()
         for v in await self.store.versions():
-            applied.update((await self.store.manifest(v)).update_ids)
+            if v > latest:
+                continue
+            try:
+                applied.update((await self.store.manifest(v)).update_ids)
+            except UnsignedVersionError as exc:  # history rewritten by someone without the key
+                self.log.error("unsigned_version_refused", version=v, detail=str(exc))
         self.core = AggregatorCore(model, latest, self.policy, self.job_id, applied, manifest.updates_total)
         self.log.info("resumed", version=latest, applied=len(applied), policy=self.policy.to_dict())
         return self.core
@@ -133,6 +152,13 @@ class Aggregator(Service):
             return False
         self._checked_store_at = now
         if not await self.store.exists(self.core.version + 1):
+            return False
+        try:
+            await self.store.manifest(self.core.version + 1)
+        except UnsignedVersionError as exc:  # whoever wrote it holds no key that may make versions
+            if self.core.version + 1 not in self._refused:
+                self._refused.add(self.core.version + 1)
+                self.log.error("unsigned_version_refused", version=self.core.version + 1, detail=str(exc))
             return False
         held, self.held = self.held, []
         await self.load()
@@ -218,12 +244,13 @@ class Aggregator(Service):
                 same.deliveries.append(delivery)
                 return
         try:
-            result = await self._screen(message)
+            bound = self._bind(message)
+            result = bound if isinstance(bound, Rejected) else await self._screen(bound)
         except FATAL:
             raise
         except Exception as exc:  # a bug or a hostile payload we did not foresee: this update only
             self.log.exception("update_failed", task=message.task_id)
-            result = Rejected(message.task_id, Reason.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+            result = Rejected(message.task_id, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
         if isinstance(result, Rejected):
             await self._reject(delivery, message, result, signer)
             return
@@ -238,6 +265,11 @@ class Aggregator(Service):
                 raise
             except Exception as exc:  # the core may be half-changed: start again from the store
                 raise ServiceFailure(f"making a version failed: {exc!r}") from exc
+
+    def _bind(self, update: Update) -> Update | Rejected:
+        """The update as the task it answers says it is (``aggregator.binding``)."""
+        result = bind(update, self.keyring, self.job_id, self.incarnation)
+        return result if isinstance(result, Rejected) else result[0]
 
     async def _screen(self, message: Update) -> tuple[Accepted, Update] | Rejected:
         """Resolve a claim check, then offer the update to the core."""
@@ -258,12 +290,7 @@ class Aggregator(Service):
         return self.core.offer(message)
 
     async def _on_round(self, delivery: Delivery, message: Round, signer: str) -> None:
-        assert self.core is not None
-        if self.coordinator_fp is not None and signer != self.coordinator_fp:
-            await self._reject(
-                delivery, None, Rejected("", Reason.UNKNOWN_SIGNER, "round not signed by the coordinator"), signer
-            )
-            return
+        assert self.core is not None  # only a coordinator key gets here (shared.codec.decode)
         if message.job_id == self.job_id:
             if message.close:
                 if self.core.close_round(message):
@@ -292,7 +319,8 @@ class Aggregator(Service):
             policy=self.policy.to_dict(),
             mean_staleness=new.mean_staleness,
             updates_total=self.core.updates_total,
-        )
+            incarnation=self.incarnation,
+        ).signed_by(self.signer)
         await self.store.save(manifest, blob)
         await self.transport.publish(
             self.names.models_exchange,
@@ -406,19 +434,16 @@ class ReceiptSender:
 async def serve(settings: Settings) -> None:
     """Build the aggregator from settings and run it until stopped or failed."""
     config = AggregatorConfig.from_settings(settings)
-    signer = load_or_create_signer(settings.key_path("aggregator"))
-    coordinator_fp = None
-    if settings.coordinator_key_path.exists():
-        coordinator_fp = fingerprint(load_public_key(settings.coordinator_key_path))
+    signer = key_file_signer(settings.key_path("aggregator"))
+    trust = DirectoryTrust(settings.trusted_dir)
     async with connected(settings, f"fedq-aggregator-{settings.job}") as transport:
         ledger = JsonLines(settings.out_dir / "ledger.jsonl")
         aggregator = Aggregator(
             config,
             transport=transport,
-            store=ModelStore(open_store(settings.store, settings), settings.job),
+            store=ModelStore(open_store(settings.store, settings), settings.job, trust),
             signer=signer,
-            keyring=DirectoryKeyring(settings.trusted_dir),
+            keyring=trust,
             ledger=ledger,
-            coordinator_fingerprint=coordinator_fp,
         )
         await aggregator.run()

@@ -34,6 +34,7 @@ class CoordinatorConfig:
     worker_timeout: float = 10.0
     min_workers: int = 1
     min_workers_wait: float = 120.0
+    max_samples: int = 0  # the cap on one update's sample count; 0: from the app's train set
     # stop rules (0: off)
     target_accuracy: float = 0.85
     max_versions: int = 0
@@ -52,6 +53,8 @@ class CoordinatorConfig:
         check_token("job id", s.job)
         if s.min_workers < 0:
             raise ConfigError(f"--min-workers must be 0 or more, not {s.min_workers}")
+        if s.max_samples < 0:
+            raise ConfigError(f"--max-samples must be 0 (automatic) or more, not {s.max_samples}")
         if s.min_workers_wait < 0:
             raise ConfigError(f"--min-workers-wait must be 0 or more, not {s.min_workers_wait}")
         try:
@@ -69,6 +72,7 @@ class CoordinatorConfig:
             worker_timeout=s.worker_timeout,
             min_workers=s.min_workers,
             min_workers_wait=s.min_workers_wait,
+            max_samples=s.max_samples,
             target_accuracy=s.target_accuracy,
             max_versions=s.max_versions,
             max_updates=s.max_updates,

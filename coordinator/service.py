@@ -21,22 +21,24 @@ from coordinator.evaluation import Evaluator
 from coordinator.registry import WorkerChange
 from coordinator.scheduler import CloseRound, Fleet, Gate, OpenRound, Scheduler, StopReason
 from coordinator.state import CoordinatorState
-from coordinator.tasks import Latest, TaskMaker, applied_since, initial_version
+from coordinator.tasks import Latest, TaskMaker, applied_since, initial_version, sample_cap
 from shared.app import App
 from shared.codec import Envelope, encode
-from shared.errors import ConfigError, WireError
-from shared.keys import DirectoryKeyring, load_or_create_signer
+from shared.errors import ConfigError, StoreError, UnsignedVersionError, WireError
+from shared.keys import DirectoryTrust, key_file_signer
 from shared.logs import get_logger
 from shared.messages import Hello, ModelAnnouncement, Receipt, Receipts, Round
+from shared.reasons import Reason
 from shared.runtime import InvalidHandler, Runtime, Service
 from shared.settings import Settings
-from shared.signing import Keyring, Signer
-from shared.store import ModelStore, open_store
+from shared.signing import Keyring, Role, Signer
+from shared.store import Manifest, ModelStore, open_store
 from shared.transport import Delivery, Transport
 from shared.transport.connect import connected
 
 TICK = 0.1  # async mode; sync mode ticks every 0.5 s
 WAITING_LOG_EVERY = 5.0  # seconds between waiting_for_workers lines
+TRUST_LOG_EVERY = 30.0  # seconds between trust_incomplete lines
 SAVE_EVERY = 1.0  # seconds between writes of coordinator.json
 
 
@@ -60,7 +62,9 @@ class Coordinator(Service):
         self.config = config
         self.transport = transport
         self.names: Names = transport.names
-        self.store = store
+        # every version read is verified against the trust set: a store that was handed in without
+        # one gets this coordinator's
+        self.store = store if store.trust is not None else ModelStore(store.objects, store.job_id, keyring)
         self.job_id = config.job_id
         self.signer = signer
         self.keyring = keyring
@@ -75,6 +79,7 @@ class Coordinator(Service):
         self._runtime: Runtime | None = None
         self._wake = asyncio.Event()
         self._waiting_logged = 0.0
+        self._trust_logged = -TRUST_LOG_EVERY
 
     # -- the runtime's side -----------------------------------------------------------------
     def topology(self) -> Topology:
@@ -85,9 +90,12 @@ class Coordinator(Service):
         if self.scheduler.resumed:
             state = self.scheduler.state
             self.log.info("resumed_job", in_flight=len(state.in_flight), tasks_issued=state.tasks_issued)
+        self._say_what_trust_lacks(force=True)
         self.latest, self.latest_announcement = await initial_version(
-            self.store, self._app, self.config.model_seed, self.log
+            self.store, self._app, self.config.model_seed, self.log, self.signer
         )
+        self.tasks.incarnation = await self.store.incarnation()
+        self.tasks.max_samples = await asyncio.to_thread(sample_cap, self.config, self._app)
         self.scheduler.adopt(self.latest.version, self.latest_announcement.updates_total)
         if self.latest.version not in self.evaluator.recorded:
             self.evaluator.submit(self.latest_announcement)
@@ -142,13 +150,26 @@ class Coordinator(Service):
 
     # -- inputs -----------------------------------------------------------------------------
     def _rejected(self, event: str) -> InvalidHandler:
-        """Hellos and model events that fail their checks are logged and acked (not dead-lettered)."""
+        """Hellos and model events that fail their checks are logged and dead-lettered with their
+        reason; an unknown signer also says which keys this coordinator lacks."""
 
         async def on_invalid(delivery: Delivery, error: WireError) -> None:
             self.log.warning(event, reason=error.reason, detail=str(error))
-            await delivery.ack()
+            if error.reason is Reason.UNKNOWN_SIGNER:
+                self._say_what_trust_lacks()
+            await delivery.dead_letter(error.reason, str(error))
 
         return on_invalid
+
+    def _say_what_trust_lacks(self, force: bool = False) -> None:
+        """Log, at most every ``TRUST_LOG_EVERY`` seconds, what the trust set lacks for this job to
+        go on: an aggregator key (versions cannot be adopted), a worker (no hello counts)."""
+        now = time.monotonic()
+        if not force and now - self._trust_logged < TRUST_LOG_EVERY:
+            return
+        self._trust_logged = now
+        for problem in self.keyring.missing(Role.AGGREGATOR, Role.WORKER):
+            self.log.warning("trust_incomplete", problem=problem)
 
     async def on_hello(self, hello: Hello, envelope: Envelope, delivery: Delivery) -> None:
         change = self.scheduler.hello(hello, envelope.signer, time.time())
@@ -165,17 +186,38 @@ class Coordinator(Service):
             if self.scheduler.done(r.task_id for r in batch if r.job_id == self.job_id):
                 self._wake.set()
         elif isinstance(message, ModelAnnouncement) and message.job_id == self.job_id:
-            await self._adopt(message)
+            problem = await self._adopt(message)
+            if problem is not None:
+                reason, detail = problem
+                self.log.warning("announcement_rejected", version=message.version, reason=reason, detail=detail)
+                await delivery.dead_letter(reason, detail)
+                return
         await delivery.ack()
 
-    async def _adopt(self, ann: ModelAnnouncement) -> None:
-        self.scheduler.done(ann.update_ids)
+    async def _adopt(self, ann: ModelAnnouncement) -> tuple[Reason, str] | None:
+        """Take the announced version if the store holds it, signed by a key allowed to make it and
+        with the announced sha256; else why not (the announcement is dead-lettered, not retried)."""
         if ann.version <= self.scheduler.version:
-            return
-        manifest, blob = await self.store.load_bytes(ann.version)
+            self.scheduler.done(ann.update_ids)
+            return None
+        try:
+            if not await self.store.exists(ann.version):
+                return Reason.PAYLOAD_MISSING, f"version {ann.version} is not in the store"
+            manifest, blob = await self.store.load_bytes(ann.version)
+        except UnsignedVersionError as exc:
+            self._say_what_trust_lacks()
+            return Reason.UNSIGNED_VERSION, str(exc)
+        except StoreError as exc:
+            return Reason.BAD_PAYLOAD, str(exc)
         if manifest.sha256 != ann.sha256:
-            self.log.error("announcement_mismatch", version=ann.version)
-            return
+            return Reason.BAD_PAYLOAD, f"version {ann.version} is stored with another sha256 than announced"
+        self._take(manifest, blob)
+        return None
+
+    def _take(self, manifest: Manifest, blob: bytes) -> None:
+        """Adopt a verified stored version: tasks now carry it, and it is evaluated."""
+        ann = manifest.announcement()
+        self.scheduler.done(ann.update_ids)
         self.latest = Latest(ann.version, manifest.sha256, manifest.key, blob)
         self.scheduler.adopt(ann.version, ann.updates_total)
         self.latest_announcement = ann
@@ -219,6 +261,7 @@ class Coordinator(Service):
             if now - last_saved >= SAVE_EVERY:
                 self.write_state()
                 last_saved = now
+                await self._look_in_store()
             await self._sleep_or_wake(TICK if self.config.mode is Mode.ASYNC else 0.5)
 
     async def _evaluation(self) -> None:
@@ -253,6 +296,19 @@ class Coordinator(Service):
             await self._sleep_or_wake(0.2 if self.scheduler.round_closed else 0.5)
 
     # -- helpers ----------------------------------------------------------------------------
+    async def _look_in_store(self) -> None:
+        """Versions the store holds that no announcement brought (one was refused before its
+        aggregator's key was trusted, or lost): adopt the newest one whose signature verifies."""
+        if not await self.store.exists(self.scheduler.version + 1):
+            return
+        newest = await self.store.latest_signed()
+        if newest is None or newest <= self.scheduler.version:
+            self._say_what_trust_lacks()
+            return
+        manifest, blob = await self.store.load_bytes(newest)
+        self.log.info("version_found_in_store", version=newest)
+        self._take(manifest, blob)
+
     def _fleet(self, now: float) -> Fleet:
         """The fleet gate, logged: when it opens, and every few seconds while it waits."""
         fleet = self.scheduler.fleet(now)
@@ -299,14 +355,15 @@ class Coordinator(Service):
 async def serve(settings: Settings, app: App) -> str:
     """Build the coordinator from settings and run the job to its stop condition; the stop reason."""
     config = CoordinatorConfig.from_settings(settings)
-    signer = load_or_create_signer(settings.key_path("coordinator"))
+    signer = key_file_signer(settings.key_path("coordinator"))
+    trust = DirectoryTrust(settings.trusted_dir)
     async with connected(settings, f"fedq-coordinator-{settings.job}") as transport:
         coordinator = Coordinator(
             config=config,
             transport=transport,
-            store=ModelStore(open_store(settings.store, settings), settings.job),
+            store=ModelStore(open_store(settings.store, settings), settings.job, trust),
             app=app,
             signer=signer,
-            keyring=DirectoryKeyring(settings.trusted_dir),
+            keyring=trust,
         )
         return await coordinator.run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -13,8 +14,9 @@ import torch
 
 from coordinator.config import CoordinatorConfig
 from shared.app import App
-from shared.errors import StoreError
+from shared.errors import StoreError, UnsignedVersionError
 from shared.messages import ModelAnnouncement, Task
+from shared.signing import Signer
 from shared.store import Manifest, ModelStore
 from shared.tensors import FlatModel, ModelSpec
 
@@ -30,22 +32,48 @@ class Latest:
 
 
 async def initial_version(
-    store: ModelStore, app: App, model_seed: int, log: Any
+    store: ModelStore, app: App, model_seed: int, log: Any, signer: Signer
 ) -> tuple[Latest, ModelAnnouncement]:
-    """Create version 0 from the app, or resume from the latest stored version."""
-    latest = await store.latest()
-    if latest is None:
+    """Create version 0 from the app (signed by ``signer``, with a fresh incarnation), or resume
+    from the latest version whose signature verifies."""
+    if not await store.versions():
         torch.manual_seed(model_seed)
         model = await asyncio.to_thread(app.build_model, model_seed)
         flat = FlatModel.from_state_dict(model.state_dict())
         blob = flat.to_bytes()
-        await store.save(Manifest.first(store.job_id, blob, time.time()), blob)
-        log.info("created_version_0", params=flat.spec.n_float + flat.spec.n_exact, bytes=len(blob))
-        latest = 0
-    else:
+        first = Manifest.first(store.job_id, blob, time.time()).signed_by(signer)
+        await store.save(first, blob)
+        log.info(
+            "created_version_0",
+            params=flat.spec.n_float + flat.spec.n_exact,
+            bytes=len(blob),
+            incarnation=first.incarnation,
+        )
+    latest = await store.latest_signed()
+    if latest is None:
+        raise UnsignedVersionError(
+            f"job {store.job_id} has stored versions but none whose signature verifies: "
+            "is the key that made them trusted (fedq keys list)?"
+        )
+    if latest:
         log.info("resuming", version=latest)
     manifest, blob = await store.load_bytes(latest)
     return Latest(latest, manifest.sha256, manifest.key, blob), manifest.announcement()
+
+
+def sample_cap(config: CoordinatorConfig, app: App) -> int:
+    """The most samples one update may count for: ``--max-samples``, or twice a fair share of
+    the app's training set among ``--min-workers`` (0, no cap, when the app does not say its size)."""
+    if config.max_samples:
+        return config.max_samples
+    train_data = getattr(app, "train_data", None)
+    if train_data is None:
+        return 0
+    try:
+        size = len(train_data()[1])
+    except Exception:  # an app that cannot say: no automatic cap (the aggregator still clips)
+        return 0
+    return max(1, math.ceil(2 * size / max(config.min_workers, 1)))
 
 
 async def applied_since(store: ModelStore, base: int, latest: int, task_ids: set[str]) -> set[str]:
@@ -57,7 +85,7 @@ async def applied_since(store: ModelStore, base: int, latest: int, task_ids: set
             break
         try:
             manifest = await store.manifest(version)
-        except StoreError:
+        except (StoreError, UnsignedVersionError):
             continue
         found = left.intersection(manifest.update_ids)
         applied |= found
@@ -73,6 +101,8 @@ class TaskMaker:
         self.config = config
         self.store = store
         self._spec: ModelSpec | None = None
+        self.incarnation = ""  # the job's, from version 0 (set when the coordinator starts)
+        self.max_samples = 0  # ``sample_cap``
 
     async def make(self, latest: Latest, capability: str, round_number: int, ttl: float, now: float) -> Task:
         c = self.config
@@ -99,6 +129,8 @@ class TaskMaker:
             inline_limit=c.inline_limit,
             update_key=update_key,
             update_url=update_url,
+            incarnation=self.incarnation,
+            max_samples=self.max_samples,
             model=latest.blob if inline else b"",
         )
 

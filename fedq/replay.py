@@ -18,16 +18,17 @@ from typing import Any
 
 import torch
 
+from aggregator.binding import bound
 from aggregator.core import Accepted, AggregatorCore
 from shared.aggregation import Clip, Policy, Robust, clip_window_of
 from shared.app import App
-from shared.codec import decode_head, open_envelope
-from shared.errors import FedqError, StoreError, WireError
-from shared.keys import DirectoryKeyring
+from shared.codec import decode_head, open_envelope, read_task_token
+from shared.errors import FedqError, StoreError, UnknownTaskError, UnsignedVersionError, WireError
+from shared.keys import DirectoryTrust
 from shared.ledger import read_lines
 from shared.messages import Round, Update
 from shared.quantize import decode_delta
-from shared.reasons import Fate
+from shared.reasons import Fate, Reason
 from shared.settings import Settings
 from shared.signing import Keyring
 from shared.staleness import Staleness
@@ -98,6 +99,7 @@ class Job:
     manifests: dict[int, Manifest]
     updates: list[LoggedUpdate]
     ledger: list[dict[str, Any]]
+    unsigned: dict[int, str] = field(default_factory=dict)  # versions whose signature does not verify
 
     @property
     def by_digest(self) -> dict[str, LoggedUpdate]:
@@ -112,12 +114,18 @@ async def load_job(settings: Settings, offset: Any = "first") -> Job:
     manifests = {v: await store.manifest(v) for v in await store.versions()}
     if not manifests:
         raise FedqError(f"job {settings.job} has no versions in the store at {settings.store}")
-    keyring = DirectoryKeyring(settings.trusted_dir) if settings.trusted_dir.is_dir() else None
+    keyring = DirectoryTrust(settings.trusted_dir)
+    unsigned: dict[int, str] = {}
+    for v, manifest in manifests.items():  # a version nobody allowed to make it signed is refused
+        try:
+            manifest.verify(keyring)
+        except UnsignedVersionError as exc:
+            unsigned[v] = str(exc)
     async with connected(settings, "fedq-replay") as transport:
         entries = await transport.read_all(transport.names.update_log, offset)
     updates = decode_entries(entries, settings.job, keyring)
     ledger = list(read_lines(settings.out_dir / "ledger.jsonl"))
-    return Job(settings, store, manifests, updates, ledger)
+    return Job(settings, store, manifests, updates, ledger, unsigned)
 
 
 # -- verify -------------------------------------------------------------------------------------
@@ -181,6 +189,8 @@ async def verify_version(job: Job, version: int) -> Verdict:
     if manifest is None:
         raise FedqError(f"job {job.settings.job} has no version {version}")
     problems: list[str] = []
+    if version in job.unsigned:
+        return Verdict(version, False, manifest.sha256, None, [f"{Reason.UNSIGNED_VERSION}: {job.unsigned[version]}"])
     if version == 0:
         try:
             await job.store.load_bytes(0)
@@ -231,8 +241,18 @@ class Curve:
 
 
 async def _materialized(job: Job, update: Update | None, problems: list[str]) -> Update | None:
-    """A claim-checked update with its delta fetched from the store (while the blob is retained)."""
-    if update is None or not update.delta_key:
+    """The update as the aggregator folded it: bound to its task (base version and sample cap
+    from the coordinator's token, ``aggregator.binding``), and with a claim-checked delta fetched
+    from the store (while the blob is retained)."""
+    if update is None:
+        return None
+    if update.task:
+        try:
+            update = bound(update, read_task_token(update.task))
+        except UnknownTaskError as exc:
+            problems.append(f"update {update.task_id}: {exc}")
+            return None
+    if not update.delta_key:
         return update
     from aggregator.service import resolve_claim
 
@@ -247,6 +267,11 @@ async def _materialized(job: Job, update: Update | None, problems: list[str]) ->
 async def applied_sequence(job: Job) -> list[tuple[Update, int]]:
     """The applied updates in arrival order, each with the arrival count at which its base
     version was created (so staleness can be recomputed under another policy)."""
+    if job.unsigned:
+        raise FedqError(
+            f"{Reason.UNSIGNED_VERSION}: versions {sorted(job.unsigned)} of job {job.settings.job} are not "
+            f"signed by a key allowed to make them ({next(iter(job.unsigned.values()))})"
+        )
     created_at = {v: m.updates_total for v, m in job.manifests.items()}
     seq: list[tuple[Update, int]] = []
     for v in sorted(job.manifests):

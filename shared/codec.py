@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from shared.errors import BadSignatureError, DecodeError
-from shared.messages import KINDS, PAYLOAD_FIELD, Message
-from shared.signing import Keyring, Signer
+from shared.errors import BadSignatureError, DecodeError, UnknownTaskError, WireError
+from shared.messages import KINDS, PAYLOAD_FIELD, Message, Task
+from shared.signing import Keyring, Signer, authorize
 
 VERSION = 1
 ENVELOPE_KEYS = frozenset({"v", "kind", "signer", "head", "payload", "sig"})
@@ -46,8 +46,11 @@ class Envelope:
 
 
 def signed_bytes(v: int, kind: str, signer: str, head: bytes, payload: bytes) -> bytes:
-    digest = hashlib.sha256(payload).digest()
-    return typing.cast(bytes, msgpack.packb(["fedq", v, kind, signer, head, digest]))
+    return digest_signed_bytes(v, kind, signer, head, hashlib.sha256(payload).digest())
+
+
+def digest_signed_bytes(v: int, kind: str, signer: str, head: bytes, payload_sha256: bytes) -> bytes:
+    return typing.cast(bytes, msgpack.packb(["fedq", v, kind, signer, head, payload_sha256]))
 
 
 def kind_of(message: Message) -> str:
@@ -70,6 +73,7 @@ def _to_plain(value: Any) -> Any:
 def encode(message: Message, signer: Signer) -> bytes:
     """Sign and serialize a message."""
     kind = kind_of(message)
+    signer = signer.current()
     payload_field = PAYLOAD_FIELD.get(kind)
     fields = _to_plain(message)
     payload = fields.pop(payload_field) if payload_field else b""
@@ -183,13 +187,79 @@ def decode(
 def decode(
     raw: bytes, keyring: Keyring, expect: type | tuple[type, ...] | None = None
 ) -> tuple[Any, Envelope]:
-    """Parse, verify and decode. Raises a ``WireError`` subclass naming the reason."""
+    """Parse, verify, decode and check that the signer's role may send it (and, for a worker,
+    that it speaks for its own worker id). Raises a ``WireError`` subclass naming the reason."""
     envelope = open_envelope(raw)
-    keyring.verify(envelope.signer, envelope.sig, envelope.signed_bytes(), raw)
+    peer = keyring.verify(envelope.signer, envelope.sig, envelope.signed_bytes(), raw)
     message = decode_head(envelope, raw)
     if expect is not None and not isinstance(message, expect):
         raise DecodeError(f"unexpected {envelope.kind} message here", raw)
+    authorize(envelope.kind, message, peer, raw)
     return message, envelope
+
+
+# -- task tokens: the coordinator's signed task, carried inside the update that answers it --------
+#
+# A token is ``[signer, head, sha256(payload), sig]`` of the task's envelope: enough to verify the
+# coordinator's signature without the model the task carried. The aggregator believes the task,
+# not the worker, about job, incarnation, base version, capability, deadline and sample cap.
+
+MAX_TOKEN_BYTES = 8 * 1024
+
+
+def task_token(envelope: Envelope) -> bytes:
+    """The token of a task as it was received (its envelope, verified)."""
+    if envelope.kind != "task":
+        raise ValueError(f"a token is made from a task, not a {envelope.kind}")
+    digest = hashlib.sha256(envelope.payload).digest()
+    return typing.cast(bytes, msgpack.packb([envelope.signer, envelope.head, digest, envelope.sig]))
+
+
+def _token_parts(token: bytes) -> tuple[str, bytes, bytes, bytes]:
+    if not token:
+        raise UnknownTaskError("the update carries no task token: no issued task is named")
+    if len(token) > MAX_TOKEN_BYTES:
+        raise UnknownTaskError(f"task token of {len(token)} bytes is too large")
+    try:
+        parts = msgpack.unpackb(token, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise UnknownTaskError(f"task token is not msgpack: {exc}") from None
+    if not (
+        isinstance(parts, list)
+        and len(parts) == 4
+        and isinstance(parts[0], str)
+        and all(isinstance(p, bytes) for p in parts[1:])
+        and len(parts[2]) == 32
+        and len(parts[3]) == 64
+    ):
+        raise UnknownTaskError("task token is malformed")
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def read_task_token(token: bytes) -> Task:
+    """The task a token names, read without checking its signature (for records already checked,
+    such as ``fedq replay``'s); ``UnknownTaskError`` if it cannot be read."""
+    signer, head, _, sig = _token_parts(token)
+    try:
+        task = decode_head(Envelope(VERSION, "task", signer, head, b"", sig))
+    except WireError as exc:
+        raise UnknownTaskError(f"task token: {exc}") from None
+    assert isinstance(task, Task)
+    return task
+
+
+def open_task_token(token: bytes, keyring: Keyring) -> Task:
+    """The task a token stands for, once the coordinator's signature on it verifies; else
+    ``UnknownTaskError`` (nobody this keyring trusts as coordinator issued that task)."""
+    signer, head, digest, sig = _token_parts(token)
+    try:
+        peer = keyring.verify(signer, sig, digest_signed_bytes(VERSION, "task", signer, head, digest))
+        task = decode_head(Envelope(VERSION, "task", signer, head, b"", sig))
+        authorize("task", task, peer)
+    except WireError as exc:
+        raise UnknownTaskError(f"the task token does not verify: {exc}") from None
+    assert isinstance(task, Task)
+    return task
 
 
 __all__ = [
@@ -200,4 +270,6 @@ __all__ = [
     "encode",
     "kind_of",
     "open_envelope",
+    "open_task_token",
+    "task_token",
 ]

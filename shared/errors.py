@@ -52,6 +52,30 @@ class BadSignatureError(WireError):
     reason = Reason.BAD_SIGNATURE
 
 
+class WrongRoleError(WireError):
+    """A trusted key signed a kind of message its role may not send (a worker's key announcing a version)."""
+
+    reason = Reason.WRONG_ROLE
+
+
+class WrongWorkerError(WireError):
+    """A worker's key signed a message that speaks for another worker id."""
+
+    reason = Reason.WRONG_WORKER
+
+
+class UnknownTaskError(WireError):
+    """An update answers no task the coordinator signed (or one of another job or incarnation)."""
+
+    reason = Reason.UNKNOWN_TASK
+
+
+class UnsignedVersionError(WireError):
+    """A stored version's manifest has no valid signature by a key allowed to make it."""
+
+    reason = Reason.UNSIGNED_VERSION
+
+
 class ScreeningError(FedqError):
     """A well-formed, correctly signed update that must not touch the model."""
 

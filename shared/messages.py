@@ -38,6 +38,8 @@ class Task:
     inline_limit: int = 1 << 20  # updates above this many bytes travel by claim check
     update_key: str = ""  # where a large update goes in the store
     update_url: str = ""  # presigned PUT for that key
+    incarnation: str = ""  # the job's nonce, fixed with version 0: a reused job id is another job
+    max_samples: int = 0  # the most samples an update may count for (its weight's cap); 0: no cap
     model: bytes = b""  # the payload: the serialized model when inline
 
 
@@ -58,6 +60,9 @@ class Update:
     delta_key: str = ""
     delta_sha256: str = ""
     delta_size: int = 0
+    # the task this answers, as the coordinator signed it (``shared.codec.task_token``): the
+    # aggregator takes job, base version, capability, deadline and sample cap from it
+    task: bytes = b""
     delta: bytes = b""  # the payload
 
 
@@ -104,6 +109,7 @@ class ModelAnnouncement:
     created_at: float
     mean_staleness: float = 0.0
     updates_total: int = 0
+    rollback_of: int = -1  # ``fedq model rollback``: the version whose model this one re-stores
 
 
 @dataclass(frozen=True)

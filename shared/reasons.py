@@ -14,6 +14,10 @@ class Reason(StrEnum):
     UNDECODABLE = "undecodable"
     UNKNOWN_SIGNER = "unknown_signer"
     BAD_SIGNATURE = "bad_signature"
+    WRONG_ROLE = "wrong_role"  # a trusted key, but its role may not send this kind of message
+    WRONG_WORKER = "wrong_worker"  # a worker key speaking for another worker id
+    UNKNOWN_TASK = "unknown_task"  # an update for a task the coordinator did not sign
+    UNSIGNED_VERSION = "unsigned_version"  # a manifest without a valid signature by its maker
     # an update's content (screening)
     BAD_SHAPE = "bad_shape"
     NON_FINITE = "non_finite"
@@ -31,8 +35,9 @@ class Reason(StrEnum):
     EXPIRED = "expired"
     BAD_TASK_ID = "bad_task_id"
     BAD_MODEL = "bad_model"
-    # a handler raised on this message (the service went on)
-    HANDLER_ERROR = "handler_error"
+    # handling this message raised (the traceback is in the log; the service went on)
+    INTERNAL_ERROR = "internal_error"
+    HANDLER_ERROR = "handler_error"  # the name of internal_error before; kept for old ledgers
 
 
 class Fate(StrEnum):

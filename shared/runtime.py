@@ -7,7 +7,7 @@ handlers and loops in ``start``; the runtime does the rest the same way for all 
   (in a thread when it is large) before the handler sees it. A message that fails goes to
   ``on_invalid`` (by default: dead-lettered with the ``WireError``'s reason).
 - **A handler never takes the service down with one message.** Whatever a handler raises
-  dead-letters that message with reason ``handler_error``; only ``ServiceFailure``,
+  dead-letters that message with reason ``internal_error``; only ``ServiceFailure``,
   ``BrokerError`` and ``StoreError`` (the service cannot go on: its broker or store failed)
   stop the service, leaving the message unsettled for a restart or a standby.
 - **Background loops run in one ``asyncio.TaskGroup``**: one that fails stops the service
@@ -221,7 +221,7 @@ class Runtime:
             except Exception as exc:
                 self.log.exception("handler_failed", source=delivery.source, error=repr(exc))
                 with contextlib.suppress(*FATAL):
-                    await delivery.dead_letter(Reason.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+                    await delivery.dead_letter(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
         return guarded
 

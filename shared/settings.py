@@ -38,6 +38,7 @@ SERVICES = ("coordinator", "aggregator", "worker")
 PROCESSES = ("run", *SERVICES)
 MODEL = tuple(f"model {a}" for a in ("list", "show", "export", "verify", "rollback"))
 DLQ = tuple(f"dlq {a}" for a in ("list", "show", "requeue"))
+KEYS = tuple(f"keys {a}" for a in ("init", "create", "enrol", "revoke", "list", "rotate"))
 READERS = ("audit", "log", "replay verify", "replay what-if", *MODEL)  # tools that read a job's files
 EVERYWHERE = (*PROCESSES, *READERS, "declare", *DLQ)
 
@@ -105,14 +106,14 @@ class Settings:
     keys_dir: str = field(
         default=".fedq/keys",
         metadata=cli(
-            CONNECTION, (*SERVICES, *MODEL), "where this process keeps its key pair (default .fedq/keys)"
+            CONNECTION, (*SERVICES, *MODEL, *KEYS), "where this process keeps its key pair (default .fedq/keys)"
         ),
     )
     trusted_keys: str = field(
         default="",  # default: <keys_dir>/trusted
         metadata=cli(
             CONNECTION,
-            (*SERVICES, "log", "replay verify", *MODEL),
+            (*SERVICES, "log", "replay verify", *MODEL, *KEYS),
             "directory of trusted *.pub keys (default <keys-dir>/trusted)",
         ),
     )
@@ -243,6 +244,15 @@ class Settings:
             ("run", "coordinator"),
             "seconds after the job's start to stop waiting for --min-workers and start with the workers "
             "there are, with a warning (default 120)",
+        ),
+    )
+    max_samples: int = field(
+        default=0,  # 0: twice a fair share of the app's training set, when the app says its size
+        metadata=cli(
+            JOB,
+            ("run", "coordinator"),
+            "the most samples one update may count for, signed into each task: a worker's claim "
+            "above it counts as this many (default: twice a fair share, 2 x train set / --min-workers)",
         ),
     )
     local_epochs: int = field(

@@ -8,16 +8,19 @@ manifest does). Every read checks the sha256.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shared.errors import StoreError
+from shared.errors import StoreError, UnsignedVersionError, WireError
 from shared.messages import ModelAnnouncement
+from shared.signing import Keyring, Peer, Signer, version_signers
 from shared.tensors import FlatModel
 
 if TYPE_CHECKING:
@@ -127,6 +130,43 @@ class Manifest:
     update_digests: tuple[str, ...] = ()  # sha256 of each applied update message, in order
     # ``fedq model rollback``: this version re-stores version N's model (no updates, parent = the latest)
     rollback_of: int | None = None
+    incarnation: str = ""  # the job's nonce, drawn with version 0 and carried by every version after
+    # who made this version, and their Ed25519 signature over ``signed_bytes()`` (hex)
+    signer: str = ""
+    signature: str = ""
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: every field but the signature, as canonical JSON."""
+        d = json.loads(self.to_json())
+        d.pop("signature", None)
+        return b"fedq-manifest\n" + json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed_by(self, signer: Signer) -> Manifest:
+        """This manifest, signed by ``signer`` (an aggregator's key; the coordinator's or the
+        operator's for version 0 and rollbacks)."""
+        signer = signer.current()
+        unsigned = dataclasses.replace(self, signer=signer.fingerprint, signature="")
+        return dataclasses.replace(unsigned, signature=signer.sign(unsigned.signed_bytes()).hex())
+
+    def verify(self, keyring: Keyring) -> Peer:
+        """Who made this version; ``UnsignedVersionError`` unless its signature verifies and is by
+        a key whose role may make it (``version_signers``)."""
+        where = f"version {self.version} of job {self.job_id}"
+        if not self.signer or not self.signature:
+            raise UnsignedVersionError(f"{where} is not signed")
+        try:
+            sig = bytes.fromhex(self.signature)
+            peer = keyring.verify(self.signer, sig, self.signed_bytes())
+        except ValueError:
+            raise UnsignedVersionError(f"{where} has a malformed signature") from None
+        except WireError as exc:
+            raise UnsignedVersionError(f"{where}: {exc}") from None
+        allowed = version_signers(self.version, self.rollback_of is not None)
+        if not peer.roles & allowed:
+            raise UnsignedVersionError(
+                f"{where} is signed by {peer.describe()}; only {'/'.join(sorted(allowed))} keys make it"
+            )
+        return peer
 
     @classmethod
     def first(cls, job_id: str, blob: bytes, created_at: float) -> Manifest:
@@ -140,6 +180,7 @@ class Manifest:
             key=model_key(job_id, 0),
             update_ids=(),
             created_at=created_at,
+            incarnation=secrets.token_hex(8),
         )
 
     def announcement(self) -> ModelAnnouncement:
@@ -154,6 +195,7 @@ class Manifest:
             created_at=self.created_at,
             mean_staleness=self.mean_staleness,
             updates_total=self.updates_total,
+            rollback_of=-1 if self.rollback_of is None else self.rollback_of,
         )
 
     def to_json(self) -> str:
@@ -188,9 +230,13 @@ def manifest_key(job_id: str, version: int) -> str:
 class ModelStore:
     """Versions of one job's global model."""
 
-    def __init__(self, objects: ObjectStore, job_id: str) -> None:
+    def __init__(self, objects: ObjectStore, job_id: str, trust: Keyring | None = None) -> None:
+        """``trust``: the keys whose signatures make a version; with it, every manifest read is
+        verified (``UnsignedVersionError`` otherwise). Without it (tests, tools that only list),
+        manifests are read as they are."""
         self.objects = objects
         self.job_id = job_id
+        self.trust = trust
 
     async def save(self, manifest: Manifest, blob: bytes) -> None:
         if hashlib.sha256(blob).hexdigest() != manifest.sha256:
@@ -200,7 +246,33 @@ class ModelStore:
 
     async def manifest(self, version: int) -> Manifest:
         raw = await self.objects.get(manifest_key(self.job_id, version))
-        return Manifest.from_json(raw.decode())
+        try:
+            manifest = Manifest.from_json(raw.decode())
+        except UnicodeDecodeError as exc:
+            raise StoreError(f"corrupt manifest of version {version}: {exc}") from None
+        if manifest.version != version or manifest.job_id != self.job_id:
+            raise StoreError(
+                f"the manifest stored as version {version} of job {self.job_id} says "
+                f"version {manifest.version} of job {manifest.job_id}"
+            )
+        if self.trust is not None:
+            manifest.verify(self.trust)
+        return manifest
+
+    async def incarnation(self) -> str:
+        """The job's incarnation: the nonce version 0 was made with."""
+        return (await self.manifest(0)).incarnation
+
+    async def latest_signed(self) -> int | None:
+        """The newest version whose manifest verifies (with ``trust``): what a service may adopt.
+        Newer, unsigned ones are skipped (``UnsignedVersionError`` is the caller's to log)."""
+        for version in reversed(await self.versions()):
+            try:
+                await self.manifest(version)
+            except UnsignedVersionError:
+                continue
+            return version
+        return None
 
     async def load_bytes(self, version: int) -> tuple[Manifest, bytes]:
         manifest = await self.manifest(version)

@@ -20,13 +20,13 @@ from broker_config.names import Names
 from shared.codec import decode
 from shared.errors import StoreError
 from shared.messages import Receipt, Receipts, Update
-from shared.signing import Keyring, Signer
+from shared.signing import Keyring, Role, Signer
 from shared.store import Manifest
 from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.memory import MemoryTransport
 from tests.support.broker import drain
-from tests.support.messages import JOB, make_update, save_version
+from tests.support.messages import JOB, save_version
 from tests.support.rigs import AggregatorRig, aggregator_rig, held_updates_survive_a_lost_link
 from tests.support.waiting import WAIT, until
 
@@ -38,7 +38,7 @@ def unacked(mem: MemoryTransport) -> int:
 
 def aggregator_keys(rig: AggregatorRig) -> Keyring:
     ring = Keyring()
-    ring.add(rig.aggregator.signer.public)
+    ring.add(rig.aggregator.signer.public, Role.AGGREGATOR)
     return ring
 
 
@@ -108,7 +108,7 @@ async def test_bad_shape_other_model(mem: MemoryTransport, names: Names, tmp_pat
     async with aggregator_rig(mem, names, tmp_path) as rig:
         bigger = FlatModel.from_state_dict(torch.nn.Linear(5, 3).state_dict())
         assert bigger.spec != rig.model.spec
-        tid, body = make_update(rig.worker, bigger)
+        tid, body = rig.update(bigger)
         await rig.send(body)
         await rig.rejected(body, "bad_shape", tid)
 
@@ -117,7 +117,7 @@ async def test_bad_shape_other_model(mem: MemoryTransport, names: Names, tmp_pat
         state["bias"] = torch.zeros(3, dtype=torch.int64)
         other_dtype = FlatModel.from_state_dict(state)
         assert other_dtype.spec != rig.model.spec
-        tid2, body2 = make_update(rig.worker, other_dtype, quant="none")
+        tid2, body2 = rig.update(other_dtype, quant="none")
         await rig.send(body2)
         await rig.rejected(body2, "bad_shape", tid2)
 
@@ -233,7 +233,7 @@ async def test_an_update_whose_screening_raises_is_rejected_and_the_aggregator_g
 
         monkeypatch.setattr(core, "offer", offer)
         await rig.send(bad)
-        entry = await rig.rejected(bad, "handler_error", bad_tid)
+        entry = await rig.rejected(bad, "internal_error", bad_tid)
         assert entry["detail"] == "ZeroDivisionError: a bug this update found"
         await rig.assert_version(0)
         tid, body = rig.update()
@@ -263,7 +263,7 @@ async def test_a_message_whose_handler_raises_is_dead_lettered_by_the_runtime(
         _, body = rig.update()
         await rig.send(body)
         letter = await rig.dead.next()
-        assert letter.body == body and letter.headers["x-fedq-reason"] == "handler_error"
+        assert letter.body == body and letter.headers["x-fedq-reason"] == "internal_error"
         assert letter.headers["x-fedq-detail"].startswith("KeyError")
         rig.check_alive()
         await rig.send(body)  # sent again: now it is applied
@@ -572,7 +572,7 @@ async def test_a_round_not_signed_by_the_coordinator_is_rejected(
 ) -> None:
     async with aggregator_rig(mem, names, tmp_path, mode="sync") as rig:
         body = await rig.send_round(0, 1, 1, signer=rig.worker)  # trusted, but not to run rounds
-        await rig.rejected(body, "unknown_signer")
+        await rig.rejected(body, "wrong_role")
         impostor = await rig.send_round(0, 1, 1, signer=Signer.generate())
         await rig.rejected(impostor, "unknown_signer")
         tid, update = rig.update()

@@ -48,6 +48,7 @@ async def claim_checked(
         delta_key=key,
         delta_sha256=hashlib.sha256(delta).hexdigest(),
         delta_size=len(delta),
+        task=rig.token(tid),
     )
     return tid, encode(update, rig.worker), delta
 

@@ -41,7 +41,7 @@ async def test_async_tasks_receipts_versions_and_the_stop(mem: MemoryTransport, 
         await r.client.publish(r.names.workers_exchange, r.names.hello_key, b"not a message")
         await until(lambda: events(r.logs, "hello_rejected"), "the bad hello to be logged")
         dead = await r.client.queue_info(r.names.dead_queue)
-        assert dead is not None and dead.messages == 0  # logged and acked, not dead-lettered
+        assert dead is not None and dead.messages == 1  # logged and dead-lettered with its reason
 
         await r.receipt(first)
         await until(lambda: len(r.tasks) == 2, "a task to replace the answered one")

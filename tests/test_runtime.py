@@ -18,7 +18,7 @@ from shared.errors import ServiceFailure, StoreError, WireError
 from shared.messages import Hello, Message
 from shared.reasons import Reason
 from shared.runtime import Runtime, Service
-from shared.signing import Keyring, Signer
+from shared.signing import Keyring, Role, Signer
 from shared.transport import Delivery
 from shared.transport.memory import MemoryBroker, MemoryTransport
 from tests.support.waiting import WAIT, until
@@ -60,16 +60,19 @@ class World:
     def __init__(self) -> None:
         self.broker = MemoryBroker()
         self.names = Names(f"rt-{uuid.uuid4().hex[:8]}")
-        self.signer = Signer.generate()
         self.keyring = Keyring()
-        self.keyring.add(self.signer.public)
+        self.keys: dict[str, Signer] = {}  # each worker id's enrolled key, made on first use
 
     async def client(self) -> MemoryTransport:
         return await MemoryTransport(self.broker, self.names, "test").connect()
 
     async def send(self, client: MemoryTransport, worker_id: str, signer: Signer | None = None) -> None:
-        hello = Hello(worker_id, ("cpu",), (signer or self.signer).fingerprint, "up", 0.0)
-        body = encode(hello, signer or self.signer)
+        if signer is None and worker_id not in self.keys:
+            self.keys[worker_id] = Signer.generate()
+            self.keyring.add(self.keys[worker_id].public, Role.WORKER, worker_id=worker_id)
+        signer = signer or self.keys[worker_id]
+        hello = Hello(worker_id, ("cpu",), signer.fingerprint, "up", 0.0)
+        body = encode(hello, signer)
         await client.publish(self.names.results_exchange, self.names.results_key, body)
 
     async def dead(self, client: MemoryTransport) -> list[str]:
@@ -123,7 +126,7 @@ async def test_a_handler_error_dead_letters_that_message_only_and_the_service_go
     await world.send(client, "bad")
     await world.send(client, "good")
     await until(lambda: probe.seen == ["bad", "good"], "both hellos handled")
-    assert await world.dead(client) == [Reason.HANDLER_ERROR]
+    assert await world.dead(client) == [Reason.INTERNAL_ERROR]
     info = await client.queue_info(world.names.updates_queue)
     assert info is not None and info.messages == 0  # the good one was acked, the bad one is not back
     assert not running.done()

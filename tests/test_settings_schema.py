@@ -63,8 +63,9 @@ JOB = {
     "worker-timeout",
     "min-workers",
     "min-workers-wait",
+    "max-samples",
 }
-POLICY = {"buffer", "server-lr", "staleness", "max-staleness", "max-norm"}
+POLICY = {"buffer", "server-lr", "staleness", "max-staleness", "max-norm", "clip", "robust"}
 DATA = {"alpha", "partition-seed", "partition-file"}
 WORKER = {
     "capability",

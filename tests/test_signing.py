@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -20,14 +21,17 @@ from cryptography.hazmat.primitives.serialization import (
 from shared import codec
 from shared.errors import BadSignatureError, ConfigError, UnknownSignerError
 from shared.keys import (
-    DirectoryKeyring,
+    REVOKED,
+    DirectoryTrust,
+    key_file_signer,
     load_or_create_signer,
     load_public_key,
     public_key_path,
+    write_private_key,
     write_public_key,
 )
 from shared.messages import Receipt
-from shared.signing import Keyring, Signer, fingerprint, public_bytes
+from shared.signing import Keyring, Role, Signer, fingerprint, public_bytes
 
 RECEIPT = Receipt("job", "t-1", "w-1", "applied", "", 3)
 
@@ -38,7 +42,7 @@ RECEIPT = Receipt("job", "t-1", "w-1", "applied", "", 3)
 def test_sign_and_verify() -> None:
     signer = Signer.generate()
     ring = Keyring()
-    fp = ring.add(signer.public)
+    fp = ring.add(signer.public, Role.WORKER, worker_id="w-1")
     assert fp == signer.fingerprint
     assert fp in ring and len(ring) == 1
     sig = signer.sign(b"data")
@@ -53,7 +57,8 @@ def test_sign_and_verify() -> None:
 
 def test_unknown_signer() -> None:
     signer, stranger = Signer.generate(), Signer.generate()
-    ring = Keyring({signer.fingerprint: signer.public})
+    ring = Keyring()
+    ring.add(signer.public, Role.COORDINATOR)
     assert stranger.fingerprint not in ring
     with pytest.raises(UnknownSignerError) as info:
         ring.verify(stranger.fingerprint, stranger.sign(b"x"), b"x", raw=b"raw")
@@ -63,8 +68,8 @@ def test_unknown_signer() -> None:
 def test_a_signature_by_another_key_does_not_verify_under_this_fingerprint() -> None:
     a, b = Signer.generate(), Signer.generate()
     ring = Keyring()
-    ring.add(a.public)
-    ring.add(b.public)
+    ring.add(a.public, Role.WORKER, worker_id="a")
+    ring.add(b.public, Role.WORKER, worker_id="b")
     with pytest.raises(BadSignatureError):
         ring.verify(a.fingerprint, b.sign(b"x"), b"x")
 
@@ -115,7 +120,7 @@ def test_loading_again_gives_the_same_key(tmp_path: Path) -> None:
     assert path.read_bytes() == pem  # not regenerated
     # a signature by one verifies under the other
     ring = Keyring()
-    ring.add(first.public)
+    ring.add(first.public, Role.AGGREGATOR)
     ring.verify(second.fingerprint, second.sign(b"m"), b"m")
 
 
@@ -172,51 +177,80 @@ def test_public_key_of_another_algorithm_is_a_config_error(tmp_path: Path) -> No
         load_public_key(path)
 
 
-# ---------------------------------------------------------------- trusted-key directories
+# ---------------------------------------------------------------- the trust directory
 
 
-def test_directory_keyring_trusts_pub_files_and_picks_up_new_ones(tmp_path: Path) -> None:
+def test_a_trust_directory_trusts_each_key_in_its_role_and_a_worker_for_its_id(tmp_path: Path) -> None:
     trusted = tmp_path / "trusted"
-    a, b = Signer.generate(), Signer.generate()
-    write_public_key(a.public, trusted / "a.pub")
-    (trusted / "notes.txt").write_text("not a key")
-    (trusted / "junk.pub").write_text("half-written")  # skipped, never fatal
-    ring = DirectoryKeyring(trusted)
-    assert len(ring) == 1 and a.fingerprint in ring and b.fingerprint not in ring
-
-    raw_b = codec.encode(RECEIPT, b)
-    with pytest.raises(UnknownSignerError):
-        codec.decode(raw_b, ring)
-    write_public_key(b.public, trusted / "b.pub")  # added after construction
-    msg, env = codec.decode(raw_b, ring)  # unknown signer -> refresh -> trusted
-    assert msg == RECEIPT and env.signer == b.fingerprint
-    assert b.fingerprint in ring and len(ring) == 2
-
-    msg_a, _ = codec.decode(codec.encode(RECEIPT, a), ring)
-    assert msg_a == RECEIPT
+    coord, agg, worker = Signer.generate(), Signer.generate(), Signer.generate()
+    write_public_key(coord.public, trusted / "coordinator" / "c.pub")
+    write_public_key(agg.public, trusted / "aggregator" / "a.pub")
+    write_public_key(worker.public, trusted / "workers" / "w-1.pub")
+    (trusted / "workers" / "notes.txt").write_text("not a key")
+    (trusted / "workers" / "junk.pub").write_text("half-written")  # skipped, never fatal
+    ring = DirectoryTrust(trusted)
+    assert {(tuple(sorted(p.roles)), p.worker_id) for p in ring.peers()} == {
+        (("coordinator",), ""),
+        (("aggregator",), ""),
+        (("worker",), "w-1"),
+    }
+    assert any("junk.pub" in problem for problem in ring.skipped)
+    assert ring.verify(agg.fingerprint, agg.sign(b"m"), b"m").roles == {Role.AGGREGATOR}
 
 
-def test_directory_keyring_on_a_missing_directory(tmp_path: Path) -> None:
-    trusted = tmp_path / "later"
-    ring = DirectoryKeyring(trusted)
+def test_loose_keys_in_the_old_flat_layout_are_not_trusted_and_said_so(tmp_path: Path) -> None:
+    signer = Signer.generate()
+    write_public_key(signer.public, tmp_path / "coordinator.pub")
+    ring = DirectoryTrust(tmp_path)
     assert len(ring) == 0
-    signer = Signer.generate()
-    raw = codec.encode(RECEIPT, signer)
+    assert any("outside a role folder" in problem for problem in ring.missing(Role.COORDINATOR))
+    assert any("no coordinator key is trusted" in problem for problem in ring.missing(Role.COORDINATOR))
+
+
+def test_the_trust_set_is_rebuilt_so_a_removed_or_revoked_key_stops_being_trusted(tmp_path: Path) -> None:
+    a, b = Signer.generate(), Signer.generate()
+    write_public_key(a.public, tmp_path / "workers" / "a.pub")
+    write_public_key(b.public, tmp_path / "workers" / "b.pub")
+    ring = DirectoryTrust(tmp_path, reload_seconds=0.0)
+    raw_a, raw_b = codec.encode(Receipt("job", "t", "a", "applied", "", 1), a), b.sign(b"x")
+    assert a.fingerprint in ring and b.fingerprint in ring
+    (tmp_path / "workers" / "a.pub").unlink()  # removed
+    (tmp_path / REVOKED).write_text(f"{b.fingerprint}  # lost laptop\n")  # revoked, file still there
     with pytest.raises(UnknownSignerError):
-        codec.decode(raw, ring)
-    write_public_key(signer.public, trusted / "s.pub")
-    assert codec.decode(raw, ring)[0] == RECEIPT
+        codec.decode(raw_a, ring)
+    with pytest.raises(UnknownSignerError):
+        ring.verify(b.fingerprint, raw_b, b"x")
+    assert len(ring) == 0
 
 
-def test_directory_keyring_still_rejects_bad_signatures(tmp_path: Path) -> None:
+def test_the_directory_is_read_at_a_bounded_rate_whatever_knocks(tmp_path: Path) -> None:
+    ring = DirectoryTrust(tmp_path, reload_seconds=60.0)
+    late = Signer.generate()
+    write_public_key(late.public, tmp_path / "aggregator" / "late.pub")
+    for _ in range(1000):  # a flood of unknown signers does not make it read the directory again
+        with pytest.raises(UnknownSignerError):
+            ring.verify(late.fingerprint, late.sign(b"m"), b"m")
+    ring.reload()
+    ring.verify(late.fingerprint, late.sign(b"m"), b"m")
+
+
+def test_one_key_one_role(tmp_path: Path) -> None:
     signer = Signer.generate()
-    write_public_key(signer.public, tmp_path / "s.pub")
-    ring = DirectoryKeyring(tmp_path)
-    with pytest.raises(BadSignatureError):
-        ring.verify(signer.fingerprint, signer.sign(b"a"), b"b")
+    write_public_key(signer.public, tmp_path / "coordinator" / "c.pub")
+    write_public_key(signer.public, tmp_path / "workers" / "w.pub")
+    ring = DirectoryTrust(tmp_path)
+    assert [sorted(p.roles) for p in ring.peers()] == [["coordinator"]]
+    assert any("one key, one role" in problem for problem in ring.skipped)
 
 
-def test_signer_key_files_feed_a_directory_keyring(tmp_path: Path) -> None:
-    signer = load_or_create_signer(tmp_path / "worker-1.key")
-    ring = DirectoryKeyring(tmp_path)  # the .key file is not a .pub and is ignored
-    assert len(ring) == 1 and signer.fingerprint in ring
+def test_a_key_file_signer_follows_a_rotated_key_file(tmp_path: Path) -> None:
+    path = tmp_path / "aggregator.key"
+    signer = key_file_signer(path)
+    first = signer.current().fingerprint
+    rotated = Signer.generate()
+    time.sleep(0.01)
+    write_private_key(rotated, path)
+    signer._box["checked"] = -1e9  # as if a second had passed
+    assert signer.current().fingerprint == rotated.fingerprint != first
+    raw = codec.encode(RECEIPT, signer)
+    assert codec.open_envelope(raw).signer == rotated.fingerprint

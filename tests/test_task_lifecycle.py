@@ -20,7 +20,7 @@ from broker_config.names import Names
 from shared.app import ClassificationApp, TrainResult
 from shared.codec import encode
 from shared.messages import Task, TrainConfig
-from shared.signing import Keyring, Signer
+from shared.signing import Keyring, Role, Signer
 from shared.store import model_key
 from shared.tensors import FlatModel
 from shared.transport import Delivery
@@ -50,7 +50,7 @@ class BrokenApp(ClassificationApp):
 async def test_failing_task_stops_at_the_delivery_limit(broker: RabbitMQ, names: Names) -> None:
     coordinator = Signer.generate()
     pinned = Keyring()
-    pinned.add(coordinator.public)
+    pinned.add(coordinator.public, Role.COORDINATOR)
     own = await RabbitMQ(broker.url, names, "test-broken-worker").connect()
     app = BrokenApp()
     worker = Worker(

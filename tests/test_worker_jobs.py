@@ -10,7 +10,7 @@ from pathlib import Path
 from broker_config.topology import topology
 from shared.codec import decode
 from shared.messages import Hello, Update
-from shared.signing import Keyring
+from shared.signing import Keyring, Role
 from shared.transport import Delivery
 from shared.transport.memory import MemoryTransport
 from tests.support.broker import Inbox
@@ -40,7 +40,7 @@ async def test_one_worker_trains_for_two_jobs_and_keeps_their_updates_apart(
     for names in (own, other):
         await mem.subscribe(names.workers_exchange, (names.hello_key,), hello_inbox(names.job))
     async with worker_rig(mem, tmp_path, jobs=(own.job, other.job), heartbeat_interval=0.05) as r:
-        ring.add(r.signer.public)
+        ring.add(r.signer.public, Role.WORKER, worker_id="w1")
         await r.start()
         mine = await r.send_task()
         theirs, body = make_task(r.coordinator, job_id=other.job)

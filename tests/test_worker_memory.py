@@ -19,7 +19,7 @@ from broker_config.names import REASON_HEADER, Names
 from shared.codec import decode
 from shared.errors import BrokerError
 from shared.messages import Hello
-from shared.signing import Keyring, Signer
+from shared.signing import Keyring, Role, Signer
 from shared.transport import Delivery
 from shared.transport.memory import MemoryBroker, MemoryTransport
 from tests.support.messages import make_task
@@ -206,7 +206,7 @@ async def test_hellos_up_then_down_on_stop(mem: MemoryTransport, tmp_path: Path)
     async with worker_rig(mem, tmp_path, heartbeat_interval=0.05) as r:
         hellos: list[Hello] = []
         ring = Keyring()
-        ring.add(r.signer.public)
+        ring.add(r.signer.public, Role.WORKER, worker_id="w1")
 
         async def on_hello(d: Delivery) -> None:
             await d.ack()

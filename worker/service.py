@@ -45,17 +45,17 @@ from typing import Any
 from broker_config.names import Names, check_token
 from broker_config.topology import Topology, capability_topology
 from shared.app import App, PartitionSpec
-from shared.codec import Envelope, decode_head, encode, open_envelope
+from shared.codec import Envelope, decode_head, encode, open_envelope, task_token
 from shared.errors import BrokerError, ConfigError, StoreError, WireError
 from shared.http import http_get, http_put
-from shared.keys import load_or_create_signer, load_public_key
+from shared.keys import DirectoryTrust, load_or_create_signer, load_public_key, role_dir
 from shared.logs import get_logger
 from shared.messages import Hello, Task, Update
 from shared.partition import parse_partition
 from shared.reasons import Reason
 from shared.runtime import Runtime, Service, first_error
 from shared.settings import Settings
-from shared.signing import Keyring, Signer
+from shared.signing import Keyring, Role, Signer
 from shared.store import ObjectStore, open_store
 from shared.transport import Delivery, Transport
 from shared.transport.connect import connected
@@ -226,15 +226,17 @@ class Worker(Service):
                 )
                 return
             try:
-                await self.step(task, delivery)
+                await self.step(task, delivery, task_token(envelope))
             except Exception as exc:
                 self.log.exception("task_failed", task=task.task_id, error=repr(exc))
                 if self.outbox is not None:
                     self._flush_wanted.set()  # an update that could not be sent: the flusher retries it
                 await delivery.retry_later()
 
-    async def step(self, task: Task, delivery: Delivery) -> Decision:
-        """Decide what to do with ``task`` (``worker.decision``) and do it; returns the decision."""
+    async def step(self, task: Task, delivery: Delivery, token: bytes = b"") -> Decision:
+        """Decide what to do with ``task`` (``worker.decision``) and do it; returns the decision.
+        ``token``: the task as the coordinator signed it (``shared.codec.task_token``), which the
+        update carries so that the aggregator believes the coordinator, not this worker."""
         log = self.log.bind(task=task.task_id, version=task.base_version)
         self.received += 1
         self.redelivered += bool(delivery.redelivered)
@@ -261,7 +263,7 @@ class Worker(Service):
                 self.expired += 1
                 await delivery.dead_letter(decision.value, "deadline passed before training started")
             case Decision.TRAIN:
-                await self._train(task, delivery, log)
+                await self._train(task, delivery, log, token)
         return decision
 
     def _task_id_problem(self, task_id: str) -> str:
@@ -274,7 +276,7 @@ class Worker(Service):
             return str(exc) or "unusable task id"
         return ""
 
-    async def _train(self, task: Task, delivery: Delivery, log: Any) -> None:
+    async def _train(self, task: Task, delivery: Delivery, log: Any, token: bytes) -> None:
         """Fetch the model, train, write the update to the outbox, send it, then ack the task."""
         cfg = self.config
         try:
@@ -303,6 +305,7 @@ class Worker(Service):
             block=task.block,
             metrics=outcome.metrics,
             sent_at=time.time(),
+            task=token,
             **await self._claim_check(task, outcome.delta),
         )
         body = encode(update, self.signer)
@@ -434,9 +437,10 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
         )
     if settings.replicas > 1 and settings.key_file:
         raise ConfigError("--key-file names one identity; replicas each keep theirs in --keys-dir")
-    if not settings.coordinator_key_path.exists():
+    if not settings.coordinator_key_path.exists() and not role_dir(settings.trusted_dir, Role.COORDINATOR).is_dir():
         raise ConfigError(
-            f"the coordinator's public key is not at {settings.coordinator_key_path}: copy it there "
+            f"the coordinator's public key is not at {settings.coordinator_key_path} and "
+            f"{role_dir(settings.trusted_dir, Role.COORDINATOR)} does not exist: copy the key there "
             "or point --coordinator-key at it (workers only train for the coordinator they pin)"
         )
     base_id = settings.worker_id or f"{socket.gethostname()}-p{index}"
@@ -459,8 +463,7 @@ async def _serve_one(
     check_token("worker id", worker_id)
     config = WorkerConfig.from_settings(settings, worker_id, f"{index}/{count}")
     signer = load_or_create_signer(settings.key_path(f"worker-{worker_id}"))
-    pinned = Keyring()
-    pinned.add(load_public_key(settings.coordinator_key_path))
+    coordinator_keys = coordinator_trust(settings)
     spec = PartitionSpec(index, count, settings.alpha, settings.partition_seed, settings.partition_file)
     data = await asyncio.to_thread(app.load_partition, spec)
     outbox = Outbox(
@@ -478,11 +481,21 @@ async def _serve_one(
             app=app,
             data=data,
             signer=signer,
-            coordinator_keys=pinned,
+            coordinator_keys=coordinator_keys,
             store=open_store(settings.store, settings),
             outbox=outbox,
         )
         await worker.run(stop)
+
+
+def coordinator_trust(settings: Settings) -> Keyring:
+    """The keys a worker takes tasks from: the trust directory's coordinator folder (which follows
+    a ``fedq keys rotate coordinator``) when there is one, else the one pinned key file."""
+    if role_dir(settings.trusted_dir, Role.COORDINATOR).is_dir():
+        return DirectoryTrust(settings.trusted_dir)
+    pinned = Keyring()
+    pinned.add(load_public_key(settings.coordinator_key_path), Role.COORDINATOR)
+    return pinned
 
 
 def _job_of(update: bytes) -> str:

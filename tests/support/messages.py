@@ -3,22 +3,47 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 import uuid
 from typing import Any
 
 import torch
 
-from shared.codec import encode
+from shared.codec import encode, open_envelope, task_token
 from shared.messages import Hello, Task, TrainConfig, Update
 from shared.quantize import encode_delta
-from shared.signing import Signer
+from shared.signing import Keyring, Role, Signer
 from shared.store import Manifest, ModelStore, model_key
 from shared.tensors import FlatModel
 from tests.support.tiny import LinearApp
 
 JOB = "job1"  # the job of the tests' messages, unless one says otherwise
 TRAIN = TrainConfig(epochs=1, batch_size=16)
+OWNER = Signer.generate()  # the tests' coordinator key: version 0, tasks, rounds
+MAKER = Signer.generate()  # the tests' aggregator key: every other version
+
+
+def trust(
+    *,
+    workers: dict[str, Signer] | None = None,
+    coordinator: Signer = OWNER,
+    aggregators: tuple[Signer, ...] = (MAKER,),
+) -> Keyring:
+    """A trust set as a deployment lays it out: ``coordinator`` (by default ``OWNER``), the
+    ``aggregators`` (by default ``MAKER``) and each worker key enrolled under its id."""
+    ring = Keyring()
+    ring.add(coordinator.public, Role.COORDINATOR)
+    for key in aggregators:
+        ring.add(key.public, Role.AGGREGATOR)
+    for worker_id, key in (workers or {}).items():
+        ring.add(key.public, Role.WORKER, worker_id=worker_id)
+    return ring
+
+
+def token_of(task_bytes: bytes) -> bytes:
+    """The token an update carries for the task whose signed bytes these are."""
+    return task_token(open_envelope(task_bytes))
 
 
 def a_hello(worker: str, caps: tuple[str, ...] = ("cpu",), state: str = "up", **counts: int) -> Hello:
@@ -40,6 +65,9 @@ def make_task(
     train: TrainConfig = TRAIN,
     deadline: float | None = None,
     capability: str = "cpu",
+    base_version: int = 0,
+    incarnation: str = "",
+    max_samples: int = 0,
 ) -> tuple[Task, bytes]:
     """A task on version 0 of ``model`` (by default ``tiny_model()``, inline), signed by ``signer``;
     it is due in ten minutes unless ``deadline`` says otherwise."""
@@ -48,7 +76,7 @@ def make_task(
         task_id=task_id or uuid.uuid4().hex,
         job_id=job_id,
         capability=capability,
-        base_version=0,
+        base_version=base_version,
         model_sha256=hashlib.sha256(blob).hexdigest(),
         model_key=model_key(job_id, 0),
         train=train,
@@ -56,6 +84,8 @@ def make_task(
         block=256,
         deadline=time.time() + 600 if deadline is None else deadline,
         issued_at=time.time(),
+        incarnation=incarnation,
+        max_samples=max_samples,
         model=blob,
     )
     return task, encode(task, signer)
@@ -73,6 +103,7 @@ def an_update(
     floats: torch.Tensor | None = None,
     delta: bytes | None = None,
     num_samples: int = 10,
+    task: bytes = b"",
 ) -> Update:
     """An update; by default a small valid delta (0.01 on every float) for ``model`` (``tiny_model()``)."""
     if delta is None:
@@ -91,6 +122,7 @@ def an_update(
         block=block,
         metrics={"train_loss": 0.5},
         sent_at=time.time(),
+        task=task,
         delta=delta,
     )
 
@@ -102,10 +134,23 @@ def make_update(signer: Signer, model: FlatModel | None = None, **fields: Any) -
 
 
 async def save_version(
-    store: ModelStore, blob: bytes, version: int, update_ids: tuple[str, ...] = (), **fields: Any
+    store: ModelStore,
+    blob: bytes,
+    version: int,
+    update_ids: tuple[str, ...] = (),
+    *,
+    signer: Signer | None = None,
+    **fields: Any,
 ) -> Manifest:
     """Store ``blob`` as ``version`` of the store's job (parent: the version before), as an
-    aggregator or the coordinator would."""
+    aggregator or the coordinator would: signed by ``signer`` (by default ``OWNER`` for version 0,
+    ``MAKER`` for the others), version 0 with a fresh incarnation that later versions carry."""
+    if version == 0:
+        fields.setdefault("incarnation", secrets.token_hex(8))
+    else:
+        fields.setdefault(
+            "incarnation", (await ModelStore(store.objects, store.job_id).manifest(0)).incarnation
+        )
     manifest = Manifest(
         job_id=store.job_id,
         version=version,
@@ -116,7 +161,7 @@ async def save_version(
         update_ids=update_ids,
         created_at=time.time(),
         **fields,
-    )
+    ).signed_by(signer or (OWNER if version == 0 else MAKER))
     await store.save(manifest, blob)
     return manifest
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,12 +27,22 @@ from shared.app import PartitionSpec
 from shared.codec import decode, encode
 from shared.ledger import JsonLines, read_lines
 from shared.messages import Hello, Receipt, Receipts, Round, Task, Update
-from shared.signing import Keyring, Signer
+from shared.signing import Keyring, Role, Signer
 from shared.store import LocalStore, ModelStore, open_store
 from shared.tensors import FlatModel
 from shared.transport import Delivery, Transport
 from tests.support.broker import Inbox, assert_settled, connect_like
-from tests.support.messages import make_task, make_update, save_v0, save_version, tiny_model
+from tests.support.messages import (
+    MAKER,
+    OWNER,
+    make_task,
+    make_update,
+    save_v0,
+    save_version,
+    tiny_model,
+    token_of,
+    trust,
+)
 from tests.support.tiny import LinearApp
 from tests.support.waiting import WAIT, events, until
 from worker.config import WorkerConfig
@@ -60,9 +71,27 @@ class AggregatorRig:
     def names(self) -> Names:
         return self.client.names
 
-    def update(self, **fields: Any) -> tuple[str, bytes]:
-        """A signed update for this job's model (see ``tests.support.messages.an_update``)."""
-        return make_update(self.worker, self.model, **{"job_id": self.store.job_id, **fields})
+    def update(self, model: FlatModel | None = None, **fields: Any) -> tuple[str, bytes]:
+        """A signed update for this job's model (see ``tests.support.messages.an_update``),
+        answering a task the rig's coordinator issued on its base version (unless ``task`` says
+        otherwise: ``b""`` for none)."""
+        fields = {"job_id": self.store.job_id, "task_id": uuid.uuid4().hex, **fields}
+        if "task" not in fields:
+            fields["task"] = self.token(fields["task_id"], fields.get("base_version", 0))
+        return make_update(self.worker, model or self.model, **fields)
+
+    def token(self, task_id: str, base_version: int = 0, **task: Any) -> bytes:
+        """The token of a task this job's coordinator issued (``task``: ``make_task`` fields)."""
+        assert self.aggregator.incarnation, "the aggregator has not loaded its job yet"
+        _, raw = make_task(
+            self.coordinator,
+            task_id=task_id,
+            job_id=self.store.job_id,
+            base_version=base_version,
+            incarnation=self.aggregator.incarnation,
+            **task,
+        )
+        return token_of(raw)
 
     async def send(self, body: bytes) -> None:
         await self.client.publish(self.names.results_exchange, self.names.results_key, body)
@@ -193,15 +222,11 @@ async def aggregator_rig(
     like ``client``), with a local store holding version 0 of ``tiny_model()``; rounds count
     only when the rig's coordinator signs them."""
     assert client.names == names
-    store = ModelStore(LocalStore(tmp_path / "store"), job_id=names.job)
+    agg_signer, worker, coordinator = Signer.generate(), Signer.generate(), OWNER
+    ring = trust(workers={"w1": worker} if trust_worker else {}, aggregators=(agg_signer, MAKER))
+    store = ModelStore(LocalStore(tmp_path / "store"), job_id=names.job, trust=ring)
     model = tiny_model()
     v0_sha = await save_v0(store, model)
-    agg_signer, worker, coordinator = Signer.generate(), Signer.generate(), Signer.generate()
-    ring = Keyring()
-    ring.add(agg_signer.public)
-    ring.add(coordinator.public)
-    if trust_worker:
-        ring.add(worker.public)
     ledger_path = tmp_path / "ledger.jsonl"
     ledger = JsonLines(ledger_path)
     service = service or await connect_like(client, "test-aggregator")
@@ -212,7 +237,6 @@ async def aggregator_rig(
         signer=agg_signer,
         keyring=ring,
         ledger=ledger,
-        coordinator_fingerprint=coordinator.fingerprint,
     )
     await asyncio.wait_for(aggregator.load(wait=5), WAIT)
     dead = await Inbox.on(client, names.dead_queue)
@@ -297,9 +321,7 @@ class WorkerRig:
     async def next_update(self, wait: float = WAIT) -> tuple[Update, bytes]:
         """The next update on the updates queue, checked against the worker's key."""
         d = await self.updates.next(wait)
-        ring = Keyring()
-        ring.add(self.signer.public)
-        update, _ = decode(d.body, ring, Update)
+        update, _ = decode(d.body, trust(workers={"w1": self.signer}), Update)
         assert isinstance(update, Update)
         assert d.message_id == update.task_id  # the aggregator deduplicates on it
         return update, d.body
@@ -342,9 +364,8 @@ async def worker_rig(
     """A ``Worker`` "w1" of ``client``'s job on capability ``cpu``, with its outbox in
     ``tmp_path/outbox`` (or none), on ``transport`` (by default a connection of its own like
     ``client``); started with ``start``. ``config``: ``WorkerConfig`` fields."""
-    coordinator, signer = Signer.generate(), Signer.generate()
-    pinned = Keyring()
-    pinned.add(coordinator.public)
+    coordinator, signer = OWNER, Signer.generate()
+    pinned = trust()
     app = app or LinearApp()
     box = Outbox(tmp_path / "outbox") if outbox else None
     updates = await Inbox.on(client, client.names.updates_queue)
@@ -381,10 +402,11 @@ class CoordinatorRig:
     client: Transport  # the test's connection: hellos, receipts and versions in; tasks and rounds out
     coordinator: Coordinator
     store: ModelStore
-    worker: Signer  # signs the hellos of every fake worker
+    trust: Keyring  # the coordinator's: each fake worker's key is enrolled on its first hello
     aggregator: Signer  # signs receipts and announcements
     running: asyncio.Task[Any]
     logs: list[dict[str, Any]]  # the coordinator's, captured
+    workers: dict[str, Signer] = field(default_factory=dict)  # each fake worker's key
     tasks: list[Task] = field(default_factory=list)  # what the task queue got, acked at once
     rounds: list[Round] = field(default_factory=list)  # what the updates queue got
     fleet: list[asyncio.Task[None]] = field(default_factory=list)
@@ -395,8 +417,12 @@ class CoordinatorRig:
 
     async def hello(self, worker_id: str) -> None:
         """One hello of ``worker_id`` (capability ``cpu``)."""
-        hello = Hello(worker_id, ("cpu",), self.worker.fingerprint, "up", time.time())
-        await self.client.publish(self.names.workers_exchange, self.names.hello_key, encode(hello, self.worker))
+        key = self.workers.get(worker_id)
+        if key is None:
+            key = self.workers[worker_id] = Signer.generate()
+            self.trust.add(key.public, Role.WORKER, worker_id=worker_id)
+        hello = Hello(worker_id, ("cpu",), key.fingerprint, "up", time.time())
+        await self.client.publish(self.names.workers_exchange, self.names.hello_key, encode(hello, key))
 
     def join(self, worker_id: str, every: float = 0.3) -> None:
         """A fake worker: a hello every ``every`` seconds, as a worker's heartbeat does."""
@@ -435,13 +461,10 @@ async def coordinator_rig(client: Transport, out: Path, **config: Any) -> AsyncI
     and local store under ``out``, running ``LinearApp``; it stops on no target accuracy and no
     time limit unless ``config`` (``CoordinatorConfig`` fields) says otherwise."""
     names = client.names
-    coordinator_key, worker, aggregator = Signer.generate(), Signer.generate(), Signer.generate()
-    keyring = Keyring()
-    for signer in (worker, aggregator):
-        keyring.add(signer.public)
-    seen = Keyring()
-    seen.add(coordinator_key.public)
-    store = ModelStore(open_store(str(out / "store")), names.job)
+    coordinator_key, aggregator = OWNER, MAKER
+    keyring = trust()
+    seen = trust()
+    store = ModelStore(open_store(str(out / "store")), names.job, keyring)
     own = await connect_like(client, "test-coordinator")
     config = {"target_accuracy": 0.0, "max_seconds": 0.0, **config}
     with capture_logs() as logs:
@@ -454,7 +477,7 @@ async def coordinator_rig(client: Transport, out: Path, **config: Any) -> AsyncI
             keyring=keyring,
         )
         running = asyncio.create_task(coordinator.run(), name="coordinator")
-        rig = CoordinatorRig(client, coordinator, store, worker, aggregator, running, logs)
+        rig = CoordinatorRig(client, coordinator, store, keyring, aggregator, running, logs)
 
         async def on_task(delivery: Delivery) -> None:
             task, _ = decode(delivery.body, seen, Task)
