@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import time
 import tomllib
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,6 +26,7 @@ from broker_config.definitions import DEMO_PASSWORD, DEMO_USER, default_definiti
 from broker_config.names import Names
 from broker_config.topology import topology
 from fedq.cli import build_parser
+from shared.keys import ROLE_DIRS
 from shared.settings import Settings, known_env_names
 from tests.support.broker import delete_namespace
 from tests.support.jobs import ROOT
@@ -37,18 +40,71 @@ def compose() -> dict[str, Any]:
     return doc
 
 
+KEYS_SERVICE = "keys"  # the one-shot operator: lays out the trust volume and hands out the keys
+
+
 def fedq_services() -> dict[str, dict[str, Any]]:
-    """The services that run the image built from the Dockerfile (whose entry point is fedq)."""
-    services = {name: s for name, s in compose()["services"].items() if "build" in s}
+    """The long-running services that run the image built from the Dockerfile (whose entry point is fedq)."""
+    services = {name: s for name, s in compose()["services"].items() if "build" in s and name != KEYS_SERVICE}
     assert set(services) >= {"coordinator", "aggregator", "worker"}, sorted(services)
     return services
 
 
-def settings_of(service: dict[str, Any]) -> Settings:
+def keys_service() -> dict[str, Any]:
+    service = compose()["services"].get(KEYS_SERVICE)
+    assert service is not None and "build" in service, "compose.yaml needs the one-shot keys service"
+    return dict(service)
+
+
+def settings_of(service: dict[str, Any], command: list[str] | None = None) -> Settings:
     """The settings the service's process builds: its FEDQ_* environment, then its flags."""
-    args = build_parser().parse_args(service["command"])
+    args = build_parser().parse_args(command if command is not None else service["command"])
     flags = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__}
     return Settings.from_env({k: str(v) for k, v in service.get("environment", {}).items()}, **flags)
+
+
+def unescape(text: str) -> str:
+    """A value as the container sees it: compose turns $$ into $."""
+    return text.replace("$$", "$")
+
+
+def keys_commands() -> list[list[str]]:
+    """The fedq commands the keys service's script runs (each ``fedq ...`` line), as argument lists,
+    with the worker ids of ENROL in place of the loop variable."""
+    env = keys_service()["environment"]
+    ids = env["ENROL"].split()
+    out: list[list[str]] = []
+    for line in unescape(env["LAY_OUT"]).splitlines():
+        words = shlex.split(line.strip())
+        if words[:1] != ["fedq"]:
+            continue
+        if any("$id" in w for w in words):
+            out += [[w.replace("$id", wid) for w in words[1:]] for wid in ids]
+        else:
+            out.append(words[1:])
+    return out
+
+
+def volume_mounts(service: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(named volume, path in the container, read-only) of every named volume the service mounts."""
+    out = []
+    for v in service.get("volumes", []):
+        parts = v.split(":")
+        if not parts[0].startswith((".", "/")):
+            out.append((parts[0], parts[1], len(parts) > 2 and "ro" in parts[2].split(",")))
+    return out
+
+
+def volume_at(service: dict[str, Any], path: str) -> tuple[str, bool]:
+    """The named volume (and read-only?) that holds ``path`` in the service's container."""
+    found = [
+        (len(target), volume, ro)
+        for volume, target, ro in volume_mounts(service)
+        if (path + "/").startswith(target.rstrip("/") + "/")
+    ]
+    assert found, f"nothing is mounted at {path}: it would not outlive the container"
+    _, volume, ro = max(found)
+    return volume, ro
 
 
 def test_every_fedq_service_runs_a_real_fedq_command() -> None:
@@ -61,6 +117,18 @@ def test_every_fedq_service_runs_a_real_fedq_command() -> None:
             pytest.fail(f"{name}: `fedq {' '.join(map(str, command))}` is refused by fedq's parser")
         assert args.command in FEDQ_COMMANDS, f"{name} runs fedq {args.command}"
         assert service["healthcheck"]["test"][-1] == args.command, f"{name}: health check of another process"
+    commands = keys_commands()
+    assert commands, "the keys service runs no fedq command"
+    for command in commands:
+        try:
+            args = build_parser().parse_args(command)
+        except SystemExit:
+            pytest.fail(f"keys service: `fedq {' '.join(command)}` is refused by fedq's parser")
+        assert args.command == "keys", command
+    entry = keys_service()["entrypoint"]
+    assert "exec fedq keys" in unescape(" ".join(entry)), (
+        "docker compose run keys ACTION should run fedq keys ACTION"
+    )
 
 
 def test_every_fedq_variable_is_a_setting() -> None:
@@ -72,6 +140,8 @@ def test_every_fedq_variable_is_a_setting() -> None:
         assert not unknown, f"{name} sets {unknown}, which fedq does not read"
     for service in fedq_services().values():
         settings_of(service)  # every value parses (numbers, booleans)
+    for command in keys_commands():
+        settings_of(keys_service(), command)
 
 
 def test_services_agree_with_the_broker_and_the_store() -> None:
@@ -125,7 +195,11 @@ def test_definitions_file_is_what_the_code_generates() -> None:
     committed = (ROOT / "broker_config" / "definitions.json").read_text()
     assert committed == default_definitions(), "regenerate: python -m broker_config.definitions"
     doc = json.loads(committed)
-    assert {q["name"] for q in doc["queues"]} >= {"fedq.job.demo.tasks.cpu", "fedq.job.demo.updates", "fedq.updates.log"}
+    assert {q["name"] for q in doc["queues"]} >= {
+        "fedq.job.demo.tasks.cpu",
+        "fedq.job.demo.updates",
+        "fedq.updates.log",
+    }
 
 
 async def _queues_exist(amqp_url: str, names: list[str]) -> bool:
@@ -184,3 +258,88 @@ def test_definitions_load_into_rabbitmq_as_fedq_declares_them(amqp_url: str) -> 
         asyncio.run(_declare(amqp_url, names))
     finally:
         asyncio.run(delete_namespace(amqp_url, names, ("cpu",)))
+
+
+# -- keys: each private key on a volume of its own service, the trust directory read-only --------
+
+
+def test_each_private_key_is_mounted_by_its_own_service_only() -> None:
+    """No service but the coordinator mounts the coordinator's private key, and so on: each service
+    keeps its keys on a volume no other long-running service mounts; the keys service (the operator)
+    hands them out and keeps only the operator's key."""
+    services = fedq_services()
+    keys = keys_service()
+    owners: dict[str, str] = {}
+    for name, service in services.items():
+        s = settings_of(service)
+        volume, ro = volume_at(service, s.keys_dir)
+        assert not ro, f"{name}: its keys volume must be writable (first start, the worker's outbox)"
+        assert volume not in owners, f"{name} and {owners.get(volume)} share the keys volume {volume}"
+        owners[volume] = name
+    for name, service in services.items():
+        for volume, _, _ in volume_mounts(service):
+            assert owners.get(volume, name) == name, (
+                f"{name} mounts {volume}, {owners.get(volume)}'s private keys"
+            )
+    by_role = {services[n]["command"][0]: v for v, n in owners.items()}
+    assert set(by_role) == {"coordinator", "aggregator", "worker"}
+    # the operator's own key stays on a volume no long-running service mounts
+    operator_volume, _ = volume_at(keys, settings_of(keys, ["keys", "list"]).keys_dir)
+    assert operator_volume not in owners and all(
+        operator_volume not in {v for v, _, _ in volume_mounts(s)} for s in services.values()
+    ), f"a long-running service mounts {operator_volume}, the operator's key"
+    # the keys service moves the coordinator's and aggregator's keys onto their volumes, and makes the
+    # workers' keys on the worker's volume, where their services look for them
+    script = unescape(keys["environment"]["LAY_OUT"])
+    mounts = {target: volume for volume, target, _ in volume_mounts(keys)}
+    for role in ("coordinator", "aggregator"):
+        moved = re.search(rf"^\s*mv (\S+)/{role}\.key \S+ (\S+?)/?$", script, re.M)
+        assert moved, f"the keys service does not hand out {role}.key"
+        assert mounts.get(moved[2]) == by_role[role], (
+            f"{role}.key goes to {moved[2]}, not to the {role}'s volume"
+        )
+        assert settings_of(services[role]).key_path(role).parent == Path(settings_of(services[role]).keys_dir)
+    worker = services["worker"]
+    ws = settings_of(worker)
+    ids = keys["environment"]["ENROL"].split()
+    expected = [f"{ws.worker_id}-r{j}" for j in range(ws.replicas)] if ws.replicas > 1 else [ws.worker_id]
+    assert ids == expected, f"the keys service enrols {ids}, the worker service runs {expected}"
+    created = [c for c in keys_commands() if c[:2] == ["keys", "create"]]
+    for command in created:
+        where = settings_of(keys, command).keys_dir
+        volume, _ = volume_at(keys, where)
+        assert volume == by_role["worker"], f"worker keys made in {where}, off the worker's volume"
+        inside = where.removeprefix(next(t for v, t, _ in volume_mounts(keys) if v == volume))
+        assert ws.keys_dir.endswith(inside), (
+            f"the worker looks for its keys in {ws.keys_dir}, they are made in {where}"
+        )
+    assert sorted(c[2] for c in created) == sorted(ids)
+    enrolled = [c[2] for c in keys_commands() if c[:2] == ["keys", "enrol"]]
+    assert sorted(enrolled) == sorted(ids), "every compose worker is enrolled by the keys service"
+    assert "worker" not in {
+        n for n, s in compose()["services"].items() if s.get("deploy", {}).get("replicas")
+    }
+
+
+def test_the_trust_directory_is_read_only_but_for_the_keys_service() -> None:
+    services = fedq_services()
+    keys = keys_service()
+    trust_volume, ro = volume_at(keys, settings_of(keys, ["keys", "list"]).trusted_dir.as_posix())
+    assert not ro, "the keys service writes the trust directory"
+    for name, service in services.items():
+        s = settings_of(service)
+        volume, ro = volume_at(service, s.trusted_dir.as_posix())
+        assert volume == trust_volume, f"{name} reads its trusted keys from {volume}, not the keys service's"
+        assert ro, f"{name} may write the trust directory: a service must never enrol anything"
+        assert volume_at(service, s.keys_dir)[0] != trust_volume, (
+            f"{name} keeps its keys in the trust directory"
+        )
+        for volume, _, ro in volume_mounts(service):
+            assert volume != trust_volume or ro, f"{name} mounts the trust volume writable"
+    assert set(ROLE_DIRS.values()) == {
+        "coordinator",
+        "aggregator",
+        "operator",
+        "workers",
+    }  # what init lays out
+    assert any(c[:2] == ["keys", "init"] for c in keys_commands())
