@@ -424,7 +424,7 @@ def _add_keys(sub: Subparsers) -> None:
         "Make <keys-dir>/worker-WORKER_ID.key (mode 0600) and its .pub, the key `fedq worker --worker-id "
         "WORKER_ID` signs with; an existing key is kept. Send the .pub to the operator to enrol.",
     )
-    create.add_argument("worker_id", metavar="WORKER_ID")
+    create.add_argument("worker", metavar="WORKER_ID")
     _json_flag(create, "print the key's files and fingerprint as one JSON object")
     enrol = action(
         "enrol",
@@ -433,7 +433,7 @@ def _add_keys(sub: Subparsers) -> None:
         "a key trusted in another role or for another worker, and a worker id enrolled with another key "
         "(unless --replace). Running services trust it within a second.",
     )
-    enrol.add_argument("worker_id", metavar="WORKER_ID")
+    enrol.add_argument("worker", metavar="WORKER_ID")
     enrol.add_argument("pubkey", metavar="PUBKEY_FILE", help="the worker's Ed25519 public key (PEM)")
     enrol.add_argument(
         "--replace", action="store_true", help="give an enrolled worker id this key instead of its old one"
@@ -471,7 +471,7 @@ def _keys_request(args: argparse.Namespace) -> Any:
     return Request(
         args.keys_action,
         directory=getattr(args, "directory", ""),
-        worker_id=getattr(args, "worker_id", ""),
+        worker_id=getattr(args, "worker", ""),  # not args.worker_id: that is the --worker-id setting
         pubkey=getattr(args, "pubkey", ""),
         what=getattr(args, "what", ""),
         replace=getattr(args, "replace", False),

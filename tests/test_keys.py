@@ -28,6 +28,13 @@ from shared.keys import (
 from shared.signing import Peer, Role, Signer
 
 
+@pytest.fixture(autouse=True)
+def _no_logging_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main`` configures structlog to print to the stderr of the moment: here, pytest's capture,
+    closed after the test, which later tests would then log to."""
+    monkeypatch.setattr("fedq.cli.configure_logging", lambda *args: None)
+
+
 def fedq_keys(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """``fedq keys ARGS`` in this process: exit code, stdout, stderr."""
     code = main(["keys", *args])
