@@ -336,7 +336,7 @@ class Settings:
         default="adaptive",
         metadata=cli(
             POLICY,
-            ("run", "aggregator"),
+            ("run", "aggregator", "replay what-if"),
             "scale an update whose L2 norm is above a bound down to it: adaptive[:C[,window[,warmup]]] "
             "(C x the median norm of the last window applied updates, once warmup are known; "
             "default adaptive = adaptive:3,50,5), a fixed bound such as 10, or off",
@@ -346,7 +346,7 @@ class Settings:
         default="none",
         metadata=cli(
             POLICY,
-            ("run", "aggregator"),
+            ("run", "aggregator", "replay what-if"),
             "combine the buffer coordinate-wise: none (the weighted mean, default), trimmed-mean:F "
             "(drop the fraction F, 0 <= F < 0.5, of largest and smallest values per coordinate) or median",
         ),
