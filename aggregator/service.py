@@ -341,6 +341,7 @@ class Aggregator(Service):
                     "staleness": h.accepted.staleness,
                     "weight": h.accepted.weight,
                     "norm": h.accepted.norm,
+                    "clip": h.accepted.clip,  # the scale the norm clip applied (1.0: none)
                     "bytes": h.size,
                     "num_samples": h.update.num_samples,
                     "digest": h.digest,

@@ -23,8 +23,10 @@ import pytest
 import structlog
 
 from broker_config.names import Names
+from fedq import keys as fedq_keys
 from fedq.cli import main
-from shared.keys import load_or_create_signer, public_key_path
+from shared.keys import load_or_create_signer
+from shared.signing import Role
 from tests.support.broker import delete_namespace
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: services started by a test import tests.support
@@ -114,10 +116,15 @@ def worker_env(names: Names, out: Path) -> dict[str, str]:
 
 
 def enrol(keys: Path, name: str) -> Path:
-    """A key ``keys/NAME.key`` whose public half is trusted by the run (``keys/trusted/NAME.pub``)."""
+    """A key ``keys/NAME.key`` whose public half the run trusts, as an operator enrols it:
+    ``worker-<id>`` as that worker (``fedq keys enrol``), any other name as an aggregator."""
     key = keys / f"{name}.key"
-    load_or_create_signer(key)
-    (keys / "trusted" / f"{name}.pub").write_bytes(public_key_path(key).read_bytes())
+    signer = load_or_create_signer(key)
+    trusted = keys / "trusted"
+    if name.startswith("worker-"):
+        fedq_keys.enrol(trusted, name.removeprefix("worker-"), signer.public)
+    else:
+        fedq_keys.trust_role_key(trusted, Role.AGGREGATOR, signer.public)
     return key
 
 
