@@ -43,6 +43,7 @@ from shared.transport.connect import connected
 
 OFFLOAD_BYTES = 1 << 20  # screen large updates off the event loop
 CATCH_UP_SECONDS = 0.5  # how often to look for versions another aggregator stored
+TRUST_LOG_EVERY = 30.0  # seconds between trust_incomplete lines
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Aggregator(Service):
         self.keyring = keyring
         self.ledger = ledger
         self._refused: set[int] = set()  # unsigned versions already logged
+        self._trust_logged = -TRUST_LOG_EVERY
         self.core: AggregatorCore | None = None
         self.held: list[Held] = []
         self._lock = asyncio.Lock()
@@ -222,7 +224,19 @@ class Aggregator(Service):
             self.log.info("stopped_with_pending", pending=len(self.held))
 
     async def _on_invalid(self, delivery: Delivery, error: WireError) -> None:
+        if error.reason is Reason.UNKNOWN_SIGNER:
+            self._say_what_trust_lacks()
         await self._reject(delivery, None, Rejected("", error.reason, str(error)), signer="")
+
+    def _say_what_trust_lacks(self) -> None:
+        """Say plainly, at most every ``TRUST_LOG_EVERY`` seconds, which keys this aggregator lacks
+        (updates need an enrolled worker; rounds and tasks a coordinator), not only per message."""
+        now = time.monotonic()
+        if now - self._trust_logged < TRUST_LOG_EVERY:
+            return
+        self._trust_logged = now
+        for problem in self.keyring.missing(Role.WORKER, Role.COORDINATOR):
+            self.log.warning("trust_incomplete", problem=problem)
 
     async def handle(self, message: Message, envelope: Envelope, delivery: Delivery) -> None:
         async with self._lock:

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
+from broker_config.names import Names
 from coordinator.config import Mode
+from shared.codec import encode
+from shared.messages import ModelAnnouncement
+from shared.signing import Role
 from shared.tensors import FlatModel
 from shared.transport.memory import MemoryTransport
+from tests.support.messages import MAKER
 from tests.support.rigs import coordinator_rig
 from tests.support.waiting import events, until
 
@@ -80,3 +86,38 @@ async def test_sync_rounds_open_close_and_follow_the_versions(mem: MemoryTranspo
         assert await asyncio.wait_for(r.running, 10.0) == "max_versions"
     state = json.loads((tmp_path / "coordinator.json").read_text())
     assert (state["mode"], state["round"], state["stop_reason"]) == ("sync", 2, "max_versions")
+
+
+async def test_a_version_refused_for_want_of_its_key_is_adopted_once_the_key_is_trusted(
+    mem: MemoryTransport, tmp_path: Path
+) -> None:
+    """Trust laid out wrong (the aggregator's key missing): the coordinator says which key it
+    lacks, refuses the announcement, and once the key is trusted finds the version in the store."""
+    async with coordinator_rig(mem, tmp_path, trust_aggregator=False, max_versions=1) as r:
+        lacking = [e["problem"] for e in events(r.logs, "trust_incomplete")]
+        assert any("no aggregator key is trusted" in p for p in lacking)
+        await r.hello("w1")
+        await until(lambda: r.tasks, "a task for the worker")
+        await r.version(1, (r.tasks[0].task_id,))
+        rejected = await until(lambda: events(r.logs, "model_event_rejected"), "the announcement refused")
+        assert rejected[0]["reason"] == "unknown_signer"
+        await asyncio.sleep(1.5)
+        assert not r.running.done() and r.coordinator.scheduler.version == 0
+        r.trust.add(MAKER.public, Role.AGGREGATOR)  # the operator fixes the trust set
+        assert await asyncio.wait_for(r.running, 10.0) == "max_versions"
+        assert events(r.logs, "version_found_in_store")[0]["version"] == 1
+
+
+async def test_an_announcement_of_a_version_that_is_not_stored_is_dead_lettered(
+    mem: MemoryTransport, tmp_path: Path
+) -> None:
+    async with coordinator_rig(mem, tmp_path, max_versions=1) as r:
+        await r.hello("w1")
+        await until(lambda: r.tasks, "a task for the worker")
+        fake = ModelAnnouncement(r.names.job, 7, 6, "ab" * 32, "jobs/x/v7.bin", (), time.time())
+        for _ in range(3):
+            await r.client.publish(r.names.models_exchange, Names.model_key(r.names.job), encode(fake, MAKER))
+        await until(lambda: len(events(r.logs, "announcement_rejected")) == 3, "three refusals")
+        assert {e["reason"] for e in events(r.logs, "announcement_rejected")} == {"payload_missing"}
+        await r.version(1, (r.tasks[0].task_id,))
+        assert await asyncio.wait_for(r.running, 10.0) == "max_versions"

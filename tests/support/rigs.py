@@ -456,13 +456,16 @@ class CoordinatorRig:
 
 
 @contextlib.asynccontextmanager
-async def coordinator_rig(client: Transport, out: Path, **config: Any) -> AsyncIterator[CoordinatorRig]:
+async def coordinator_rig(
+    client: Transport, out: Path, *, trust_aggregator: bool = True, **config: Any
+) -> AsyncIterator[CoordinatorRig]:
     """A ``Coordinator`` of ``client``'s job on a connection of its own, with its state, metrics
     and local store under ``out``, running ``LinearApp``; it stops on no target accuracy and no
-    time limit unless ``config`` (``CoordinatorConfig`` fields) says otherwise."""
+    time limit unless ``config`` (``CoordinatorConfig`` fields) says otherwise. It trusts the
+    rig's aggregator key (``MAKER``) unless ``trust_aggregator`` is false."""
     names = client.names
     coordinator_key, aggregator = OWNER, MAKER
-    keyring = trust()
+    keyring = trust(aggregators=(MAKER,) if trust_aggregator else ())
     seen = trust()
     store = ModelStore(open_store(str(out / "store")), names.job, keyring)
     own = await connect_like(client, "test-coordinator")
