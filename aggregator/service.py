@@ -21,6 +21,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected
 from broker_config.names import Names
 from broker_config.topology import Topology, topology
+from shared.aggregation import CLIP_WINDOW, clip_window_of
 from shared.codec import MAX_HEAD_BYTES, Envelope, encode
 from shared.errors import (
     FedqError,
@@ -137,7 +138,9 @@ class Aggregator(Service):
                 applied.update((await self.store.manifest(v)).update_ids)
             except UnsignedVersionError as exc:  # history rewritten by someone without the key
                 self.log.error("unsigned_version_refused", version=v, detail=str(exc))
-        self.core = AggregatorCore(model, latest, self.policy, self.job_id, applied, manifest.updates_total)
+        self.core = AggregatorCore(
+            model, latest, self.policy, self.job_id, applied, manifest.updates_total, clip_window_of(manifest.policy)
+        )
         self.log.info("resumed", version=latest, applied=len(applied), policy=self.policy.to_dict())
         return self.core
 
@@ -330,7 +333,7 @@ class Aggregator(Service):
             update_ids=new.update_ids,
             update_digests=tuple(h.digest for h in self.held),
             created_at=time.time(),
-            policy=self.policy.to_dict(),
+            policy={**self.policy.to_dict(), CLIP_WINDOW: list(new.clip_window)},
             mean_staleness=new.mean_staleness,
             updates_total=self.core.updates_total,
             incarnation=self.incarnation,

@@ -114,7 +114,7 @@ class Settings:
         metadata=cli(
             CONNECTION,
             (*SERVICES, "log", "replay verify", *MODEL, *KEYS),
-            "directory of trusted *.pub keys (default <keys-dir>/trusted)",
+            "the trust directory: public keys by role (coordinator/, aggregator/, operator/, workers/<id>.pub) and the revoked list, as fedq keys lays it out (default <keys-dir>/trusted)",
         ),
     )
     out: str = field(

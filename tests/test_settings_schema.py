@@ -92,6 +92,7 @@ SETTING_FLAGS = {
     "declare": {"amqp-url", "namespace", "capabilities"},
     **{f"dlq {a}": {"amqp-url", "namespace"} for a in ("list", "show", "requeue")},
     **{f"model {a}": MODEL_WHERE for a in ("list", "show", "export", "verify", "rollback")},
+    **{f"keys {a}": {"keys-dir", "trusted-keys"} for a in ("init", "create", "enrol", "revoke", "list", "rotate")},
 }
 # Each command's own options, which set no setting.
 OWN_OPTIONS = {
@@ -107,6 +108,8 @@ OWN_OPTIONS = {
     "model show": {"--json"},
     "model verify": {"--json"},
     "model rollback": {"--to", "--no-announce", "--json"},
+    **{f"keys {a}": {"--json"} for a in ("init", "create", "revoke", "list", "rotate")},
+    "keys enrol": {"--replace", "--json"},
 }
 # What each command needs besides flags, to parse at all.
 REQUIRED = {
@@ -120,6 +123,10 @@ REQUIRED = {
     "model export": ["j", "3", "f.pt"],
     "model verify": ["j"],
     "model rollback": ["j", "--to", "2"],
+    "keys create": ["w1"],
+    "keys enrol": ["w1", "w1.pub"],
+    "keys revoke": ["w1"],
+    "keys rotate": ["coordinator"],
 }
 # A value per type, as text and as the setting then holds it: one for flags, one for the environment.
 SAMPLE: dict[type, tuple[str, object]] = {str: ("from-flag", "from-flag"), int: ("7", 7), float: ("2.5", 2.5)}
