@@ -17,7 +17,7 @@ from shared.tensors import FlatModel
 from shared.transport.memory import MemoryTransport
 from tests.support.messages import MAKER
 from tests.support.rigs import coordinator_rig
-from tests.support.waiting import events, until
+from tests.support.waiting import WAIT, events, until
 
 JOB = "job-mem"  # the names fixture takes it: the coordinator's transport is named for its job
 METRIC_KEYS = {
@@ -52,7 +52,7 @@ async def test_async_tasks_receipts_versions_and_the_stop(mem: MemoryTransport, 
         await r.receipt(first)
         await until(lambda: len(r.tasks) == 2, "a task to replace the answered one")
         await r.version(1, (first.task_id, r.tasks[1].task_id))
-        assert await asyncio.wait_for(r.running, 10.0) == "max_versions"
+        assert await asyncio.wait_for(r.running, WAIT) == "max_versions"
 
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["version"] for m in metrics] == [0, 1]
@@ -83,7 +83,7 @@ async def test_sync_rounds_open_close_and_follow_the_versions(mem: MemoryTranspo
         assert [(t.round, t.base_version) for t in r.tasks[2:]] == [(2, 1), (2, 1)]
         assert (r.rounds[2].round, r.rounds[2].version) == (2, 1)
         await r.version(2, tuple(t.task_id for t in r.tasks[2:]))
-        assert await asyncio.wait_for(r.running, 10.0) == "max_versions"
+        assert await asyncio.wait_for(r.running, WAIT) == "max_versions"
     state = json.loads((tmp_path / "coordinator.json").read_text())
     assert (state["mode"], state["round"], state["stop_reason"]) == ("sync", 2, "max_versions")
 
@@ -104,7 +104,7 @@ async def test_a_version_refused_for_want_of_its_key_is_adopted_once_the_key_is_
         await asyncio.sleep(1.5)
         assert not r.running.done() and r.coordinator.scheduler.version == 0
         r.trust.add(MAKER.public, Role.AGGREGATOR)  # the operator fixes the trust set
-        assert await asyncio.wait_for(r.running, 10.0) == "max_versions"
+        assert await asyncio.wait_for(r.running, WAIT) == "max_versions"
         assert events(r.logs, "version_found_in_store")[0]["version"] == 1
 
 
@@ -120,4 +120,4 @@ async def test_an_announcement_of_a_version_that_is_not_stored_is_dead_lettered(
         await until(lambda: len(events(r.logs, "announcement_rejected")) == 3, "three refusals")
         assert {e["reason"] for e in events(r.logs, "announcement_rejected")} == {"payload_missing"}
         await r.version(1, (r.tasks[0].task_id,))
-        assert await asyncio.wait_for(r.running, 10.0) == "max_versions"
+        assert await asyncio.wait_for(r.running, WAIT) == "max_versions"
