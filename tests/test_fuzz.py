@@ -40,10 +40,9 @@ from shared.codec import decode, encode, task_token
 from shared.errors import WireError
 from shared.messages import Hello, ModelAnnouncement, Receipt, Receipts, Round, Task, Update
 from shared.signing import Role, Signer
-from shared.transport import Transport
 from shared.transport.memory import MemoryTransport
 from shared.transport.rabbitmq import RabbitMQ
-from tests.support.broker import assert_settled
+from tests.support.broker import AnyTransport, assert_settled
 from tests.support.fuzz import (
     HUGE_INT,
     DeadLetters,
@@ -108,7 +107,8 @@ def aggregator_mutator(
     ]
 
     def token(fields: dict[str, Any], rng: random.Random) -> Any:
-        tid = fields.get("task_id") if isinstance(fields.get("task_id"), str) else "seed0000"
+        tid = fields["task_id"] if isinstance(fields.get("task_id"), str) else "seed0000"
+        assert isinstance(tid, str)
         pick = rng.randrange(9)
         if pick == 0:
             return rig.token(uuid.uuid4().hex)  # another task's
@@ -193,7 +193,12 @@ async def rederive(rig: AggregatorRig, bodies: dict[str, bytes], applied: Counte
 
 
 async def fuzz_aggregator(
-    client: Transport, names: Names, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int, seed: int
+    client: AnyTransport,
+    names: Names,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    n: int,
+    seed: int,
 ) -> None:
     t0 = time.monotonic()
     rng = random.Random(seed)
@@ -202,7 +207,7 @@ async def fuzz_aggregator(
 
 
 async def _fuzz_aggregator(
-    client: Transport,
+    client: AnyTransport,
     names: Names,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -281,7 +286,7 @@ async def test_aggregator_fuzz(
 
 
 async def fuzz_coordinator(
-    client: Transport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int, seed: int
+    client: AnyTransport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int, seed: int
 ) -> None:
     """Hellos of enrolled workers, announcements (of stored versions signed by the aggregator's key,
     of version 0 by the coordinator's, of versions stored unsigned or signed by a worker's key, of
@@ -292,7 +297,7 @@ async def fuzz_coordinator(
     names = client.names
     job = names.job
     async with coordinator_rig(client, tmp_path) as rig:
-        workers = {f"f{i}": key(rng) for i in range(3)}
+        workers: dict[str, Signer] = {f"f{i}": key(rng) for i in range(3)}
         for wid, k in workers.items():
             rig.trust.add(k.public, Role.WORKER, worker_id=wid)
         store = rig.store
@@ -398,7 +403,7 @@ async def test_coordinator_fuzz(broker: RabbitMQ, tmp_path: Path, monkeypatch: p
 
 
 async def fuzz_worker(
-    client: Transport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int, seed: int
+    client: AnyTransport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int, seed: int
 ) -> None:
     """Tasks of the coordinator's (20 seeds, each a task of its own), mutated and mostly re-signed by
     the coordinator's key; few of them are valid tasks it has not trained yet (training is the slow
@@ -411,7 +416,12 @@ async def fuzz_worker(
 
 
 async def _fuzz_worker(
-    client: Transport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int, rng: random.Random, t0: float
+    client: AnyTransport,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    n: int,
+    rng: random.Random,
+    t0: float,
 ) -> None:
     names = client.names
     async with worker_rig(client, tmp_path, start=True) as rig:
@@ -492,15 +502,15 @@ async def _fuzz_worker(
         except WireError:
             continue
         tokens[task_token(envelope)] = task
-    answered = Counter()
+    answered: Counter[str] = Counter()
     for d in updates:
         update, _ = decode(d.body, trust(workers={"w1": rig.signer}), Update)
-        task = tokens.get(update.task)
-        assert task is not None, "an update answers no task the coordinator signed"
+        answers = tokens.get(update.task)
+        assert answers is not None, "an update answers no task the coordinator signed"
         assert (update.task_id, update.job_id, update.base_version) == (
-            task.task_id,
-            task.job_id,
-            task.base_version,
+            answers.task_id,
+            answers.job_id,
+            answers.base_version,
         )
         answered[update.task_id] += 1
     assert all(c == 1 for c in answered.values()), "a task trained twice"

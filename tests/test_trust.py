@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgpack
@@ -44,6 +44,10 @@ async def unchanged(rig: AggregatorRig) -> None:
     rig.check_alive()
     await rig.assert_version(0)
     assert rig.aggregator.held == []
+
+
+def at_version(rig: AggregatorRig, version: int) -> Callable[[], bool]:
+    return lambda: rig.aggregator.core is not None and rig.aggregator.core.version == version
 
 
 # -- who may send what ----------------------------------------------------------------------------
@@ -130,7 +134,7 @@ def garbled(token: bytes) -> bytes:
     signer, head, digest, sig = msgpack.unpackb(token, raw=False)
     head = bytearray(head)
     head[len(head) // 2] ^= 0x01
-    return msgpack.packb([signer, bytes(head), digest, sig])
+    return bytes(msgpack.packb([signer, bytes(head), digest, sig]))
 
 
 async def test_unknown_task(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
@@ -226,10 +230,7 @@ async def test_unsigned_versions_are_not_adopted_by_the_aggregator(
             sent = [rig.update(base_version=version - 1) for _ in range(2)]
             for _, body in sent:
                 await rig.send(body)
-            await until(
-                lambda v=version: rig.aggregator.core is not None and rig.aggregator.core.version == v,
-                f"version {version}",
-            )
+            await until(at_version(rig, version), f"version {version}")
             manifest = await store.manifest(version)  # verifies: signed by a key allowed to make it
             assert manifest.signer == rig.aggregator.signer.fingerprint
             assert manifest.parent == version - 1 and manifest.incarnation == incarnation
