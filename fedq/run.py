@@ -16,7 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aggregator.config import AggregatorConfig
 from broker_config.topology import topology
+from coordinator.config import CoordinatorConfig
 from fedq.audit import audit
 from fedq.keys import create_key, enrol, init
 from fedq.progress import Progress
@@ -260,6 +262,8 @@ def run_job(
         raise ConfigError("--workers must be at least 1")
     need = workers if min_workers is None else min_workers  # more: workers started elsewhere join
     delays = parse_delay_profile(delay_profile, workers)
+    AggregatorConfig.from_settings(settings)  # a bad policy flag stops us here, not in a child a while later
+    CoordinatorConfig.from_settings(settings)
     run_dir = new_run_dir(settings)
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"{run_dir} already holds a finished run; choose another --out")

@@ -407,3 +407,13 @@ def test_the_norm_the_clip_depends_on_is_the_same_on_any_thread_count() -> None:
     finally:
         torch.set_num_threads(before)
     assert len(bits) == 1
+
+
+def test_fedq_run_refuses_a_bad_policy_flag_before_it_starts_anything(tmp_path: Path) -> None:
+    from fedq.run import run_job
+
+    out = tmp_path / "run"
+    settings = Settings.from_env({}, robust="trimmed-mean:0.7", out=str(out))
+    with pytest.raises(ConfigError, match=re.escape("F must be in [0, 0.5)")):
+        run_job(settings, workers=2, delay_profile="", progress=False)
+    assert not out.exists()  # no run folder, no key, no process
