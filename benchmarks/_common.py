@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -26,10 +28,11 @@ import torch
 
 from broker_config.names import Names
 from broker_config.topology import topology
-from shared.codec import encode
-from shared.messages import Update
+from shared.codec import encode, open_envelope, task_token
+from shared.messages import Task, TrainConfig, Update
 from shared.quantize import DEFAULT_BLOCK, encode_delta
-from shared.signing import Signer
+from shared.signing import Keyring, Role, Signer
+from shared.store import Manifest, ModelStore, model_key
 from shared.tensors import FlatModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,34 +169,103 @@ def synthetic_delta(n_float: int, n_exact: int, seed: int = 1) -> tuple[torch.Te
     return floats, torch.full((n_exact,), 5, dtype=torch.int64)
 
 
-def signed_updates(model: FlatModel, count: int, signer: Signer, job_id: str) -> list[bytes]:
-    """``count`` real signed int8 updates on version 0 with distinct task ids (two distinct
-    payloads, alternating: quantizing a 10M delta takes seconds, signing each message does not)."""
+def trust(coordinator: Signer, workers: dict[str, Signer], aggregators: Sequence[Signer] = ()) -> Keyring:
+    """A trust set as a deployment lays it out: the coordinator's key, the aggregators' keys and
+    each worker key enrolled under its worker id (a key trusted in no role is no key at all)."""
+    ring = Keyring()
+    ring.add(coordinator.public, Role.COORDINATOR)
+    for key in aggregators:
+        ring.add(key.public, Role.AGGREGATOR)
+    for worker_id, key in workers.items():
+        ring.add(key.public, Role.WORKER, worker_id=worker_id)
+    return ring
+
+
+def worker_keys(count: int, prefix: str = "w") -> dict[str, Signer]:
+    """``count`` worker ids, each with a key of its own (a worker key may speak only for its id)."""
+    return {f"{prefix}{i:02d}": Signer.generate() for i in range(count)}
+
+
+def signed_task(
+    coordinator: Signer,
+    job_id: str,
+    *,
+    task_id: str | None = None,
+    base_version: int = 0,
+    incarnation: str = "",
+    max_samples: int = 0,
+    model_sha256: str = "0" * 64,
+    train: TrainConfig | None = None,
+) -> tuple[Task, bytes]:
+    """A task as the coordinator issues it (the model by reference, not inline), signed by
+    ``coordinator``: the task and the token an update answering it carries."""
+    task = Task(
+        task_id=task_id or uuid.uuid4().hex,
+        job_id=job_id,
+        capability="cpu",
+        base_version=base_version,
+        model_sha256=model_sha256,
+        model_key=model_key(job_id, base_version),
+        train=train or TrainConfig(epochs=1, batch_size=32),
+        quant="int8",
+        block=DEFAULT_BLOCK,
+        deadline=time.time() + 3600,
+        issued_at=time.time(),
+        incarnation=incarnation,
+        max_samples=max_samples,
+    )
+    return task, task_token(open_envelope(encode(task, coordinator)))
+
+
+async def save_v0(store: ModelStore, model: FlatModel, coordinator: Signer, incarnation: str) -> Manifest:
+    """Store ``model`` as version 0 of the store's job, signed by the coordinator, with a known
+    incarnation (the one the benchmark's tasks carry)."""
+    blob = model.to_bytes()
+    manifest = dataclasses.replace(Manifest.first(store.job_id, blob, time.time()), incarnation=incarnation)
+    manifest = manifest.signed_by(coordinator)
+    await store.save(manifest, blob)
+    return manifest
+
+
+def signed_updates(
+    model: FlatModel,
+    count: int,
+    workers: dict[str, Signer],
+    coordinator: Signer,
+    job_id: str,
+    incarnation: str = "",
+) -> list[bytes]:
+    """``count`` real signed int8 updates on version 0, each answering a task of its own that the
+    coordinator signed (with the job's ``incarnation``), each signed by its worker's key (two
+    distinct payloads, alternating: quantizing a 10M delta takes seconds, signing does not)."""
     spec = model.spec
+    sha = hashlib.sha256(model.to_bytes()).hexdigest()
     payloads = []
     for seed in (1, 2):
         floats, exact = synthetic_delta(spec.n_float, spec.n_exact, seed)
         payloads.append(
             encode_delta(floats, exact, spec, "int8", DEFAULT_BLOCK, torch.Generator().manual_seed(seed))
         )
-    return [
-        encode(
-            Update(
-                task_id=uuid.uuid4().hex,
-                job_id=job_id,
-                worker_id=f"w{i % 50:02d}",
-                base_version=0,
-                num_samples=320 + i % 7,
-                quant="int8",
-                block=DEFAULT_BLOCK,
-                metrics={"train_loss": 0.5},
-                sent_at=time.time(),
-                delta=payloads[i % 2],
-            ),
-            signer,
+    ids = sorted(workers)
+    out = []
+    for i in range(count):
+        task, token = signed_task(coordinator, job_id, incarnation=incarnation, model_sha256=sha)
+        worker_id = ids[i % len(ids)]
+        update = Update(
+            task_id=task.task_id,
+            job_id=job_id,
+            worker_id=worker_id,
+            base_version=0,
+            num_samples=320 + i % 7,
+            quant="int8",
+            block=DEFAULT_BLOCK,
+            metrics={"train_loss": 0.5},
+            sent_at=time.time(),
+            task=token,
+            delta=payloads[i % 2],
         )
-        for i in range(count)
-    ]
+        out.append(encode(update, workers[worker_id]))
+    return out
 
 
 def rss_kib(pid: int) -> int | None:
@@ -239,7 +311,10 @@ async def delete_namespace(
     topo = topology(names, capabilities)
     jobs = [topology(names.for_job(j), capabilities) for j in job_ids]
     queues = (
-        [q.name for q in topo.queues] + [q.name for t in jobs for q in t.queues] + [names.for_job(j).coordinator_queue for j in job_ids] + list(extra_queues)
+        [q.name for q in topo.queues]
+        + [q.name for t in jobs for q in t.queues]
+        + [names.for_job(j).coordinator_queue for j in job_ids]
+        + list(extra_queues)
     )
     conn = await aio_pika.connect(amqp_url, client_properties={"connection_name": "bench-cleanup"})
     try:

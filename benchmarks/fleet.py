@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -53,7 +52,8 @@ from _common import (
 )
 
 from broker_config.names import Names
-from shared.keys import load_or_create_signer, public_key_path
+from fedq.keys import enrol
+from shared.keys import load_or_create_signer
 
 
 def wait_for(path: Path, timeout: float) -> None:
@@ -168,12 +168,12 @@ def main() -> None:
         keys = out / "keys"
         for i in range(args.processes):
             for j in range(args.replicas):
-                key = keys / f"worker-fl{tag}p{i}-r{j}.key"
-                load_or_create_signer(key)
-                shutil.copy(public_key_path(key), keys / "trusted" / f"worker-fl{tag}p{i}-r{j}.pub")
+                signer = load_or_create_signer(keys / f"worker-fl{tag}p{i}-r{j}.key")
+                enrol(keys / "trusted", f"fl{tag}p{i}-r{j}", signer.public)  # as `fedq keys enrol` does
         worker_env = {
             **env,
             "FEDQ_NAMESPACE": names.namespace,
+            "FEDQ_JOB": out.name.replace(".", "-"),  # the job id fedq run gives the run: its folder's name
             "FEDQ_KEYS_DIR": str(keys),
             "FEDQ_STORE": str(out / "store"),
             "FEDQ_LOG_JSON": "true",

@@ -55,10 +55,13 @@ from _common import (
     emit,
     machine,
     parser,
+    save_v0,
     say,
     signed_updates,
     synthetic_state,
     table,
+    trust,
+    worker_keys,
 )
 
 from aggregator.config import AggregatorConfig
@@ -70,14 +73,15 @@ from shared.codec import Envelope
 from shared.ledger import JsonLines, read_lines
 from shared.logs import configure_logging
 from shared.messages import Message, Update
-from shared.signing import Keyring, Signer
-from shared.store import LocalStore, Manifest, ModelStore
+from shared.signing import Signer
+from shared.store import LocalStore, ModelStore
 from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
 
 TARGET = 0.8
 JOB = "bench"
+INCARNATION = "bench-incarnation"  # version 0's, which every task carries
 COUNTS = {"100k": 1000, "1M": 200, "10M": 30}
 QUICK_COUNTS = {"100k": 300, "1M": 60, "10M": 12}
 
@@ -346,9 +350,12 @@ def instrument(agg: TimedAggregator) -> None:
     core.offer = timed_offer  # type: ignore[method-assign]
 
 
-async def save_v0(store: ModelStore, model: FlatModel) -> None:
-    blob = model.to_bytes()
-    await store.save(Manifest.first(store.job_id, blob, time.time()), blob)
+@dataclass(frozen=True)
+class Keys:
+    """Who signs what: the coordinator (version 0, every update's task) and the workers."""
+
+    coordinator: Signer
+    workers: dict[str, Signer]
 
 
 async def intake(
@@ -356,7 +363,7 @@ async def intake(
     model: FlatModel,
     bodies: list[bytes],
     path: Path,
-    worker: Signer,
+    keys: Keys,
     k: int,
     window: int,
     inbox: bool,
@@ -376,12 +383,10 @@ async def intake(
             for key in (Names.model_key(JOB), Names.receipt_key(JOB)):
                 await q.bind(names.models_exchange, key)
             await ch.close()
-        store = ModelStore(LocalStore(tmp / "store"), job_id=JOB)
-        await save_v0(store, model)
         signer = Signer.generate()
-        ring = Keyring()
-        ring.add(signer.public)
-        ring.add(worker.public)
+        ring = trust(keys.coordinator, keys.workers, [signer])
+        store = ModelStore(LocalStore(tmp / "store"), JOB, ring)
+        await save_v0(store, model, keys.coordinator, INCARNATION)
         agg = TimedAggregator(
             AggregatorConfig(Policy(mode="async", k=k, max_staleness=len(bodies) + 1)),
             transport=service,
@@ -404,7 +409,9 @@ async def intake(
         core = agg.core
         assert core is not None
         n = len(bodies)
-        pub = Feeder(path, names.results_exchange, names.results_key, window, f"bench-feeder-{names.namespace}")
+        pub = Feeder(
+            path, names.results_exchange, names.results_key, window, f"bench-feeder-{names.namespace}"
+        )
         async with pub:
             with CpuMeter() as cpu:
                 loop_cpu0 = time.thread_time()
@@ -481,8 +488,8 @@ async def run_size(
 ) -> dict[str, Any]:
     n = SIZES[label]
     model = FlatModel.from_state_dict(synthetic_state(n))
-    worker = Signer.generate()
-    bodies = signed_updates(model, count, worker, JOB)
+    keys = Keys(Signer.generate(), worker_keys(50))
+    bodies = signed_updates(model, count, keys.workers, keys.coordinator, JOB, INCARNATION)
     path = write_bodies(bodies)
     k = k_arg if k_arg > 0 else count  # default: one version, written after the last update
     prefetch = max(4 * k, 64)  # what the aggregator asks for (aggregator/service.py)
@@ -497,10 +504,10 @@ async def run_size(
                 await fresh(lambda ns: ceiling(ns, label, bodies, path, window, prefetch, fanout=True))
             )
         runs["intake"].append(
-            await fresh(lambda ns: intake(ns, model, bodies, path, worker, k, window, inbox, None))
+            await fresh(lambda ns: intake(ns, model, bodies, path, keys, k, window, inbox, None))
         )
     if prof is not None:  # one more intake run under the profiler, not counted in the figures
-        await fresh(lambda ns: intake(ns, model, bodies, path, worker, k, window, inbox, prof))
+        await fresh(lambda ns: intake(ns, model, bodies, path, keys, k, window, inbox, prof))
     path.unlink()
     a, b = best(runs["ceiling"]), best(runs["intake"])
     out: dict[str, Any] = {

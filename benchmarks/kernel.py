@@ -2,8 +2,9 @@
 
 One process, no broker, ``torch.set_num_threads(1)``. For each model size, R distinct signed
 int8 updates are pre-encoded; then each is put through exactly what the aggregator does:
-``shared.codec.decode`` (msgpack, sha256 of the payload, Ed25519 check, typed head) and
-``aggregator.core.AggregatorCore.offer`` (dequantize into its reused output vector, screen,
+``shared.codec.decode`` (msgpack, sha256 of the payload, Ed25519 check, typed head),
+``aggregator.binding.bind`` (the coordinator's signed task the update carries: a second Ed25519
+check, on a small head) and ``aggregator.core.AggregatorCore.offer`` (dequantize into its reused output vector, screen,
 weighted accumulate into the buffer; K is huge so no version is folded). That end-to-end time is the headline. A second
 pass times each stage on its own so the bottleneck is visible.
 
@@ -30,9 +31,22 @@ import sys
 from typing import Any
 
 import torch
-from _common import SIZES, Stopwatch, emit, machine, parser, say, signed_updates, synthetic_state, table
+from _common import (
+    SIZES,
+    Stopwatch,
+    emit,
+    machine,
+    parser,
+    say,
+    signed_updates,
+    synthetic_state,
+    table,
+    trust,
+    worker_keys,
+)
 
-from aggregator.core import Accepted, AggregatorCore
+from aggregator.binding import bind
+from aggregator.core import Accepted, AggregatorCore, Rejected
 from shared.aggregation import Accumulator, Policy, screen
 from shared.codec import decode, decode_head, open_envelope
 from shared.messages import Update
@@ -42,6 +56,7 @@ from shared.tensors import FlatModel
 
 TARGET = 250e6  # params/s at 10M
 JOB = "bench-job"
+INCARNATION = "bench-incarnation"
 
 
 def summarize(walls: list[float], cpus: list[float], n: int) -> dict[str, float]:
@@ -57,13 +72,14 @@ def summarize(walls: list[float], cpus: list[float], n: int) -> dict[str, float]
 
 
 def end_to_end(model: FlatModel, raws: list[bytes], keyring: Keyring) -> dict[str, float]:
-    """decode + AggregatorCore.offer, exactly the aggregator's path for an inline update."""
+    """decode + bind + AggregatorCore.offer, exactly the aggregator's path for an inline update."""
     core = AggregatorCore(model, 0, Policy(mode="async", k=10**9, max_staleness=10**6), JOB)
     walls, cpus = [], []
     for raw in raws:
         with Stopwatch() as sw:
             message, _ = decode(raw, keyring, Update)
-            result = core.offer(message)
+            bound = bind(message, keyring, JOB, INCARNATION)
+            result = bound if isinstance(bound, Rejected) else core.offer(bound[0])
         if not isinstance(result, Accepted):
             raise SystemExit(f"the benchmark's update was rejected: {result}")
         walls.append(sw.wall)
@@ -76,7 +92,7 @@ def stages(model: FlatModel, raws: list[bytes], keyring: Keyring) -> dict[str, d
     spec = model.spec
     acc = Accumulator(spec.n_float, spec.n_exact)
     scratch = torch.empty(spec.n_float)  # as AggregatorCore does: one output, reused
-    names = ["unpack", "sha256", "ed25519", "head", "dequantize", "screen", "accumulate"]
+    names = ["unpack", "sha256", "ed25519", "head", "bind (task token)", "dequantize", "screen", "accumulate"]
     walls: dict[str, list[float]] = {k: [] for k in names}
     cpus: dict[str, list[float]] = {k: [] for k in names}
 
@@ -98,6 +114,10 @@ def stages(model: FlatModel, raws: list[bytes], keyring: Keyring) -> dict[str, d
             msg = decode_head(env)
         note("head", sw)
         assert isinstance(msg, Update)
+        with Stopwatch() as sw:
+            bound = bind(msg, keyring, JOB, INCARNATION)
+        note("bind (task token)", sw)
+        assert not isinstance(bound, Rejected), bound
         with Stopwatch() as sw:
             floats, exact, _ = decode_delta_wire(msg.delta, spec, msg.quant, msg.block, scratch)
         note("dequantize", sw)
@@ -127,10 +147,9 @@ def baselines(n: int, reps: int) -> dict[str, dict[str, float]]:
 
 def run_size(label: str, n: int, reps: int) -> dict[str, Any]:
     model = FlatModel.from_state_dict(synthetic_state(n))
-    signer = Signer.generate()
-    keyring = Keyring()
-    keyring.add(signer.public)
-    raws = signed_updates(model, reps, signer, JOB)
+    coordinator, workers = Signer.generate(), worker_keys(4)
+    keyring = trust(coordinator, workers)
+    raws = signed_updates(model, reps, workers, coordinator, JOB, INCARNATION)
     end_to_end(model, raws[:2], keyring)  # warm up caches and lazy imports
     result: dict[str, Any] = {
         "label": label,
@@ -172,7 +191,7 @@ def main() -> None:
         return
     thp = child_run(sizes, reps, {"THP_MEM_ALLOC_ENABLE": "1"}) if args.what_if else None
 
-    say(f"kernel: decode+verify, dequantize, screen, accumulate on one core; {reps} updates per size")
+    say(f"kernel: decode+verify, bind, dequantize, screen, accumulate on one core; {reps} updates per size")
     for r in results:
         n = r["params"]
         say(f"\n{r['label']} parameters ({n:,}; message {r['message_bytes']:,} bytes)")

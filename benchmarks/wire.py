@@ -2,7 +2,8 @@
 
 The wire size is the whole signed envelope that ``shared.codec.encode`` makes of a real
 ``shared.messages.Update`` whose payload comes from ``shared.quantize.encode_delta``:
-msgpack envelope, header fields, Ed25519 signature, per-block scales and int8 values.
+msgpack envelope, header fields (the coordinator's signed task token among them, as every
+update carries since issue 11), Ed25519 signature, per-block scales and int8 values.
 The fp32 size is 4 bytes per parameter (the exact int64 buffer counted as one parameter).
 Sizes are deterministic; the timings beside them are informative only.
 
@@ -12,11 +13,10 @@ Sizes are deterministic; the timings beside them are informative only.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 import torch
-from _common import SIZES, emit, machine, parser, say, synthetic_delta, synthetic_state, table
+from _common import SIZES, emit, machine, parser, say, signed_task, synthetic_delta, synthetic_state, table
 
 from shared.codec import encode
 from shared.messages import Update
@@ -30,6 +30,9 @@ INLINE_LIMIT = Settings.inline_limit  # above this an update travels by claim ch
 
 
 def measure(n: int, scheme: str, signer: Signer, block: int) -> dict[str, Any]:
+    task, token = signed_task(
+        Signer.generate(), "bench-job", base_version=123, incarnation="0123456789abcdef", max_samples=3200
+    )
     model = FlatModel.from_state_dict(synthetic_state(n))
     spec = model.spec
     floats, exact = synthetic_delta(spec.n_float, spec.n_exact)
@@ -37,7 +40,7 @@ def measure(n: int, scheme: str, signer: Signer, block: int) -> dict[str, Any]:
     payload = encode_delta(floats, exact, spec, scheme, block, torch.Generator().manual_seed(7))
     t1 = time.perf_counter()
     update = Update(
-        task_id=uuid.uuid4().hex,
+        task_id=task.task_id,
         job_id="bench-job",
         worker_id="bench-worker-0001",
         base_version=123,
@@ -46,6 +49,7 @@ def measure(n: int, scheme: str, signer: Signer, block: int) -> dict[str, Any]:
         block=block,
         metrics={"train_loss": 0.4321, "train_accuracy": 0.8765, "seconds": 1.234},
         sent_at=time.time(),
+        task=token,
         delta=payload,
     )
     raw = encode(update, signer)
