@@ -34,6 +34,7 @@ class Reason(StrEnum):
     # a task, at the worker
     EXPIRED = "expired"
     BAD_TASK_ID = "bad_task_id"
+    BAD_TASK = "bad_task"  # a task no worker can carry out (unknown quantization, block < 1, ...)
     BAD_MODEL = "bad_model"
     # handling this message raised (the traceback is in the log; the service went on)
     INTERNAL_ERROR = "internal_error"

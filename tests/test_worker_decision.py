@@ -10,7 +10,7 @@ import pytest
 from shared.errors import ConfigError
 from shared.settings import Settings
 from worker.config import WorkerConfig
-from worker.decision import Decision, Known, decide, outbox_matters
+from worker.decision import Decision, Known, decide, outbox_matters, task_problem
 
 NOW = 1_800_000_000.0
 FRESH = Known(already_sent=False, task_id_ok=True, in_outbox=False, deadline=NOW + 60, now=NOW)
@@ -125,3 +125,23 @@ def test_config_needs_valid_jobs(jobs: str) -> None:
 def test_config_needs_a_capability() -> None:
     with pytest.raises(ConfigError):
         WorkerConfig.from_settings(Settings(capability=" , "), "w1", "0/1")
+
+
+@pytest.mark.parametrize(
+    ("quant", "block", "epochs", "batch", "bad"),
+    [
+        ("int8", 256, 1, 16, False),
+        ("fp4", 256, 1, 16, True),
+        ("int8", 0, 1, 16, True),
+        ("none", 8, 0, 16, True),
+        ("none", 8, 1, -1, True),
+    ],
+)
+def test_a_task_no_worker_can_carry_out_is_dead_lettered_before_training(
+    quant: str, block: int, epochs: int, batch: int, bad: bool
+) -> None:
+    problem = task_problem(quant, block, epochs, batch, ("int8", "none"))
+    assert bool(problem) is bad
+    assert decide(known(task_problem=problem)) is (Decision.BAD_TASK if bad else Decision.TRAIN)
+    # a confirmed update still wins: the task's problem does not matter any more
+    assert decide(known(task_problem=problem, already_sent=True)) is Decision.ALREADY_SENT

@@ -7,6 +7,7 @@ tests/test_worker_link.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from broker_config.names import REASON_HEADER, Names
-from shared.codec import decode
+from shared.codec import decode, encode
 from shared.errors import BrokerError
 from shared.messages import Hello
 from shared.signing import Keyring, Role, Signer
@@ -94,6 +95,21 @@ async def test_an_expired_task_is_dead_lettered(mem: MemoryTransport, tmp_path: 
         await r.dead.expect(body, "expired", r.task_queue)
         await r.assert_task_settled()
         assert r.app.trained == 0 and r.worker.expired == 1
+        await r.updates.expect_none()
+
+
+async def test_a_task_no_worker_can_carry_out_is_dead_lettered_without_training(
+    mem: MemoryTransport, tmp_path: Path
+) -> None:
+    async with worker_rig(mem, tmp_path) as r:
+        task, _ = r.task()
+        impossible = dataclasses.replace(task, quant="fp4")
+        body = encode(impossible, r.coordinator)
+        await r.send(body)
+        assert await r.worker.step(impossible, await r.take()) is Decision.BAD_TASK
+        await r.dead.expect(body, "bad_task", r.task_queue)
+        await r.assert_task_settled()
+        assert r.app.trained == 0
         await r.updates.expect_none()
 
 

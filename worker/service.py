@@ -52,6 +52,7 @@ from shared.keys import DirectoryTrust, load_or_create_signer, load_public_key, 
 from shared.logs import get_logger
 from shared.messages import Hello, Task, Update
 from shared.partition import parse_partition
+from shared.quantize import SCHEMES
 from shared.reasons import Reason
 from shared.runtime import Runtime, Service, first_error
 from shared.settings import Settings
@@ -60,7 +61,7 @@ from shared.store import ObjectStore, open_store
 from shared.transport import Delivery, Transport
 from shared.transport.connect import connected
 from worker.config import WorkerConfig
-from worker.decision import Decision, Known, decide, outbox_matters
+from worker.decision import Decision, Known, decide, outbox_matters, task_problem
 from worker.outbox import Outbox, OutboxError, encode_task_id
 from worker.training import TrainingOutcome, WarmUp, train_task, warm_up
 
@@ -245,7 +246,9 @@ class Worker(Service):
         pending: bytes | None = None
         if self.outbox is not None and outbox_matters(already_sent, not bad_id):
             pending = await asyncio.to_thread(self.outbox.get, task.task_id)
-        decision = decide(Known(already_sent, not bad_id, pending is not None, task.deadline, time.time()))
+        problem = task_problem(task.quant, task.block, task.train.epochs, task.train.batch_size, SCHEMES)
+        known = Known(already_sent, not bad_id, pending is not None, task.deadline, time.time(), problem)
+        decision = decide(known)
         match decision:
             case Decision.ALREADY_SENT:  # a redelivery after a lost ack: the update is confirmed already
                 log.info("task_already_sent", redelivered=delivery.redelivered)
@@ -253,6 +256,9 @@ class Worker(Service):
             case Decision.BAD_TASK_ID:
                 log.warning("task_rejected", reason=decision.value, detail=bad_id)
                 await delivery.dead_letter(decision.value, bad_id)
+            case Decision.BAD_TASK:
+                log.warning("task_rejected", reason=decision.value, detail=problem)
+                await delivery.dead_letter(decision.value, problem)
             case Decision.IN_OUTBOX:  # trained before the link or the process was lost: send that
                 assert pending is not None
                 log.info("task_in_outbox", redelivered=delivery.redelivered)
