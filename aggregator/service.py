@@ -33,7 +33,7 @@ from shared.errors import (
 from shared.keys import DirectoryTrust, key_file_signer
 from shared.ledger import JsonLines
 from shared.logs import get_logger
-from shared.messages import Message, Receipt, Receipts, Round, Update
+from shared.messages import Message, Receipt, Receipts, Round, Task, Update
 from shared.reasons import Fate, Reason
 from shared.runtime import FATAL, Runtime, Service
 from shared.settings import Settings
@@ -55,6 +55,7 @@ class Held:
     accepted: Accepted
     size: int
     deliveries: list[Delivery]
+    task: Task | None = None  # the coordinator's task it answers (from its token)
 
     @functools.cached_property
     def digest(self) -> str:
@@ -175,7 +176,7 @@ class Aggregator(Service):
                 continue
             result = self.core.offer(h.update)
             if isinstance(result, Accepted):
-                self.held.append(Held(h.update, result, h.size, h.deliveries))
+                self.held.append(Held(h.update, result, h.size, h.deliveries, h.task))
             else:
                 for d in h.deliveries:
                     await self._reject(d, h.update, result, "")
@@ -261,8 +262,13 @@ class Aggregator(Service):
                 same.deliveries.append(delivery)
                 return
         try:
-            bound = self._bind(message)
-            result = bound if isinstance(bound, Rejected) else await self._screen(bound)
+            task: Task | None = None
+            bound = bind(message, self.keyring, self.job_id, self.incarnation)
+            if isinstance(bound, Rejected):
+                result: tuple[Accepted, Update] | Rejected = bound
+            else:
+                bound_update, task = bound
+                result = await self._screen(bound_update)
         except FATAL:
             raise
         except Exception as exc:  # a bug or a hostile payload we did not foresee: this update only
@@ -272,7 +278,7 @@ class Aggregator(Service):
             await self._reject(delivery, message, result, signer)
             return
         accepted, message = result
-        self.held.append(Held(message, accepted, len(raw) + message.delta_size, [delivery]))
+        self.held.append(Held(message, accepted, len(raw) + message.delta_size, [delivery], task))
         self.log.debug("update_buffered", task=message.task_id, buffered=len(self.held))
         self._receipt(message, "buffered", "", accepted.staleness)
         if self.core.ready():
@@ -282,11 +288,6 @@ class Aggregator(Service):
                 raise
             except Exception as exc:  # the core may be half-changed: start again from the store
                 raise ServiceFailure(f"making a version failed: {exc!r}") from exc
-
-    def _bind(self, update: Update) -> Update | Rejected:
-        """The update as the task it answers says it is (``aggregator.binding``)."""
-        result = bind(update, self.keyring, self.job_id, self.incarnation)
-        return result if isinstance(result, Rejected) else result[0]
 
     async def _screen(self, message: Update) -> tuple[Accepted, Update] | Rejected:
         """Resolve a claim check, then offer the update to the core."""
@@ -359,6 +360,10 @@ class Aggregator(Service):
                     "weight": h.accepted.weight,
                     "norm": h.accepted.norm,
                     "clip": h.accepted.clip,  # the scale the norm clip applied (1.0: none)
+                    # from the coordinator's task: what it was issued for, and whether the worker
+                    # sent it after the deadline (counted all the same: staleness weighs it)
+                    "capability": h.task.capability if h.task else "",
+                    "late": bool(h.task and h.update.sent_at > h.task.deadline),
                     "bytes": h.size,
                     "num_samples": h.update.num_samples,
                     "digest": h.digest,

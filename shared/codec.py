@@ -202,7 +202,8 @@ def decode(
 #
 # A token is ``[signer, head, sha256(payload), sig]`` of the task's envelope: enough to verify the
 # coordinator's signature without the model the task carried. The aggregator believes the task,
-# not the worker, about job, incarnation, base version, capability, deadline and sample cap.
+# not the worker, about job, incarnation, base version and sample cap, and records the task's
+# capability and whether the update came after its deadline.
 
 MAX_TOKEN_BYTES = 8 * 1024
 

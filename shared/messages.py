@@ -61,7 +61,8 @@ class Update:
     delta_sha256: str = ""
     delta_size: int = 0
     # the task this answers, as the coordinator signed it (``shared.codec.task_token``): the
-    # aggregator takes job, base version, capability, deadline and sample cap from it
+    # aggregator takes job, incarnation, base version and sample cap from it, and records its
+    # capability and deadline
     task: bytes = b""
     delta: bytes = b""  # the payload
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -579,4 +580,22 @@ async def test_a_round_not_signed_by_the_coordinator_is_rejected(
         await rig.send(update)
         await rig.rejected(update, "stale", tid)  # no round was opened
         await rig.assert_version(0)
+        await rig.stop_and_assert_all_acked()
+
+
+async def test_the_ledger_takes_capability_and_lateness_from_the_coordinators_task(
+    mem: MemoryTransport, names: Names, tmp_path: Path
+) -> None:
+    """The worker's word is not asked: the task's capability and deadline are recorded."""
+    async with aggregator_rig(mem, names, tmp_path, k=2) as rig:
+        on_time, late = uuid.uuid4().hex, uuid.uuid4().hex
+        _, body = rig.update(task_id=on_time, task=rig.token(on_time, capability="gpu"))
+        _, late_body = rig.update(task_id=late, task=rig.token(late, deadline=time.time() - 60))
+        await rig.send(body)
+        await rig.send(late_body)
+        await rig.wait_version(1)
+        first = await rig.ledger_entry(on_time, "applied")
+        second = await rig.ledger_entry(late, "applied")
+        assert (first["capability"], first["late"]) == ("gpu", False)
+        assert (second["capability"], second["late"]) == ("cpu", True)
         await rig.stop_and_assert_all_acked()
