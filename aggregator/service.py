@@ -24,6 +24,7 @@ from broker_config.topology import Topology, topology
 from shared.aggregation import CLIP_WINDOW, clip_window_of
 from shared.codec import MAX_HEAD_BYTES, Envelope, encode
 from shared.errors import (
+    CorruptVersionError,
     FedqError,
     ServiceFailure,
     StoreError,
@@ -137,7 +138,7 @@ class Aggregator(Service):
                 continue
             try:
                 applied.update((await self.store.manifest(v)).update_ids)
-            except UnsignedVersionError as exc:  # history rewritten by someone without the key
+            except (UnsignedVersionError, CorruptVersionError) as exc:  # history rewritten without the key
                 self.log.error("unsigned_version_refused", version=v, detail=str(exc))
         self.core = AggregatorCore(
             model, latest, self.policy, self.job_id, applied, manifest.updates_total, clip_window_of(manifest.policy)
@@ -161,7 +162,7 @@ class Aggregator(Service):
             return False
         try:
             await self.store.manifest(self.core.version + 1)
-        except UnsignedVersionError as exc:  # whoever wrote it holds no key that may make versions
+        except (UnsignedVersionError, CorruptVersionError) as exc:  # its writer holds no key that may make versions
             if self.core.version + 1 not in self._refused:
                 self._refused.add(self.core.version + 1)
                 self.log.error("unsigned_version_refused", version=self.core.version + 1, detail=str(exc))

@@ -24,7 +24,7 @@ from coordinator.state import CoordinatorState
 from coordinator.tasks import Latest, TaskMaker, applied_since, initial_version, sample_cap
 from shared.app import App
 from shared.codec import Envelope, encode
-from shared.errors import ConfigError, StoreError, UnsignedVersionError, WireError
+from shared.errors import ConfigError, CorruptVersionError, StoreError, UnsignedVersionError, WireError
 from shared.keys import DirectoryTrust, key_file_signer
 from shared.logs import get_logger
 from shared.messages import Hello, ModelAnnouncement, Receipt, Receipts, Round
@@ -204,7 +204,7 @@ class Coordinator(Service):
             if not await self.store.exists(ann.version):
                 return Reason.PAYLOAD_MISSING, f"version {ann.version} is not in the store"
             manifest, blob = await self.store.load_bytes(ann.version)
-        except UnsignedVersionError as exc:
+        except (UnsignedVersionError, CorruptVersionError) as exc:
             self._say_what_trust_lacks()
             return Reason.UNSIGNED_VERSION, str(exc)
         except StoreError as exc:

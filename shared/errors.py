@@ -107,6 +107,11 @@ class StoreError(FedqError):
     exit_code = 4
 
 
+class CorruptVersionError(StoreError):
+    """A stored manifest that cannot be read as one, or names another version or job than its key:
+    whoever wrote it did not make it, so it is refused like an unsigned one."""
+
+
 class AppError(FedqError):
     """The user's app (``module:object``) cannot be loaded or misbehaves."""
 

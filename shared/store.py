@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shared.errors import StoreError, UnsignedVersionError, WireError
+from shared.errors import CorruptVersionError, StoreError, UnsignedVersionError, WireError
 from shared.messages import ModelAnnouncement
 from shared.signing import Keyring, Peer, Signer, version_signers
 from shared.tensors import FlatModel
@@ -216,7 +216,7 @@ class Manifest:
                 raise TypeError(f"rollback_of must be a version number, not {d['rollback_of']!r}")
             return cls(**d)
         except (ValueError, TypeError, KeyError) as exc:
-            raise StoreError(f"corrupt manifest: {exc}") from exc
+            raise CorruptVersionError(f"corrupt manifest: {exc}") from exc
 
 
 def model_key(job_id: str, version: int) -> str:
@@ -249,9 +249,9 @@ class ModelStore:
         try:
             manifest = Manifest.from_json(raw.decode())
         except UnicodeDecodeError as exc:
-            raise StoreError(f"corrupt manifest of version {version}: {exc}") from None
+            raise CorruptVersionError(f"corrupt manifest of version {version}: {exc}") from None
         if manifest.version != version or manifest.job_id != self.job_id:
-            raise StoreError(
+            raise CorruptVersionError(
                 f"the manifest stored as version {version} of job {self.job_id} says "
                 f"version {manifest.version} of job {manifest.job_id}"
             )
@@ -269,7 +269,7 @@ class ModelStore:
         for version in reversed(await self.versions()):
             try:
                 await self.manifest(version)
-            except UnsignedVersionError:
+            except (UnsignedVersionError, CorruptVersionError):
                 continue
             return version
         return None

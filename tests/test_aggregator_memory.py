@@ -22,7 +22,7 @@ from shared.codec import decode
 from shared.errors import StoreError
 from shared.messages import Receipt, Receipts, Update
 from shared.signing import Keyring, Role, Signer
-from shared.store import Manifest
+from shared.store import Manifest, manifest_key
 from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.memory import MemoryTransport
@@ -598,4 +598,20 @@ async def test_the_ledger_takes_capability_and_lateness_from_the_coordinators_ta
         second = await rig.ledger_entry(late, "applied")
         assert (first["capability"], first["late"]) == ("gpu", False)
         assert (second["capability"], second["late"]) == ("cpu", True)
+        await rig.stop_and_assert_all_acked()
+
+
+async def test_a_garbage_manifest_in_the_store_is_refused_and_written_over(
+    mem: MemoryTransport, names: Names, tmp_path: Path
+) -> None:
+    """Whoever can write the store puts junk where version 1's manifest goes: the aggregator does
+    not stop on it (a crash loop), it refuses it like an unsigned version and stores its own."""
+    async with aggregator_rig(mem, names, tmp_path, k=2) as rig:
+        await rig.store.objects.put(manifest_key(names.job, 1), b"{not json")
+        for _ in range(2):
+            await rig.send(rig.update()[1])
+        await until(lambda: rig.aggregator.core is not None and rig.aggregator.core.version == 1, "version 1")
+        rig.check_alive()
+        manifest = await rig.store.manifest(1)  # verified with the rig's trust: the aggregator's key
+        assert manifest.signer == rig.aggregator.signer.fingerprint
         await rig.stop_and_assert_all_acked()
