@@ -62,8 +62,9 @@ async def initial_version(
 
 
 def sample_cap(config: CoordinatorConfig, app: App) -> int:
-    """The most samples one update may count for: ``--max-samples``, or twice a fair share of
-    the app's training set among ``--min-workers`` (0, no cap, when the app does not say its size)."""
+    """The most samples one update may count for: ``--max-samples``, or a fair share of the app's
+    training set among ``--min-workers`` (0, no cap, when the app does not say its size). One fair
+    share: a worker that claims more weighs no more than an honest worker with an even split."""
     if config.max_samples:
         return config.max_samples
     train_data = getattr(app, "train_data", None)
@@ -73,7 +74,7 @@ def sample_cap(config: CoordinatorConfig, app: App) -> int:
         size = len(train_data()[1])
     except Exception:  # an app that cannot say: no automatic cap (the aggregator still clips)
         return 0
-    return max(1, math.ceil(2 * size / max(config.min_workers, 1)))
+    return max(1, math.ceil(size / max(config.min_workers, 1)))
 
 
 async def applied_since(store: ModelStore, base: int, latest: int, task_ids: set[str]) -> set[str]:

@@ -247,12 +247,12 @@ class Settings:
         ),
     )
     max_samples: int = field(
-        default=0,  # 0: twice a fair share of the app's training set, when the app says its size
+        default=0,  # 0: a fair share of the app's training set, when the app says its size
         metadata=cli(
             JOB,
             ("run", "coordinator"),
             "the most samples one update may count for, signed into each task: a worker's claim "
-            "above it counts as this many (default: twice a fair share, 2 x train set / --min-workers)",
+            "above it counts as this many (default: a fair share, train set / --min-workers)",
         ),
     )
     local_epochs: int = field(

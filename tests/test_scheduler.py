@@ -3,6 +3,7 @@ expiry, stop rules and resuming from ``coordinator.json``. No broker, no trainin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from coordinator.config import CoordinatorConfig, Mode
 from coordinator.registry import WorkerChange
 from coordinator.scheduler import CloseRound, Gate, OpenRound, Publish, Scheduler, StopReason
 from coordinator.state import CoordinatorState, InFlight
+from coordinator.tasks import sample_cap
 from shared.errors import ConfigError
 from shared.settings import Settings
 from tests.support.messages import a_hello
@@ -349,3 +351,14 @@ def test_config_from_settings() -> None:
     for bad in ({"mode": "fast"}, {"min_workers": -1}, {"min_workers_wait": -1.0}, {"job": "a b"}):
         with pytest.raises(ConfigError):
             CoordinatorConfig.from_settings(Settings(**bad))
+
+
+def test_the_sample_cap_is_one_fair_share_of_the_apps_training_set_unless_set() -> None:
+    class App:
+        def train_data(self) -> tuple[list[int], list[int]]:
+            return [], list(range(1000))
+
+    config = CoordinatorConfig(job_id="j", min_workers=4)
+    assert sample_cap(config, App()) == 250  # a worker claiming 10**9 weighs as one with an even split
+    assert sample_cap(dataclasses.replace(config, max_samples=70), App()) == 70
+    assert sample_cap(config, object()) == 0  # an app that does not say its size: no cap (clipping still bounds it)
