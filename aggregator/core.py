@@ -9,12 +9,20 @@ The core also keeps the clip window: the (clipped) norms of the last applied upd
 which the adaptive clip takes its median from. It is part of a version's state like
 the model: ``NewVersion.clip_window`` is what the next version starts from, the
 manifest records it, and a core resumed or replayed at a version is given it back.
+
+The adaptive clip's warm-up: while fewer than ``warmup`` norms are recorded, an update is not
+added to the buffer at once but held (a copy of its delta), in arrival order. As soon as
+recorded and held norms reach ``warmup``, or at ``flush`` in any case, the bound is the clip's
+over all of them, and the held updates are added in arrival order, each clipped to it. So an
+attacker among a job's first updates is clipped like any other, as long as fewer than half of
+them are malicious. An async buffer is not ``ready`` while updates are held; the warm-up is a
+pure function of the offers, so replay re-derives it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -32,7 +40,10 @@ class Accepted:
     staleness: int
     weight: float
     norm: float  # before clipping
-    clip: float = 1.0  # the scale the clip applied to the delta's floats (1.0: not clipped)
+    # The scale the clip applied to the delta's floats (1.0: not clipped). An update held in the
+    # adaptive clip's warm-up is returned by ``offer`` before its clip is known, with 1.0: its
+    # final verdict replaces it in ``AggregatorCore.pending`` and is in ``NewVersion.accepted``.
+    clip: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,25 @@ class NewVersion:
     update_ids: tuple[str, ...]
     mean_staleness: float
     clip_window: tuple[float, ...] = ()  # recorded norms after this version, oldest first
+    accepted: tuple[Accepted, ...] = ()  # the final verdicts, in the order of ``update_ids``
+
+    @property
+    def clips(self) -> dict[str, float]:
+        """The clip scale each update was folded with, by task id."""
+        return {a.task_id: a.clip for a in self.accepted}
+
+
+@dataclass
+class _Held:
+    """An update held in the adaptive clip's warm-up: what adding it to the buffer takes."""
+
+    index: int  # in ``pending``
+    accepted: Accepted
+    floats: torch.Tensor  # a copy, in the order ``layout`` says (flat when ``None``)
+    exact: torch.Tensor
+    layout: BlockLayout | None
+    norm_weight: float
+    factor: float  # the robust buffer's scale
 
 
 @dataclass
@@ -91,6 +121,7 @@ class AggregatorCore:
         self._layout: BlockLayout | None = None  # the block order the buffer sums in
         self.pending: list[Accepted] = []
         self._recorded: list[float] = []  # the pending updates' norms after clipping
+        self._held: list[_Held] = []  # the warm-up's updates, not yet in the buffer
         self._pending_ids: set[str] = set()  # kept beside the list: checked on every offer
 
     @property
@@ -101,7 +132,9 @@ class AggregatorCore:
         """Screen an update whose signature is already verified; buffer it if it passes."""
         tid = update.task_id
         if update.job_id != self.job_id:
-            return Rejected(tid, Reason.WRONG_JOB, f"update for job {update.job_id!r}, this is {self.job_id!r}")
+            return Rejected(
+                tid, Reason.WRONG_JOB, f"update for job {update.job_id!r}, this is {self.job_id!r}"
+            )
         if tid in self.applied or tid in self._pending_ids:
             return Rejected(tid, Reason.DUPLICATE, f"task {tid} was already counted")
         tau = self.version - update.base_version
@@ -126,13 +159,46 @@ class AggregatorCore:
         weight = self.policy.weight(update.num_samples, tau)
         if not 0 < weight < math.inf:
             return Rejected(tid, Reason.STALE, f"staleness weight {weight} leaves nothing to apply", tau)
+        norm_weight = self.policy.norm_weight(update.num_samples, tau)
+        factor = self.policy.robust_factor(tau)
+        known = len(self.clip_window) + len(self._recorded) + len(self._held)
+        if self.policy.clip.warming(known):
+            # No bound yet: hold a copy (``floats`` is the scratch vector) until there is one.
+            accepted = Accepted(tid, tau, weight, norm)
+            self._held.append(
+                _Held(len(self.pending), accepted, floats.clone(), exact, layout, norm_weight, factor)
+            )
+            self.pending.append(accepted)
+            self._pending_ids.add(tid)
+            if not self.policy.clip.warming(known + 1):
+                self._settle()
+            return self.pending[-1]
         # Clipped against the norms recorded before it: the window of the parent version, then
         # this buffer's, in arrival order. A clipped update is recorded at the bound.
         bound = self.policy.clip.limit([*self.clip_window, *self._recorded])
+        accepted = self._add(
+            Accepted(tid, tau, weight, norm), floats, exact, layout, norm_weight, factor, bound
+        )
+        self.pending.append(accepted)
+        self._pending_ids.add(tid)
+        return accepted
+
+    def _add(
+        self,
+        accepted: Accepted,
+        floats: torch.Tensor,
+        exact: torch.Tensor,
+        layout: BlockLayout | None,
+        norm_weight: float,
+        factor: float,
+        bound: float | None,
+    ) -> Accepted:
+        """Add a screened delta to the buffer, clipped to ``bound``; record its norm after clipping."""
+        norm = accepted.norm
         clip = bound / norm if bound is not None and norm > bound else 1.0
         if isinstance(self.buffer, RobustBuffer):
             flat = floats if layout is None else to_flat(floats, layout)
-            self.buffer.add(flat, exact, self.policy.robust_factor(tau), clip)
+            self.buffer.add(flat, exact, factor, clip)
         else:
             # The buffer sums in the block order of its first update; others are reordered to
             # match (a copy; free in the usual case where every update uses the job's block size).
@@ -140,12 +206,20 @@ class AggregatorCore:
                 self._layout = layout or block_layout(self.model.spec.float_sizes, DEFAULT_BLOCK)
             if layout is not self._layout:
                 floats = to_wire(floats if layout is None else to_flat(floats, layout), self._layout)
-            self.buffer.add(floats, exact, weight, self.policy.norm_weight(update.num_samples, tau), clip)
-        accepted = Accepted(tid, tau, weight, norm, clip)
+            self.buffer.add(floats, exact, accepted.weight, norm_weight, clip)
         self._recorded.append(norm if bound is None or norm <= bound else bound)
-        self.pending.append(accepted)
-        self._pending_ids.add(tid)
-        return accepted
+        return accepted if clip == accepted.clip else replace(accepted, clip=clip)
+
+    def _settle(self) -> None:
+        """End the warm-up: one bound from the median of every norm known, recorded and held
+        (as the clip once warm), then the held updates into the buffer in arrival order."""
+        held, self._held = self._held, []
+        norms = [*self.clip_window, *self._recorded, *(h.accepted.norm for h in held)]
+        bound = self.policy.clip.limit(norms, settle=True)
+        for h in held:
+            self.pending[h.index] = self._add(
+                h.accepted, h.floats, h.exact, h.layout, h.norm_weight, h.factor, bound
+            )
 
     def open_round(self, message: Round) -> None:
         if message.version == self.version and not message.close:
@@ -155,9 +229,9 @@ class AggregatorCore:
         """Is the buffer due to become a version?"""
         if not self.pending:
             return False
-        if self.policy.mode == "sync":
+        if self.policy.mode == "sync":  # the round is due: held updates are settled at flush
             return self._round is not None and len(self.pending) >= self._round.size
-        return len(self.pending) >= self.policy.k
+        return not self._held and len(self.pending) >= self.policy.k  # not while the bound is unknown
 
     def close_round(self, message: Round) -> bool:
         """A sync round's deadline passed: flush whatever arrived (returns whether anything did)."""
@@ -169,6 +243,8 @@ class AggregatorCore:
         )
 
     def flush(self) -> NewVersion:
+        if self._held:
+            self._settle()
         if isinstance(self.buffer, Accumulator) and self._layout is not None:
             self.buffer.floats = to_flat(self.buffer.floats, self._layout)  # flat order, once per version
         floats, exact = self.buffer.apply(self.model.floats, self.model.exact, self.policy.server_lr)
@@ -182,6 +258,7 @@ class AggregatorCore:
             ids,
             mean_tau,
             window,
+            tuple(self.pending),
         )
         self.model = new.model
         self.version = new.version

@@ -39,9 +39,12 @@ class Clip:
     """Norm clipping: a delta whose L2 norm (float part) exceeds the bound is scaled down to it.
 
     ``fixed``: the bound is ``bound``. ``adaptive``: ``factor`` times the median of the last
-    ``window`` recorded norms, once ``warmup`` of them are known (no clip before, nor while the
-    median is 0). A recorded norm is the norm after clipping, so an attacker's boosted deltas
-    cannot drag the median up. ``off``: no clip (``--max-norm`` still rejects).
+    ``window`` recorded norms, once ``warmup`` of them are known (nor while the median is 0).
+    Until then the aggregator holds the updates back and clips them all against the median of
+    their own norms once ``warmup`` are known (see ``AggregatorCore``), so a boosted update among
+    a job's first ones is clipped too. A recorded norm is the norm after clipping, so an
+    attacker's boosted deltas cannot drag the median up. ``off``: no clip (``--max-norm`` still
+    rejects).
     """
 
     kind: str = "adaptive"
@@ -60,11 +63,19 @@ class Clip:
         if not 1 <= self.warmup <= self.window:
             raise ConfigError("the adaptive clip needs 1 <= warm-up <= window")
 
-    def limit(self, history: Sequence[float]) -> float | None:
-        """The norm bound given the recorded norms so far (oldest first), or ``None``: no clip."""
+    def warming(self, known: int) -> bool:
+        """Is an adaptive clip still in its warm-up with ``known`` norms recorded (and held)?"""
+        return self.kind == "adaptive" and known < self.warmup
+
+    def limit(self, history: Sequence[float], *, settle: bool = False) -> float | None:
+        """The norm bound given the recorded norms so far (oldest first), or ``None``: no clip.
+
+        ``settle``: the bound that ends a warm-up (``AggregatorCore`` holds the first updates of
+        a job until ``warmup`` norms are known, or its version is made): the median of
+        ``history`` however few norms it holds."""
         if self.kind == "fixed":
             return self.bound
-        if self.kind == "off" or len(history) < self.warmup:
+        if self.kind == "off" or not history or (len(history) < self.warmup and not settle):
             return None
         recent = sorted(history[-self.window :])
         mid = len(recent) // 2
