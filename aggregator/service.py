@@ -324,6 +324,7 @@ class Aggregator(Service):
         if await self._catch_up(force=True) and not self.core.ready():
             return  # never write over a version another aggregator stored
         new: NewVersion = self.core.flush()
+        clips = new.clips  # final: an update held in the clip's warm-up learns its clip only now
         blob = new.model.to_bytes()
         manifest = Manifest(
             job_id=self.job_id,
@@ -360,7 +361,7 @@ class Aggregator(Service):
                     "staleness": h.accepted.staleness,
                     "weight": h.accepted.weight,
                     "norm": h.accepted.norm,
-                    "clip": h.accepted.clip,  # the scale the norm clip applied (1.0: none)
+                    "clip": clips.get(h.update.task_id, h.accepted.clip),  # the norm clip's scale (1.0: none)
                     # from the coordinator's task: what it was issued for, and whether the worker
                     # sent it after the deadline (counted all the same: staleness weighs it)
                     "capability": h.task.capability if h.task else "",

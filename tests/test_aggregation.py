@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected
-from shared.aggregation import Accumulator, Policy, screen, weighted_average
+from shared.aggregation import Accumulator, Clip, Policy, screen, weighted_average
 from shared.errors import ConfigError, ScreeningError
 from shared.messages import Round, Update
 from shared.quantize import encode_delta
@@ -53,6 +53,7 @@ def update(
 
 def core(version: int = 0, applied: set[str] | None = None, **policy: object) -> AggregatorCore:
     policy.setdefault("staleness", CONSTANT)
+    policy.setdefault("clip", Clip("off"))  # these tests are about the fold; test_influence is about the clip
     return AggregatorCore(model(), version, Policy(**policy), JOB, applied or set())  # type: ignore[arg-type]
 
 

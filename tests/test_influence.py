@@ -292,9 +292,6 @@ def test_a_close_round_with_one_update_still_folds_it() -> None:
     assert new.clip_window == (norm(honest(0)),)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="aggregator/service.py's _flush must write the ledger's clip from NewVersion.clips"
-)
 async def test_the_ledger_records_the_clip_a_held_update_was_folded_with(
     mem: MemoryTransport, names: Names, tmp_path: Path
 ) -> None:

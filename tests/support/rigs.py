@@ -22,7 +22,7 @@ from aggregator.service import Aggregator
 from broker_config.names import Names
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator
-from shared.aggregation import Policy
+from shared.aggregation import Clip, Policy
 from shared.app import PartitionSpec
 from shared.codec import decode, encode
 from shared.ledger import JsonLines, read_lines
@@ -231,7 +231,7 @@ async def aggregator_rig(
     ledger = JsonLines(ledger_path)
     service = service or await connect_like(client, "test-aggregator")
     aggregator = Aggregator(
-        AggregatorConfig(Policy(mode=mode, k=k, max_staleness=max_staleness)),
+        AggregatorConfig(Policy(mode=mode, k=k, max_staleness=max_staleness, clip=Clip("off"))),
         transport=service,
         store=store,
         signer=agg_signer,
