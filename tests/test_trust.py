@@ -23,7 +23,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.service import Aggregator
 from broker_config.names import Names
 from fedq import keys
-from shared.aggregation import Policy
+from shared.aggregation import Clip, Policy
 from shared.codec import encode
 from shared.keys import RELOAD_SECONDS, DirectoryTrust
 from shared.ledger import JsonLines
@@ -296,7 +296,7 @@ async def directory_rig(
     ledger = JsonLines(ledger_path)
     service = await connect_like(client, "test-aggregator")
     aggregator = Aggregator(
-        AggregatorConfig(Policy(mode="async", k=1, max_staleness=2)),
+        AggregatorConfig(Policy(mode="async", k=1, max_staleness=2, clip=Clip("off"))),
         transport=service,
         store=store,
         signer=agg_signer,
