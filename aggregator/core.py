@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from shared.aggregation import Accumulator, Policy, RobustBuffer, screen
+from shared.aggregation import Accumulator, CosineBuffer, Policy, RobustBuffer, screen
 from shared.errors import ScreeningError
 from shared.messages import Round, Update
 from shared.quantize import DEFAULT_BLOCK, BlockLayout, block_layout, decode_delta_wire, to_flat, to_wire
@@ -63,6 +63,11 @@ class NewVersion:
     mean_staleness: float
     clip_window: tuple[float, ...] = ()  # recorded norms after this version, oldest first
     accepted: tuple[Accepted, ...] = ()  # the final verdicts, in the order of ``update_ids``
+    # ``--robust cosine``: each update's cosine similarity with the buffer's coordinate-wise
+    # median, and the updates left out of this version for it. A left-out update is still
+    # counted in ``update_ids`` (applied, acked, its task done) but contributed nothing.
+    cosines: dict[str, float] = field(default_factory=dict)
+    left_out: frozenset[str] = frozenset()
 
     @property
     def clips(self) -> dict[str, float]:
@@ -113,9 +118,11 @@ class AggregatorCore:
         return self._scratch
 
     def _reset_buffer(self) -> None:
-        self.buffer: Accumulator | RobustBuffer
+        self.buffer: Accumulator | RobustBuffer | CosineBuffer
         if self.policy.robust.kind == "none":
             self.buffer = Accumulator(self.model.spec.n_float, self.model.spec.n_exact)
+        elif self.policy.robust.kind == "cosine":
+            self.buffer = CosineBuffer(self.model.spec.n_float, self.model.spec.n_exact)
         else:
             self.buffer = RobustBuffer(self.policy.robust)
         self._layout: BlockLayout | None = None  # the block order the buffer sums in
@@ -199,6 +206,9 @@ class AggregatorCore:
         if isinstance(self.buffer, RobustBuffer):
             flat = floats if layout is None else to_flat(floats, layout)
             self.buffer.add(flat, exact, factor, clip)
+        elif isinstance(self.buffer, CosineBuffer):
+            flat = floats if layout is None else to_flat(floats, layout)
+            self.buffer.add(accepted.task_id, flat, exact, accepted.weight, norm_weight, factor, clip)
         else:
             # The buffer sums in the block order of its first update; others are reordered to
             # match (a copy; free in the usual case where every update uses the job's block size).
@@ -248,6 +258,9 @@ class AggregatorCore:
         if isinstance(self.buffer, Accumulator) and self._layout is not None:
             self.buffer.floats = to_flat(self.buffer.floats, self._layout)  # flat order, once per version
         floats, exact = self.buffer.apply(self.model.floats, self.model.exact, self.policy.server_lr)
+        cosines, left_out = {}, frozenset[str]()
+        if isinstance(self.buffer, CosineBuffer):
+            cosines, left_out = self.buffer.cosines, self.buffer.left_out
         ids = tuple(a.task_id for a in self.pending)
         mean_tau = sum(a.staleness for a in self.pending) / len(self.pending)
         window = (*self.clip_window, *self._recorded)[-self.policy.clip.window :]
@@ -259,6 +272,8 @@ class AggregatorCore:
             mean_tau,
             window,
             tuple(self.pending),
+            cosines,
+            left_out,
         )
         self.model = new.model
         self.version = new.version

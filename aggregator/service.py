@@ -362,6 +362,11 @@ class Aggregator(Service):
                     "weight": h.accepted.weight,
                     "norm": h.accepted.norm,
                     "clip": clips.get(h.update.task_id, h.accepted.clip),  # the norm clip's scale (1.0: none)
+                    # --robust cosine: an update pointing away from the buffer's median (cosine <= 0)
+                    # is left out of the version; it is still applied in the ledger's sense (in
+                    # the version's update_ids, acked, its task done) but contributed nothing.
+                    "left_out": h.update.task_id in new.left_out,
+                    "cosine": new.cosines.get(h.update.task_id),  # None unless --robust cosine
                     # from the coordinator's task: what it was issued for, and whether the worker
                     # sent it after the deadline (counted all the same: staleness weighs it)
                     "capability": h.task.capability if h.task else "",

@@ -10,7 +10,9 @@ pure function of (parent, ordered updates, policy).
 
 Bounded influence: ``Clip`` scales a delta whose norm is out of line down to a bound (a
 fixed one, or a multiple of the median norm of recently applied updates), and ``Robust``
-swaps the weighted fold for a coordinate-wise trimmed mean or median of the buffer.
+swaps the weighted fold for a coordinate-wise trimmed mean or median of the buffer, or
+(``cosine``) keeps the weighted fold but leaves out the updates that point away from the
+buffer's coordinate-wise median (``CosineBuffer``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from shared.staleness import Staleness
 
 MODES = ("async", "sync")
 CLIPS = ("adaptive", "fixed", "off")
-ROBUST = ("none", "trimmed-mean", "median")
+ROBUST = ("none", "trimmed-mean", "median", "cosine")
 # An integer delta (BatchNorm's num_batches_tracked and the like) beyond this is no training step.
 MAX_EXACT_DELTA = 2**31
 # The key of a manifest's policy record that carries the clip window after that version.
@@ -120,21 +122,28 @@ class Robust:
     fraction ``trim`` of the largest and of the smallest values of each coordinate and averages
     the rest; ``median`` takes each coordinate's median. The robust statistics are unweighted:
     sample counts do not count, each delta is scaled by its weight over its normalizing weight
-    (its staleness factor with ``normalize=samples``, 1 with ``weights``) and by its clip."""
+    (its staleness factor with ``normalize=samples``, 1 with ``weights``) and by its clip.
+
+    ``cosine`` is a filter, not a statistic: each delta (so scaled) is compared with the
+    buffer's coordinate-wise median; one whose cosine similarity with it is <= 0 is left out,
+    the others are folded with the ordinary weighted fold (``none``'s, bit for bit when none is
+    left out). See ``CosineBuffer``."""
 
     kind: str = "none"
     trim: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ROBUST:
-            raise ConfigError(f"unknown robust aggregation {self.kind!r}; use none, trimmed-mean:F or median")
+            raise ConfigError(
+                f"unknown robust aggregation {self.kind!r}; use none, trimmed-mean:F, median or cosine"
+            )
         if not 0 <= self.trim < 0.5:
             raise ConfigError(f"trimmed-mean's F must be in [0, 0.5), not {self.trim!r}")
 
     @classmethod
     def parse(cls, text: str) -> Robust:
         kind, colon, params = text.strip().partition(":")
-        if kind in ("none", "median") and not colon:
+        if kind in ("none", "median", "cosine") and not colon:
             return cls(kind)
         if kind == "trimmed-mean" and params:
             try:
@@ -144,7 +153,7 @@ class Robust:
             if not 0 <= trim < 0.5:
                 raise ConfigError(f"bad robust {text!r}: F must be in [0, 0.5)")
             return cls(kind, trim)
-        raise ConfigError(f"bad robust {text!r}: use none, trimmed-mean:F (0 <= F < 0.5) or median")
+        raise ConfigError(f"bad robust {text!r}: use none, trimmed-mean:F (0 <= F < 0.5), median or cosine")
 
     def describe(self) -> str:
         return f"trimmed-mean:{self.trim!r}" if self.kind == "trimmed-mean" else self.kind
@@ -158,7 +167,7 @@ class Robust:
         if k == 0:
             raise ValueError("nothing to combine")
         ordered = torch.sort(torch.stack(list(rows)), dim=0, stable=True).values
-        if self.kind == "median":
+        if self.kind in ("median", "cosine"):  # cosine compares with the median
             mid = k // 2
             return ordered[mid].clone() if k % 2 else (ordered[mid - 1] + ordered[mid]) / 2
         cut = math.floor(self.trim * k + 1e-9) if self.kind == "trimmed-mean" else 0
@@ -307,6 +316,95 @@ class RobustBuffer:
             return new_floats, exact.clone()
         exact_step = self.robust.combine(self.exact)
         return new_floats, exact + torch.round(exact_step * server_lr).to(torch.int64)
+
+
+def fixed_sum(values: torch.Tensor) -> float:
+    """The sum of a float64 vector in an order fixed by its length alone: halves added
+    element-wise (a pairwise tree), never a reduction whose order could vary with the thread
+    count or the CPU's vector width, so replay elsewhere gets the same bits."""
+    v = values.to(torch.float64).flatten()
+    if not v.numel():
+        return 0.0
+    size = 1 << (v.numel() - 1).bit_length()
+    if size != v.numel():
+        v = torch.cat([v, v.new_zeros(size - v.numel())])
+    while v.numel() > 1:
+        half = v.numel() // 2
+        v = v[:half] + v[half:]
+    return float(v[0])
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two float32 vectors, deterministically: float32 x float32 products
+    are exact in float64, summed by ``fixed_sum``. 0.0 when either vector is zero."""
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    dot, aa, bb = fixed_sum(a64 * b64), fixed_sum(a64 * a64), fixed_sum(b64 * b64)
+    if aa == 0.0 or bb == 0.0:
+        return 0.0
+    return dot / (math.sqrt(aa) * math.sqrt(bb))
+
+
+class CosineBuffer:
+    """``--robust cosine``: the buffer's deltas kept one by one; at ``apply`` each one (clipped and
+    scaled by its robust factor, as ``RobustBuffer`` keeps them) is compared with their
+    coordinate-wise median m. One whose cosine similarity with m is <= 0 (a sign flip; most pure
+    noise) is left out; the others go through an ``Accumulator`` in arrival order, with their
+    weights and normalizing weights: exactly the ``none`` fold of the updates kept (element-wise,
+    so the block order ``none`` sums in does not change a bit). If every update would be left
+    out (no direction the majority agrees on), all are kept: a version is never empty, and that
+    one is the ``none`` fold. Needs an honest majority: the median is theirs."""
+
+    def __init__(self, n_float: int, n_exact: int) -> None:
+        self.n_float, self.n_exact = n_float, n_exact
+        self.task_ids: list[str] = []
+        self.floats: list[torch.Tensor] = []  # flat, unscaled copies
+        self.exact: list[torch.Tensor] = []
+        self.args: list[tuple[float, float, float, float]] = []  # weight, norm_weight, factor, clip
+        self.count = 0
+        self.cosines: dict[str, float] = {}  # by task id, after ``apply``
+        self.left_out: frozenset[str] = frozenset()
+
+    def add(
+        self,
+        task_id: str,
+        floats: torch.Tensor,
+        exact: torch.Tensor,
+        weight: float,
+        norm_weight: float,
+        factor: float,
+        clip: float = 1.0,
+    ) -> None:
+        """Keep a copy of the flat ``floats`` (may be a scratch vector) and how to fold it."""
+        self.task_ids.append(task_id)
+        self.floats.append(floats.clone())
+        self.exact.append(exact.clone())
+        self.args.append((weight, norm_weight, factor, clip))
+        self.count += 1
+
+    def apply(
+        self, floats: torch.Tensor, exact: torch.Tensor, server_lr: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the new (floats, exact); ``cosines`` and ``left_out`` say what was kept."""
+        if self.count == 0:
+            raise ValueError("nothing to apply")
+        rows = []
+        for f, (_, _, factor, clip) in zip(self.floats, self.args, strict=True):
+            scale = factor * clip
+            rows.append(f * scale if scale != 1.0 else f)
+        median = Robust("median").combine(rows)
+        cos = [cosine(r, median) for r in rows]
+        self.cosines = dict(zip(self.task_ids, cos, strict=True))
+        keep = [c > 0.0 for c in cos]
+        if not any(keep):
+            keep = [True] * self.count
+        self.left_out = frozenset(t for t, k in zip(self.task_ids, keep, strict=True) if not k)
+        acc = Accumulator(self.n_float, self.n_exact)
+        for kept, f, e, (weight, norm_weight, _, clip) in zip(
+            keep, self.floats, self.exact, self.args, strict=True
+        ):
+            if kept:
+                acc.add(f, e, weight, norm_weight, clip)
+        return acc.apply(floats, exact, server_lr)
 
 
 def screen(floats: torch.Tensor, exact: torch.Tensor, max_norm: float | None) -> float:

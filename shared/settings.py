@@ -348,7 +348,9 @@ class Settings:
             POLICY,
             ("run", "aggregator", "replay what-if"),
             "combine the buffer coordinate-wise: none (the weighted mean, default), trimmed-mean:F "
-            "(drop the fraction F, 0 <= F < 0.5, of largest and smallest values per coordinate) or median",
+            "(drop the fraction F, 0 <= F < 0.5, of largest and smallest values per coordinate), median, "
+            "or cosine (the weighted fold, leaving out updates whose cosine with the coordinate-wise "
+            "median is <= 0)",
         ),
     )
     # worker

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected
 from broker_config.names import Names
 from fedq.replay import Job, LoggedUpdate, policy_of, verify_version, what_if
-from shared.aggregation import CLIP_WINDOW, Clip, Policy, Robust, clip_window_of, screen
+from shared.aggregation import CLIP_WINDOW, Clip, Policy, Robust, clip_window_of, cosine, screen
 from shared.errors import ConfigError, ScreeningError
 from shared.messages import Round, Update
 from shared.quantize import DEFAULT_BLOCK, block_layout, decode_delta_wire, encode_delta, to_flat, to_wire
@@ -439,12 +440,16 @@ def test_clip_and_robust_parse_describe_and_round_trip() -> None:
         ("none", Robust()),
         ("median", Robust("median")),
         ("trimmed-mean:0.1", Robust("trimmed-mean", 0.1)),
+        ("cosine", Robust("cosine")),
     ]:
         assert Robust.parse(text) == robust and Robust.parse(robust.describe()) == robust
     p = Policy(clip=Clip("fixed", 0.1), robust=Robust("trimmed-mean", 0.3))
     record = {**p.to_dict(), "created_at": 1.0}
     manifest = Manifest(JOB, 1, 0, "", 0, "", (), 0.0, policy=record)
     assert policy_of(manifest) == p
+    cos = replace(p, robust=Robust("cosine"))
+    assert cos.to_dict()["robust"] == "cosine"
+    assert policy_of(Manifest(JOB, 1, 0, "", 0, "", (), 0.0, policy=cos.to_dict())) == cos
     # A manifest from before clipping: its versions were made without either.
     old = {k: v for k, v in p.to_dict().items() if k not in ("clip", "robust")}
     assert policy_of(Manifest(JOB, 1, 0, "", 0, "", (), 0.0, policy=old)) == Policy(
@@ -593,3 +598,123 @@ def test_fedq_run_refuses_a_bad_policy_flag_before_it_starts_anything(tmp_path: 
     with pytest.raises(ConfigError, match=re.escape("F must be in [0, 0.5)")):
         run_job(settings, workers=2, delay_profile="", progress=False)
     assert not out.exists()  # no run folder, no key, no process
+
+
+# ---------------------------------------------------------------- --robust cosine
+
+
+COSINE = Policy(k=9, staleness=CONSTANT, robust=Robust("cosine"))
+
+
+def cosine_batch(attack: torch.Tensor) -> tuple[list[Update], list[Update]]:
+    """8 honest updates (different sample counts and integer deltas) and one attacker, 4th."""
+    good = [update(f"h{i}", honest(i), exact=i, samples=2 + i) for i in range(8)]
+    return good, [*good[:3], update("evil", attack, exact=5, samples=4), *good[3:]]
+
+
+def test_cosine_leaves_out_a_clipped_sign_flip_and_folds_the_honest_ones_exactly() -> None:
+    good, updates = cosine_batch(-20 * torch.stack([honest(i) for i in range(8)]).mean(0))
+    c = core(COSINE)
+    offer_all(c, updates)
+    new = c.flush()
+    assert new.clips["evil"] < 0.2 and set(new.clips.values()) - {new.clips["evil"]} == {1.0}  # clipped first
+    assert new.left_out == frozenset({"evil"}) and new.cosines["evil"] < 0
+    assert all(new.cosines[u.task_id] > 0.5 for u in good)
+    assert new.update_ids == tuple(u.task_id for u in updates)  # counted, though left out
+    plain = core(Policy(k=8, staleness=CONSTANT))  # the weighted fold of the honest ones
+    offer_all(plain, good)
+    assert new.model.to_bytes() == plain.flush().model.to_bytes()
+
+
+def test_cosine_leaves_out_noise_pointing_away_and_an_all_disagreeing_buffer_still_folds() -> None:
+    direction = torch.stack([honest(i) for i in range(8)]).mean(0)
+    g = torch.Generator().manual_seed(9)
+    noise = torch.randn(N, generator=g)
+    # mostly orthogonal to the honest direction, a little against it
+    noise -= (noise @ direction) / (direction @ direction) * direction + 0.3 * direction
+    c = core(COSINE)
+    offer_all(c, cosine_batch(noise)[1])
+    new = c.flush()
+    assert new.cosines["evil"] <= 0 and new.left_out == frozenset({"evil"})
+    # Two opposite pairs: the median is 0, every cosine is 0: all are kept (the ``none`` fold).
+    rows = [torch.tensor([1.0, 2, 0, 0, 0, 0, 0, 0]), torch.tensor([-1.0, -2, 0, 0, 0, 0, 0, 0])] * 2
+    updates = [update(f"u{i}", r, samples=1 + i) for i, r in enumerate(rows)]
+    policy = Policy(k=4, staleness=CONSTANT, clip=Clip("off"))
+    c = core(replace(policy, robust=Robust("cosine")))
+    offer_all(c, updates)
+    new = c.flush()
+    assert set(new.cosines.values()) == {0.0} and new.left_out == frozenset()
+    plain = core(policy)
+    offer_all(plain, updates)
+    assert new.model.to_bytes() == plain.flush().model.to_bytes()
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_cosine_with_no_attacker_is_none_bit_for_bit(quant: str) -> None:
+    updates = [update(f"h{i}", honest(i), exact=i, samples=3 + i, quant=quant) for i in range(9)]
+    for policy in (COSINE, replace(COSINE, k=4, staleness=Staleness("polynomial", 0.5))):
+        c, plain = core(policy, 2), core(replace(policy, robust=Robust()), 2)
+        batch = [replace(u, base_version=i % 3) for i, u in enumerate(updates[: policy.k])]
+        offer_all(c, batch)
+        offer_all(plain, batch)
+        new = c.flush()
+        assert new.left_out == frozenset() and min(new.cosines.values()) > 0
+        assert new.model.to_bytes() == plain.flush().model.to_bytes()
+
+
+def test_a_fresh_core_re_derives_a_cosine_version_and_the_cosine_ignores_thread_count() -> None:
+    _, updates = cosine_batch(honest(20) * -30)
+    made = [core(COSINE), core(COSINE)]
+    for c in made:
+        offer_all(c, updates)
+    first, second = (c.flush() for c in made)
+    assert "evil" in first.left_out and first.left_out == second.left_out
+    assert first.model.to_bytes() == second.model.to_bytes() and first.cosines == second.cosines
+    a = torch.randn(1_000_003, generator=torch.Generator().manual_seed(3)) * 7
+    b = a * 0.01 + torch.randn(1_000_003, generator=torch.Generator().manual_seed(4))
+    before = torch.get_num_threads()
+    try:
+        bits = set()
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            bits.add(cosine(a, b).hex())
+    finally:
+        torch.set_num_threads(before)
+    assert len(bits) == 1
+    reference = float(torch.nn.functional.cosine_similarity(a.double(), b.double(), 0))
+    assert cosine(a, b) == pytest.approx(reference, rel=1e-9)
+
+
+async def test_replay_verifies_a_cosine_version(tmp_path: Path) -> None:
+    policy = replace(COSINE, k=4)
+    batches = clipped_run_batches()
+    job = await a_run(tmp_path, policy, batches)
+    assert policy_of(job.manifests[3]) == policy and job.manifests[3].policy["robust"] == "cosine"
+    for v in (1, 2, 3):
+        verdict = await verify_version(job, v)
+        assert verdict.ok, verdict.problems
+
+
+async def test_the_ledger_records_an_update_left_out(
+    mem: MemoryTransport, names: Names, tmp_path: Path
+) -> None:
+    """A left-out update is applied in the ledger's sense (counted, acked), flagged ``left_out``."""
+    async with aggregator_rig(mem, names, tmp_path, k=5) as rig:
+        policy = Policy(k=5, clip=Clip("off"), robust=Robust("cosine"))
+        assert rig.aggregator.core is not None
+        rig.aggregator.policy = rig.aggregator.core.policy = policy
+        rig.aggregator.core._reset_buffer()
+        n = rig.model.spec.n_float
+        g = torch.Generator().manual_seed(5)
+        rows = [torch.full((n,), 0.01) + torch.randn(n, generator=g) * 0.002 for _ in range(4)]
+        rows.insert(2, rows[0] * -20)
+        ids = []
+        for row in rows:
+            tid, body = rig.update(floats=row, quant="none")
+            ids.append(tid)
+            await rig.send(body)
+        await rig.wait_version(1)
+        entries = [await rig.ledger_entry(tid, "applied") for tid in ids]
+        assert [e["left_out"] for e in entries] == [False, False, True, False, False]
+        assert entries[2]["cosine"] < 0 < min(e["cosine"] for e in entries if not e["left_out"])
+        await rig.stop_and_assert_all_acked()
