@@ -11,7 +11,7 @@ are malicious (the attacks live here, in ``benchmarks/``, nowhere in the product
 
 What runs is the real aggregator: ``aggregator.service.Aggregator`` with its binding (every
 update carries a task signed by the coordinator's key, with the job's incarnation and the
-coordinator's sample cap, ``coordinator.tasks.sample_cap``: 2 x a fair share = 3200), its norm
+coordinator's sample cap, ``coordinator.tasks.sample_cap``: one fair share = 1600), its norm
 clip, robust fold and ledger, fed over the real broker (``--transport memory`` for the
 in-process one), its versions signed and read back verified. Each update is signed by its
 worker's key, enrolled under its id. This script plays the coordinator and the workers in
@@ -104,7 +104,7 @@ class RunSpec:
             "updates_per_version": self.workers,
             "clip": self.clip,
             "robust": self.robust,
-            "sample_cap": "coordinator's (2 x fair share)" if self.capped else "none",
+            "sample_cap": "coordinator's (a fair share)" if self.capped else "none",
         }
 
 
@@ -325,6 +325,7 @@ def ledger_figures(ledger: Sequence[dict[str, Any]], roles: dict[str, str]) -> d
         out[role] = {
             "applied": len(applied),
             "clipped": len(clipped),
+            "left_out": sum(1 for r in applied if r.get("left_out")),  # --robust cosine: counted, not folded
             "clip_scale_median": statistics.median(float(r["clip"]) for r in clipped) if clipped else None,
             "num_samples_counted_max": max((int(r.get("num_samples", 0)) for r in applied), default=None),
             "rejected": dict(Counter(str(r.get("reason")) for r in mine if r.get("fate") == "rejected")),
@@ -467,6 +468,7 @@ async def main_async() -> None:
                     role,
                     f["applied"],
                     f["clipped"],
+                    f["left_out"],
                     f["clip_scale_median"],
                     f["num_samples_counted_max"],
                     f["rejected"] or "-",
@@ -475,7 +477,7 @@ async def main_async() -> None:
     say("\nfrom each run's ledger:")
     say(
         table(
-            ["run", "workers", "applied", "clipped", "median clip scale", "max samples counted", "rejected"],
+            ["run", "workers", "applied", "clipped", "left out", "median clip scale", "max samples counted", "rejected"],
             rows,
         )
     )
@@ -503,7 +505,7 @@ async def main_async() -> None:
             "undefended_accuracy": undefended["final_accuracy"],
             "undefended_drop_points": (clean["final_accuracy"] - undefended["final_accuracy"]) * 100,
             "attacker_updates": {
-                role: {"applied": f.get("applied"), "clipped": f.get("clipped")}
+                role: {"applied": f.get("applied"), "clipped": f.get("clipped"), "left_out": f.get("left_out")}
                 for role, f in attackers.items()
             },
             "settings": {

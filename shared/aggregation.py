@@ -346,8 +346,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 class CosineBuffer:
     """``--robust cosine``: the buffer's deltas kept one by one; at ``apply`` each one (clipped and
-    scaled by its robust factor, as ``RobustBuffer`` keeps them) is compared with their
-    coordinate-wise median m. One whose cosine similarity with m is <= 0 (a sign flip; most pure
+    scaled by its robust factor, as ``RobustBuffer`` keeps them) is compared with the
+    coordinate-wise median m of the others (leave one out: a row is never its own witness). One
+    whose cosine similarity with m is <= 0 (a sign flip; most pure
     noise) is left out; the others go through an ``Accumulator`` in arrival order, with their
     weights and normalizing weights: exactly the ``none`` fold of the updates kept (element-wise,
     so the block order ``none`` sums in does not change a bit). If every update would be left
@@ -391,8 +392,14 @@ class CosineBuffer:
         for f, (_, _, factor, clip) in zip(self.floats, self.args, strict=True):
             scale = factor * clip
             rows.append(f * scale if scale != 1.0 else f)
-        median = Robust("median").combine(rows)
-        cos = [cosine(r, median) for r in rows]
+        # Each is compared with the median of the *others*: with ten rows, a row's own values pull
+        # the median towards it in every coordinate, enough to make pure noise or a sign flip look
+        # agreeable (the poisoning benchmark left out 0 of 40 noise updates so).
+        median = Robust("median")
+        cos = [
+            cosine(r, median.combine(rows[:i] + rows[i + 1 :])) if len(rows) > 1 else 1.0
+            for i, r in enumerate(rows)
+        ]
         self.cosines = dict(zip(self.task_ids, cos, strict=True))
         keep = [c > 0.0 for c in cos]
         if not any(keep):
