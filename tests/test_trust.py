@@ -25,6 +25,7 @@ from broker_config.names import Names
 from fedq import keys
 from shared.aggregation import Clip, Policy
 from shared.codec import encode
+from shared.errors import UnsignedVersionError
 from shared.keys import RELOAD_SECONDS, DirectoryTrust
 from shared.ledger import JsonLines
 from shared.messages import Hello, ModelAnnouncement, Update
@@ -231,7 +232,16 @@ async def test_unsigned_versions_are_not_adopted_by_the_aggregator(
             for _, body in sent:
                 await rig.send(body)
             await until(at_version(rig, version), f"version {version}")
-            manifest = await store.manifest(version)  # verifies: signed by a key allowed to make it
+
+            async def stored_over(version: int = version) -> bool:  # the core counts it before it is stored
+                try:
+                    await store.manifest(version)  # verifies: signed by a key allowed to make it
+                except UnsignedVersionError:
+                    return False
+                return True
+
+            await until(stored_over, f"version {version} stored over the forged one")
+            manifest = await store.manifest(version)
             assert manifest.signer == rig.aggregator.signer.fingerprint
             assert manifest.parent == version - 1 and manifest.incarnation == incarnation
             assert manifest.update_ids == tuple(tid for tid, _ in sent)
