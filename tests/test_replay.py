@@ -140,7 +140,8 @@ def test_reading_the_log_does_not_disturb_a_live_job(tmp_path: Path, names: Name
     """``fedq log`` reads the update log again and again while a job runs; the job still ends on
     its own terms with every update accounted for: the reader takes nothing from the live queues."""
     out = tmp_path / "run"
-    # each task held 0.5 s: the 40 updates take about ten seconds, time for several reads
+    # each task held 1 s: the 40 updates take about twenty seconds, time for several reads (each
+    # `fedq log` is a process of its own, and the first version now waits for the clip's warm-up)
     proc = start_run(
         out,
         names,
@@ -148,7 +149,7 @@ def test_reading_the_log_does_not_disturb_a_live_job(tmp_path: Path, names: Name
         "--workers",
         "2",
         "--delay-profile",
-        "0.5*2",
+        "1.0*2",
         "--buffer",
         "2",
         "--target-accuracy",
