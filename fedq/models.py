@@ -60,13 +60,14 @@ def as_stored(store: ModelStore) -> ModelStore:
     return ModelStore(store.objects, store.job_id)
 
 
-def signature_of(store: ModelStore, manifest: Manifest) -> dict[str, Any]:
-    """Who signed ``manifest`` (fingerprint, role), or why it does not count as signed."""
+async def signature_of(store: ModelStore, manifest: Manifest) -> dict[str, Any]:
+    """Who signed ``manifest`` (fingerprint, role), or why it does not count as signed for this
+    run of the job (``ModelStore.vouch``)."""
     signed: dict[str, Any] = {"signed": False, "signer": manifest.signer or None, "signer_role": None}
     if store.trust is None:
         return {**signed, "signature_problem": "no trust directory to check it against"}
     try:
-        peer = manifest.verify(store.trust)
+        peer = await store.vouch(manifest)
     except UnsignedVersionError as exc:
         return {**signed, "signature_problem": f"{Reason.UNSIGNED_VERSION}: {exc}"}
     return {**signed, "signed": True, "signer_role": "/".join(sorted(peer.roles)), "signature_problem": None}
@@ -141,7 +142,7 @@ async def list_versions(settings: Settings, as_json: bool) -> int:
     for v in versions:
         try:
             manifest = await stored.manifest(v)
-            rows.append(version_row(manifest, metrics.get(v), signature_of(store, manifest)))
+            rows.append(version_row(manifest, metrics.get(v), await signature_of(store, manifest)))
         except StoreError as exc:
             rows.append({"version": v, "error": str(exc)})
     if as_json:
@@ -158,7 +159,7 @@ async def show_version(settings: Settings, version: int, as_json: bool) -> int:
     if not await store.exists(version):
         raise ConfigError(f"job {settings.job} has no version {version}")
     manifest = await as_stored(store).manifest(version)  # shown even unsigned, and marked
-    signature = signature_of(store, manifest)
+    signature = await signature_of(store, manifest)
     metrics = read_metrics(settings.out_dir).get(version)
     if as_json:
         print(json.dumps({"manifest": json.loads(manifest.to_json()), "metrics": metrics, "signature": signature}))
@@ -225,7 +226,7 @@ async def check_version(store: ModelStore, version: int) -> list[str]:
         return [str(exc)]
     problems = []
     if store.trust is not None:
-        signature = signature_of(store, manifest)
+        signature = await signature_of(store, manifest)
         if not signature["signed"]:
             problems.append(signature["signature_problem"])
     if len(blob) != manifest.size:
@@ -321,6 +322,7 @@ async def write_rollback(
             mean_staleness=0.0,
             updates_total=head.updates_total,
             rollback_of=to,
+            incarnation=target.incarnation,  # this run's: a trusted target carries version 0's
         ).signed_by(signer)
         assert manifest.sha256 == target.sha256
         await store.objects.put(manifest.key, blob)

@@ -115,10 +115,11 @@ async def load_job(settings: Settings, offset: Any = "first") -> Job:
     if not manifests:
         raise FedqError(f"job {settings.job} has no versions in the store at {settings.store}")
     keyring = DirectoryTrust(settings.trusted_dir)
+    checked = ModelStore(store.objects, settings.job, keyring)
     unsigned: dict[int, str] = {}
-    for v, manifest in manifests.items():  # a version nobody allowed to make it signed is refused
+    for v, manifest in manifests.items():  # not signed for this run by a key allowed to make it: refused
         try:
-            manifest.verify(keyring)
+            await checked.vouch(manifest)
         except UnsignedVersionError as exc:
             unsigned[v] = str(exc)
     async with connected(settings, "fedq-replay") as transport:

@@ -232,11 +232,13 @@ class ModelStore:
 
     def __init__(self, objects: ObjectStore, job_id: str, trust: Keyring | None = None) -> None:
         """``trust``: the keys whose signatures make a version; with it, every manifest read is
-        verified (``UnsignedVersionError`` otherwise). Without it (tests, tools that only list),
-        manifests are read as they are."""
+        vouched for (``vouch``: signed by a key allowed to make it, for this run of the job;
+        ``UnsignedVersionError`` otherwise). Without it (tests, tools
+        that only list), manifests are read as they are."""
         self.objects = objects
         self.job_id = job_id
         self.trust = trust
+        self._incarnation: str | None = None  # version 0's, pinned at the first read
 
     async def save(self, manifest: Manifest, blob: bytes) -> None:
         if hashlib.sha256(blob).hexdigest() != manifest.sha256:
@@ -256,11 +258,30 @@ class ModelStore:
                 f"version {manifest.version} of job {manifest.job_id}"
             )
         if self.trust is not None:
-            manifest.verify(self.trust)
+            await self.vouch(manifest)
         return manifest
 
+    async def vouch(self, manifest: Manifest) -> Peer:
+        """Who made ``manifest``, checked against ``trust``: its signature must verify, by a key
+        whose role may make it, and a version after 0 must carry version 0's incarnation (else it
+        was signed for an earlier run that used the same job id, and put back by whoever can write
+        the store). ``UnsignedVersionError`` otherwise."""
+        assert self.trust is not None, "vouching needs a trust set"
+        peer = manifest.verify(self.trust)
+        if manifest.version == 0 and self._incarnation is None:
+            self._incarnation = manifest.incarnation
+        if manifest.incarnation != (ours := await self.incarnation()):
+            raise UnsignedVersionError(
+                f"version {manifest.version} of job {self.job_id} was signed for another run of the "
+                f"job (incarnation {manifest.incarnation or 'none'}, this run's is {ours})"
+            )
+        return peer
+
     async def incarnation(self) -> str:
-        """The job's incarnation: the nonce version 0 was made with."""
+        """The job's incarnation: the nonce version 0 was made with. With ``trust`` it is read once
+        and then pinned, so a version 0 of another run swapped in later is refused too."""
+        if self._incarnation is not None:
+            return self._incarnation
         return (await self.manifest(0)).incarnation
 
     async def latest_signed(self) -> int | None:

@@ -19,7 +19,7 @@ import torch
 from aggregator.service import CATCH_UP_SECONDS
 from broker_config.names import Names
 from shared.codec import decode
-from shared.errors import CorruptVersionError, StoreError
+from shared.errors import CorruptVersionError, StoreError, UnsignedVersionError
 from shared.messages import Receipt, Receipts, Update
 from shared.signing import Keyring, Role, Signer
 from shared.store import Manifest, manifest_key
@@ -623,4 +623,36 @@ async def test_a_garbage_manifest_in_the_store_is_refused_and_written_over(
         rig.check_alive()
         manifest = await rig.store.manifest(1)
         assert manifest.signer == rig.aggregator.signer.fingerprint
+        await rig.stop_and_assert_all_acked()
+
+
+async def test_a_signed_version_of_an_earlier_run_of_the_job_is_refused_and_written_over(
+    mem: MemoryTransport, names: Names, tmp_path: Path
+) -> None:
+    """Whoever can write the store puts back version 1 of an earlier run that used the same job id:
+    signed by this aggregator's own key, so its signature verifies, but made in another incarnation.
+    The aggregator does not adopt it (its updates were never issued by this run's coordinator); it
+    stores its own version 1 over it."""
+    async with aggregator_rig(mem, names, tmp_path, k=2) as rig:
+        foreign = rig.model.to_bytes()
+        await save_version(rig.store, foreign, 1, ("earlier",), signer=rig.aggregator.signer, incarnation="0" * 16)
+        with pytest.raises(UnsignedVersionError, match="incarnation"):
+            await rig.store.manifest(1)
+        assert await rig.store.latest_signed() == 0
+        for _ in range(2):
+            await rig.send(rig.update()[1])
+        await until(lambda: rig.aggregator.core is not None and rig.aggregator.core.version == 1, "version 1")
+
+        async def stored_over() -> bool:  # the core counts the version before it is stored
+            try:
+                await rig.store.manifest(1)
+            except UnsignedVersionError:
+                return False
+            return True
+
+        await until(stored_over, "version 1 stored over the earlier run's")
+        manifest = await rig.store.manifest(1)
+        assert manifest.incarnation == rig.aggregator.incarnation and "earlier" not in manifest.update_ids
+        assert rig.aggregator._refused == {1}
+        rig.check_alive()
         await rig.stop_and_assert_all_acked()

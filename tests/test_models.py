@@ -24,7 +24,7 @@ from shared.app import load_app
 from shared.errors import ConfigError, StoreError, UnsignedVersionError
 from shared.keys import load_or_create_signer
 from shared.settings import Settings
-from shared.signing import Signer, fingerprint
+from shared.signing import Keyring, Signer, fingerprint
 from shared.store import Manifest, ModelStore, manifest_key, model_key
 from tests.support.jobs import (
     TINY_APP,
@@ -141,6 +141,28 @@ def test_verify_refuses_a_version_nobody_trusted_signed(
     assert [v for v, r in verdicts.items() if not r["ok"]] == [1, 2, 3]
     assert asyncio.run(run(settings, Request("verify", "j"))) == 1
     assert "v3      UNSIGNED" in capsys.readouterr().out
+
+
+def test_verify_refuses_a_version_signed_for_an_earlier_run_of_the_job(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Version 2 replaced by one the same aggregator key signed in an earlier run that used the same
+    job id: its signature verifies, but it is not this run's (version 0's incarnation)."""
+    settings = signed_job(tmp_path)
+    store = open_models(settings)
+    aggregator = load_or_create_signer(Path(settings.keys_dir) / "aggregator.key")
+    blob = bytes([2]) * 64
+    earlier = _version("j", 2, blob, incarnation="0badc0de0badc0de").signed_by(aggregator)
+    asyncio.run(store.objects.put(manifest_key("j", 2), earlier.to_json().encode()))
+    earlier.verify(store.trust or Keyring())  # the signature alone is good
+    problems = asyncio.run(check_version(store, 2))
+    assert len(problems) == 1 and problems[0].startswith("unsigned_version") and "another run" in problems[0]
+    with pytest.raises(UnsignedVersionError, match="another run"):
+        asyncio.run(store.manifest(2))
+    assert asyncio.run(check_version(store, 1)) == []
+    assert asyncio.run(run(settings, Request("verify", "j", as_json=True))) == 1
+    verdicts = {r["version"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert not verdicts[2]["ok"] and verdicts[1]["ok"]
 
 
 def test_list_and_show_say_who_signed_each_version(
