@@ -38,14 +38,13 @@ from shared.messages import Message, Receipt, Receipts, Round, Task, Update
 from shared.reasons import Fate, Reason
 from shared.runtime import FATAL, Runtime, Service
 from shared.settings import Settings
-from shared.signing import Keyring, Role, Signer
+from shared.signing import Keyring, Role, Signer, TrustReminder
 from shared.store import Manifest, ModelStore, model_key, open_store
 from shared.transport import Delivery, Transport
 from shared.transport.connect import connected
 
 OFFLOAD_BYTES = 1 << 20  # screen large updates off the event loop
 CATCH_UP_SECONDS = 0.5  # how often to look for versions another aggregator stored
-TRUST_LOG_EVERY = 30.0  # seconds between trust_incomplete lines
 
 
 @dataclass
@@ -109,13 +108,14 @@ class Aggregator(Service):
         self.keyring = keyring
         self.ledger = ledger
         self._refused: set[int] = set()  # unsigned versions already logged
-        self._trust_logged = -TRUST_LOG_EVERY
         self.core: AggregatorCore | None = None
         self.held: list[Held] = []
         self._lock = asyncio.Lock()
         self.receipts = ReceiptSender(transport, signer, self.job_id)
         self._checked_store_at = -math.inf
         self.log = get_logger(service="aggregator", job=self.job_id)
+        # updates need an enrolled worker; rounds and tasks a coordinator
+        self.trust_reminder = TrustReminder(self.keyring, (Role.WORKER, Role.COORDINATOR), self.log)
 
     async def load(self, wait: float = 120.0) -> AggregatorCore:
         """Resume from the latest stored version (waiting for v0 if the job is new)."""
@@ -230,18 +230,8 @@ class Aggregator(Service):
 
     async def _on_invalid(self, delivery: Delivery, error: WireError) -> None:
         if error.reason is Reason.UNKNOWN_SIGNER:
-            self._say_what_trust_lacks()
+            self.trust_reminder.say()
         await self._reject(delivery, None, Rejected("", error.reason, str(error)), signer="")
-
-    def _say_what_trust_lacks(self) -> None:
-        """Say plainly, at most every ``TRUST_LOG_EVERY`` seconds, which keys this aggregator lacks
-        (updates need an enrolled worker; rounds and tasks a coordinator), not only per message."""
-        now = time.monotonic()
-        if now - self._trust_logged < TRUST_LOG_EVERY:
-            return
-        self._trust_logged = now
-        for problem in self.keyring.missing(Role.WORKER, Role.COORDINATOR):
-            self.log.warning("trust_incomplete", problem=problem)
 
     async def handle(self, message: Message, envelope: Envelope, delivery: Delivery) -> None:
         async with self._lock:

@@ -31,14 +31,13 @@ from shared.messages import Hello, ModelAnnouncement, Receipt, Receipts, Round
 from shared.reasons import Reason
 from shared.runtime import InvalidHandler, Runtime, Service
 from shared.settings import Settings
-from shared.signing import Keyring, Role, Signer
+from shared.signing import Keyring, Role, Signer, TrustReminder
 from shared.store import Manifest, ModelStore, open_store
 from shared.transport import Delivery, Transport
 from shared.transport.connect import connected
 
 TICK = 0.1  # async mode; sync mode ticks every 0.5 s
 WAITING_LOG_EVERY = 5.0  # seconds between waiting_for_workers lines
-TRUST_LOG_EVERY = 30.0  # seconds between trust_incomplete lines
 SAVE_EVERY = 1.0  # seconds between writes of coordinator.json
 
 
@@ -79,7 +78,7 @@ class Coordinator(Service):
         self._runtime: Runtime | None = None
         self._wake = asyncio.Event()
         self._waiting_logged = 0.0
-        self._trust_logged = -TRUST_LOG_EVERY
+        self.trust_reminder = TrustReminder(self.keyring, (Role.AGGREGATOR, Role.WORKER), self.log)
 
     # -- the runtime's side -----------------------------------------------------------------
     def topology(self) -> Topology:
@@ -90,7 +89,7 @@ class Coordinator(Service):
         if self.scheduler.resumed:
             state = self.scheduler.state
             self.log.info("resumed_job", in_flight=len(state.in_flight), tasks_issued=state.tasks_issued)
-        self._say_what_trust_lacks(force=True)
+        self.trust_reminder.say(force=True)
         self.latest, self.latest_announcement = await initial_version(
             self.store, self._app, self.config.model_seed, self.log, self.signer
         )
@@ -156,20 +155,10 @@ class Coordinator(Service):
         async def on_invalid(delivery: Delivery, error: WireError) -> None:
             self.log.warning(event, reason=error.reason, detail=str(error))
             if error.reason is Reason.UNKNOWN_SIGNER:
-                self._say_what_trust_lacks()
+                self.trust_reminder.say()
             await delivery.dead_letter(error.reason, str(error))
 
         return on_invalid
-
-    def _say_what_trust_lacks(self, force: bool = False) -> None:
-        """Log, at most every ``TRUST_LOG_EVERY`` seconds, what the trust set lacks for this job to
-        go on: an aggregator key (versions cannot be adopted), a worker (no hello counts)."""
-        now = time.monotonic()
-        if not force and now - self._trust_logged < TRUST_LOG_EVERY:
-            return
-        self._trust_logged = now
-        for problem in self.keyring.missing(Role.AGGREGATOR, Role.WORKER):
-            self.log.warning("trust_incomplete", problem=problem)
 
     async def on_hello(self, hello: Hello, envelope: Envelope, delivery: Delivery) -> None:
         change = self.scheduler.hello(hello, envelope.signer, time.time())
@@ -205,7 +194,7 @@ class Coordinator(Service):
                 return Reason.PAYLOAD_MISSING, f"version {ann.version} is not in the store"
             manifest, blob = await self.store.load_bytes(ann.version)
         except (UnsignedVersionError, CorruptVersionError) as exc:
-            self._say_what_trust_lacks()
+            self.trust_reminder.say()
             return Reason.UNSIGNED_VERSION, str(exc)
         except StoreError as exc:
             return Reason.BAD_PAYLOAD, str(exc)
@@ -303,7 +292,7 @@ class Coordinator(Service):
             return
         newest = await self.store.latest_signed()
         if newest is None or newest <= self.scheduler.version:
-            self._say_what_trust_lacks()
+            self.trust_reminder.say()
             return
         manifest, blob = await self.store.load_bytes(newest)
         self.log.info("version_found_in_store", version=newest)

@@ -8,9 +8,12 @@ signed (a ``Peer``); ``authorize`` answers whether that peer may send that kind 
 from __future__ import annotations
 
 import hashlib
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -168,3 +171,24 @@ class Keyring:
         except InvalidSignature:
             raise BadSignatureError(f"signature by {fp} does not verify", raw) from None
         return peer
+
+
+class TrustReminder:
+    """Says plainly which keys a service lacks to go on (``Keyring.missing`` of ``needed``), as
+    ``trust_incomplete`` warnings, at most once every ``every`` seconds however often it is asked:
+    per refused message would flood the log, never would leave the operator guessing."""
+
+    def __init__(self, keyring: Keyring, needed: tuple[Role, ...], log: Any, every: float = 30.0) -> None:
+        self.keyring = keyring
+        self.needed = needed
+        self.log = log
+        self.every = every
+        self._said = -math.inf
+
+    def say(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._said < self.every:
+            return
+        self._said = now
+        for problem in self.keyring.missing(*self.needed):
+            self.log.warning("trust_incomplete", problem=problem)
