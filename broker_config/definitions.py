@@ -12,11 +12,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import secrets
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from broker_config.names import Names
-from broker_config.topology import Topology, topology
+from broker_config.permissions import BrokerUser, only
+from broker_config.topology import Limits, Topology, topology
 
 DEMO_USER = "fedq"
 DEMO_PASSWORD = "fedq"  # a laptop's demo broker; anything shared gets its own user (rabbitmqctl)
@@ -30,20 +33,62 @@ def password_hash(password: str, salt: bytes = b"fedq") -> str:
     return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
 
 
+def user_entry(name: str, password: str, tags: Sequence[str] = (), salt: bytes | None = None) -> dict[str, Any]:
+    """A user of a definitions document (a random salt unless given)."""
+    return {
+        "name": name,
+        "password_hash": password_hash(password, secrets.token_bytes(4) if salt is None else salt),
+        "hashing_algorithm": "rabbit_password_hashing_sha256",
+        "tags": list(tags),
+    }
+
+
+def access(users: Sequence[tuple[BrokerUser, str]], vhost: str = "/") -> dict[str, Any]:
+    """The users, permissions and topic permissions of ``users`` (each with its password)."""
+    return {
+        "users": [user_entry(u.name, password) for u, password in users],
+        "permissions": [
+            {
+                "user": u.name,
+                "vhost": vhost,
+                "configure": u.permission.configure,
+                "write": u.permission.write,
+                "read": u.permission.read,
+            }
+            for u, _ in users
+        ],
+        "topic_permissions": [
+            {"user": u.name, "vhost": vhost, "exchange": t.exchange, "write": t.write, "read": t.read}
+            for u, _ in users
+            for t in u.topics
+        ],
+    }
+
+
+def policies(names: Names, limits: Limits | None = None, vhost: str = "/") -> list[dict[str, Any]]:
+    """Policies ``fedq broker apply`` sets: the dead-letter queue is bounded (a hostile party that
+    gets many messages rejected must not fill the broker's disk: past the bound, the oldest dead
+    letters go first)."""
+    limits = limits or Limits()
+    return [
+        {
+            "vhost": vhost,
+            "name": f"{names.namespace}.dead-bound",
+            "pattern": only(names.dead_queue),
+            "apply-to": "queues",
+            "priority": 0,
+            "definition": {"max-length-bytes": limits.dead_max_bytes, "overflow": "drop-head"},
+        }
+    ]
+
+
 def definitions(
     topo: Topology, vhost: str = "/", user: str = DEMO_USER, password: str = DEMO_PASSWORD
 ) -> dict[str, Any]:
     """A definitions document: one administrator, one vhost, and the topology's exchanges, queues
     and bindings, with the arguments fedq declares them with."""
     return {
-        "users": [
-            {
-                "name": user,
-                "password_hash": password_hash(password),
-                "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": ["administrator"],
-            }
-        ],
+        "users": [user_entry(user, password, ("administrator",), salt=b"fedq")],
         "vhosts": [{"name": vhost}],
         "permissions": [{"user": user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}],
         "exchanges": [

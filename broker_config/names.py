@@ -132,3 +132,4 @@ class Names:
 REASON_HEADER = "x-fedq-reason"
 DETAIL_HEADER = "x-fedq-detail"
 SOURCE_HEADER = "x-fedq-source"
+USER_HEADER = "x-fedq-user"  # the broker user that published it (its user_id)

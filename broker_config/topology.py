@@ -44,6 +44,7 @@ class Limits:
     update_log_max_bytes: int = 2 * 1024**3
     model_log_max_age: str = "30D"
     model_log_max_bytes: int = 1024**3
+    dead_max_bytes: int = 1024**3  # the dead-letter queue's bound (a policy: fedq broker apply)
 
 
 @dataclass(frozen=True)

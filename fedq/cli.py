@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dlq(sub)
     _add_model(sub)
     _add_keys(sub)
+    _add_broker(sub)
     return parser
 
 
@@ -479,6 +480,52 @@ def _keys_request(args: argparse.Namespace) -> Any:
     )
 
 
+def _add_broker(sub: Subparsers) -> None:
+    """``fedq broker apply``: broker users, permissions, policies and topology (fedq/broker.py)."""
+    broker = sub.add_parser(
+        "broker",
+        help="set up the broker for a job: a user per role, least-privilege permissions, policies",
+        description="The operator's side of the broker. Each party gets its own broker user, allowed only what "
+        "its role needs (see README, Deploying across organisations).",
+    )
+    actions = broker.add_subparsers(dest="broker_action", required=True, metavar="ACTION")
+    apply = _command(
+        actions,
+        "broker apply",
+        "make the job's broker users, permissions, policies and topology",
+        "Make (or update) one broker user per role for the job: <ns>.<job>.coordinator, <ns>.<job>.aggregator, "
+        "<ns>.observer (fedq log, audit, replay) and <ns>.<job>.worker.<id> for every worker enrolled in the "
+        "trust directory (or --workers), each allowed only what its role needs; the dead-letter bound policy; "
+        "and the job's exchanges and queues. Passwords are made once, kept in --secrets/<user>.password "
+        "(mode 0600), and kept on a re-run. Sent through the management API as the --amqp-url user (an "
+        "administrator), or written to --definitions-file for a broker that loads definitions at boot. Exits "
+        "non-zero, saying why, when the broker refuses or cannot be reached.",
+        titles={CONNECTION: "connection"},
+    )
+    apply.add_argument(
+        "--workers", default="", metavar="IDS", help="worker ids, comma-separated (default: every enrolled worker)"
+    )
+    apply.add_argument(
+        "--secrets", default="", metavar="DIR", help="where the users' password files go (default <keys-dir>/broker)"
+    )
+    apply.add_argument(
+        "--definitions-file",
+        default="",
+        metavar="FILE",
+        help="write the definitions document (mode 0600) instead of sending it to the management API",
+    )
+    _json_flag(apply, "print the users made and their password files as one JSON object")
+
+
+def _broker(args: argparse.Namespace, settings: Settings) -> Outcome:
+    from fedq.broker import Request, run
+
+    request = Request(
+        workers=args.workers, secrets_dir=args.secrets, definitions_file=args.definitions_file, as_json=args.json
+    )
+    return 0, run(settings, request)
+
+
 # -- running a command --------------------------------------------------------------------------
 
 # What a command hands back: its exit code, and what to print (None: nothing, or the tool printed it).
@@ -626,6 +673,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Outcome]] = {
     "dlq": _dlq,
     "model": _model,
     "keys": _keys,
+    "broker": _broker,
 }
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from broker_config.names import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, Names
+from broker_config.names import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, USER_HEADER, Names
 from shared.codec import decode_head, open_envelope
 from shared.errors import BrokerError, ConfigError, WireError
 from shared.messages import PAYLOAD_FIELD
@@ -51,7 +51,7 @@ from shared.transport.connect import transport_for
 # Headers a requeued message must not carry: fedq's dead-letter record, the broker's one
 # (x-death and its x-first-/x-last-death-* summaries) and the dead queue's delivery counts.
 STRIP_HEADERS = frozenset(
-    {REASON_HEADER, DETAIL_HEADER, SOURCE_HEADER, "x-death", "x-delivery-count", "x-acquired-count"}
+    {REASON_HEADER, DETAIL_HEADER, SOURCE_HEADER, USER_HEADER, "x-death", "x-delivery-count", "x-acquired-count"}
 )
 STRIP_PREFIXES = ("x-first-death-", "x-last-death-")
 PREVIEW_BYTES = 64

@@ -39,8 +39,9 @@ PROCESSES = ("run", *SERVICES)
 MODEL = tuple(f"model {a}" for a in ("list", "show", "export", "verify", "rollback"))
 DLQ = tuple(f"dlq {a}" for a in ("list", "show", "requeue"))
 KEYS = tuple(f"keys {a}" for a in ("init", "create", "enrol", "revoke", "list", "rotate"))
+BROKER = ("broker apply",)
 READERS = ("audit", "log", "replay verify", "replay what-if", *MODEL)  # tools that read a job's files
-EVERYWHERE = (*PROCESSES, *READERS, "declare", *DLQ)
+EVERYWHERE = (*PROCESSES, *READERS, "declare", *DLQ, *BROKER)
 
 _CLI = "fedq.cli"
 _ENV_ONLY = "fedq.env_only"
@@ -63,6 +64,63 @@ class Settings:
         default="amqp://guest:guest@127.0.0.1:5672/",
         metadata=cli(CONNECTION, EVERYWHERE, "RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/)"),
     )
+    amqp_password_file: str = field(
+        default="",
+        metadata=cli(
+            CONNECTION,
+            EVERYWHERE,
+            "file holding the password of the broker user named in --amqp-url (keep it 0600): the "
+            "password then stays out of ps, config.json and logs",
+        ),
+    )
+    amqp_password: str = field(default="", repr=False, metadata=env_only("a secret: flags show in ps"))
+    amqp_ca: str = field(
+        default="",
+        metadata=cli(
+            CONNECTION,
+            EVERYWHERE,
+            "CA certificate (PEM) that the broker's TLS certificate must chain to, for amqps:// URLs "
+            "(default: the system's CAs)",
+        ),
+    )
+    amqp_cert: str = field(
+        default="",
+        metadata=cli(
+            CONNECTION, EVERYWHERE, "client certificate (PEM) to show the broker over amqps:// (default none)"
+        ),
+    )
+    amqp_key: str = field(
+        default="",
+        metadata=cli(CONNECTION, EVERYWHERE, "private key (PEM) of --amqp-cert (default none)"),
+    )
+    max_message_bytes: int = field(
+        default=16 * 1024 * 1024,
+        metadata=cli(
+            CONNECTION,
+            EVERYWHERE,
+            "largest message fedq publishes or accepts, checked before anything is unpacked; larger "
+            "ones are dead-lettered as too_large (default 16 MiB; set the broker's max_message_size "
+            "to match)",
+        ),
+    )
+    broker_users: str = field(
+        default="auto",
+        metadata=cli(
+            CONNECTION,
+            ("run",),
+            "run each process as a broker user of its role (coordinator, aggregator, observer, one "
+            "user per worker), made through the management API by the --amqp-url user: on, off, or "
+            "auto (on when the management API answers) (default auto)",
+        ),
+    )
+    management_url: str = field(
+        default="http://127.0.0.1:15672/",
+        metadata=cli(
+            CONNECTION,
+            ("run", *BROKER),
+            "RabbitMQ management API; its login is the --amqp-url user's (default http://127.0.0.1:15672/)",
+        ),
+    )
     namespace: str = field(
         default="fedq",
         metadata=cli(CONNECTION, EVERYWHERE, "prefix of every exchange and queue name (default fedq)"),
@@ -71,7 +129,7 @@ class Settings:
         default="default",
         metadata=cli(
             CONNECTION,
-            PROCESSES,
+            (*PROCESSES, *BROKER),
             "job id: letters, digits, - and _ (default 'default'). Jobs in one namespace never see each "
             "other's tasks or updates; a worker may take several jobs of its app: --job a,b",
         ),
@@ -106,14 +164,16 @@ class Settings:
     keys_dir: str = field(
         default=".fedq/keys",
         metadata=cli(
-            CONNECTION, (*SERVICES, *MODEL, *KEYS), "where this process keeps its key pair (default .fedq/keys)"
+            CONNECTION,
+            (*SERVICES, *MODEL, *KEYS, *BROKER),
+            "where this process keeps its key pair (default .fedq/keys)",
         ),
     )
     trusted_keys: str = field(
         default="",  # default: <keys_dir>/trusted
         metadata=cli(
             CONNECTION,
-            (*SERVICES, "log", "replay verify", *MODEL, *KEYS),
+            (*SERVICES, "log", "replay verify", *MODEL, *KEYS, *BROKER),
             "the trust directory: public keys by role (coordinator/, aggregator/, operator/, workers/<id>.pub) and the revoked list, as fedq keys lays it out (default <keys-dir>/trusted)",
         ),
     )
@@ -175,7 +235,7 @@ class Settings:
         default="cpu",
         metadata=cli(
             JOB,
-            ("run", "coordinator", "aggregator", "declare"),
+            ("run", "coordinator", "aggregator", "declare", *BROKER),
             "capabilities the job hands tasks to (default cpu)",
         ),
     )

@@ -28,7 +28,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker_config.names import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, Names
+from broker_config.names import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, USER_HEADER, Names
 from broker_config.topology import Queue, Topology
 
 __all__ = [
@@ -62,10 +62,15 @@ class QueueInfo:
     consumers: int
 
 
-def dead_letter_headers(headers: Mapping[str, Any], reason: str, detail: str, source: str) -> dict[str, Any]:
-    """The headers of a message fedq dead-letters: its own, plus why, and where it came from."""
+def dead_letter_headers(
+    headers: Mapping[str, Any], reason: str, detail: str, source: str, user: str | None = None
+) -> dict[str, Any]:
+    """The headers of a message fedq dead-letters: its own, plus why, where it came from, and the
+    broker user that published it (when the broker vouched for one: its ``user_id``)."""
     out = dict(headers)
     out.update({REASON_HEADER: reason, DETAIL_HEADER: detail[:1000], SOURCE_HEADER: source})
+    if user:
+        out[USER_HEADER] = user
     return out
 
 
@@ -117,7 +122,7 @@ class Delivery(abc.ABC):
         """Publish the raw message to the dead-letter exchange with its reason, then ack it."""
         if self.settled:
             return
-        headers = dead_letter_headers(self.headers, reason, detail, self.source)
+        headers = dead_letter_headers(self.headers, reason, detail, self.source, self.user_id)
         await self.transport.publish(self.transport.names.dead_exchange, "", self.body, headers=headers)
         await self.ack()
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import aio_pika.exceptions
@@ -93,8 +93,11 @@ def conflict_message(reply_text: str) -> str:
     )
 
 
-async def declare(connection: AbstractConnection, topo: Topology) -> None:
-    """Declare every exchange, queue and binding; safe to call from every process."""
+async def declare(connection: AbstractConnection, topo: Topology, user: str | None = None) -> None:
+    """Declare every exchange, queue and binding; safe to call from every process.
+
+    A broker user without the right to configure them (a least-privilege account: the operator
+    declared the topology with ``fedq broker apply``) only checks that they exist."""
     channel = await connection.channel()
     try:
         exchanges = {}
@@ -111,12 +114,35 @@ async def declare(connection: AbstractConnection, topo: Topology) -> None:
             )
         for b in topo.bindings:
             await queues[b.queue].bind(exchanges[b.exchange], routing_key=b.routing_key)
+    except aiormq.exceptions.ChannelAccessRefused:
+        await expect_declared(connection, topo, user)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         text = str(exc.args[0]) if exc.args else str(exc)
         raise TopologyConflictError(conflict_message(text)) from None
     finally:
         if not channel.is_closed:
             await channel.close()
+
+
+async def expect_declared(connection: AbstractConnection, topo: Topology, user: str | None) -> None:
+    """Passive declares (which need no permission): every exchange and queue of ``topo`` exists,
+    else say who must declare it."""
+    who = f"broker user {user!r}" if user else "this broker user"
+    for kind, name in [("exchange", ex.name) for ex in topo.exchanges] + [("queue", q.name) for q in topo.queues]:
+        channel = await connection.channel()
+        try:
+            if kind == "exchange":
+                await channel.get_exchange(name, ensure=True)
+            else:
+                await channel.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise BrokerError(
+                f"{kind} {name!r} does not exist, and {who} may not declare it: the operator declares "
+                "the job's topology (fedq broker apply --job ... --capabilities ...)"
+            ) from None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
 
 class RabbitDelivery(Delivery):
@@ -176,6 +202,15 @@ class RabbitMQ(Transport):
         self.bytes_published = 0
 
     @property
+    def user_id(self) -> str | None:
+        """The broker user this connection logs in as, set as the ``user_id`` of every message it
+        publishes: the broker refuses a message whose ``user_id`` is not its connection's user, so a
+        receiver may rely on it as a second identity beside the signature (None: the login is not
+        in the URL, e.g. EXTERNAL authentication by certificate)."""
+        name = urlsplit(self.url).username
+        return unquote(name) if name else None
+
+    @property
     def connection(self) -> AbstractRobustConnection:
         """The aio-pika connection, for tests that cut or inspect the link."""
         if self._connection is None:
@@ -195,7 +230,7 @@ class RabbitMQ(Transport):
         return self
 
     async def declare(self, topo: Topology) -> None:
-        await declare(self.connection, topo)
+        await declare(self.connection, topo, self.user_id)
 
     async def _exchange(self, name: str) -> AbstractExchange:
         ex = self._exchanges.get(name)
@@ -234,6 +269,7 @@ class RabbitMQ(Transport):
                 expiration=expiration,
                 message_id=message_id,
                 timestamp=datetime.now(UTC),
+                user_id=self.user_id,
             )
             try:
                 ex = await self._exchange(exchange)

@@ -113,6 +113,33 @@ def amqp_answers(host: str, port: int, timeout: float = 2.0) -> bool:
         return False
 
 
+EXTERNAL_AUTH_PLUGIN = "rabbitmq_auth_mechanism_ssl"
+
+
+def tls_conf(port: int, ca: Path, cert: Path, key: Path, *, external: bool = False) -> tuple[str, ...]:
+    """rabbitmq.conf lines (``conf=``) of a TLS listener on 127.0.0.1:``port`` beside the plain one,
+    with the broker's certificate and key, trusting client certificates signed by ``ca`` (asked
+    for, not required: a client may log in with a password instead). ``external``: clients may
+    also log in with EXTERNAL as the user their certificate's CN names (``plugins=`` must hold
+    ``EXTERNAL_AUTH_PLUGIN``)."""
+    lines = [
+        f"listeners.ssl.1 = 127.0.0.1:{port}",
+        f"ssl_options.cacertfile = {ca}",
+        f"ssl_options.certfile = {cert}",
+        f"ssl_options.keyfile = {key}",
+        "ssl_options.verify = verify_peer",
+        "ssl_options.fail_if_no_peer_cert = false",
+    ]
+    if external:
+        lines += [
+            "auth_mechanisms.1 = PLAIN",
+            "auth_mechanisms.2 = AMQPLAIN",
+            "auth_mechanisms.3 = EXTERNAL",
+            "ssl_cert_login_from = common_name",
+        ]
+    return tuple(lines)
+
+
 class PrivateRabbit:
     """One private RabbitMQ node, started as a child process of the test run."""
 
@@ -123,10 +150,16 @@ class PrivateRabbit:
         consumer_timeout_ms: int | None = None,
         channel_tick_ms: int | None = None,
         start_timeout: float = START_TIMEOUT,
+        conf: tuple[str, ...] = (),
+        plugins: tuple[str, ...] = (),
     ) -> None:
+        """``conf``: more rabbitmq.conf lines (a TLS listener, ``max_message_size``); ``plugins``:
+        plugins to enable, e.g. ``rabbitmq_management`` (its port: ``management_port``, free)."""
         self.root = root
         self.consumer_timeout_ms = consumer_timeout_ms
         self.channel_tick_ms = channel_tick_ms
+        self.extra_conf = conf
+        self.plugins = plugins
         self.start_timeout = start_timeout
         self.scripts = find_rabbitmq_scripts()
         self.node = f"fedq-test-{secrets.token_hex(4)}@localhost"
@@ -135,6 +168,9 @@ class PrivateRabbit:
         self.dist_port = free_port()
         while self.dist_port == self.port:
             self.dist_port = free_port()
+        self.management_port = free_port()
+        while self.management_port in (self.port, self.dist_port):
+            self.management_port = free_port()
         self.home = root / "home"
         self.mnesia = root / "mnesia"
         self.logs = root / "log"
@@ -146,6 +182,12 @@ class PrivateRabbit:
     @property
     def amqp_url(self) -> str:
         return f"amqp://guest:guest@{self.host}:{self.port}/"
+
+    @property
+    def management_url(self) -> str:
+        """The management API (when ``plugins`` holds ``rabbitmq_management``); guest may use it
+        from loopback."""
+        return f"http://{self.host}:{self.management_port}/"
 
     # -- files ----------------------------------------------------------------
     def _write_files(self) -> None:
@@ -167,12 +209,16 @@ class PrivateRabbit:
         ]
         if self.consumer_timeout_ms is not None:
             conf.append(f"consumer_timeout = {self.consumer_timeout_ms}")
+        if "rabbitmq_management" in self.plugins:
+            conf.append(f"management.tcp.ip = {self.host}")
+            conf.append(f"management.tcp.port = {self.management_port}")
+        conf.extend(self.extra_conf)
         (self.root / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
         rabbit_env = []
         if self.channel_tick_ms is not None:
             rabbit_env.append(f"{{channel_tick_interval, {self.channel_tick_ms}}}")
         (self.root / "advanced.config").write_text(f"[{{rabbit, [{', '.join(rabbit_env)}]}}].\n")
-        (self.root / "enabled_plugins").write_text("[].\n")  # no management plugin
+        (self.root / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
@@ -320,12 +366,16 @@ def private_rabbit_node(
     *,
     consumer_timeout_ms: int | None = None,
     channel_tick_ms: int | None = None,
+    conf: tuple[str, ...] = (),
+    plugins: tuple[str, ...] = (),
 ) -> Iterator[PrivateRabbit]:
     """A started private node that is always killed at the end, whatever happens in between."""
     with contextlib.ExitStack() as stack:
         if root is None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedq-rabbit-")))
-        node = PrivateRabbit(root, consumer_timeout_ms=consumer_timeout_ms, channel_tick_ms=channel_tick_ms)
+        node = PrivateRabbit(
+            root, consumer_timeout_ms=consumer_timeout_ms, channel_tick_ms=channel_tick_ms, conf=conf, plugins=plugins
+        )
         try:
             node.start()
             yield node

@@ -1,0 +1,228 @@
+"""``fedq broker apply``: the broker's accounts, permissions, policies and topology for one job.
+
+Each role gets its own broker user (``broker_config.permissions``): the coordinator, the aggregator,
+an observer for the reading tools, and one user per worker: by default every worker enrolled in
+the trust directory (``fedq keys enrol``), so broker accounts follow enrolment. A user's password is
+made once, kept in ``<secrets>/<user>.password`` (mode 0600) and handed to that party only; applying
+again keeps it. Everything goes to the broker in one definitions document, through the management
+API (``POST /api/definitions``, which merges it into what the broker holds), or into a file for a
+broker that loads definitions at boot (compose.yaml) or ``rabbitmqctl import_definitions``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from broker_config.definitions import access, definitions, policies
+from broker_config.names import Names
+from broker_config.permissions import BrokerRole, BrokerUser, job_users
+from broker_config.topology import topology
+from shared.errors import BrokerError, ConfigError
+from shared.keys import WORKER_ID
+from shared.settings import Settings
+
+PASSWORD_SUFFIX = ".password"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One ``fedq broker apply``, as parsed from the command line."""
+
+    workers: str = ""  # comma-separated worker ids; "" = every worker enrolled in the trust directory
+    secrets_dir: str = ""  # default <keys-dir>/broker
+    definitions_file: str = ""  # write the document here instead of sending it
+    as_json: bool = False
+
+
+@dataclass(frozen=True)
+class Account:
+    """A broker user and where its password is kept."""
+
+    user: BrokerUser
+    password_file: Path
+
+    @property
+    def password(self) -> str:
+        return self.password_file.read_text().strip()
+
+    def url(self, base_url: str) -> str:
+        """``base_url`` with this user's name and no password (the password travels in its file)."""
+        parts = urlsplit(base_url)
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=f"{quote(self.user.name, safe='')}@{host}").geturl()
+
+
+def enrolled_workers(trusted: Path) -> tuple[str, ...]:
+    """The worker ids enrolled in the trust directory (``workers/<id>.pub``)."""
+    folder = trusted / "workers"
+    ids = sorted(p.stem for p in folder.glob("*.pub")) if folder.is_dir() else []
+    return tuple(i for i in ids if WORKER_ID.fullmatch(i))
+
+
+def password_for(directory: Path, user: str) -> Path:
+    """The file holding ``user``'s password, made (random, mode 0600, created exclusively) if absent."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / f"{user}{PASSWORD_SUFFIX}"
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            raise ConfigError(f"{path} holds a broker password but others may read it: chmod 600 {path}")
+        return path
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # made by another apply meanwhile: use it
+        return path
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(24) + "\n")
+    return path
+
+
+def accounts(names: Names, capabilities: tuple[str, ...], worker_ids: tuple[str, ...], secrets_dir: Path) -> list[Account]:
+    return [Account(u, password_for(secrets_dir, u.name)) for u in job_users(names, capabilities, worker_ids)]
+
+
+def document(names: Names, capabilities: tuple[str, ...], found: list[Account]) -> dict[str, Any]:
+    """The definitions document: the job's topology, its accounts and the policies."""
+    doc = definitions(topology(names, capabilities))
+    doc.update(access([(a.user, a.password) for a in found]))
+    doc["policies"] = policies(names)
+    del doc["vhosts"]  # the vhost exists (we talk to it); a document may not change it
+    return doc
+
+
+def login(settings: Settings) -> tuple[str, str]:
+    """The user and password of ``--amqp-url`` (the password: the URL's, else ``FEDQ_AMQP_PASSWORD``,
+    else ``--amqp-password-file``)."""
+    parts = urlsplit(settings.amqp_url)
+    user = unquote(parts.username or "guest")
+    password = unquote(parts.password or "") or settings.amqp_password
+    if not password and settings.amqp_password_file:
+        try:
+            password = Path(settings.amqp_password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --amqp-password-file {settings.amqp_password_file}: {exc}") from None
+    if not parts.username and not password:
+        password = "guest"
+    return user, password
+
+
+class Management:
+    """The RabbitMQ management API, as the ``--amqp-url`` user."""
+
+    def __init__(self, url: str, user: str, password: str, timeout: float = 15.0) -> None:
+        self.url = url.rstrip("/")
+        self.user = user
+        self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"authorization": self._auth, "content-type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                text = response.read().decode()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            if exc.code == 401:
+                raise BrokerError(
+                    f"the management API at {self.url} refused user {self.user!r} (401): "
+                    "wrong password, or the user lacks the administrator tag"
+                ) from None
+            raise BrokerError(f"the management API at {self.url} answered {method} {path} with {exc.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise BrokerError(
+                f"cannot reach the RabbitMQ management API at {self.url} ({reason}): is the management "
+                "plugin on (rabbitmq-plugins enable rabbitmq_management) and --management-url right?"
+            ) from None
+        return json.loads(text) if text.strip() else None
+
+    def answers(self) -> bool:
+        try:
+            self.call("GET", "/api/overview")
+        except BrokerError:
+            return False
+        return True
+
+    def apply(self, doc: dict[str, Any]) -> None:
+        self.call("POST", "/api/definitions", doc)
+
+
+def management_for(settings: Settings) -> Management:
+    user, password = login(settings)
+    return Management(settings.management_url, user, password)
+
+
+def plan(settings: Settings, request: Request) -> tuple[list[Account], dict[str, Any]]:
+    names = Names(settings.namespace, settings.job)
+    if request.workers:
+        worker_ids = tuple(w.strip() for w in request.workers.split(",") if w.strip())
+        for wid in worker_ids:
+            if not WORKER_ID.fullmatch(wid):
+                raise ConfigError(f"invalid worker id {wid!r}: letters, digits, '.', '-' or '_'")
+    else:
+        worker_ids = enrolled_workers(settings.trusted_dir)
+    secrets_dir = Path(request.secrets_dir) if request.secrets_dir else Path(settings.keys_dir) / "broker"
+    found = accounts(names, settings.capability_list, worker_ids, secrets_dir)
+    return found, document(names, settings.capability_list, found)
+
+
+def apply(settings: Settings, request: Request) -> dict[str, Any]:
+    """Make (or update) the job's broker users, permissions, policies and topology; what was done."""
+    found, doc = plan(settings, request)
+    if request.definitions_file:
+        path = Path(request.definitions_file)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds password hashes
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(doc, indent=2) + "\n")
+        where = str(path)
+    else:
+        management_for(settings).apply(doc)
+        where = settings.management_url
+    return {
+        "applied_to": where,
+        "job": settings.job,
+        "namespace": settings.namespace,
+        "users": [
+            {
+                "user": a.user.name,
+                "role": str(a.user.role),
+                "worker_id": a.user.worker_id or None,
+                "password_file": str(a.password_file),
+            }
+            for a in found
+        ],
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"applied job {result['job']} (namespace {result['namespace']}) to {result['applied_to']}"]
+    for u in result["users"]:
+        lines.append(f"  {u['role']:<11} {u['user']:<40} password in {u['password_file']}")
+    lines.append("give each party its user name and password file; nobody else needs them")
+    return "\n".join(lines)
+
+
+def run(settings: Settings, request: Request) -> str | dict[str, Any]:
+    result = apply(settings, request)
+    return result if request.as_json else render(result)
+
+
+def role_account(found: list[Account], role: BrokerRole, worker_id: str = "") -> Account:
+    for a in found:
+        if a.user.role is role and a.user.worker_id == worker_id:
+            return a
+    raise ConfigError(f"no broker account for {role} {worker_id}".strip())
