@@ -19,6 +19,7 @@ class AggregatorConfig:
     policy: Policy
     capabilities: tuple[str, ...] = ("cpu",)  # the job's task queues, declared with the rest of its topology
     load_wait: float = 120.0  # seconds to wait for version 0 of a new job to appear in the store
+    require_user_id: bool = False  # --broker-identity require: an update must name its broker user
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AggregatorConfig:
@@ -32,7 +33,7 @@ class AggregatorConfig:
             clip=_parsed(Clip.parse, "--clip / FEDQ_CLIP", settings.clip),
             robust=_parsed(Robust.parse, "--robust / FEDQ_ROBUST", settings.robust),
         )
-        return cls(policy, settings.capability_list)
+        return cls(policy, settings.capability_list, require_user_id=settings.user_id_required)
 
 
 def _parsed(parse: Callable[[str], T], where: str, text: str) -> T:

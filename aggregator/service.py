@@ -20,6 +20,7 @@ from aggregator.binding import bind
 from aggregator.config import AggregatorConfig
 from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected
 from broker_config.names import Names
+from broker_config.permissions import publisher_problem
 from broker_config.topology import Topology, topology
 from shared.aggregation import CLIP_WINDOW, clip_window_of
 from shared.codec import MAX_HEAD_BYTES, Envelope, encode
@@ -192,6 +193,8 @@ class Aggregator(Service):
         if self.core is None:
             await self.load(self.config.load_wait)
         prefetch = 1024 if self.policy.mode == "sync" else max(4 * self.policy.k, 64)
+        # unacked until their version is stored: a buffer (or the clip's warm-up), a whole sync round
+        need = prefetch if self.policy.mode == "sync" else max(self.policy.k, self.policy.clip.warmup) + 1
         runtime.spawn("receipts", self.receipts.run)
         # Decoding and verifying happen in the runtime, before the lock: they overlap the fold of
         # the update before (in a thread, on another core, for large ones).
@@ -201,6 +204,7 @@ class Aggregator(Service):
             self.keyring,
             self.handle,
             prefetch=prefetch,
+            need=need,
             on_invalid=self._on_invalid,
         )
         self.log.info("consuming", queue=self.names.updates_queue, prefetch=prefetch)
@@ -255,6 +259,8 @@ class Aggregator(Service):
         try:
             task: Task | None = None
             bound = bind(message, self.keyring, self.job_id, self.incarnation)
+            if problem := publisher_problem(self.names, delivery.user_id, message.worker_id, self.config.require_user_id):
+                bound = Rejected(message.task_id, Reason.WRONG_WORKER, problem)
             if isinstance(bound, Rejected):
                 result: tuple[Accepted, Update] | Rejected = bound
             else:

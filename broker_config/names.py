@@ -100,6 +100,13 @@ class Names:
         """The coordinator's durable inbox of announcements and receipts: survives its restarts."""
         return f"{self.job_prefix}coordinator"
 
+    @property
+    def listener_prefix(self) -> str:
+        """Exclusive queues of this job's live subscriptions (the coordinator's hellos): named by us,
+        so that a broker user may be allowed exactly these (a robust connection would otherwise
+        name them ``amq_<uuid>``)."""
+        return f"{self.job_prefix}listen."
+
     # -- hellos: workers -> coordinator --------------------------------------------------------
     @property
     def workers_exchange(self) -> str:

@@ -25,6 +25,7 @@ with the worker id a signed update or hello speaks for.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -48,8 +49,6 @@ class Permission:
 
 
 NOTHING = "^$"
-# a server-named exclusive queue (the coordinator's hellos): only its own connection can use it
-SERVER_NAMED = "amq.gen-"
 
 
 def only(*names: str, prefixes: tuple[str, ...] = ()) -> str:
@@ -95,11 +94,11 @@ def permission(names: Names, role: BrokerRole, capabilities: tuple[str, ...] = (
     """What ``role`` may configure, write and read in the job ``names`` names."""
     n = names
     if role is BrokerRole.COORDINATOR:
-        own = (n.coordinator_queue,)
+        own, listen = (n.coordinator_queue,), (n.listener_prefix,)  # its inbox, its hello queue
         return Permission(
-            configure=only(*own, prefixes=(SERVER_NAMED,)),
-            write=only(n.tasks_exchange, n.results_exchange, n.dead_exchange, *own, prefixes=(SERVER_NAMED,)),
-            read=only(*own, n.models_exchange, n.workers_exchange, prefixes=(SERVER_NAMED,)),
+            configure=only(*own, prefixes=listen),
+            write=only(n.tasks_exchange, n.results_exchange, n.dead_exchange, *own, prefixes=listen),
+            read=only(*own, n.models_exchange, n.workers_exchange, prefixes=listen),
         )
     if role is BrokerRole.AGGREGATOR:
         return Permission(NOTHING, only(n.models_exchange, n.dead_exchange), only(n.updates_queue))
@@ -128,21 +127,24 @@ def topic_permissions(names: Names, role: BrokerRole) -> tuple[TopicPermission, 
 
 
 def job_users(
-    names: Names, capabilities: tuple[str, ...], worker_ids: tuple[str, ...]
+    names: Names, capabilities: tuple[str, ...], workers: Mapping[str, tuple[str, ...]]
 ) -> tuple[BrokerUser, ...]:
-    """The job's accounts: coordinator, aggregator, the namespace's observer and one per worker."""
+    """The job's accounts: coordinator, aggregator, the namespace's observer and one per worker in
+    ``workers`` (worker id -> the capabilities whose task queues it may read; empty: all the job's)."""
     roles = (BrokerRole.COORDINATOR, BrokerRole.AGGREGATOR, BrokerRole.OBSERVER)
     users = [
-        BrokerUser(user_name(names, r), r, permission(names, r, capabilities), topics=topic_permissions(names, r))
+        BrokerUser(
+            user_name(names, r), r, permission(names, r, capabilities), topics=topic_permissions(names, r)
+        )
         for r in roles
     ]
     worker = BrokerRole.WORKER
-    for wid in worker_ids:
+    for wid, own in workers.items():
         users.append(
             BrokerUser(
                 user_name(names, worker, wid),
                 worker,
-                permission(names, worker, capabilities),
+                permission(names, worker, own or capabilities),
                 wid,
                 topic_permissions(names, worker),
             )

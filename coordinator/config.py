@@ -35,6 +35,7 @@ class CoordinatorConfig:
     min_workers: int = 1
     min_workers_wait: float = 120.0
     max_samples: int = 0  # the cap on one update's sample count; 0: from the app's train set
+    require_user_id: bool = False  # --broker-identity require: a hello must name its broker user
     # stop rules (0: off)
     target_accuracy: float = 0.85
     max_versions: int = 0
@@ -73,6 +74,7 @@ class CoordinatorConfig:
             min_workers=s.min_workers,
             min_workers_wait=s.min_workers_wait,
             max_samples=s.max_samples,
+            require_user_id=s.user_id_required,
             target_accuracy=s.target_accuracy,
             max_versions=s.max_versions,
             max_updates=s.max_updates,

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from broker_config.names import Names
+from broker_config.permissions import publisher_problem
 from broker_config.topology import Topology, coordinator_inbox, topology
 from coordinator.config import CoordinatorConfig, Mode
 from coordinator.evaluation import Evaluator
@@ -161,6 +162,11 @@ class Coordinator(Service):
         return on_invalid
 
     async def on_hello(self, hello: Hello, envelope: Envelope, delivery: Delivery) -> None:
+        problem = publisher_problem(self.names, delivery.user_id, hello.worker_id, self.config.require_user_id)
+        if problem:
+            self.log.warning("hello_rejected", reason=Reason.WRONG_WORKER, detail=problem)
+            await delivery.dead_letter(Reason.WRONG_WORKER, problem)
+            return
         change = self.scheduler.hello(hello, envelope.signer, time.time())
         if change is not WorkerChange.SEEN:
             self.log.info(

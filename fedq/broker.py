@@ -37,7 +37,9 @@ PASSWORD_SUFFIX = ".password"
 class Request:
     """One ``fedq broker apply``, as parsed from the command line."""
 
-    workers: str = ""  # comma-separated worker ids; "" = every worker enrolled in the trust directory
+    # comma-separated worker ids, each optionally with its capabilities (w1:cpu+gpu);
+    # "" = every worker enrolled in the trust directory, with all the job's capabilities
+    workers: str = ""
     secrets_dir: str = ""  # default <keys-dir>/broker
     definitions_file: str = ""  # write the document here instead of sending it
     as_json: bool = False
@@ -85,8 +87,29 @@ def password_for(directory: Path, user: str) -> Path:
     return path
 
 
-def accounts(names: Names, capabilities: tuple[str, ...], worker_ids: tuple[str, ...], secrets_dir: Path) -> list[Account]:
-    return [Account(u, password_for(secrets_dir, u.name)) for u in job_users(names, capabilities, worker_ids)]
+def accounts(
+    names: Names, capabilities: tuple[str, ...], workers: dict[str, tuple[str, ...]], secrets_dir: Path
+) -> list[Account]:
+    return [Account(u, password_for(secrets_dir, u.name)) for u in job_users(names, capabilities, workers)]
+
+
+def parse_workers(text: str, capabilities: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """``w1,w2:gpu+lowmem`` -> {w1: (), w2: (gpu, lowmem)}: each worker id with the capabilities it
+    serves (none given: all the job's). A capability the job lacks is a mistake, said at once."""
+    workers: dict[str, tuple[str, ...]] = {}
+    for item in (w.strip() for w in text.split(",")):
+        if not item:
+            continue
+        wid, _, caps = item.partition(":")
+        if not WORKER_ID.fullmatch(wid):
+            raise ConfigError(f"invalid worker id {wid!r}: letters, digits, '.', '-' or '_'")
+        own = tuple(c for c in caps.split("+") if c)
+        if unknown := [c for c in own if c not in capabilities]:
+            raise ConfigError(
+                f"worker {wid}: capabilities {unknown} are not the job's ({','.join(capabilities)})"
+            )
+        workers[wid] = own
+    return workers
 
 
 def document(names: Names, capabilities: tuple[str, ...], found: list[Account]) -> dict[str, Any]:
@@ -108,7 +131,9 @@ def login(settings: Settings) -> tuple[str, str]:
         try:
             password = Path(settings.amqp_password_file).read_text().strip()
         except OSError as exc:
-            raise ConfigError(f"cannot read --amqp-password-file {settings.amqp_password_file}: {exc}") from None
+            raise ConfigError(
+                f"cannot read --amqp-password-file {settings.amqp_password_file}: {exc}"
+            ) from None
     if not parts.username and not password:
         password = "guest"
     return user, password
@@ -141,7 +166,9 @@ class Management:
                     f"the management API at {self.url} refused user {self.user!r} (401): "
                     "wrong password, or the user lacks the administrator tag"
                 ) from None
-            raise BrokerError(f"the management API at {self.url} answered {method} {path} with {exc.code}: {detail}") from None
+            raise BrokerError(
+                f"the management API at {self.url} answered {method} {path} with {exc.code}: {detail}"
+            ) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise BrokerError(
@@ -168,15 +195,13 @@ def management_for(settings: Settings) -> Management:
 
 def plan(settings: Settings, request: Request) -> tuple[list[Account], dict[str, Any]]:
     names = Names(settings.namespace, settings.job)
+    caps = settings.capability_list
     if request.workers:
-        worker_ids = tuple(w.strip() for w in request.workers.split(",") if w.strip())
-        for wid in worker_ids:
-            if not WORKER_ID.fullmatch(wid):
-                raise ConfigError(f"invalid worker id {wid!r}: letters, digits, '.', '-' or '_'")
+        workers = parse_workers(request.workers, caps)
     else:
-        worker_ids = enrolled_workers(settings.trusted_dir)
+        workers = {wid: () for wid in enrolled_workers(settings.trusted_dir)}
     secrets_dir = Path(request.secrets_dir) if request.secrets_dir else Path(settings.keys_dir) / "broker"
-    found = accounts(names, settings.capability_list, worker_ids, secrets_dir)
+    found = accounts(names, caps, workers, secrets_dir)
     return found, document(names, settings.capability_list, found)
 
 

@@ -86,7 +86,10 @@ class Settings:
     amqp_cert: str = field(
         default="",
         metadata=cli(
-            CONNECTION, EVERYWHERE, "client certificate (PEM) to show the broker over amqps:// (default none)"
+            CONNECTION,
+            EVERYWHERE,
+            "client certificate (PEM) to show the broker over amqps://; with no user in --amqp-url, fedq "
+            "logs in as the certificate's CN (EXTERNAL) (default none)",
         ),
     )
     amqp_key: str = field(
@@ -121,6 +124,17 @@ class Settings:
             "RabbitMQ management API; its login is the --amqp-url user's (default http://127.0.0.1:15672/)",
         ),
     )
+    broker_identity: str = field(
+        default="check",
+        metadata=cli(
+            CONNECTION,
+            ("run", "coordinator", "aggregator"),
+            "the broker user that published a worker's update or hello (its user_id, which the broker "
+            "checks): check (when a message names a fedq account, it must be that worker's own) or "
+            "require (and a message must name one; use it when every worker has its own broker user) "
+            "(default check; fedq run with broker users: require)",
+        ),
+    )
     namespace: str = field(
         default="fedq",
         metadata=cli(CONNECTION, EVERYWHERE, "prefix of every exchange and queue name (default fedq)"),
@@ -139,7 +153,9 @@ class Settings:
         metadata=cli(
             CONNECTION,
             (*PROCESSES, *READERS),
-            "model store: a local directory or s3://bucket/prefix (default .fedq/store)",
+            "model store: a local directory or s3://bucket/prefix (default .fedq/store). A worker "
+            "uses it only for a task without presigned URLs (an S3 store's coordinator presigns "
+            "them); --store none: no store at all, nor its credentials",
         ),
     )
     # S3 store (--store s3://bucket/prefix); empty = botocore's own AWS_* settings. Keys: environment only
@@ -502,6 +518,13 @@ class Settings:
         if self.coordinator_key:
             return Path(self.coordinator_key)
         return Path(self.keys_dir) / "coordinator.pub"
+
+    @property
+    def user_id_required(self) -> bool:
+        """``--broker-identity require``."""
+        if self.broker_identity not in ("check", "require"):
+            raise ConfigError(f"--broker-identity must be check or require, not {self.broker_identity!r}")
+        return self.broker_identity == "require"
 
     @property
     def capability_list(self) -> tuple[str, ...]:

@@ -1,0 +1,381 @@
+"""Least privilege on a private RabbitMQ node (with its management plugin): ``fedq broker apply``
+makes a user per role, and each role tries what it must do (it works) and what it must not
+(ACCESS_REFUSED, or the broker's user_id check). One node for the module: it takes seconds to start."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aio_pika
+import aiormq.exceptions
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from broker_config.names import Names
+from broker_config.permissions import BrokerRole, user_name
+from broker_config.topology import topology
+from fedq.broker import Request, apply, plan
+from shared.errors import BrokerError, ConfigError
+from shared.settings import Settings
+from shared.transport.rabbitmq import RabbitMQ
+from tests.support.private_broker import MakeRabbit, PrivateRabbit
+from tests.support.private_broker import make_private_rabbit_fixture as make_private_rabbit  # noqa: F401
+
+NS = "pm"
+JOB = "j1"
+NAMES = Names(NS, JOB)
+OTHER = Names(NS, "j2")  # another job in the same namespace
+CAPS = "cpu,gpu"
+
+Op = Callable[[AbstractChannel], Awaitable[object]]
+
+
+@pytest.fixture(name="node")
+def node_fixture(make_private_rabbit: MakeRabbit) -> PrivateRabbit:  # noqa: F811
+    return make_private_rabbit(plugins=("rabbitmq_management",))
+
+
+def settings_for(node: PrivateRabbit, tmp: Path, job: str = JOB) -> Settings:
+    return Settings(
+        amqp_url=node.amqp_url,
+        management_url=node.management_url,
+        namespace=NS,
+        job=job,
+        capabilities=CAPS,
+        keys_dir=str(tmp / "keys"),
+    )
+
+
+@pytest.fixture(name="applied")
+def applied_fixture(node: PrivateRabbit, tmp_path: Path) -> dict[str, str]:
+    """Both jobs applied (w1 serves cpu only, w2 every capability); user -> password."""
+    secrets = tmp_path / "secrets"
+    passwords: dict[str, str] = {}
+    for job in (JOB, OTHER.job):
+        found, _ = plan(
+            settings_for(node, tmp_path, job), Request(workers="w1:cpu,w2", secrets_dir=str(secrets))
+        )
+        apply(settings_for(node, tmp_path, job), Request(workers="w1:cpu,w2", secrets_dir=str(secrets)))
+        passwords.update({a.user.name: a.password for a in found})
+    return passwords
+
+
+async def login(node: PrivateRabbit, user: str, password: str) -> AbstractRobustConnection:
+    from urllib.parse import quote
+
+    return await aio_pika.connect_robust(
+        f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{node.host}:{node.port}/"
+    )
+
+
+async def attempt(conn: AbstractRobustConnection, op: Op) -> str:
+    """'ok', 'refused' (ACCESS_REFUSED) or 'user_id' (the broker's user_id check), each on a channel of its own."""
+    channel = await conn.channel(publisher_confirms=True)
+    try:
+        await op(channel)
+        await asyncio.sleep(0.05)
+        if channel.is_closed:
+            return "closed"
+        return "ok"
+    except aiormq.exceptions.ChannelAccessRefused:
+        return "refused"
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        return "user_id" if "user_id" in str(exc) else f"precondition: {exc}"
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+def publish(exchange: str, key: str, user_id: str | None = None) -> Op:
+    async def op(channel: AbstractChannel) -> None:
+        ex = await channel.get_exchange(exchange, ensure=False)
+        await ex.publish(aio_pika.Message(b"x", user_id=user_id), key, timeout=10, mandatory=False)
+
+    return op
+
+
+def get(queue: str) -> Op:
+    async def op(channel: AbstractChannel) -> None:
+        q = await channel.declare_queue(queue, passive=True)
+        message = await q.get(fail=False, timeout=10)
+        if message is not None:
+            await message.nack(requeue=True)
+
+    return op
+
+
+def consume(queue: str, **arguments: object) -> Op:
+    """basic.consume, then cancel (the updates queue has a single active consumer: no basic.get)."""
+
+    async def op(channel: AbstractChannel) -> None:
+        async def leave(message: AbstractIncomingMessage) -> None:
+            if "x-stream-offset" in arguments:
+                await message.ack()  # a stream keeps it anyway, and refuses nacks
+            else:
+                await message.nack(requeue=True)
+
+        await channel.set_qos(prefetch_count=10)
+        q = await channel.declare_queue(queue, passive=True)
+        tag = await q.consume(leave, arguments=arguments)  # type: ignore[arg-type]
+        await q.cancel(tag)
+
+    return op
+
+
+def read_stream(stream: str) -> Op:
+    return consume(stream, **{"x-stream-offset": "first"})
+
+
+def purge(queue: str) -> Op:
+    async def op(channel: AbstractChannel) -> None:
+        await (await channel.get_queue(queue, ensure=False)).purge()
+
+    return op
+
+
+def delete(queue: str) -> Op:
+    async def op(channel: AbstractChannel) -> None:
+        await channel.queue_delete(queue)
+
+    return op
+
+
+def declare(queue: str, arguments: dict[str, object] | None = None) -> Op:
+    async def op(channel: AbstractChannel) -> None:
+        await channel.declare_queue(queue, durable=True, arguments=arguments)  # type: ignore[arg-type]
+
+    return op
+
+
+def depth(queue: str) -> Op:
+    async def op(channel: AbstractChannel) -> None:
+        await channel.declare_queue(queue, passive=True)
+
+    return op
+
+
+@pytest.fixture(name="as_user")
+async def as_user_fixture(
+    node: PrivateRabbit, applied: dict[str, str]
+) -> AsyncIterator[Callable[..., Awaitable[AbstractRobustConnection]]]:
+    opened: list[AbstractRobustConnection] = []
+
+    async def connect(
+        role: BrokerRole, worker_id: str = "", names: Names = NAMES
+    ) -> AbstractRobustConnection:
+        user = user_name(names, role, worker_id)
+        conn = await login(node, user, applied[user])
+        opened.append(conn)
+        return conn
+
+    yield connect
+    for conn in opened:
+        await conn.close()
+
+
+async def check(conn: AbstractRobustConnection, expected: dict[str, tuple[Op, str]]) -> None:
+    seen = {what: await attempt(conn, op) for what, (op, _) in expected.items()}
+    assert seen == {what: outcome for what, (_, outcome) in expected.items()}
+
+
+async def test_a_worker_may_only_take_its_tasks_and_send_results_and_hellos(
+    as_user: Callable[..., Awaitable[AbstractRobustConnection]],
+) -> None:
+    n, w1 = NAMES, user_name(NAMES, BrokerRole.WORKER, "w1")
+    conn = await as_user(BrokerRole.WORKER, "w1")
+    await check(
+        conn,
+        {
+            "take a cpu task": (get(n.task_queue("cpu")), "ok"),
+            "publish an update": (publish(n.results_exchange, n.results_key, w1), "ok"),
+            "publish a hello": (publish(n.workers_exchange, n.hello_key, w1), "ok"),
+            "dead-letter a task": (publish(n.dead_exchange, "", w1), "ok"),
+            "see a queue's depth": (depth(n.updates_queue), "ok"),
+            "publish a task": (publish(n.tasks_exchange, n.task_key("cpu"), w1), "refused"),
+            "publish a model": (publish(n.models_exchange, Names.model_key(JOB), w1), "refused"),
+            "publish a receipt": (publish(n.models_exchange, Names.receipt_key(JOB), w1), "refused"),
+            "publish to another job": (publish(n.results_exchange, OTHER.results_key, w1), "refused"),
+            "hello to another job": (publish(n.workers_exchange, OTHER.hello_key, w1), "refused"),
+            "publish as another worker": (
+                publish(n.results_exchange, n.results_key, "pm.j1.worker.w2"),
+                "user_id",
+            ),
+            "take a gpu task": (get(n.task_queue("gpu")), "refused"),
+            "take another job's task": (get(OTHER.task_queue("cpu")), "refused"),
+            "consume updates": (consume(n.updates_queue), "refused"),
+            "read the update log": (read_stream(n.update_log), "refused"),
+            "read the model log": (read_stream(n.model_log), "refused"),
+            "read the dead letters": (get(n.dead_queue), "refused"),
+            "purge the updates": (purge(n.updates_queue), "refused"),
+            "purge the gpu tasks": (purge(n.task_queue("gpu")), "refused"),
+            "purge the dead letters": (purge(n.dead_queue), "refused"),
+            "delete its task queue": (delete(n.task_queue("cpu")), "refused"),
+            "delete the updates": (delete(n.updates_queue), "refused"),
+            "declare a queue": (declare("pm.mine"), "refused"),
+            "redeclare its task queue": (
+                declare(n.task_queue("cpu"), dict(topology(n, ("cpu",)).queues[0].arguments)),
+                "refused",
+            ),
+        },
+    )
+
+
+async def test_the_aggregator_reads_updates_and_writes_versions_receipts_and_dead_letters(
+    as_user: Callable[..., Awaitable[AbstractRobustConnection]],
+) -> None:
+    n, me = NAMES, user_name(NAMES, BrokerRole.AGGREGATOR)
+    conn = await as_user(BrokerRole.AGGREGATOR)
+    await check(
+        conn,
+        {
+            "consume updates": (consume(n.updates_queue), "ok"),
+            "announce a version": (publish(n.models_exchange, Names.model_key(JOB), me), "ok"),
+            "send receipts": (publish(n.models_exchange, Names.receipt_key(JOB), me), "ok"),
+            "dead-letter": (publish(n.dead_exchange, "", me), "ok"),
+            "announce another job's version": (
+                publish(n.models_exchange, Names.model_key(OTHER.job), me),
+                "refused",
+            ),
+            "publish a task": (publish(n.tasks_exchange, n.task_key("cpu"), me), "refused"),
+            "publish an update": (publish(n.results_exchange, n.results_key, me), "refused"),
+            "take a task": (get(n.task_queue("cpu")), "refused"),
+            "consume another job's updates": (consume(OTHER.updates_queue), "refused"),
+            "read the update log": (read_stream(n.update_log), "refused"),
+            "purge the updates": (purge(OTHER.updates_queue), "refused"),
+            "declare a queue": (declare("pm.mine"), "refused"),
+            "delete the updates": (delete(n.updates_queue), "refused"),
+        },
+    )
+
+
+async def test_the_coordinator_publishes_tasks_and_rounds_and_owns_only_its_inbox(
+    as_user: Callable[..., Awaitable[AbstractRobustConnection]],
+) -> None:
+    n, me = NAMES, user_name(NAMES, BrokerRole.COORDINATOR)
+    conn = await as_user(BrokerRole.COORDINATOR)
+
+    async def inbox(channel: AbstractChannel) -> None:
+        q = await channel.declare_queue(
+            n.coordinator_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await q.bind(n.models_exchange, Names.model_key(JOB))
+        await q.bind(n.workers_exchange, n.hello_key)
+        await get(n.coordinator_queue)(channel)
+
+    async def hello_queue(channel: AbstractChannel) -> None:
+        q = await channel.declare_queue(f"{n.listener_prefix}x1", exclusive=True, auto_delete=True)
+        await q.bind(n.workers_exchange, n.hello_key)
+
+    await check(
+        conn,
+        {
+            "publish a task": (publish(n.tasks_exchange, n.task_key("gpu"), me), "ok"),
+            "open a round": (publish(n.results_exchange, n.results_key, me), "ok"),
+            "its inbox": (inbox, "ok"),
+            "its hello queue": (hello_queue, "ok"),
+            "dead-letter": (publish(n.dead_exchange, "", me), "ok"),
+            "announce a version": (publish(n.models_exchange, Names.model_key(JOB), me), "refused"),
+            "a round of another job": (publish(n.results_exchange, OTHER.results_key, me), "refused"),
+            "another job's inbox": (declare(OTHER.coordinator_queue, {"x-queue-type": "quorum"}), "refused"),
+            "consume updates": (consume(n.updates_queue), "refused"),
+            "take a task": (get(n.task_queue("cpu")), "refused"),
+            "purge the updates": (purge(n.updates_queue), "refused"),
+            "delete a task queue": (delete(n.task_queue("cpu")), "refused"),
+        },
+    )
+
+
+async def test_the_observer_reads_the_logs_and_publishes_nothing(
+    as_user: Callable[..., Awaitable[AbstractRobustConnection]],
+) -> None:
+    n, me = NAMES, user_name(NAMES, BrokerRole.OBSERVER)
+    conn = await as_user(BrokerRole.OBSERVER)
+    refused_publishes = {
+        f"publish to {ex}": (publish(ex, key, me), "refused")
+        for ex, key in (
+            (n.tasks_exchange, n.task_key("cpu")),
+            (n.results_exchange, n.results_key),
+            (n.models_exchange, Names.model_key(JOB)),
+            (n.workers_exchange, n.hello_key),
+            (n.dead_exchange, ""),
+            ("", n.updates_queue),  # the default exchange, straight to a queue
+        )
+    }
+    await check(
+        conn,
+        {
+            "read the update log": (read_stream(n.update_log), "ok"),
+            "read the model log": (read_stream(n.model_log), "ok"),
+            "see a queue's depth": (depth(n.task_queue("cpu")), "ok"),
+            **refused_publishes,
+            "consume updates": (consume(n.updates_queue), "refused"),
+            "take a task": (get(n.task_queue("cpu")), "refused"),
+            "purge a task queue": (purge(n.task_queue("cpu")), "refused"),
+            "declare a queue": (declare("pm.mine"), "refused"),
+        },
+    )
+
+
+async def test_a_service_that_may_not_declare_checks_the_operator_did(
+    node: PrivateRabbit, applied: dict[str, str]
+) -> None:
+    """The worker's transport declares its topology as every service does: refused, it checks the
+    queues exist (they do: applied); for a capability nobody applied it says who must declare it."""
+    user = user_name(NAMES, BrokerRole.WORKER, "w2")
+    url = node.amqp_url.replace("guest:guest", f"{user}:{applied[user]}")
+    transport = await RabbitMQ(url, NAMES, "test-worker").connect()
+    try:
+        await transport.declare(topology(NAMES, ("cpu", "gpu")))
+        with pytest.raises(
+            BrokerError, match=r"does not exist, and broker user 'pm.j1.worker.w2' may not declare it"
+        ):
+            await transport.declare(topology(NAMES, ("tpu",)))
+        await transport.publish(
+            NAMES.results_exchange, NAMES.results_key, b"an update"
+        )  # user_id set: the broker checks it
+    finally:
+        await transport.close()
+
+
+def test_apply_keeps_passwords_and_says_why_it_cannot(node: PrivateRabbit, tmp_path: Path) -> None:
+    settings = settings_for(node, tmp_path)
+    request = Request(workers="w1", secrets_dir=str(tmp_path / "s"))
+    first = apply(settings, request)
+    files = [Path(u["password_file"]) for u in first["users"]]
+    assert {u["user"] for u in first["users"]} == {
+        "pm.j1.coordinator", "pm.j1.aggregator", "pm.observer", "pm.j1.worker.w1"
+    }  # fmt: skip
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    before = [f.read_text() for f in files]
+    apply(settings, request)
+    assert [f.read_text() for f in files] == before  # a re-run keeps every password
+    with pytest.raises(ConfigError, match="not the job's"):
+        apply(settings, Request(workers="w1:tpu", secrets_dir=str(tmp_path / "s")))
+    wrong = Settings(
+        **{**settings.__dict__, "amqp_url": settings.amqp_url.replace("guest:guest", "guest:nope")}
+    )
+    with pytest.raises(BrokerError, match="refused user 'guest' \\(401\\)"):
+        apply(wrong, request)
+    closed = Settings(**{**settings.__dict__, "management_url": "http://127.0.0.1:9/"})
+    with pytest.raises(BrokerError, match="cannot reach the RabbitMQ management API"):
+        apply(closed, request)
+    # the command: exit code and message; the definitions file holds no password, only hashes (0600)
+    out = tmp_path / "defs.json"
+    cmd = [sys.executable, "-m", "fedq.cli", "broker", "apply", "--amqp-url", wrong.amqp_url, "--management-url",
+           settings.management_url, "--namespace", NS, "--job", JOB, "--workers", "w1", "--secrets", str(tmp_path / "s")]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "refused user 'guest'" in result.stderr and "nope" not in result.stderr
+    result = subprocess.run(
+        [*cmd, "--definitions-file", str(out), "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(out.read_text())
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert {u["name"] for u in doc["users"]} >= {"pm.j1.worker.w1", "pm.observer"}
+    assert not any(p in out.read_text() for p in before)
