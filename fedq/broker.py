@@ -62,6 +62,12 @@ class Account:
         host = parts.netloc.rpartition("@")[2]
         return parts._replace(netloc=f"{quote(self.user.name, safe='')}@{host}").geturl()
 
+    @staticmethod
+    def anonymous_url(base_url: str) -> str:
+        """``base_url`` with no login at all."""
+        parts = urlsplit(base_url)
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
 
 def enrolled_workers(trusted: Path) -> tuple[str, ...]:
     """The worker ids enrolled in the trust directory (``workers/<id>.pub``)."""
@@ -187,6 +193,13 @@ class Management:
     def apply(self, doc: dict[str, Any]) -> None:
         self.call("POST", "/api/definitions", doc)
 
+    def users(self) -> list[str]:
+        return [u["name"] for u in self.call("GET", "/api/users") or []]
+
+    def delete_users(self, names: list[str]) -> None:
+        if names:
+            self.call("POST", "/api/users/bulk-delete", {"users": names})
+
 
 def management_for(settings: Settings) -> Management:
     user, password = login(settings)
@@ -246,8 +259,31 @@ def run(settings: Settings, request: Request) -> str | dict[str, Any]:
     return result if request.as_json else render(result)
 
 
-def role_account(found: list[Account], role: BrokerRole, worker_id: str = "") -> Account:
-    for a in found:
-        if a.user.role is role and a.user.worker_id == worker_id:
-            return a
-    raise ConfigError(f"no broker account for {role} {worker_id}".strip())
+def run_accounts(settings: Settings, secrets_dir: Path, worker_ids: list[str]) -> list[Account] | None:
+    """``fedq run``'s broker users (``--broker-users``): the job's accounts made through the
+    management API, or None when the run goes on as the ``--amqp-url`` user (off, or auto and the
+    API does not answer: said on stdout)."""
+    if settings.broker_users not in ("auto", "on", "off"):
+        raise ConfigError(f"--broker-users must be auto, on or off, not {settings.broker_users!r}")
+    if settings.broker_users == "off":
+        return None
+    management = management_for(settings)
+    if settings.broker_users == "auto" and not management.answers():
+        print(
+            f"fedq: the RabbitMQ management API does not answer at {settings.management_url}: every process "
+            "logs in as the --amqp-url user, without a broker user of its role "
+            "(rabbitmq-plugins enable rabbitmq_management, or --broker-users off to silence this)",
+            flush=True,
+        )
+        return None
+    found, doc = plan(settings, Request(workers=",".join(worker_ids), secrets_dir=str(secrets_dir)))
+    management.apply(doc)
+    return found
+
+
+def login_flags(account: Account, base_url: str) -> list[str]:
+    """The flags that log a process in as ``account`` (its password stays in its file)."""
+    flags = ["--amqp-url", account.url(base_url), "--amqp-password-file", str(account.password_file)]
+    if account.user.role in (BrokerRole.COORDINATOR, BrokerRole.AGGREGATOR):
+        flags += ["--broker-identity", "require"]  # every worker has its own account here
+    return flags

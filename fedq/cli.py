@@ -515,9 +515,42 @@ def _add_broker(sub: Subparsers) -> None:
         help="write the definitions document (mode 0600) instead of sending it to the management API",
     )
     _json_flag(apply, "print the users made and their password files as one JSON object")
+    certs = _command(
+        actions,
+        "broker certs",
+        "make a CA and TLS certificates for the broker and its clients",
+        "Write a private CA (ca.pem, ca.key), the broker's certificate (server.pem, server.key) naming localhost, "
+        "127.0.0.1 and every --host, and for every --client CN a client certificate (CN.pem, CN.key) that logs "
+        "in as broker user CN by certificate (EXTERNAL). Keys are mode 0600. A re-run keeps what is there and "
+        "adds what is asked (a new client; a new --host remakes server.pem). Prints which file goes where and "
+        "the broker's rabbitmq.conf lines.",
+    )
+    certs.add_argument("--out", dest="directory", required=True, metavar="DIR", help="where to write them")
+    certs.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name or IP address clients dial the broker by (repeat; localhost and 127.0.0.1 always)",
+    )
+    certs.add_argument(
+        "--client",
+        dest="clients",
+        action="append",
+        default=[],
+        metavar="CN",
+        help="a client certificate for broker user CN (repeat)",
+    )
+    _json_flag(certs, "print the files made or kept as one JSON object")
+
 
 
 def _broker(args: argparse.Namespace, settings: Settings) -> Outcome:
+    if args.broker_action == "certs":
+        from fedq import certs
+
+        return certs.run(certs.Request(args.directory, tuple(args.hosts), tuple(args.clients), args.json))
     from fedq.broker import Request, run
 
     request = Request(

@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.config import AggregatorConfig
+from broker_config.permissions import BrokerRole
 from broker_config.topology import topology
 from coordinator.config import CoordinatorConfig
 from fedq.audit import audit
+from fedq.broker import Account, login_flags, management_for, run_accounts
 from fedq.keys import create_key, enrol, init
 from fedq.progress import Progress
 from fedq.summary import build_summary
 from shared.app import load_app
-from shared.errors import ConfigError, FedqError
+from shared.errors import BrokerError, ConfigError, FedqError
 from shared.ledger import JsonLines
 from shared.settings import CONNECTION, Settings, env_name, env_only_settings, flags
 from shared.transport.connect import connected
@@ -113,12 +115,13 @@ class Launcher:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.args: dict[str, list[str]] = {}
         self.restarts: Counter[str] = Counter()
+        self.logins: dict[str, list[str]] = {}  # per process: the flags of its own broker user
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = (self.run_dir / "logs" / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedq.cli", *args],
+            [sys.executable, "-m", "fedq.cli", *args, *self.logins.get(name, [])],
             env=self.env,
             stdout=log,
             stderr=log,
@@ -296,6 +299,17 @@ def run_job(
     )
 
     launcher = Launcher(settings, run_dir, keys)
+    accounts = run_accounts(settings, keys / "broker", worker_ids)
+    if accounts is not None:
+        launcher.logins = {
+            a.user.worker_id or str(a.user.role): login_flags(a, settings.amqp_url)
+            for a in accounts
+            if a.user.role is not BrokerRole.OBSERVER
+        }
+        # the processes' environment holds no administrator's login: each has its own
+        launcher.env[env_name("amqp_url")] = Account.anonymous_url(settings.amqp_url)
+        for secret in ("amqp_password", "amqp_password_file"):
+            launcher.env.pop(env_name(secret), None)
     started = time.time()
     print(f"fedq: run folder {run_dir}", flush=True)
     chaos: Chaos | None = None
@@ -318,6 +332,12 @@ def run_job(
             display.update()
     finally:
         launcher.stop_all()
+        if accounts is not None:  # the run's own accounts end with it
+            try:
+                ended = [a.user.name for a in accounts if a.user.role is not BrokerRole.OBSERVER]  # the namespace's
+                management_for(settings).delete_users(ended)
+            except BrokerError as exc:
+                print(f"fedq: the run's broker users are left on the broker: {exc}", flush=True)
     wall = time.time() - started
     state_path = run_dir / "coordinator.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}

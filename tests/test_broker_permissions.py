@@ -9,6 +9,7 @@ import json
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from broker_config.names import Names
 from broker_config.permissions import BrokerRole, user_name
 from broker_config.topology import topology
-from fedq.broker import Request, apply, plan
+from fedq.broker import Management, Request, apply, plan
 from shared.errors import BrokerError, ConfigError
 from shared.settings import Settings
 from shared.transport.rabbitmq import RabbitMQ
+from tests.support.jobs import FINISHED_RUN, start_run
 from tests.support.private_broker import MakeRabbit, PrivateRabbit
 from tests.support.private_broker import make_private_rabbit_fixture as make_private_rabbit  # noqa: F401
 
@@ -379,3 +381,52 @@ def test_apply_keeps_passwords_and_says_why_it_cannot(node: PrivateRabbit, tmp_p
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert {u["name"] for u in doc["users"]} >= {"pm.j1.worker.w1", "pm.observer"}
     assert not any(p in out.read_text() for p in before)
+
+
+def test_fedq_run_gives_each_process_its_own_broker_user(node: PrivateRabbit, tmp_path: Path) -> None:
+    """A whole ``fedq run`` on the private node with --broker-users on: while it runs, every process's
+    connection logs in as its role's user (no process holds the administrator's login, not even in its
+    environment), the job reaches its end with its audit balanced, and the run's users go with it."""
+    names = Names(NS, "runjob")
+    out = tmp_path / "run"
+    management = Management(node.management_url, "guest", "guest")
+    proc = start_run(
+        out, names, *FINISHED_RUN, "--job", names.job, "--management-url", node.management_url,
+        "--broker-users", "on", amqp_url=node.amqp_url,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        logins: dict[str, str] = {}
+        while time.monotonic() < deadline and proc.poll() is None and len(logins) < 4:
+            connections = management.call("GET", "/api/connections") or []
+            logins = {
+                c["client_properties"].get("connection_name", ""): c["user"]
+                for c in connections
+                if c.get("client_properties", {}).get("connection_name", "").startswith("fedq-")
+            }
+            logins = {k: v for k, v in logins.items() if k.endswith(("runjob", "w00", "w01"))}
+            time.sleep(0.3)
+        assert logins == {
+            "fedq-coordinator-runjob": "pm.runjob.coordinator",
+            "fedq-aggregator-runjob": "pm.runjob.aggregator",
+            "fedq-worker-w00": "pm.runjob.worker.w00",
+            "fedq-worker-w01": "pm.runjob.worker.w01",
+        }
+        pids = json.loads((out / "processes.json").read_text())
+        for name in ("coordinator", "aggregator", "w00"):
+            environ = Path(f"/proc/{pids[name]}/environ").read_bytes().decode(errors="replace")
+            assert "guest" not in environ, name  # neither the administrator's user nor its password
+            cmdline = Path(f"/proc/{pids[name]}/cmdline").read_bytes().decode(errors="replace")
+            assert "--amqp-password-file" in cmdline
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["audit"]["ok"] and summary["audit"]["lost"] == 0 and summary["versions"] >= 6
+    users = set(management.users())
+    assert not any(u.startswith("pm.runjob.") for u in users)  # the run's accounts ended with it
+    for f in (out / "keys" / "broker").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600

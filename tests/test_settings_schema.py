@@ -92,6 +92,7 @@ SETTING_FLAGS = {
     "declare": AMQP | {"namespace", "capabilities"},
     **{f"dlq {a}": AMQP | {"namespace"} for a in ("list", "show", "requeue")},
     "broker apply": AMQP | {"namespace", "job", "capabilities", "keys-dir", "trusted-keys", "management-url"},
+    "broker certs": set(),  # files only: it reaches no broker
     **{f"model {a}": MODEL_WHERE for a in ("list", "show", "export", "verify", "rollback")},
     **{f"keys {a}": {"keys-dir", "trusted-keys"} for a in ("init", "create", "enrol", "revoke", "list", "rotate")},
 }
@@ -112,6 +113,7 @@ OWN_OPTIONS = {
     **{f"keys {a}": {"--json"} for a in ("init", "create", "revoke", "list", "rotate")},
     "keys enrol": {"--replace", "--json"},
     "broker apply": {"--workers", "--secrets", "--definitions-file", "--json"},
+    "broker certs": {"--out", "--host", "--client", "--json"},
 }
 # What each command needs besides flags, to parse at all.
 REQUIRED = {
@@ -129,6 +131,7 @@ REQUIRED = {
     "keys enrol": ["w1", "w1.pub"],
     "keys revoke": ["w1"],
     "keys rotate": ["coordinator"],
+    "broker certs": ["--out", "d"],
 }
 # A value per type, as text and as the setting then holds it: one for flags, one for the environment.
 SAMPLE: dict[type, tuple[str, object]] = {str: ("from-flag", "from-flag"), int: ("7", 7), float: ("2.5", 2.5)}

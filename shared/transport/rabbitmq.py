@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import aio_pika.exceptions
@@ -32,6 +32,7 @@ from aio_pika.abc import (
 from broker_config.names import Names
 from broker_config.topology import Queue, Topology
 from shared.errors import BrokerError, TopologyConflictError
+from shared.tls import ClientTls
 from shared.transport import (
     Delivery,
     Handler,
@@ -42,6 +43,7 @@ from shared.transport import (
     StreamEntry,
     Transport,
 )
+from shared.transport.refusals import explain
 
 # Errors that mean "the link or channel is gone for now": a robust connection recovers from them.
 LINK_ERRORS: tuple[type[BaseException], ...] = (
@@ -65,6 +67,13 @@ def with_heartbeat(url: str, heartbeat: int) -> str:
     parts = urlsplit(url)
     query = parts.query + ("&" if parts.query else "") + urlencode({"heartbeat": heartbeat})
     return urlunsplit(parts._replace(query=query)) if "heartbeat=" not in parts.query else url
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` for its user (the URL names the user, not the password)."""
+    parts = urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:{quote(password, safe='')}@{host}"))
 
 
 def redact(url: str) -> str:
@@ -187,8 +196,16 @@ class RabbitMQ(Transport):
         heartbeat: int = 15,
         publish_retry_seconds: float = 300.0,
         connect_timeout: float = 15.0,
+        *,
+        tls: ClientTls | None = None,
+        password: Callable[[], str] | None = None,
     ) -> None:
+        """``tls``: how an ``amqps://`` URL verifies the broker (``shared.tls.client_tls``);
+        ``password``: where the password of the URL's user comes from, asked at ``connect``, so
+        that it stays out of ``url`` and of every message."""
         self.url = with_heartbeat(url, heartbeat)
+        self.tls = tls
+        self._password = password
         self.names = names
         self.connection_name = connection_name
         self.connect_timeout = connect_timeout
@@ -218,14 +235,19 @@ class RabbitMQ(Transport):
         return self._connection
 
     async def connect(self) -> RabbitMQ:
+        """Open the connection; a refusal the user can fix (a certificate that does not verify,
+        plain AMQP against a TLS port or the other way round, a refused login) says which flag to fix."""
+        url = self.url if self._password is None else with_password(self.url, self._password())
         try:
             self._connection = await aio_pika.connect_robust(
-                self.url,
+                url,
                 timeout=self.connect_timeout,
                 client_properties={"connection_name": self.connection_name},
+                ssl_context=self.tls.context if self.tls is not None else None,
             )
         except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
-            raise BrokerError(f"cannot reach RabbitMQ at {redact(self.url)}: {exc!r}") from exc
+            why = await explain(self.url, exc, self.tls)
+            raise BrokerError(why or f"cannot reach RabbitMQ at {redact(self.url)}: {exc!r}") from exc
         self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         return self
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -134,3 +135,20 @@ async def delete_namespace(
                     await ch.close()
     finally:
         await conn.close()
+    await asyncio.to_thread(delete_users, amqp_url, names.namespace)
+
+
+SHARED_MANAGEMENT = "http://127.0.0.1:15672/"
+
+
+def delete_users(amqp_url: str, namespace: str) -> None:
+    """The namespace's broker users (``fedq run`` and ``fedq broker apply`` make them) on the shared
+    broker, through its management API when it answers."""
+    from fedq.broker import Management
+
+    if urlsplit(amqp_url).port not in (None, 5672):
+        return  # a private node: it goes with its data
+    management = Management(SHARED_MANAGEMENT, "guest", "guest", timeout=5)
+    if management.answers():
+        management.delete_users([u for u in management.users() if u.startswith(f"{namespace}.")])
+
