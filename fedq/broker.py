@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import secrets
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -148,9 +149,13 @@ def login(settings: Settings) -> tuple[str, str]:
 class Management:
     """The RabbitMQ management API, as the ``--amqp-url`` user."""
 
-    def __init__(self, url: str, user: str, password: str, timeout: float = 15.0) -> None:
+    def __init__(
+        self, url: str, user: str, password: str, timeout: float = 15.0, ca_file: str = ""
+    ) -> None:
+        """``ca_file``: the CA an ``https://`` API's certificate must chain to (default: the system's)."""
         self.url = url.rstrip("/")
         self.user = user
+        self._tls = ssl.create_default_context(cafile=ca_file or None)
         self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         self.timeout = timeout
 
@@ -163,7 +168,7 @@ class Management:
             headers={"authorization": self._auth, "content-type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self._tls) as response:
                 text = response.read().decode()
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
@@ -203,7 +208,7 @@ class Management:
 
 def management_for(settings: Settings) -> Management:
     user, password = login(settings)
-    return Management(settings.management_url, user, password)
+    return Management(settings.management_url, user, password, ca_file=settings.amqp_ca)
 
 
 def plan(settings: Settings, request: Request) -> tuple[list[Account], dict[str, Any]]:
