@@ -161,8 +161,8 @@ async def read_update_log(transport: Transport, job_id: str, idle: float = 2.0) 
             break
     sent: dict[str, str] = {}
     for entry in entries:
-        with contextlib.suppress(WireError):
-            envelope = open_envelope(entry.body)
+        with contextlib.suppress(WireError):  # garbage, or above the cap (too_large: never unpacked)
+            envelope = open_envelope(entry.body, transport.max_message_bytes)
             if envelope.kind == "update":
                 update = decode_head(envelope)
                 if isinstance(update, Update) and update.job_id == job_id:

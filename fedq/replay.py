@@ -22,7 +22,7 @@ from aggregator.binding import bound
 from aggregator.core import Accepted, AggregatorCore
 from shared.aggregation import Clip, Policy, Robust, clip_window_of
 from shared.app import App
-from shared.codec import decode_head, open_envelope, read_task_token
+from shared.codec import MAX_MESSAGE_BYTES, decode_head, open_envelope, read_task_token
 from shared.errors import FedqError, StoreError, UnknownTaskError, UnsignedVersionError, WireError
 from shared.keys import DirectoryTrust
 from shared.ledger import read_lines
@@ -47,13 +47,14 @@ class LoggedUpdate:
 
 
 def decode_entries(
-    entries: Iterable[StreamEntry], job_id: str, keyring: Keyring | None
+    entries: Iterable[StreamEntry], job_id: str, keyring: Keyring | None, max_bytes: int = MAX_MESSAGE_BYTES
 ) -> list[LoggedUpdate]:
-    """The job's updates among raw stream entries; garbage and other jobs are skipped."""
+    """The job's updates among raw stream entries; garbage, entries above ``max_bytes`` (never
+    unpacked) and other jobs are skipped."""
     out = []
     for entry in entries:
         try:
-            envelope = open_envelope(entry.body)
+            envelope = open_envelope(entry.body, max_bytes)
             if envelope.kind != "update":
                 continue
             update = decode_head(envelope)
@@ -124,7 +125,7 @@ async def load_job(settings: Settings, offset: Any = "first") -> Job:
             unsigned[v] = str(exc)
     async with connected(settings, "fedq-replay") as transport:
         entries = await transport.read_all(transport.names.update_log, offset)
-    updates = decode_entries(entries, settings.job, keyring)
+    updates = decode_entries(entries, settings.job, keyring, settings.max_message_bytes)
     ledger = list(read_lines(settings.out_dir / "ledger.jsonl"))
     return Job(settings, store, manifests, updates, ledger, unsigned)
 

@@ -6,7 +6,8 @@
 signature covers ``["fedq", v, kind, signer, head, sha256(payload)]``, so the
 bytes that are verified are the bytes that were sent: nothing is re-encoded.
 Decoding is strict: unknown versions, kinds, fields or types are rejected with a
-``WireError`` that keeps the raw bytes.
+``WireError`` that keeps the raw bytes. A message above the size cap (``max_bytes``,
+``--max-message-bytes``) is refused as ``too_large`` before anything in it is unpacked or hashed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from shared.errors import BadSignatureError, DecodeError, UnknownTaskError, WireError
+from shared.errors import (
+    BadSignatureError,
+    ConfigError,
+    DecodeError,
+    TooLargeError,
+    UnknownTaskError,
+    WireError,
+)
 from shared.messages import KINDS, PAYLOAD_FIELD, Message, Task
 from shared.signing import Keyring, Signer, authorize
 
@@ -30,6 +38,54 @@ ENVELOPE_KEYS = frozenset({"v", "kind", "signer", "head", "payload", "sig"})
 MAX_HEAD_BYTES = 64 * 1024
 
 T = TypeVar("T")
+
+# -- limits ------------------------------------------------------------------------------------
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the default of --max-message-bytes (Settings.max_message_bytes)
+# The most an envelope adds to its payload: the head (at most MAX_HEAD_BYTES), the signature, the
+# signer's fingerprint, the kind and msgpack's framing. A payload of N bytes travels in at most
+# N + ENVELOPE_BYTES.
+ENVELOPE_BYTES = MAX_HEAD_BYTES + 1024
+BROKER_MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # RabbitMQ's ceiling for its own max_message_size
+# Unacked deliveries a consumer may hold, in bytes: prefetch x the cap stays under this.
+PREFETCH_BUDGET_BYTES = 256 * 1024 * 1024
+
+
+def check_size(raw: bytes, max_bytes: int) -> None:
+    """``TooLargeError`` when ``raw`` is above the cap; only its length is looked at."""
+    if len(raw) > max_bytes:
+        raise TooLargeError(
+            f"a message of {len(raw)} bytes is above the cap of {max_bytes} bytes (--max-message-bytes)", raw
+        )
+
+
+def check_message_cap(max_message_bytes: int, inline_limit: int) -> None:
+    """``ConfigError`` unless the cap fits what fedq sends: a task's inline model and an update's
+    inline delta are up to ``inline_limit`` bytes, in their envelope (larger ones travel by claim
+    check), and RabbitMQ takes nothing above its own ceiling."""
+    largest = inline_limit + ENVELOPE_BYTES
+    if max_message_bytes < largest:
+        raise ConfigError(
+            f"--max-message-bytes {max_message_bytes} is below what fedq sends: --inline-limit {inline_limit} "
+            f"plus {ENVELOPE_BYTES} bytes of envelope = {largest}; raise the cap or lower --inline-limit"
+        )
+    if max_message_bytes > BROKER_MAX_MESSAGE_BYTES:
+        raise ConfigError(
+            f"--max-message-bytes {max_message_bytes} is above {BROKER_MAX_MESSAGE_BYTES}, the most RabbitMQ "
+            "accepts (its max_message_size)"
+        )
+
+
+def bounded_prefetch(
+    wanted: int, max_message_bytes: int, *, need: int = 1, budget: int = PREFETCH_BUDGET_BYTES
+) -> int:
+    """The prefetch count to ask for, so that prefetch x ``max_message_bytes`` stays under ``budget``
+    bytes of unacked deliveries, but never below ``need`` (what the consumer holds unacked to make
+    progress: the aggregator's buffer). RabbitMQ does not implement basic.qos prefetch_size (a
+    non-zero value closes the connection with NOT_IMPLEMENTED), so a byte bound is a count bound.
+    ``wanted`` 0 (AMQP's "no limit") counts as no wish."""
+    fits = max(1, budget // max(1, max_message_bytes))
+    return max(need, fits if wanted <= 0 else min(wanted, fits))
 
 
 @dataclass(frozen=True)
@@ -84,8 +140,10 @@ def encode(message: Message, signer: Signer) -> bytes:
     return typing.cast(bytes, msgpack.packb(doc, use_bin_type=True))
 
 
-def open_envelope(raw: bytes) -> Envelope:
-    """Parse the outer envelope without trusting anything in it."""
+def open_envelope(raw: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
+    """Parse the outer envelope without trusting anything in it; ``TooLargeError`` first, when ``raw``
+    is above ``max_bytes``."""
+    check_size(raw, max_bytes)
     try:
         doc = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises a zoo of types on garbage
@@ -175,21 +233,32 @@ def decode_head(envelope: Envelope, raw: bytes = b"") -> Message:
 
 
 @typing.overload
-def decode(raw: bytes, keyring: Keyring, expect: type[T]) -> tuple[T, Envelope]: ...
+def decode(
+    raw: bytes, keyring: Keyring, expect: type[T], *, max_bytes: int = MAX_MESSAGE_BYTES
+) -> tuple[T, Envelope]: ...
 
 
 @typing.overload
 def decode(
-    raw: bytes, keyring: Keyring, expect: tuple[type, ...] | None = None
+    raw: bytes,
+    keyring: Keyring,
+    expect: tuple[type, ...] | None = None,
+    *,
+    max_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[Message, Envelope]: ...
 
 
 def decode(
-    raw: bytes, keyring: Keyring, expect: type | tuple[type, ...] | None = None
+    raw: bytes,
+    keyring: Keyring,
+    expect: type | tuple[type, ...] | None = None,
+    *,
+    max_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[Any, Envelope]:
-    """Parse, verify, decode and check that the signer's role may send it (and, for a worker,
-    that it speaks for its own worker id). Raises a ``WireError`` subclass naming the reason."""
-    envelope = open_envelope(raw)
+    """Check the size, then parse, verify, decode and check that the signer's role may send it (and,
+    for a worker, that it speaks for its own worker id). Raises a ``WireError`` subclass naming the
+    reason (``too_large`` above ``max_bytes``, before anything is unpacked or hashed)."""
+    envelope = open_envelope(raw, max_bytes)
     peer = keyring.verify(envelope.signer, envelope.sig, envelope.signed_bytes(), raw)
     message = decode_head(envelope, raw)
     if expect is not None and not isinstance(message, expect):
@@ -266,6 +335,10 @@ def open_task_token(token: bytes, keyring: Keyring) -> Task:
 __all__ = [
     "BadSignatureError",
     "Envelope",
+    "TooLargeError",
+    "bounded_prefetch",
+    "check_message_cap",
+    "check_size",
     "decode",
     "decode_head",
     "encode",

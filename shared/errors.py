@@ -34,6 +34,13 @@ class WireError(FedqError):
         self.raw = raw
 
 
+class TooLargeError(WireError):
+    """A message above the size cap (``--max-message-bytes``): refused on arrival before anything in it
+    is unpacked or hashed, and refused before it is published."""
+
+    reason = Reason.TOO_LARGE
+
+
 class DecodeError(WireError):
     """The bytes are not a well-formed fedq envelope of a known version and kind."""
 

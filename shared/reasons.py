@@ -10,7 +10,8 @@ from enum import StrEnum
 
 
 class Reason(StrEnum):
-    # the bytes: decoding and signatures (the runtime, before any handler)
+    # the bytes: size, decoding and signatures (the runtime, before any handler)
+    TOO_LARGE = "too_large"  # above --max-message-bytes: refused before anything is unpacked
     UNDECODABLE = "undecodable"
     UNKNOWN_SIGNER = "unknown_signer"
     BAD_SIGNATURE = "bad_signature"

@@ -5,7 +5,11 @@ handlers and loops in ``start``; the runtime does the rest the same way for all 
 
 - **Messages are checked once, here.** ``consume_messages`` decodes and verifies each delivery
   (in a thread when it is large) before the handler sees it. A message that fails goes to
-  ``on_invalid`` (by default: dead-lettered with the ``WireError``'s reason).
+  ``on_invalid`` (by default: dead-lettered with the ``WireError``'s reason). A body above the
+  transport's cap (``--max-message-bytes``) fails first, before anything in it is unpacked or
+  hashed (``too_large``); ``consume``'s raw handlers never see one either.
+- **Prefetch is bounded by bytes**: the count a service asks for is lowered so that prefetch x
+  the cap stays under ``shared.codec.PREFETCH_BUDGET_BYTES``, never below what it ``need``s.
 - **A handler never takes the service down with one message.** Whatever a handler raises
   dead-letters that message with reason ``internal_error``; only ``ServiceFailure``,
   ``BrokerError`` and ``StoreError`` (the service cannot go on: its broker or store failed)
@@ -26,8 +30,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker_config.topology import Queue, Topology
-from shared.codec import Envelope, decode
-from shared.errors import BrokerError, ServiceFailure, StoreError, WireError
+from shared.codec import Envelope, check_size, decode
+from shared.errors import BrokerError, ServiceFailure, StoreError, TooLargeError, WireError
 from shared.logs import get_logger
 from shared.messages import Message
 from shared.reasons import Reason
@@ -105,9 +109,21 @@ class Runtime:
             self._failure = error
         self._done.set()
 
-    async def consume(self, queue: str, handler: Callable[[Delivery], Awaitable[None]], prefetch: int) -> None:
-        """Consume ``queue`` with raw deliveries, guarded as described in the module docstring."""
-        await self.transport.consume(queue, self._guard(handler), prefetch)
+    async def consume(
+        self, queue: str, handler: Callable[[Delivery], Awaitable[None]], prefetch: int, *, need: int = 1
+    ) -> None:
+        """Consume ``queue`` with raw deliveries, guarded as described in the module docstring: one
+        above the cap is dead-lettered ``too_large`` before ``handler`` sees it."""
+
+        async def sized(delivery: Delivery) -> None:
+            try:
+                check_size(delivery.body, self.transport.max_message_bytes)
+            except TooLargeError as exc:
+                await self._refuse(delivery, exc, dead_letter_invalid)
+                return
+            await handler(delivery)
+
+        await self.transport.consume(queue, self._guard(sized), self.transport.prefetch(prefetch, need))
 
     async def consume_messages(
         self,
@@ -117,10 +133,14 @@ class Runtime:
         handler: MessageHandler,
         *,
         prefetch: int,
+        need: int = 1,
         on_invalid: InvalidHandler = dead_letter_invalid,
     ) -> None:
-        """Consume decoded, verified messages of the ``expect`` kinds from ``queue``."""
-        await self.transport.consume(queue, self._checked(expect, keyring, handler, on_invalid), prefetch)
+        """Consume decoded, verified messages of the ``expect`` kinds from ``queue``. ``prefetch`` is
+        bounded by bytes (see the module docstring); ``need``: the most deliveries the service holds
+        unacked while it waits for more (the aggregator's buffer), which the bound never goes below."""
+        checked = self._checked(expect, keyring, handler, on_invalid)
+        await self.transport.consume(queue, checked, self.transport.prefetch(prefetch, need))
 
     async def subscribe_messages(
         self,
@@ -147,17 +167,24 @@ class Runtime:
     ) -> Callable[[Delivery], Awaitable[None]]:
         async def checked(delivery: Delivery) -> None:
             opened: tuple[Message, Envelope]
+            cap = self.transport.max_message_bytes
             try:
+                check_size(delivery.body, cap)  # its length only: nothing is unpacked, copied or hashed
                 if len(delivery.body) > OFFLOAD_BYTES:
-                    opened = await asyncio.to_thread(_decode, delivery.body, keyring, expect)
+                    opened = await asyncio.to_thread(_decode, delivery.body, keyring, expect, cap)
                 else:
-                    opened = _decode(delivery.body, keyring, expect)
+                    opened = _decode(delivery.body, keyring, expect, cap)
             except WireError as exc:
-                await on_invalid(delivery, exc)
+                await self._refuse(delivery, exc, on_invalid)
                 return
             await handler(*opened, delivery)
 
         return self._guard(checked)
+
+    async def _refuse(self, delivery: Delivery, error: WireError, on_invalid: InvalidHandler) -> None:
+        if isinstance(error, TooLargeError):
+            self.log.warning("message_too_large", source=delivery.source, size=len(delivery.body))
+        await on_invalid(delivery, error)
 
     # -- the run ---------------------------------------------------------------------------
     async def run(self, service: Service, stop: asyncio.Event | None = None) -> Any:
@@ -226,9 +253,11 @@ class Runtime:
         return guarded
 
 
-def _decode(raw: bytes, keyring: Keyring, expect: type[Message] | tuple[type[Message], ...]) -> tuple[Message, Envelope]:
+def _decode(
+    raw: bytes, keyring: Keyring, expect: type[Message] | tuple[type[Message], ...], max_bytes: int
+) -> tuple[Message, Envelope]:
     expected = expect if isinstance(expect, tuple) else (expect,)
-    message, envelope = decode(raw, keyring, expected)
+    message, envelope = decode(raw, keyring, expected, max_bytes=max_bytes)
     return message, envelope
 
 

@@ -30,6 +30,8 @@ from typing import Any
 
 from broker_config.names import DETAIL_HEADER, REASON_HEADER, SOURCE_HEADER, USER_HEADER, Names
 from broker_config.topology import Queue, Topology
+from shared.codec import MAX_MESSAGE_BYTES, bounded_prefetch
+from shared.errors import TooLargeError
 
 __all__ = [
     "Delivery",
@@ -170,6 +172,22 @@ class Transport(abc.ABC):
     names: Names
     publish_retry_seconds: float
     bytes_published: int
+    # the largest body published or accepted (``Settings.max_message_bytes``, set by ``transport_for``)
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+    def check_publish_size(self, exchange: str, body: bytes) -> None:
+        """``TooLargeError`` for a body above the cap, before anything is sent. A dead letter is
+        exempt: it is a body this broker already took, kept whole with its reason (``too_large``)."""
+        if exchange != self.names.dead_exchange and len(body) > self.max_message_bytes:
+            raise TooLargeError(
+                f"refusing to publish {len(body)} bytes to {exchange!r}: above the cap of {self.max_message_bytes} "
+                "bytes (--max-message-bytes)"
+            )
+
+    def prefetch(self, wanted: int, need: int = 1) -> int:
+        """``wanted`` bounded so that the unacked deliveries a consumer holds stay under the byte
+        budget (``shared.codec.bounded_prefetch``), never below ``need``."""
+        return bounded_prefetch(wanted, self.max_message_bytes, need=need)
 
     @abc.abstractmethod
     async def connect(self) -> Transport:

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from broker_config.names import Names
+from shared.codec import check_message_cap
 from shared.errors import ConfigError
 from shared.settings import Settings
 from shared.tls import client_tls, uses_tls
@@ -25,7 +26,8 @@ def transport_for(
     the password of ``--amqp-password-file`` or ``FEDQ_AMQP_PASSWORD`` is read when it connects."""
     tls = client_tls(settings)
     password = broker_password(settings)
-    return RabbitMQ(
+    check_message_cap(settings.max_message_bytes, settings.inline_limit)
+    transport = RabbitMQ(
         broker_url(settings),
         Names(settings.namespace, settings.job),
         connection_name,
@@ -34,6 +36,8 @@ def transport_for(
         tls=tls,
         password=None if password is None else functools.partial(read_password, settings),
     )
+    transport.max_message_bytes = settings.max_message_bytes
+    return transport
 
 
 def broker_url(settings: Settings) -> str:

@@ -443,6 +443,7 @@ class MemoryTransport(Transport):
         message_id: str | None = None,
         mandatory: bool = True,
     ) -> None:
+        self.check_publish_size(exchange, body)
         await self._wait_link()
         message = _Message(
             body, dict(headers or {}), exchange, routing_key, message_id, float(int(time.time())), expiration

@@ -84,6 +84,19 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(query=""))
 
 
+def refused_publish(exchange: str, routing_key: str, size: int, exc: BaseException) -> str:
+    """The broker's PRECONDITION_FAILED on a publish, in words: a body above its max_message_size
+    says which setting to change."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    if "larger than configured max size" in text:
+        return (
+            f"the broker refused a {size}-byte message to {exchange!r}/{routing_key!r}: it is larger than the "
+            f"broker's max_message_size ({text}); keep --max-message-bytes at or below the broker's "
+            "max_message_size (broker_config/rabbitmq.conf)"
+        )
+    return f"the broker refused a message to {exchange!r}/{routing_key!r}: {text}"
+
+
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)' for (?P<what>queue|exchange) '(?P<name>[^']+)'"
     r" in vhost '[^']*': received (?P<received>.+?) but current is (?P<current>.+)$"
@@ -280,8 +293,10 @@ class RabbitMQ(Transport):
         (missed heartbeats: a silent partition) it fails the pending confirm with
         ``CancelledError`` although nobody cancelled the caller; that is a lost link, not a
         cancellation. A real cancellation of the caller is passed on. A refusal by the broker
-        (unroutable, nacked) raises ``BrokerError`` at once.
+        (unroutable, nacked, above its ``max_message_size``) raises ``BrokerError`` at once; a body
+        above our own cap is refused before it is sent (``TooLargeError``).
         """
+        self.check_publish_size(exchange, body)
         deadline = time.monotonic() + self.publish_retry_seconds
         while True:
             message = aio_pika.Message(
@@ -302,6 +317,9 @@ class RabbitMQ(Transport):
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 self._exchanges.pop(exchange, None)
                 raise BrokerError(f"exchange {exchange!r} does not exist: is --namespace right?") from exc
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:  # a ChannelClosed: not a lost link
+                self._exchanges.pop(exchange, None)  # the broker closed the channel; the robust one reopens
+                raise BrokerError(refused_publish(exchange, routing_key, len(body), exc)) from exc
             except PUBLISH_RETRY_ERRORS as exc:
                 if isinstance(exc, asyncio.CancelledError):
                     current = asyncio.current_task()
@@ -380,7 +398,7 @@ class RabbitMQ(Transport):
         queue: Queue | None = None,
     ) -> None:
         channel = await self.connection.channel()
-        await channel.set_qos(prefetch_count=64)
+        await channel.set_qos(prefetch_count=self.prefetch(64))
         self._consumer_channels.append(channel)
         if queue is None:
             q = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -402,7 +420,7 @@ class RabbitMQ(Transport):
         channel = await self.connection.channel()
         entries: asyncio.Queue[StreamEntry] = asyncio.Queue()
         try:
-            await channel.set_qos(prefetch_count=500)
+            await channel.set_qos(prefetch_count=self.prefetch(500))
             try:
                 q = await channel.declare_queue(stream, passive=True)
             except aiormq.exceptions.ChannelNotFoundEntity:

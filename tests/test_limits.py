@@ -1,0 +1,396 @@
+"""Limits and secrets: the message size cap (codec, runtime, services, readers, publishers, the
+broker's own), prefetch bounded by bytes, no password in what fedq writes, private files and temp
+files opened with O_EXCL, and each role's private key in a directory of its own under ``fedq run``."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from broker_config.names import REASON_HEADER, Names
+from shared import codec
+from shared.codec import (
+    ENVELOPE_BYTES,
+    MAX_MESSAGE_BYTES,
+    PREFETCH_BUDGET_BYTES,
+    bounded_prefetch,
+    check_message_cap,
+    decode,
+    encode,
+    open_envelope,
+    task_token,
+)
+from shared.errors import ConfigError, TooLargeError, WireError
+from shared.messages import Hello
+from shared.reasons import Reason
+from shared.runtime import Runtime
+from shared.settings import Settings
+from shared.signing import Keyring, Role, Signer
+from shared.transport import Delivery, StreamEntry
+from shared.transport.memory import MemoryTransport
+from shared.transport.rabbitmq import RabbitMQ
+from tests.support.broker import Inbox, connect_like
+from tests.support.messages import OWNER, make_task, make_update, trust
+from tests.support.rigs import aggregator_rig, coordinator_rig, worker_rig
+from tests.support.waiting import until
+
+MiB = 1024 * 1024
+
+
+def a_hello(signer: Signer, worker_id: str = "w1") -> bytes:
+    return encode(Hello(worker_id, ("cpu",), signer.fingerprint, "up", 0.0), signer)
+
+
+# -- the cap in the codec --------------------------------------------------------------------------
+
+
+def test_the_settings_default_is_the_codecs_and_fits_what_the_defaults_send() -> None:
+    s = Settings()
+    assert s.max_message_bytes == MAX_MESSAGE_BYTES == 16 * MiB
+    check_message_cap(s.max_message_bytes, s.inline_limit)  # the defaults are sane
+    # the largest messages the defaults make: a task with an inline model of --inline-limit bytes,
+    # and an update with an inline delta of that size carrying a task token; above it, claim checks
+    _, raw_task = make_task(OWNER, model=b"\x01" * s.inline_limit)
+    worker = Signer.generate()
+    _, raw_update = make_update(worker, delta=b"\x02" * s.inline_limit, task=task_token(open_envelope(raw_task)))
+    for raw in (raw_task, raw_update):
+        assert s.inline_limit < len(raw) <= s.inline_limit + ENVELOPE_BYTES <= s.max_message_bytes
+
+
+@pytest.mark.parametrize(
+    ("cap", "inline", "problem"),
+    [
+        (1 * MiB, 1 * MiB, "below what fedq sends"),  # an inline model of 1 MiB plus its envelope
+        (64 * 1024, 0, "below what fedq sends"),  # not even a head fits
+        (513 * MiB, 1 * MiB, "the most RabbitMQ accepts"),
+    ],
+)
+def test_a_cap_that_does_not_fit_is_a_config_error(cap: int, inline: int, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        check_message_cap(cap, inline)
+
+
+def test_a_message_above_the_cap_is_refused_before_it_is_unpacked_or_hashed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    signer = Signer.generate()
+    ring = trust(workers={"w1": signer})
+    raw = a_hello(signer)
+    assert decode(raw, ring, Hello, max_bytes=len(raw))[0].worker_id == "w1"  # at the cap: fine
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("unpacked or hashed a message above the cap")
+
+    monkeypatch.setattr(msgpack, "unpackb", forbidden)
+    monkeypatch.setattr(hashlib, "sha256", forbidden)
+    with pytest.raises(TooLargeError) as refused:
+        decode(raw, ring, Hello, max_bytes=len(raw) - 1)
+    assert refused.value.reason is Reason.TOO_LARGE and refused.value.raw == raw
+    assert f"{len(raw)} bytes" in str(refused.value)
+    with pytest.raises(TooLargeError):
+        open_envelope(raw, max_bytes=len(raw) - 1)
+    with pytest.raises(TooLargeError):
+        open_envelope(b"\0" * (MAX_MESSAGE_BYTES + 1))  # the default cap
+
+
+def test_too_large_is_a_reason_and_the_readme_lists_it() -> None:
+    assert Reason("too_large") is Reason.TOO_LARGE and issubclass(TooLargeError, WireError)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "`too_large`" in readme
+
+
+# -- the runtime and the services refuse it, dead-letter it, and go on ----------------------------
+
+
+async def test_the_runtime_dead_letters_an_oversized_message_and_handles_the_next(
+    mem: MemoryTransport, names: Names
+) -> None:
+    signer = Signer.generate()
+    ring = trust(workers={"w1": signer})
+    small, large = a_hello(signer), encode(Hello("w1", ("cpu",) * 500, signer.fingerprint, "up", 0.0), signer)
+    service = await connect_like(mem, "service")
+    service.max_message_bytes = len(small)  # the sender's cap is the default: the large one is sent
+    seen: list[bytes] = []
+    raw_seen: list[bytes] = []
+
+    async def handle(message: Hello, envelope: codec.Envelope, delivery: Delivery) -> None:
+        seen.append(delivery.body)
+        await delivery.ack()
+
+    async def raw(delivery: Delivery) -> None:
+        raw_seen.append(delivery.body)
+        await delivery.ack()
+
+    runtime = Runtime(service)
+    await runtime.consume_messages(names.updates_queue, Hello, ring, handle, prefetch=4)
+    await runtime.consume(names.task_queue("cpu"), raw, prefetch=4)
+    dead = await Inbox.on(mem, names.dead_queue)
+    await mem.publish(names.results_exchange, names.results_key, large)
+    await mem.publish(names.results_exchange, names.results_key, small)
+    await mem.publish(names.tasks_exchange, names.task_key("cpu"), large)
+    await mem.publish(names.tasks_exchange, names.task_key("cpu"), small)
+    await dead.expect(large, Reason.TOO_LARGE, names.updates_queue)
+    await dead.expect(large, Reason.TOO_LARGE, names.task_queue("cpu"))
+    await until(lambda: seen == [small] and raw_seen == [small], "the small ones handled")
+    await dead.expect_none()
+
+
+async def test_the_aggregator_rejects_an_oversized_update_as_too_large(
+    mem: MemoryTransport, names: Names, tmp_path: Path
+) -> None:
+    async with aggregator_rig(mem, names, tmp_path, k=1) as rig:
+        _, body = rig.update()
+        rig.service.max_message_bytes = len(body) - 1
+        await rig.send(body)
+        entry = await rig.rejected(body, Reason.TOO_LARGE)  # dead-lettered, in the ledger, still up
+        assert "above the cap" in entry["detail"]
+        rig.service.max_message_bytes = MAX_MESSAGE_BYTES
+        task_id, body = rig.update()
+        await rig.send(body)
+        await rig.ledger_entry(task_id, "applied")
+
+
+async def test_the_worker_dead_letters_an_oversized_task_and_trains_the_next(
+    mem: MemoryTransport, tmp_path: Path
+) -> None:
+    async with worker_rig(mem, tmp_path, start=True) as rig:
+        _, large = rig.task()
+        rig.transport.max_message_bytes = len(large) - 1
+        await rig.send(large)
+        await rig.dead.expect(large, Reason.TOO_LARGE, rig.task_queue)
+        rig.transport.max_message_bytes = MAX_MESSAGE_BYTES
+        task = await rig.send_task()
+        update, _ = await rig.next_update()
+        assert update.task_id == task.task_id
+        rig.check_alive()
+
+
+async def test_the_coordinator_dead_letters_an_oversized_hello_and_goes_on(
+    mem: MemoryTransport, tmp_path: Path
+) -> None:
+    async with coordinator_rig(mem, tmp_path) as r:
+        dead = await Inbox.on(r.client, r.names.dead_queue)
+        key = Signer.generate()
+        r.trust.add(key.public, Role.WORKER, worker_id="big")
+        large = encode(Hello("big", ("cpu",) * 500, key.fingerprint, "up", time.time()), key)
+        r.coordinator.transport.max_message_bytes = len(large) - 1
+        await r.client.publish(r.names.workers_exchange, r.names.hello_key, large)
+        refused = await dead.next()  # from the coordinator's own hello queue
+        assert (refused.body, refused.headers[REASON_HEADER]) == (large, Reason.TOO_LARGE)
+        await r.hello("w1")
+        await until(lambda: r.tasks, "a task for the worker that fits")
+        r.check_alive()
+
+
+def test_the_log_readers_skip_an_oversized_entry_without_unpacking_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedq.replay import decode_entries
+
+    worker = Signer.generate()
+    _, small = make_update(worker, job_id="j")
+    _, large = make_update(worker, job_id="j", delta=b"\0" * 4096, quant="none")
+    entries = [StreamEntry(0, None, large), StreamEntry(1, None, small)]
+    unpacked: list[int] = []
+    real = msgpack.unpackb
+
+    def counted(data: bytes, **kw: object) -> object:
+        unpacked.append(len(data))
+        return real(data, **kw)
+
+    monkeypatch.setattr(msgpack, "unpackb", counted)
+    got = decode_entries(entries, "j", None, max_bytes=len(small))
+    assert [u.entry.offset for u in got] == [1]
+    assert len(large) not in unpacked
+
+
+# -- publishers refuse it ----------------------------------------------------------------------------
+
+
+async def test_a_publish_above_the_cap_is_refused_before_it_is_sent(mem: MemoryTransport, names: Names) -> None:
+    inbox = await Inbox.on(mem, names.updates_queue)
+    mem.max_message_bytes = 1000
+    with pytest.raises(TooLargeError, match=r"refusing to publish 1001 bytes .* above the cap of 1000"):
+        await mem.publish(names.results_exchange, names.results_key, b"x" * 1001)
+    await mem.publish(names.results_exchange, names.results_key, b"x" * 1000)
+    assert len((await inbox.next()).body) == 1000
+    await inbox.expect_none()
+    assert mem.bytes_published == 1000
+
+
+async def test_a_dead_letter_keeps_the_whole_oversized_body(mem: MemoryTransport, names: Names) -> None:
+    """What the broker took once is dead-lettered whole, with its reason: nothing is lost."""
+    dead = await Inbox.on(mem, names.dead_queue)
+    await mem.publish(names.results_exchange, names.results_key, b"y" * 5000)
+    service = await connect_like(mem, "service")
+    service.max_message_bytes = 1000
+    got: list[Delivery] = []
+
+    async def take(delivery: Delivery) -> None:
+        got.append(delivery)
+
+    await service.consume(names.updates_queue, take, prefetch=1)
+    await until(lambda: got, "the delivery")
+    await got[0].dead_letter(Reason.TOO_LARGE, "above the cap")
+    d = await dead.next()
+    assert d.body == b"y" * 5000 and d.headers[REASON_HEADER] == Reason.TOO_LARGE
+
+
+# -- prefetch bounded by bytes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("wanted", "cap", "need", "expected"),
+    [
+        (1, 16 * MiB, 1, 1),  # the worker: one task at a time
+        (64, 16 * MiB, 1, PREFETCH_BUDGET_BYTES // (16 * MiB)),  # 64 x 16 MiB would be 1 GiB
+        (64, 2 * MiB, 1, 64),  # a smaller cap leaves room for what was asked
+        (0, 16 * MiB, 1, 16),  # "no limit" is bounded too
+        (120, 16 * MiB, 31, 31),  # never below what the consumer holds to make progress
+        (500, 600 * MiB, 1, 1),  # at least one
+    ],
+)
+def test_prefetch_is_bounded_so_that_prefetch_times_the_cap_stays_in_the_budget(
+    wanted: int, cap: int, need: int, expected: int
+) -> None:
+    got = bounded_prefetch(wanted, cap, need=need)
+    assert got == expected
+    assert got == need or got == 1 or got * cap <= PREFETCH_BUDGET_BYTES
+
+
+async def test_consumers_ask_the_broker_for_the_bounded_prefetch(
+    mem: MemoryTransport, names: Names, tmp_path: Path
+) -> None:
+    runtime = Runtime(mem)
+
+    async def nothing(message: Hello, envelope: codec.Envelope, delivery: Delivery) -> None:
+        pass
+
+    await runtime.consume_messages(names.updates_queue, Hello, Keyring(), nothing, prefetch=1000)
+    consumers = mem.broker.queues[names.updates_queue].consumers
+    assert [c.prefetch for c in consumers] == [PREFETCH_BUDGET_BYTES // MAX_MESSAGE_BYTES]
+
+
+@pytest.mark.parametrize(("k", "need"), [(2, 6), (40, 41)])  # the clip's warm-up holds 5; a buffer K
+async def test_the_aggregator_prefetches_at_least_what_it_holds_for_a_version(
+    mem: MemoryTransport, names: Names, tmp_path: Path, k: int, need: int
+) -> None:
+    from aggregator.config import AggregatorConfig
+    from aggregator.service import Aggregator
+    from shared.aggregation import Policy
+    from shared.ledger import JsonLines
+    from shared.store import LocalStore, ModelStore
+    from tests.support.messages import MAKER, save_v0, tiny_model
+
+    store = ModelStore(LocalStore(tmp_path / "store"), names.job, trust())
+    await save_v0(store, tiny_model())
+    service = await connect_like(mem, "aggregator")
+    aggregator = Aggregator(
+        AggregatorConfig(Policy(k=k)),
+        transport=service,
+        store=store,
+        signer=MAKER,
+        keyring=trust(),
+        ledger=JsonLines(tmp_path / "ledger.jsonl"),
+    )
+    import asyncio
+
+    running = asyncio.create_task(aggregator.run())
+    try:
+        await until(lambda: mem.broker.queues[names.updates_queue].consumers, "the aggregator to consume")
+        [consumer] = mem.broker.queues[names.updates_queue].consumers
+        assert consumer.prefetch == max(need, PREFETCH_BUDGET_BYTES // MAX_MESSAGE_BYTES)
+        assert consumer.prefetch * MAX_MESSAGE_BYTES <= max(PREFETCH_BUDGET_BYTES, need * MAX_MESSAGE_BYTES)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+
+
+# -- on the real broker ------------------------------------------------------------------------------
+
+broker_node = pytest.mark.broker  # tests on a private node (conftest marks by fixture name only)
+BROKER_CAP = 200_000
+
+
+def test_the_compose_brokers_cap_matches_the_default() -> None:
+    conf = (Path(__file__).parents[1] / "broker_config" / "rabbitmq.conf").read_text()
+    values = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition("=") for line in conf.splitlines())
+        if value and not key.lstrip().startswith("#")
+    )
+    assert int(values["max_message_size"]) == MAX_MESSAGE_BYTES
+
+
+async def test_rabbitmq_does_not_implement_prefetch_size(amqp_url: str) -> None:
+    """Why prefetch is bounded by count (``shared.codec.bounded_prefetch``): the broker refuses a
+    byte window, and closes the whole connection for asking."""
+    import aio_pika
+    import aiormq.exceptions
+
+    connection = await aio_pika.connect(amqp_url, client_properties={"connection_name": "test-prefetch-size"})
+    try:
+        channel = await connection.channel()
+        with pytest.raises(aiormq.exceptions.ConnectionNotImplemented, match="prefetch_size"):
+            await channel.set_qos(prefetch_count=4, prefetch_size=MiB)
+    finally:
+        await connection.close()
+
+
+async def test_an_oversized_message_through_rabbitmq_is_dead_lettered_too_large(broker: RabbitMQ) -> None:
+    names = broker.names
+    signer = Signer.generate()
+    ring = trust(workers={"w1": signer})
+    small, large = a_hello(signer), encode(Hello("w1", ("cpu",) * 500, signer.fingerprint, "up", 0.0), signer)
+    service = await connect_like(broker, "test-limits-service")
+    service.max_message_bytes = len(small)
+    seen: list[bytes] = []
+
+    async def handle(message: Hello, envelope: codec.Envelope, delivery: Delivery) -> None:
+        seen.append(delivery.body)
+        await delivery.ack()
+
+    try:
+        await Runtime(service).consume_messages(names.updates_queue, Hello, ring, handle, prefetch=4)
+        dead = await Inbox.on(broker, names.dead_queue)
+        await broker.publish(names.results_exchange, names.results_key, large)
+        await broker.publish(names.results_exchange, names.results_key, small)
+        await dead.expect(large, Reason.TOO_LARGE, names.updates_queue)
+        await until(lambda: seen == [small], "the small one handled")
+    finally:
+        await service.close()
+
+
+@broker_node
+def test_the_broker_refuses_a_message_above_its_max_message_size_and_fedq_says_so(tmp_path: Path) -> None:
+    import asyncio
+
+    from broker_config.topology import topology
+    from shared.errors import BrokerError
+    from tests.support.private_broker import PrivateBrokerError, private_rabbit_node
+
+    async def attempt(url: str) -> None:
+        names = Names(f"t-{uuid.uuid4().hex[:10]}")
+        transport = await RabbitMQ(url, names, "test-broker-cap", publish_retry_seconds=60).connect()
+        try:
+            await transport.declare(topology(names, ("cpu",)))
+            inbox = await Inbox.on(transport, names.task_queue("cpu"))
+            started = time.monotonic()
+            with pytest.raises(BrokerError, match=r"refused a 200001-byte message .*max_message_size"):
+                await transport.publish(names.tasks_exchange, names.task_key("cpu"), b"x" * (BROKER_CAP + 1))
+            assert time.monotonic() - started < 10  # refused at once, not retried as a lost link
+            await transport.publish(names.tasks_exchange, names.task_key("cpu"), b"x" * BROKER_CAP)
+            assert len((await inbox.next()).body) == BROKER_CAP  # the channel came back: at the cap it goes
+        finally:
+            await transport.close()
+
+    try:
+        with private_rabbit_node(tmp_path / "rabbit", conf=(f"max_message_size = {BROKER_CAP}",)) as node:
+            asyncio.run(attempt(node.amqp_url))
+    except PrivateBrokerError as exc:
+        pytest.fail(f"cannot start a private RabbitMQ node: {exc}", pytrace=False)
