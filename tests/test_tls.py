@@ -100,7 +100,9 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     conf = tls_conf(port, certs / "ca.pem", certs / "server.pem", certs / "server.key", external=True)
     try:
         with private_rabbit_node(
-            tmp_path_factory.mktemp("rabbit"), conf=conf, plugins=(EXTERNAL_AUTH_PLUGIN,)
+            tmp_path_factory.mktemp("rabbit"),
+            conf=conf,
+            plugins=("rabbitmq_management", EXTERNAL_AUTH_PLUGIN),
         ) as node:
             node.ctl("add_user", CLIENT, uuid.uuid4().hex)
             node.ctl("clear_password", CLIENT)  # it logs in by certificate only
@@ -332,11 +334,12 @@ def test_broker_certs_makes_a_ca_a_server_and_clients_then_adds_to_them(tmp_path
 @broker
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_job_runs_over_tls_to_its_target_and_its_audit_balances(
+def test_a_job_runs_over_tls_with_a_broker_user_per_role_and_its_audit_balances(
     tls_broker: TlsBroker, tmp_path: Path
 ) -> None:
-    """``fedq run`` hands its processes the TLS settings: every connection of the run (declare,
-    aggregator, coordinator, workers, the closing audit) comes over the TLS port."""
+    """``fedq run`` hands its processes the TLS settings and each its own broker user (made through
+    the node's management API): every connection of the run comes over the TLS port, each
+    service's as the user of its role."""
     names = fresh_names()
     out = tmp_path / "run"
     proc = start_run(
@@ -348,6 +351,8 @@ def test_a_job_runs_over_tls_to_its_target_and_its_audit_balances(
         "--target-accuracy", "0",
         "--max-versions", "4",
         "--amqp-ca", str(tls_broker.certs / "ca.pem"),
+        "--broker-users", "on",
+        "--management-url", tls_broker.node.management_url,
         amqp_url=tls_broker.url(),
     )  # fmt: skip
     output = finish(proc, timeout=240, check=False)
@@ -356,29 +361,32 @@ def test_a_job_runs_over_tls_to_its_target_and_its_audit_balances(
     assert summary["stop_reason"] == "max_versions", summary
     assert summary["audit"]["ok"] and summary["audit"]["lost"] == 0, summary["audit"]
     assert summary["updates_applied"] >= 12
-    ports = connection_ports(tls_broker.node)
+    logins = connection_logins(tls_broker.node)
     job = json.loads((out / "config.json").read_text())["settings"]["job"]
-    for name in (
-        "fedq-declare",
-        f"fedq-aggregator-{job}",
-        f"fedq-coordinator-{job}",
-        "fedq-worker-w00",
-        "fedq-worker-w01",
-        "fedq-audit",
-    ):
-        assert ports.get(name) == {tls_broker.tls_port}, (name, ports)
+    tls_port, prefix = tls_broker.tls_port, f"{names.namespace}.{job}"
+    assert logins.get("fedq-declare") == {(tls_port, "guest")}, logins  # the operator's own login
+    assert logins.get(f"fedq-aggregator-{job}") == {(tls_port, f"{prefix}.aggregator")}, logins
+    assert logins.get(f"fedq-coordinator-{job}") == {(tls_port, f"{prefix}.coordinator")}, logins
+    for wid in ("w00", "w01"):
+        assert logins.get(f"fedq-worker-{wid}") == {(tls_port, f"{prefix}.worker.{wid}")}, logins
+    assert {port for port, _ in logins.get("fedq-audit", set())} == {tls_port}, logins
 
 
-def connection_ports(node: PrivateRabbit) -> dict[str, set[int]]:
-    """Every client-provided connection name in the node's log, with the broker ports it came to."""
+def connection_logins(node: PrivateRabbit) -> dict[str, set[tuple[int, str]]]:
+    """Every client-provided connection name in the node's log, with the broker port each such
+    connection came to and the user it logged in as."""
     accepted = re.compile(r"connection <([^>]+)> \([\d.:]+ -> [\d.]+:(\d+)\)")
     named = re.compile(r"connection <([^>]+)> \([^)]*\) has a client-provided name: (\S+)")
+    granted = re.compile(r"connection <([^>]+)> \([^)]*\): user '([^']+)' authenticated")
     port_of: dict[str, int] = {}
-    found: dict[str, set[int]] = {}
+    name_of: dict[str, str] = {}
+    found: dict[str, set[tuple[int, str]]] = {}
     for log in node.logs.glob("*.log"):
         for line in log.read_text(errors="replace").splitlines():
-            if m := named.search(line):
-                found.setdefault(m[2], set()).add(port_of.get(m[1], -1))
+            if m := granted.search(line):
+                found.setdefault(name_of.get(m[1], "?"), set()).add((port_of.get(m[1], -1), m[2]))
+            elif m := named.search(line):
+                name_of[m[1]] = m[2]
             elif m := accepted.search(line):
                 port_of[m[1]] = int(m[2])
     return found
