@@ -20,6 +20,7 @@ from shared.errors import BrokerError, ConfigError, WireError
 from shared.ledger import read_lines
 from shared.messages import Update
 from shared.reasons import Fate
+from shared.redact import same_broker
 from shared.settings import Settings
 from shared.store import ModelStore, open_store
 from shared.transport import Transport
@@ -214,6 +215,8 @@ def settings_for(target: str, base: Settings) -> Settings:
             if k in saved
         }
         keep.setdefault("trusted_keys", str(path / "keys" / "trusted"))
+        if "amqp_url" in keep and same_broker(keep["amqp_url"], base.amqp_url):
+            keep["amqp_url"] = base.amqp_url  # config.json holds no password: the caller's URL has it
         return Settings(**{**base.__dict__, **keep})
     if path.exists():
         raise ConfigError(f"{target} is a folder but not a fedq run folder (no config.json)")

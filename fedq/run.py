@@ -28,6 +28,7 @@ from fedq.summary import build_summary
 from shared.app import load_app
 from shared.errors import BrokerError, ConfigError, FedqError
 from shared.ledger import JsonLines
+from shared.redact import public
 from shared.settings import CONNECTION, Settings, env_name, env_only_settings, flags
 from shared.transport.connect import connected
 
@@ -89,8 +90,9 @@ def _env(settings: Settings, run_dir: Path, keys: Path) -> dict[str, str]:
 
 
 def _public(settings: Settings) -> dict[str, Any]:
-    """The settings fit for a file on disk: no secrets (the fields kept out of repr)."""
-    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.repr}
+    """The settings fit for a file on disk: no secrets (the fields kept out of repr), and no URL
+    with its password (``--amqp-url``, ``--management-url``: the tools take it from their own)."""
+    return public({f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if f.repr})
 
 
 def _flags(settings: Settings, command: str) -> list[str]:

@@ -394,3 +394,117 @@ def test_the_broker_refuses_a_message_above_its_max_message_size_and_fedq_says_s
             asyncio.run(attempt(node.amqp_url))
     except PrivateBrokerError as exc:
         pytest.fail(f"cannot start a private RabbitMQ node: {exc}", pytrace=False)
+
+
+# -- no password in what fedq writes or logs ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted", "written"),
+    [
+        ("amqp://u:s3cret@h:5672/v?heartbeat=5", "amqp://u:***@h:5672/v", "amqp://u@h:5672/v?heartbeat=5"),
+        ("amqp://u:p%40ss%3A@h/", "amqp://u:***@h/", "amqp://u@h/"),  # an escaped password too
+        ("amqps://u@h:5671/", "amqps://u@h:5671/", "amqps://u@h:5671/"),  # nothing to hide
+        ("http://admin:pw@127.0.0.1:15672/", "http://admin:***@127.0.0.1:15672/", "http://admin@127.0.0.1:15672/"),
+    ],
+)
+def test_urls_lose_their_password(url: str, redacted: str, written: str) -> None:
+    from shared.redact import redact, redact_text, without_password
+    from shared.transport.rabbitmq import redact as transport_redact
+
+    assert redact(url) == transport_redact(url) == redacted
+    assert without_password(url) == written
+    text = redact_text(f"error: cannot reach {url} (refused)")
+    assert "s3cret" not in text and "p%40ss" not in text and ":pw@" not in text
+
+
+def test_no_log_line_holds_a_password(capsys: pytest.CaptureFixture[str]) -> None:
+    import structlog
+
+    from shared.logs import configure_logging, get_logger
+
+    kept = structlog.get_config()
+    try:
+        configure_logging("info", json=True)
+        log = get_logger(amqp_url="amqp://fedq:hunter2@broker:5672/")
+        try:
+            raise ConnectionError("cannot reach amqps://fedq:hunter2@broker:5671/")
+        except ConnectionError as exc:
+            log.exception("connect_failed", error=repr(exc), management="http://admin:hunter2@broker:15672/")
+    finally:
+        structlog.configure(**kept)
+    err = capsys.readouterr().err
+    assert "connect_failed" in err and "fedq:***@broker" in err and "admin:***@broker" in err
+    assert "hunter2" not in err
+
+
+def test_config_json_holds_no_password_and_the_tools_take_the_callers(tmp_path: Path) -> None:
+    import json
+
+    from fedq.audit import settings_for
+    from fedq.run import _public
+
+    settings = Settings(
+        amqp_url="amqp://fedq:hunter2@127.0.0.1:5672/",
+        management_url="http://fedq:hunter2@127.0.0.1:15672/",
+        amqp_password="hunter3",
+    )
+    written = json.dumps({"settings": _public(settings)}, default=str)
+    assert "hunter" not in written
+    (tmp_path / "config.json").write_text(written)
+    assert json.loads(written)["settings"]["amqp_url"] == "amqp://fedq@127.0.0.1:5672/"
+    mine = Settings(amqp_url="amqp://fedq:hunter2@127.0.0.1:5672/")
+    assert settings_for(str(tmp_path), mine).amqp_url == mine.amqp_url  # same user and broker: its password
+    other = Settings(amqp_url="amqp://guest:guest@elsewhere:5672/")
+    assert settings_for(str(tmp_path), other).amqp_url == "amqp://fedq@127.0.0.1:5672/"  # give its password
+
+
+@broker_node
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_run_writes_its_broker_password_nowhere(tmp_path: Path) -> None:
+    """A whole ``fedq run`` on a private node, logged in with a password in --amqp-url: no file of
+    the run folder (config.json, the logs, summary, ledger, keys) holds it; ``fedq audit`` of the
+    folder, given the URL again, reads the broker and balances."""
+    import json
+
+    from tests.support.jobs import TINY_APP, cli, finish, start_run
+    from tests.support.private_broker import PrivateBrokerError, private_rabbit_node
+
+    password = f"pw-{uuid.uuid4().hex}"
+    names = Names(f"t-{uuid.uuid4().hex[:10]}")
+    out = tmp_path / "run"
+    try:
+        with private_rabbit_node(tmp_path / "rabbit") as node:
+            node.ctl("add_user", "fedq-run", password)
+            node.ctl("set_permissions", "-p", "/", "fedq-run", ".*", ".*", ".*")
+            url = f"amqp://fedq-run:{password}@{node.host}:{node.port}/"
+            run = start_run(
+                out,
+                names,
+                *TINY_APP,
+                "--workers",
+                "2",
+                "--buffer",
+                "2",
+                "--target-accuracy",
+                "0",
+                "--max-versions",
+                "2",
+                "--broker-users",
+                "off",
+                amqp_url=url,
+            )
+            output = finish(run)
+            audited = cli("audit", str(out), "--json", "--amqp-url", url)
+    except PrivateBrokerError as exc:
+        pytest.fail(f"cannot start a private RabbitMQ node: {exc}", pytrace=False)
+    assert password not in output
+    assert audited.returncode == 0 and json.loads(audited.stdout)["ok"], audited.stdout + audited.stderr
+    assert password not in audited.stdout + audited.stderr
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {"config.json", "summary.json", "coordinator.log", "aggregator.log", "w00.log"} <= {p.name for p in files}
+    holding = [str(p.relative_to(out)) for p in files if password.encode() in p.read_bytes()]
+    assert holding == [], f"files holding the broker password: {holding}"
+    config = json.loads((out / "config.json").read_text())["settings"]
+    assert config["amqp_url"] == f"amqp://fedq-run@{node.host}:{node.port}/"

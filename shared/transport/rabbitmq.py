@@ -32,6 +32,7 @@ from aio_pika.abc import (
 from broker_config.names import Names
 from broker_config.topology import Queue, Topology
 from shared.errors import BrokerError, TopologyConflictError
+from shared.redact import redact, redact_text
 from shared.tls import ClientTls
 from shared.transport import (
     Delivery,
@@ -74,14 +75,6 @@ def with_password(url: str, password: str) -> str:
     parts = urlsplit(url)
     user, _, host = parts.netloc.rpartition("@")
     return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:{quote(password, safe='')}@{host}"))
-
-
-def redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        parts = parts._replace(netloc=netloc)
-    return urlunsplit(parts._replace(query=""))
 
 
 def refused_publish(exchange: str, routing_key: str, size: int, exc: BaseException) -> str:
@@ -260,7 +253,7 @@ class RabbitMQ(Transport):
             )
         except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
             why = await explain(self.url, exc, self.tls)
-            raise BrokerError(why or f"cannot reach RabbitMQ at {redact(self.url)}: {exc!r}") from exc
+            raise BrokerError(why or f"cannot reach RabbitMQ at {redact(self.url)}: {redact_text(repr(exc))}") from exc
         self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         return self
 
