@@ -28,6 +28,7 @@ from broker_config.names import Names
 from broker_config.permissions import BrokerRole, BrokerUser, job_users
 from broker_config.topology import topology
 from shared.errors import BrokerError, ConfigError
+from shared.files import write_private
 from shared.keys import WORKER_ID
 from shared.settings import Settings
 
@@ -208,7 +209,7 @@ class Management:
 
 def management_for(settings: Settings) -> Management:
     user, password = login(settings)
-    return Management(settings.management_url, user, password, ca_file=settings.amqp_ca)
+    return Management(settings.management, user, password, ca_file=settings.amqp_ca)
 
 
 def plan(settings: Settings, request: Request) -> tuple[list[Account], dict[str, Any]]:
@@ -228,13 +229,11 @@ def apply(settings: Settings, request: Request) -> dict[str, Any]:
     found, doc = plan(settings, request)
     if request.definitions_file:
         path = Path(request.definitions_file)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds password hashes
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(doc, indent=2) + "\n")
+        write_private(path, (json.dumps(doc, indent=2) + "\n").encode())  # it holds password hashes
         where = str(path)
     else:
         management_for(settings).apply(doc)
-        where = settings.management_url
+        where = settings.management
     return {
         "applied_to": where,
         "job": settings.job,
@@ -275,7 +274,7 @@ def run_accounts(settings: Settings, secrets_dir: Path, worker_ids: list[str]) -
     management = management_for(settings)
     if settings.broker_users == "auto" and not management.answers():
         print(
-            f"fedq: the RabbitMQ management API does not answer at {settings.management_url}: every process "
+            f"fedq: the RabbitMQ management API does not answer at {settings.management}: every process "
             "logs in as the --amqp-url user, without a broker user of its role "
             "(rabbitmq-plugins enable rabbitmq_management, or --broker-users off to silence this)",
             flush=True,

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from shared.errors import ConfigError
 
@@ -117,11 +118,12 @@ class Settings:
         ),
     )
     management_url: str = field(
-        default="http://127.0.0.1:15672/",
+        default="",  # default: http://<the --amqp-url host>:15672/
         metadata=cli(
             CONNECTION,
             ("run", *BROKER),
-            "RabbitMQ management API; its login is the --amqp-url user's (default http://127.0.0.1:15672/)",
+            "RabbitMQ management API; its login is the --amqp-url user's (default http://<the --amqp-url "
+            "host>:15672/)",
         ),
     )
     broker_identity: str = field(
@@ -518,6 +520,14 @@ class Settings:
         if self.coordinator_key:
             return Path(self.coordinator_key)
         return Path(self.keys_dir) / "coordinator.pub"
+
+    @property
+    def management(self) -> str:
+        """``--management-url``, or port 15672 of the broker ``--amqp-url`` names (never another broker's)."""
+        if self.management_url:
+            return self.management_url
+        host = urlsplit(self.amqp_url).hostname or "127.0.0.1"
+        return f"http://{f'[{host}]' if ':' in host else host}:15672/"
 
     @property
     def user_id_required(self) -> bool:

@@ -81,9 +81,9 @@ KEYS = {"keys-dir", "trusted-keys", "coordinator-key", "key-file"}
 WHERE = AMQP | {"namespace", "store", "out"}
 MODEL_WHERE = WHERE | {"s3-endpoint", "s3-region", "keys-dir", "trusted-keys"}
 SETTING_FLAGS = {
-    "run": (CONN - KEYS) | JOB | POLICY | DATA | {"broker-users", "management-url"},
-    "coordinator": CONN | JOB,
-    "aggregator": CONN | {"mode", "capabilities"} | POLICY,
+    "run": (CONN - KEYS) | JOB | POLICY | DATA | {"broker-users", "management-url", "broker-identity"},
+    "coordinator": CONN | JOB | {"broker-identity"},
+    "aggregator": CONN | {"mode", "capabilities", "broker-identity"} | POLICY,
     "worker": CONN | WORKER | DATA,
     "audit": WHERE,
     "log": WHERE | {"trusted-keys"},
