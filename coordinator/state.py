@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.files import write_atomic
+
 FILE_NAME = "coordinator.json"
 
 
@@ -81,10 +83,7 @@ class CoordinatorState:
         return cls(**values)
 
     def write(self, out_dir: Path) -> None:
-        path = out_dir / FILE_NAME
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True))
-        tmp.replace(path)
+        write_atomic(out_dir / FILE_NAME, json.dumps(self.to_json(), indent=2, sort_keys=True).encode())
 
     @classmethod
     def read(cls, out_dir: Path) -> CoordinatorState | None:

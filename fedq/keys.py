@@ -21,6 +21,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared.errors import ConfigError
+from shared.files import write_atomic
 from shared.keys import (
     REVOKED,
     ROLE_DIRS,
@@ -210,10 +211,7 @@ def _append_revoked(trusted: Path, fp: str, note: str) -> None:
     if text and not text.endswith("\n"):
         text += "\n"
     text += f"{fp}  # {note}\n"
-    trusted.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
 
 
 def _who() -> str:

@@ -27,6 +27,7 @@ from fedq.progress import Progress
 from fedq.summary import build_summary
 from shared.app import load_app
 from shared.errors import BrokerError, ConfigError, FedqError
+from shared.files import write_atomic
 from shared.ledger import JsonLines
 from shared.redact import public
 from shared.settings import CONNECTION, Settings, env_name, env_only_settings, flags
@@ -147,9 +148,7 @@ class Launcher:
 
     def write_pids(self) -> None:
         pids = {name: p.pid for name, p in self.procs.items()}
-        tmp = self.run_dir / "processes.json.tmp"
-        tmp.write_text(json.dumps(pids, indent=2) + "\n")
-        tmp.replace(self.run_dir / "processes.json")
+        write_atomic(self.run_dir / "processes.json", (json.dumps(pids, indent=2) + "\n").encode())
 
     def start_worker(self, worker_id: str, index: int, count: int, delay: float) -> subprocess.Popen[bytes]:
         s = self.settings

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 import typing
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from shared.errors import ConfigError
+from shared.files import write_atomic, write_private
 from shared.signing import Keyring, Peer, Role, Signer, fingerprint
 
 
@@ -86,14 +86,9 @@ def _read_private(path: Path) -> Ed25519PrivateKey:
 
 
 def write_private_key(signer: Signer, path: Path) -> None:
-    """Write ``signer``'s private key to ``path`` (mode 0600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pem = signer.private.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-    os.replace(tmp, path)
+    """Write ``signer``'s private key to ``path`` (mode 0600), atomically, through a fresh temp file
+    (``shared.files``: never one planted beside it)."""
+    write_private(path, signer.private.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
 
 
 def public_key_path(private_path: Path) -> Path:
@@ -101,10 +96,7 @@ def public_key_path(private_path: Path) -> Path:
 
 
 def write_public_key(key: Ed25519PublicKey, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
-    os.replace(tmp, path)
+    write_atomic(path, key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:

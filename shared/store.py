@@ -11,14 +11,13 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import os
 import secrets
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.errors import CorruptVersionError, StoreError, UnsignedVersionError, WireError
+from shared.files import PRIVATE, TEMP_PREFIX, write_atomic
 from shared.messages import ModelAnnouncement
 from shared.signing import Keyring, Peer, Signer, version_signers
 from shared.tensors import FlatModel
@@ -46,7 +45,8 @@ class ObjectStore(Protocol):
 
 
 class LocalStore:
-    """Objects as files under ``root``; writes are atomic (temp file, fsync, rename)."""
+    """Objects as files under ``root``; writes are atomic (a fresh temp file opened O_EXCL, fsync,
+    rename: ``shared.files``)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -57,14 +57,7 @@ class LocalStore:
         return self.root / key
 
     def _put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(self._path(key), data, mode=PRIVATE, durable=True)
 
     def _get(self, key: str) -> bytes:
         try:
@@ -79,7 +72,7 @@ class LocalStore:
         return sorted(
             str(p.relative_to(self.root))
             for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-")
+            if p.is_file() and not p.name.startswith(TEMP_PREFIX)
         )
 
     async def put(self, key: str, data: bytes) -> None:

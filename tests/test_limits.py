@@ -508,3 +508,143 @@ def test_a_run_writes_its_broker_password_nowhere(tmp_path: Path) -> None:
     assert holding == [], f"files holding the broker password: {holding}"
     config = json.loads((out / "config.json").read_text())["settings"]
     assert config["amqp_url"] == f"amqp://fedq-run@{node.host}:{node.port}/"
+
+
+# -- private files, and temp files opened with O_EXCL ------------------------------------------------
+
+
+def _write_private_key(folder: Path) -> Path:
+    from shared.keys import write_private_key
+
+    write_private_key(Signer.generate(), folder / "coordinator.key")
+    return folder / "coordinator.key"
+
+
+def _write_public_key(folder: Path) -> Path:
+    from shared.keys import write_public_key
+
+    write_public_key(Signer.generate().public, folder / "coordinator.pub")
+    return folder / "coordinator.pub"
+
+
+def _revoke(folder: Path) -> Path:
+    from fedq.keys import revoke
+
+    revoke(folder, "0123456789abcdef")
+    return folder / "revoked"
+
+
+def _coordinator_state(folder: Path) -> Path:
+    from coordinator.state import FILE_NAME, CoordinatorState
+
+    CoordinatorState("j").write(folder)
+    return folder / FILE_NAME
+
+
+def _processes_json(folder: Path) -> Path:
+    from fedq.run import Launcher
+
+    Launcher(Settings(), folder, folder / "keys").write_pids()
+    return folder / "processes.json"
+
+
+def _store_put(folder: Path) -> Path:
+    import asyncio
+
+    from shared.store import LocalStore
+
+    asyncio.run(LocalStore(folder).put("m.bin", b"model"))
+    return folder / "m.bin"
+
+
+def _outbox_put(folder: Path) -> Path:
+    from worker.outbox import Outbox
+
+    return Outbox(folder).put("t1", b"update").path
+
+
+def _definitions_file(folder: Path) -> Path:
+    from fedq.broker import Request, apply
+
+    (folder / "trusted" / "workers").mkdir(parents=True)
+    settings = Settings(keys_dir=str(folder), namespace="t", job="j")
+    apply(settings, Request(workers="w1", definitions_file=str(folder / "definitions.json")))
+    return folder / "definitions.json"
+
+
+# each writer, the file it writes, the fixed temp name it used to write through, and the file's mode
+WRITERS = {
+    "private key": (_write_private_key, "coordinator.key.tmp", 0o600),
+    "public key": (_write_public_key, "coordinator.pub.tmp", 0o644),
+    "revocation list": (_revoke, "revoked.tmp", 0o644),
+    "coordinator state": (_coordinator_state, "coordinator.tmp", 0o644),
+    "processes.json": (_processes_json, "processes.json.tmp", 0o644),
+    "store object": (_store_put, "", 0o600),
+    "outbox entry": (_outbox_put, "", 0o600),
+    "broker definitions (password hashes)": (_definitions_file, "definitions.json", 0o600),
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_every_file_is_written_through_a_temp_file_opened_with_o_excl(
+    writer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    write, _, mode = WRITERS[writer]
+    opened: list[tuple[str, int]] = []
+    real_open = os.open
+
+    def spy(path: str | bytes | os.PathLike[str], flags: int, *args: int, **kwargs: int) -> int:
+        opened.append((os.fsdecode(path), flags))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    old = os.umask(0)  # no help from the umask: the mode is fedq's own
+    try:
+        written = write(tmp_path)
+    finally:
+        os.umask(old)
+    created = [(p, f) for p, f in opened if f & os.O_CREAT]
+    assert created, "no file was created with os.open (a plain open() follows a planted symlink)"
+    assert all(f & os.O_EXCL for _, f in created), created
+    assert str(written) not in {p for p, _ in created}  # it arrives whole, by a rename of the temp file
+    assert written.stat().st_mode & 0o777 == mode
+    assert not [p for p in written.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("writer", [w for w, (_, planted, _) in WRITERS.items() if planted])
+def test_a_planted_temp_file_or_symlink_is_never_written_through(writer: str, tmp_path: Path) -> None:
+    """Whoever can write the folder plants the temp name fedq used (or the target) as a symlink to a
+    file of theirs: fedq must not write a key, a state or password hashes into it."""
+    write, planted, _ = WRITERS[writer]
+    victim = tmp_path / "attacker" / "loot"
+    victim.parent.mkdir()
+    victim.write_bytes(b"untouched")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    if writer == "revocation list":
+        folder = folder / "trusted"
+        folder.mkdir()
+    (folder / planted).symlink_to(victim)
+    written = write(folder)
+    assert victim.read_bytes() == b"untouched"
+    assert not written.is_symlink() and written.stat().st_size > 0
+
+
+def test_an_existing_private_key_folder_keeps_its_mode_and_a_new_one_is_0700(tmp_path: Path) -> None:
+    import os
+
+    from shared.keys import write_private_key
+
+    old = os.umask(0o022)
+    try:
+        write_private_key(Signer.generate(), tmp_path / "new" / "nested" / "a.key")
+        mine = tmp_path / "mine"
+        mine.mkdir(mode=0o755)
+        write_private_key(Signer.generate(), mine / "b.key")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new" / "nested").stat().st_mode & 0o777 == 0o700
+    assert mine.stat().st_mode & 0o777 == 0o755  # the user's own folder is left as it is
+    assert (mine / "b.key").stat().st_mode & 0o777 == 0o600

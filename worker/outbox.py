@@ -1,9 +1,10 @@
 """A worker's on-disk outbox: signed update messages that are trained but not yet confirmed by the broker.
 
 One file per task id holds the exact bytes to publish. A file is written atomically
-(temp file, fsync, rename, fsync of the directory), so an entry is either complete or
-absent; a temp file left by a crash mid-write is never listed. Names start with the
-write time in nanoseconds, so ``entries()`` lists the oldest first::
+(a fresh temp file opened O_EXCL, fsync, rename, fsync of the directory: ``shared.files``),
+so an entry is either complete or absent; a temp file left by a crash mid-write is never
+listed. Names start with the write time in nanoseconds, so ``entries()`` lists the oldest
+first::
 
     <root>/01718000000000000000.<task id>.msg
 
@@ -14,15 +15,14 @@ hex-encoded behind a ``~``. Plain file I/O, no event loop: the worker calls it i
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.files import PRIVATE, TEMP_PREFIX, sync_dir, write_atomic
+
 SUFFIX = ".msg"
-TEMP_PREFIX = ".tmp-"
 MAX_TASK_ID_BYTES = 100  # hex-encoded that is 201 characters: file names stay under 255 bytes
 _PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _NAME = re.compile(r"(\d{20})\.([A-Za-z0-9][A-Za-z0-9_-]*|~[0-9a-f]+)" + re.escape(SUFFIX))
@@ -78,18 +78,7 @@ class Outbox:
         # names must sort in write order even when the clock is coarse or steps back
         written_ns = max(time.time_ns(), entries[-1].written_ns + 1 if entries else 0)
         path = self.root / f"{written_ns:020d}.{stem}{SUFFIX}"
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=TEMP_PREFIX)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(body)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        self._sync_dir()
+        write_atomic(path, body, mode=PRIVATE, durable=True)
         for entry in older:
             with contextlib.suppress(FileNotFoundError):
                 entry.path.unlink()
@@ -134,7 +123,7 @@ class Outbox:
                     entry.path.unlink()
                     removed = True
         if removed:
-            self._sync_dir()
+            sync_dir(self.root)
         return removed
 
     def sweep_temp(self, older_than: float = 60.0) -> int:
@@ -152,11 +141,3 @@ class Outbox:
 
     def __len__(self) -> int:
         return len(self.entries())
-
-    def _sync_dir(self) -> None:
-        """fsync the directory, so a rename or unlink survives a power cut."""
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
