@@ -15,6 +15,7 @@ import re
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -55,6 +56,7 @@ class ClientTls:
     context: ssl.SSLContext
     ca: str = ""  # "" = the system's CAs
     cert: str = ""  # "" = no client certificate
+    cert_login: str = ""  # the certificate's CN: the broker user it logs in as by EXTERNAL
 
 
 def client_tls(settings: Settings) -> ClientTls | None:
@@ -86,6 +88,9 @@ def client_tls(settings: Settings) -> ClientTls | None:
             raise ConfigError(
                 f"cannot load --amqp-cert {settings.amqp_cert} with --amqp-key {settings.amqp_key}: {exc}"
             ) from exc
+        cert = x509.load_pem_x509_certificate(Path(settings.amqp_cert).read_bytes())
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return ClientTls(context, settings.amqp_ca, settings.amqp_cert, str(names[0].value) if names else "")
     return ClientTls(context, settings.amqp_ca, settings.amqp_cert)
 
 

@@ -183,8 +183,9 @@ async def test_a_client_certificate_logs_in_as_its_cn(tls_broker: TlsBroker) -> 
     async with connected(settings, "test-tls-external"):
         users = await asyncio.to_thread(connection_users, tls_broker.node)
         assert users["test-tls-external"] == (CLIENT, True, tls_broker.tls_port)
-    body, _ = await round_trip(settings, "test-tls-external-flow")
+    body, user_id = await round_trip(settings, "test-tls-external-flow")
     assert body == b"over tls"
+    assert user_id == CLIENT  # stamped as the certificate's CN, which the broker checked
 
 
 # -- refusals -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
@@ -228,10 +229,12 @@ class RabbitMQ(Transport):
     def user_id(self) -> str | None:
         """The broker user this connection logs in as, set as the ``user_id`` of every message it
         publishes: the broker refuses a message whose ``user_id`` is not its connection's user, so a
-        receiver may rely on it as a second identity beside the signature (None: the login is not
-        in the URL, e.g. EXTERNAL authentication by certificate)."""
+        receiver may rely on it as a second identity beside the signature. With no user in the URL
+        and a client certificate, the login is the certificate's CN (EXTERNAL); else None."""
         name = urlsplit(self.url).username
-        return unquote(name) if name else None
+        if name:
+            return unquote(name)
+        return (self.tls.cert_login or None) if self.tls is not None else None
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -393,8 +396,9 @@ class RabbitMQ(Transport):
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=self.prefetch(64))
         self._consumer_channels.append(channel)
-        if queue is None:
-            q = await channel.declare_queue(exclusive=True, auto_delete=True)
+        if queue is None:  # named by us, under the job's listener prefix (see Names.listener_prefix)
+            name = f"{self.names.listener_prefix}{secrets.token_hex(6)}"
+            q = await channel.declare_queue(name, exclusive=True, auto_delete=True)
         else:
             q = await channel.declare_queue(queue.name, durable=True, arguments=dict(queue.arguments))
         ex = await channel.get_exchange(exchange, ensure=False)
