@@ -164,7 +164,7 @@ def main() -> None:
     account = CpuAccount()
     names_of: dict[int, str] = {}
     try:
-        wait_for(out / "keys" / "coordinator.pub", 120)
+        wait_for(out / "keys" / "coordinator" / "coordinator.pub", 120)  # fedq run has made its keys
         keys = out / "keys"
         for i in range(args.processes):
             for j in range(args.replicas):

@@ -364,8 +364,8 @@ def _add_model(sub: Subparsers) -> None:
         "make the job continue from an earlier version",
         "Store version L+1 (L = the latest) with version N's model, parent L and no updates; record it in "
         "the aggregator's ledger (<out>/ledger.jsonl) and announce it on the models exchange, signed with "
-        "<keys-dir>/operator.key (created on first use). A running coordinator adopts it and hands out "
-        "tasks on it, a running aggregator folds on from it. For a run folder the operator key is added to "
+        "<keys-dir>/operator.key (a run folder's keys/operator/operator.key; created on first use). A "
+        "running coordinator adopts it and hands out tasks on it, a running aggregator folds on from it. For a run folder the operator key is added to "
         "the run's trusted keys; elsewhere enrol operator.pub in the coordinator's trusted keys first.",
     )
     back.add_argument(

@@ -13,6 +13,7 @@ import getpass
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared.errors import ConfigError
-from shared.files import write_atomic
+from shared.files import private_dir, write_atomic
 from shared.keys import (
     REVOKED,
     ROLE_DIRS,
@@ -42,6 +43,21 @@ from shared.signing import Role, Signer, fingerprint
 INIT_ROLES = (Role.OPERATOR, Role.COORDINATOR, Role.AGGREGATOR)
 ROTATABLE = (Role.COORDINATOR, Role.AGGREGATOR)
 FINGERPRINT = re.compile(r"[0-9a-f]{16}")
+
+
+def flat_key_file(keys_dir: Path, process: str) -> Path:
+    """``fedq keys init``'s layout: every key of the operator's in one folder (``<keys_dir>/<role>.key``),
+    from which the operator hands each to its machine."""
+    return keys_dir / f"{process}.key"
+
+
+def run_key_file(keys_dir: Path, process: str) -> Path:
+    """``fedq run``'s layout: each process's private key in a folder of its own, mode 0700, that no
+    other process of the run is given: ``coordinator/coordinator.key``, ``aggregator/aggregator.key``,
+    ``operator/operator.key`` and ``workers/<id>/worker-<id>.key`` (``process`` ``worker-<id>``)."""
+    if process.startswith("worker-"):
+        return keys_dir / "workers" / process.removeprefix("worker-") / f"{process}.key"
+    return keys_dir / process / f"{process}.key"
 
 
 @dataclass(frozen=True)
@@ -261,20 +277,23 @@ def create_key(path: Path) -> tuple[Signer, bool]:
     return signer, not existed
 
 
-def init(keys_dir: Path, trusted: Path) -> dict[str, Any]:
-    """The operator's, the coordinator's and the aggregator's key pairs in ``keys_dir``, each public key
-    in its role folder of ``trusted``. Keys already there are kept (a re-run changes nothing)."""
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(keys_dir, 0o700)  # it holds private keys
+def init(
+    keys_dir: Path, trusted: Path, key_file: Callable[[Path, str], Path] = flat_key_file
+) -> dict[str, Any]:
+    """The operator's, the coordinator's and the aggregator's key pairs in ``keys_dir`` (where
+    ``key_file`` says), each public key in its role folder of ``trusted``. Keys already there are
+    kept (a re-run changes nothing)."""
+    private_dir(keys_dir)  # it holds private keys
     for role in INIT_ROLES:  # check first: nothing is written if a kept key may not be trusted
-        path = keys_dir / f"{role}.key"
+        path = key_file(keys_dir, role)
         if path.exists():
             signer = load_or_create_signer(path)
             _refuse_revoked(trusted, signer.fingerprint, f"{path} holds a key that")
     make_layout(trusted)
     made: list[dict[str, Any]] = []
     for role in INIT_ROLES:
-        path = keys_dir / f"{role}.key"
+        path = key_file(keys_dir, role)
+        private_dir(path.parent)
         signer, created = create_key(path)
         pub = trust_role_key(trusted, role, signer.public)
         made.append(

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from broker_config.names import Names
-from fedq.keys import trust_role_key
+from fedq.keys import run_key_file, trust_role_key
 from shared.codec import encode
 from shared.errors import BrokerError, ConfigError, FedqError, StoreError, UnsignedVersionError
 from shared.keys import DirectoryTrust, load_or_create_signer, role_dir
@@ -345,10 +345,14 @@ async def write_rollback(
 
 def operator_signer(settings: Settings, run_folder: bool) -> Signer:
     """The operator's key, ``<keys_dir>/operator.key`` (``fedq keys init`` makes it; created here on
-    first use otherwise). In a run folder its public key is also put in the run's operator role
-    folder, so the run's services accept what it signs; a deployment trusts it with ``fedq keys
-    init`` (its ``trusted/operator/``), and the trust directory must say so before anything is written."""
+    first use otherwise), or in a run folder ``keys/operator/operator.key`` (``fedq run`` made it; a
+    run folder of an older fedq keeps it in ``keys/``). In a run folder its public key is also put
+    in the run's operator role folder, so the run's services accept what it signs; a deployment
+    trusts it with ``fedq keys init`` (its ``trusted/operator/``), and the trust directory must say
+    so before anything is written."""
     path = Path(settings.keys_dir) / OPERATOR_KEY
+    if run_folder and not path.exists():
+        path = run_key_file(Path(settings.keys_dir), Role.OPERATOR)
     signer = load_or_create_signer(path)
     if run_folder:
         trust_role_key(settings.trusted_dir, Role.OPERATOR, signer.public)

@@ -22,12 +22,12 @@ from broker_config.topology import topology
 from coordinator.config import CoordinatorConfig
 from fedq.audit import audit
 from fedq.broker import Account, login_flags, management_for, run_accounts
-from fedq.keys import create_key, enrol, init
+from fedq.keys import create_key, enrol, init, run_key_file
 from fedq.progress import Progress
 from fedq.summary import build_summary
 from shared.app import load_app
 from shared.errors import BrokerError, ConfigError, FedqError
-from shared.files import write_atomic
+from shared.files import private_dir, write_atomic
 from shared.ledger import JsonLines
 from shared.redact import public
 from shared.settings import CONNECTION, Settings, env_name, env_only_settings, flags
@@ -55,13 +55,18 @@ def parse_delay_profile(text: str, workers: int) -> list[float]:
 
 def prepare_keys(run_dir: Path, worker_ids: list[str]) -> Path:
     """The run's keys, laid out as an operator would (``fedq keys``): the operator's, the coordinator's
-    and the aggregator's keys in their role folders of ``keys/trusted``, and each worker's key made in
-    ``keys/worker-<id>.key`` and enrolled under its id. No worker enrols itself."""
+    and the aggregator's public keys in their role folders of ``keys/trusted``, each worker enrolled
+    under its id (no worker enrols itself). Each private key is in a folder of its own, mode 0700,
+    that only its process is pointed at (``fedq.keys.run_key_file``): ``keys/coordinator/``,
+    ``keys/aggregator/``, ``keys/operator/``, ``keys/workers/<id>/``."""
     keys = run_dir / "keys"
     trusted = keys / "trusted"
-    init(keys, trusted)
+    init(keys, trusted, key_file=run_key_file)
+    private_dir(keys / "workers")
     for wid in worker_ids:
-        signer, _ = create_key(keys / f"worker-{wid}.key")
+        path = run_key_file(keys, f"worker-{wid}")
+        private_dir(path.parent)
+        signer, _ = create_key(path)
         enrol(trusted, wid, signer.public)
     return keys
 
@@ -114,6 +119,7 @@ class Launcher:
     def __init__(self, settings: Settings, run_dir: Path, keys: Path) -> None:
         self.settings = settings
         self.run_dir = run_dir
+        self.keys = keys
         self.env = _env(settings, run_dir, keys)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.args: dict[str, list[str]] = {}
@@ -124,7 +130,7 @@ class Launcher:
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = (self.run_dir / "logs" / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedq.cli", *args, *self.logins.get(name, [])],
+            [sys.executable, "-m", "fedq.cli", *args, *self.key_flags(name), *self.logins.get(name, [])],
             env=self.env,
             stdout=log,
             stderr=log,
@@ -135,6 +141,11 @@ class Launcher:
         self.args[name] = args
         self.write_pids()
         return proc
+
+    def key_flags(self, name: str) -> list[str]:
+        """``--key-file`` of the process ``name``: its own key, in its own folder (``prepare_keys``)."""
+        process = name if name in ("aggregator", "coordinator") else f"worker-{name}"
+        return ["--key-file", str(run_key_file(self.keys, process))]
 
     def restart(self, name: str) -> subprocess.Popen[bytes]:
         self.restarts[name] += 1
@@ -164,8 +175,6 @@ class Launcher:
                 str(delay),
                 "--capability",
                 s.capabilities,
-                "--key-file",
-                str(Path(self.env["FEDQ_KEYS_DIR"]) / f"worker-{worker_id}.key"),
                 *_flags(s, "worker"),
             ],
         )

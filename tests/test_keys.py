@@ -240,6 +240,7 @@ def test_fedq_run_enrols_its_workers_as_an_operator_would(tmp_path: Path) -> Non
         (("worker",), "w01"),
     }
     for wid in ("w00", "w01"):
-        signer = load_or_create_signer(keys / f"worker-{wid}.key")
-        assert peers[signer.fingerprint].worker_id == wid and mode(keys / f"worker-{wid}.key") == 0o600
+        path = keys / "workers" / wid / f"worker-{wid}.key"  # a folder of its own
+        signer = load_or_create_signer(path)
+        assert peers[signer.fingerprint].worker_id == wid and mode(path) == 0o600
     assert prepare_keys(tmp_path / "run", ["w00", "w01"]) == keys and roles(trusted) == peers  # idempotent

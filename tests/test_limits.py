@@ -648,3 +648,61 @@ def test_an_existing_private_key_folder_keeps_its_mode_and_a_new_one_is_0700(tmp
     assert (tmp_path / "new" / "nested").stat().st_mode & 0o777 == 0o700
     assert mine.stat().st_mode & 0o777 == 0o755  # the user's own folder is left as it is
     assert (mine / "b.key").stat().st_mode & 0o777 == 0o600
+
+
+# -- under fedq run, each role's private key in a folder of its own ----------------------------------
+
+
+def test_fedq_run_keeps_each_private_key_in_a_folder_of_its_own(tmp_path: Path) -> None:
+    import os
+
+    from fedq.run import Launcher, prepare_keys
+    from shared.keys import DirectoryTrust, load_or_create_signer
+
+    old = os.umask(0o022)
+    try:
+        keys = prepare_keys(tmp_path / "run", ["w00", "w01"])
+    finally:
+        os.umask(old)
+    own = {
+        "coordinator": keys / "coordinator" / "coordinator.key",
+        "aggregator": keys / "aggregator" / "aggregator.key",
+        "operator": keys / "operator" / "operator.key",
+        "w00": keys / "workers" / "w00" / "worker-w00.key",
+        "w01": keys / "workers" / "w01" / "worker-w01.key",
+    }
+    assert sorted(keys.rglob("*.key")) == sorted(own.values())  # no private key anywhere else
+    for path in own.values():
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert path.parent.stat().st_mode & 0o777 == 0o700
+        assert [p.name for p in path.parent.iterdir() if p.suffix == ".key"] == [path.name]
+    assert (keys / "workers").stat().st_mode & 0o777 == 0o700 and keys.stat().st_mode & 0o777 == 0o700
+    peers = {p.fingerprint: p for p in DirectoryTrust(keys / "trusted").peers()}
+    for name, path in own.items():
+        peer = peers[load_or_create_signer(path).fingerprint]
+        assert (str(next(iter(peer.roles))), peer.worker_id) == (
+            ("worker", name) if name.startswith("w") else (name, "")
+        )
+    launcher = Launcher(Settings(), tmp_path / "run", keys)
+    for name in ("coordinator", "aggregator", "w00"):
+        assert launcher.key_flags(name) == ["--key-file", str(own[name])]
+
+
+def test_the_processes_of_a_run_sign_with_the_keys_in_their_own_folders(run: tuple[Path, Names]) -> None:
+    import json
+
+    from shared.keys import load_or_create_signer
+
+    out, _ = run
+    keys = out / "keys"
+    job = json.loads((out / "config.json").read_text())["settings"]["job"]
+    signers = {
+        json.loads(p.read_text())["signer"] for p in (out / "store" / "jobs" / job / "models").glob("v*.json")
+    }
+    coordinator = load_or_create_signer(keys / "coordinator" / "coordinator.key").fingerprint
+    aggregator = load_or_create_signer(keys / "aggregator" / "aggregator.key").fingerprint
+    assert {coordinator, aggregator} <= signers  # version 0, and the versions the aggregator made
+    assert not list(keys.glob("*.key"))  # nothing in the shared folder
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    workers = {r["worker_id"] for r in ledger if r.get("fate") == "applied"}
+    assert workers == {"w00", "w01"}  # each signed with its key in keys/workers/<id>/, enrolled under its id

@@ -304,10 +304,11 @@ def test_rollback_on_a_finished_run(run: tuple[Path, Names], tmp_path: Path) -> 
     assert {v: m for v, m in after.items() if v <= latest} == before  # history untouched
     last = records(copy / "ledger.jsonl")[-1]
     assert (last["fate"], last["version"], last["rollback_of"]) == ("rollback", latest + 1, 1)
-    operator = fingerprint(load_or_create_signer(copy / "keys" / "operator.key").public)
+    operator = fingerprint(load_or_create_signer(copy / "keys" / "operator" / "operator.key").public)
     assert (copy / "keys" / "trusted" / "operator" / f"{operator}.pub").read_bytes() == (
-        copy / "keys" / "operator.pub"
+        copy / "keys" / "operator" / "operator.pub"
     ).read_bytes()
+    assert not (copy / "keys" / "operator.key").exists()  # the one fedq run made, not a second one
     assert done["signer"] == operator and new["signer"] == operator  # the manifest is the operator's
 
     rows = json_lines(cli("model", "list", str(copy), "--json").stdout)
