@@ -383,8 +383,8 @@ async def test_a_claim_check_naming_a_directory(broker: RabbitMQ, names: Names, 
 async def test_fake_announcements_do_not_stall_the_coordinator(
     broker: RabbitMQ, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """70 announcements of a version 99 that is not in the store (more than the 64 the coordinator's
-    inbox prefetches), signed by the aggregator's key: each is dead-lettered ``payload_missing``;
+    """70 announcements of a version 99 that is not in the store (more than the coordinator's inbox
+    prefetches: 16 with the default message cap), signed by the aggregator's key: each is dead-lettered ``payload_missing``;
     a real version announced afterwards is adopted, from its announcement (the coordinator's look
     in the store is switched off here, so nothing else could have brought it)."""
     async with coordinator_rig(broker, tmp_path) as rig:
