@@ -1,9 +1,11 @@
-"""A real S3 API server for the tests: moto's standalone server on loopback, started per session.
+"""A real S3 API server for the tests: moto's server on loopback, started per session.
 
 The server gets an IAM user with a policy that allows everything, and a bucket. Its
 credentials are the ones the tests use, so that ``enforce_auth()`` can switch signature
 checking on (moto checks nothing by default) and wrong credentials are refused while the
-right ones still work. A missing moto is a loud failure, never a skip.
+right ones still work. moto never checks a presigned URL: ``tests.support.s3gate`` runs it
+behind a check of every presigned URL as S3 makes it (signature, signed headers, expiry), and
+refuses requests with no signature at all. A missing moto is a loud failure, never a skip.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pytest
 from tests.support.private_broker import free_port
 
 REGION = "us-east-1"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ class S3Server:
     def enforce_auth(self) -> Iterator[None]:
         """Check signatures and credentials on every request in the block (moto's reset-auth).
 
-        Off outside the block: moto cannot check presigned URLs while it is on (it answers 500)."""
+        Off outside the block: moto fails on a presigned URL while it is on (it answers 500);
+        presigned URLs are checked in front of moto, on or off (``tests.support.s3gate``)."""
         self._moto_api("reset-auth", b"0")
         try:
             yield
@@ -92,7 +96,8 @@ def _answers(url: str) -> bool:
 
 @contextmanager
 def moto_server(log_dir: Path, bucket: str = "fedq-test", timeout: float = 30.0) -> Iterator[S3Server]:
-    """Start ``python -m moto.server`` on 127.0.0.1, wait for it, set it up, and kill it at the end."""
+    """Start moto's server (behind ``tests.support.s3gate``) on 127.0.0.1, wait for it, set it up,
+    and kill it at the end."""
     if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
         pytest.fail(
             "moto's S3 server is not installed: .venv/bin/pip install 'moto[server]' (it is in the dev extra)",
@@ -104,11 +109,12 @@ def moto_server(log_dir: Path, bucket: str = "fedq-test", timeout: float = 30.0)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FEDQ_S3_", "MOTO_"))}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            [sys.executable, "-m", "tests.support.s3gate", "-H", "127.0.0.1", "-p", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=ROOT,  # where ``tests.support`` imports from
         )
     try:
         deadline = time.monotonic() + timeout
