@@ -1,9 +1,10 @@
 """An update as the task it answers says it is (pure: no I/O).
 
 The aggregator believes the coordinator's signed task, carried in the update as a token
-(``shared.codec.task_token``), not the worker, about the job, its incarnation, the base version
-and the sample cap. ``fedq replay`` binds the updates it re-applies the same way, so a version
-is re-derived from what the aggregator really folded.
+(``shared.codec.task_token``), not the worker, about the job, its incarnation, the base version,
+the sample cap and the one store key a claim-checked delta may name (the key the task's presigned
+PUT reaches). ``fedq replay`` binds the updates it re-applies the same way, so a version is
+re-derived from what the aggregator really folded.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def bind(update: Update, keyring: Keyring, job_id: str, incarnation: str) -> tup
     except UnknownTaskError as exc:
         return Rejected(tid, Reason.UNKNOWN_TASK, str(exc))
     if task.task_id != tid:
-        return Rejected(tid, Reason.UNKNOWN_TASK, f"the update names task {tid}, its token task {task.task_id}")
+        return Rejected(
+            tid, Reason.UNKNOWN_TASK, f"the update names task {tid}, its token task {task.task_id}"
+        )
     if task.job_id != job_id or update.job_id != task.job_id:
         return Rejected(tid, Reason.WRONG_JOB, f"task of job {task.job_id!r}, this is {job_id!r}")
     if task.incarnation != incarnation:
@@ -42,5 +45,13 @@ def bind(update: Update, keyring: Keyring, job_id: str, incarnation: str) -> tup
             Reason.UNKNOWN_TASK,
             f"task of another incarnation of job {job_id} ({task.incarnation or 'none'}, this one is "
             f"{incarnation or 'none'}): the job id was reused",
+        )
+    if update.delta_key and update.delta_key != task.update_key:
+        # only the key the coordinator signed into the task: not another task's or worker's object
+        wanted = repr(task.update_key) if task.update_key else "none"
+        return Rejected(
+            tid,
+            Reason.BAD_PAYLOAD,
+            f"claim check {update.delta_key!r} is not its task's update key ({wanted})",
         )
     return bound(update, task), task

@@ -220,6 +220,11 @@ def manifest_key(job_id: str, version: int) -> str:
     return f"jobs/{job_id}/models/v{version:06d}.json"
 
 
+def update_key(job_id: str, task_id: str) -> str:
+    """Where the claim-checked update of one task goes: the only key its presigned PUT reaches."""
+    return f"jobs/{job_id}/updates/{task_id}.bin"
+
+
 class ModelStore:
     """Versions of one job's global model."""
 

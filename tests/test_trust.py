@@ -354,12 +354,16 @@ async def test_a_revocation_takes_effect_in_a_live_job(
 
 
 async def test_a_claim_check_naming_a_directory(broker: RabbitMQ, names: Names, tmp_path: Path) -> None:
-    """``delta_key`` names a directory of the store (``jobs/<job>/updates/somedir``, and the
-    updates folder itself): dead-lettered, the aggregator stays up and applies the next update."""
+    """``delta_key`` names a directory of the store: its task's own key, made a directory by
+    someone who can write the store, or the updates folder itself (not its task's key): each
+    dead-lettered, the aggregator stays up and applies the next update."""
     async with aggregator_rig(broker, names, tmp_path, k=1) as rig:
-        await rig.store.objects.put(f"jobs/{JOB}/updates/somedir/blob.bin", b"x")
-        for key in (f"jobs/{JOB}/updates/somedir", f"jobs/{JOB}/updates/"):
-            tid = uuid.uuid4().hex
+        own = uuid.uuid4().hex
+        await rig.store.objects.put(f"jobs/{JOB}/updates/{own}.bin/blob.bin", b"x")
+        for tid, key, says in (
+            (own, f"jobs/{JOB}/updates/{own}.bin", "directory"),
+            (uuid.uuid4().hex, f"jobs/{JOB}/updates/", "not its task's update key"),
+        ):
             update = Update(
                 task_id=tid, job_id=JOB, worker_id="w1", base_version=0, num_samples=10, quant="int8",
                 block=256, delta_key=key, delta_sha256=hashlib.sha256(b"x").hexdigest(), delta_size=1,
@@ -368,7 +372,7 @@ async def test_a_claim_check_naming_a_directory(broker: RabbitMQ, names: Names, 
             body = encode(update, rig.worker)
             await rig.send(body)
             entry = await rig.rejected(body, "bad_payload", tid)
-            assert "directory" in entry["detail"].lower(), entry
+            assert says in entry["detail"].lower(), entry
         await unchanged(rig)
         tid, body = rig.update()
         await rig.send(body)

@@ -15,6 +15,7 @@ from shared.messages import Hello, Task, TrainConfig, Update
 from shared.quantize import encode_delta
 from shared.signing import Keyring, Role, Signer
 from shared.store import Manifest, ModelStore, model_key
+from shared.store import update_key as store_update_key
 from shared.tensors import FlatModel
 from tests.support.tiny import LinearApp
 
@@ -68,12 +69,15 @@ def make_task(
     base_version: int = 0,
     incarnation: str = "",
     max_samples: int = 0,
+    update_key: str | None = None,
 ) -> tuple[Task, bytes]:
     """A task on version 0 of ``model`` (by default ``tiny_model()``, inline), signed by ``signer``;
-    it is due in ten minutes unless ``deadline`` says otherwise."""
+    it is due in ten minutes unless ``deadline`` says otherwise. Its update key (the one key a
+    claim-checked update may name) is the task's own, as the coordinator names it, unless given."""
     blob = tiny_model().to_bytes() if model is None else model
+    task_id = task_id or uuid.uuid4().hex
     task = Task(
-        task_id=task_id or uuid.uuid4().hex,
+        task_id=task_id,
         job_id=job_id,
         capability=capability,
         base_version=base_version,
@@ -86,6 +90,7 @@ def make_task(
         issued_at=time.time(),
         incarnation=incarnation,
         max_samples=max_samples,
+        update_key=store_update_key(job_id, task_id) if update_key is None else update_key,
         model=blob,
     )
     return task, encode(task, signer)
