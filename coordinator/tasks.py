@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 import time
 import uuid
@@ -16,8 +15,9 @@ from coordinator.config import CoordinatorConfig
 from shared.app import App
 from shared.errors import StoreError, UnsignedVersionError
 from shared.messages import ModelAnnouncement, Task
+from shared.quantize import payload_size
 from shared.signing import Signer
-from shared.store import Manifest, ModelStore
+from shared.store import Manifest, ModelStore, update_key
 from shared.tensors import FlatModel, ModelSpec
 
 
@@ -96,7 +96,9 @@ async def applied_since(store: ModelStore, base: int, latest: int, task_ids: set
 
 class TaskMaker:
     """Builds the task for one capability on the latest version, with presigned store URLs when
-    the store can make them (S3), so workers without store credentials can use it."""
+    the store can make them (S3), so workers without store credentials can use it. A worker's
+    URLs reach two objects only, until the task's deadline: the model, to GET, and its task's own
+    update key, to PUT exactly the update's size."""
 
     def __init__(self, config: CoordinatorConfig, store: ModelStore) -> None:
         self.config = config
@@ -109,9 +111,10 @@ class TaskMaker:
         c = self.config
         inline = len(latest.blob) <= c.inline_limit
         task_id = uuid.uuid4().hex
-        update_key = f"jobs/{self.store.job_id}/updates/{task_id}.bin"
-        model_url = "" if inline else await self._presign("get", latest.key, ttl)
-        update_url = await self._presign("put", update_key, ttl) if self._large_updates(latest) else ""
+        key = update_key(self.store.job_id, task_id)
+        lifetime, size, objects = url_lifetime(ttl), self.update_size(latest), self.store.objects
+        model_url = "" if inline else await objects.presign_get(latest.key, lifetime)
+        update_url = await objects.presign_put(key, lifetime, size) if size > c.inline_limit else ""
         return Task(
             task_id=task_id,
             job_id=self.store.job_id,
@@ -126,28 +129,27 @@ class TaskMaker:
             issued_at=now,
             round=round_number,
             model_size=len(latest.blob),
-            model_url=model_url,
+            model_url=model_url or "",
             inline_limit=c.inline_limit,
-            update_key=update_key,
-            update_url=update_url,
+            update_key=key,
+            update_url=update_url or "",
             incarnation=self.incarnation,
             max_samples=self.max_samples,
             model=latest.blob if inline else b"",
         )
 
-    def _large_updates(self, latest: Latest) -> bool:
-        """Will an update of this model exceed the inline limit? (int8: ~1 byte per value)"""
+    def update_size(self, latest: Latest) -> int:
+        """The exact size of an update of this model under the job's quantization (its scales too);
+        0 for a quantization no worker can carry out (workers dead-letter such a task: bad_task)."""
         if self._spec is None:
             self._spec = FlatModel.from_bytes(latest.blob).spec
-        spec = self._spec
-        per_value = 1 if self.config.quant == "int8" else 4
-        return per_value * spec.n_float + 8 * spec.n_exact > self.config.inline_limit
+        try:
+            return payload_size(self._spec, self.config.quant, self.config.block)
+        except ValueError:
+            return 0
 
-    async def _presign(self, method: str, key: str, ttl: float) -> str:
-        presign = getattr(self.store.objects, f"presign_{method}", None)
-        if presign is None:
-            return ""
-        url = presign(key, int(ttl) + 600)
-        if inspect.isawaitable(url):
-            url = await url
-        return str(url or "")
+
+def url_lifetime(ttl: float) -> int:
+    """Seconds a task's presigned URLs live: its ``ttl``, rounded up, and one more, since a URL's
+    clock starts at the whole second it is signed in; so a URL dies with its task, not before."""
+    return math.ceil(ttl) + 1

@@ -233,17 +233,23 @@ class S3Store:
     async def presign_get(self, key: str, expires_s: int) -> str:
         return await self._presign("get_object", key, expires_s)
 
-    async def presign_put(self, key: str, expires_s: int) -> str:
-        return await self._presign("put_object", key, expires_s)
+    async def presign_put(self, key: str, expires_s: int, size: int | None = None) -> str:
+        """``size``: the only length the PUT may have (its Content-Length is signed), so the URL
+        cannot store more than that at its key."""
+        return await self._presign(
+            "put_object", key, expires_s, {} if size is None else {"ContentLength": size}
+        )
 
-    async def _presign(self, method: str, key: str, expires_s: int) -> str:
+    async def _presign(
+        self, method: str, key: str, expires_s: int, extra: dict[str, Any] | None = None
+    ) -> str:
         if not 1 <= expires_s <= MAX_PRESIGN_SECONDS:
             raise StoreError(f"a presigned URL lives 1 to {MAX_PRESIGN_SECONDS} s, not {expires_s}")
         full = self._key(key)
         s3 = await self._s3()
         try:
             url: str = await s3.generate_presigned_url(
-                method, Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=int(expires_s)
+                method, Params={"Bucket": self.bucket, "Key": full, **(extra or {})}, ExpiresIn=int(expires_s)
             )
         except (BotoCoreError, ClientError) as exc:
             self._fail(exc, key, "presign")

@@ -39,8 +39,9 @@ class ObjectStore(Protocol):
         """A URL that lets anyone GET this object until it expires; None if the store cannot presign."""
         ...
 
-    async def presign_put(self, key: str, expires_s: int) -> str | None:
-        """A URL that lets anyone PUT this object until it expires; None if the store cannot presign."""
+    async def presign_put(self, key: str, expires_s: int, size: int | None = None) -> str | None:
+        """A URL that lets anyone PUT this object (of exactly ``size`` bytes, when given) until it
+        expires; None if the store cannot presign."""
         ...
 
 
@@ -90,7 +91,7 @@ class LocalStore:
     async def presign_get(self, key: str, expires_s: int) -> None:
         return None  # a local directory has no URLs to hand out
 
-    async def presign_put(self, key: str, expires_s: int) -> None:
+    async def presign_put(self, key: str, expires_s: int, size: int | None = None) -> None:
         return None
 
 
