@@ -1,6 +1,8 @@
 """Workers without store credentials: a task's presigned URLs reach its model (GET) and its own
 update key (PUT, of the update's exact size) until the task's deadline, and nothing else; the
-aggregator takes a claim check only at the key the coordinator signed into the task.
+aggregator takes a claim check only at the key the coordinator signed into the task; a worker
+with no store at all trains by those URLs; a whole job on S3 runs with workers that hold no store
+settings or credentials.
 
 The URLs are tried against the tests' S3 API server (moto, behind ``tests.support.s3gate``, which
 checks presigned URLs as S3 does: moto itself does not)."""
@@ -10,6 +12,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -18,25 +25,35 @@ from calendar import timegm
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import torch
+from structlog.testing import capture_logs
 
 from aggregator.binding import bind
 from aggregator.core import Rejected
 from broker_config.names import Names
 from coordinator.config import CoordinatorConfig
 from coordinator.tasks import Latest, TaskMaker
+from fedq.audit import audit
 from shared.codec import encode
 from shared.messages import Update
 from shared.quantize import encode_delta, payload_size
 from shared.reasons import Reason
 from shared.s3 import S3Store
+from shared.settings import Settings
 from shared.store import Manifest, ModelStore, model_key, update_key
 from shared.tensors import FlatModel
+from shared.transport.memory import MemoryTransport
 from shared.transport.rabbitmq import RabbitMQ
+from tests.support.broker import delete_namespace
+from tests.support.jobs import ROOT, TINY_APP, cli, fedq, log_events, records
 from tests.support.messages import JOB, OWNER, an_update, make_task, token_of, trust
-from tests.support.rigs import aggregator_rig
+from tests.support.rigs import aggregator_rig, worker_rig
 from tests.support.s3server import S3Server, s3server_fixture  # noqa: F401 - the s3server fixture
 from tests.support.tiny import LinearApp
+from tests.support.waiting import events
+from worker.decision import Decision
+from worker.service import worker_store
 
 TTL = 60.0
 
@@ -264,3 +281,184 @@ async def test_an_update_naming_another_tasks_key_is_dead_lettered(
         await rig.wait_version(1)
         assert (await rig.store.manifest(1)).update_ids == (honest,)
         await rig.stop_and_assert_all_acked()
+
+
+# -- a worker with no store -------------------------------------------------------------------------
+
+
+def test_store_none_means_no_store(tmp_path: Path) -> None:
+    """``--store none`` (or empty): a worker with no store; the default stays the local directory."""
+    for spec in ("none", "None", "", " none "):
+        assert worker_store(Settings(store=spec)) is None, spec
+    local = worker_store(Settings(store=str(tmp_path / "store")))
+    assert local is not None and not (tmp_path / "store").exists()  # opened, not touched
+    assert worker_store(Settings()) is not None
+
+
+async def test_a_worker_with_no_store_trains_by_the_tasks_urls(
+    s3server: S3Server, mem: MemoryTransport, tmp_path: Path
+) -> None:
+    """A worker with no store at all takes the model by the task's GET URL and puts its update at
+    the task's key by its PUT URL; the update names that key, with the stored bytes' digest."""
+    prefix = unique("worker")
+    async with store_for(s3server, prefix) as store, worker_rig(mem, tmp_path) as r:
+        assert r.worker.store is None
+        latest = await job_on_s3(store, mem.names.job)
+        task = await maker(store, mem.names.job).make(latest, "cpu", -1, TTL, time.time())
+        assert task.model == b"" and task.model_url and task.update_url
+        body = encode(task, OWNER)
+        await r.send(body)
+        assert await r.worker.step(task, await r.take(), token_of(body)) is Decision.TRAIN
+        update, _ = await r.next_update()
+        stored = await store.get(task.update_key)
+        assert update.delta == b"" and update.delta_key == task.update_key
+        assert update.delta_size == len(stored) and update.delta_sha256 == hashlib.sha256(stored).hexdigest()
+        await r.dead.expect_none()
+
+
+async def test_a_worker_with_no_store_refuses_a_task_that_needs_one(
+    mem: MemoryTransport, tmp_path: Path
+) -> None:
+    """A task whose model is neither inline nor presigned (the coordinator's store is a directory)
+    is dead-lettered by a worker with no store, saying what it lacks; nothing is trained."""
+    async with worker_rig(mem, tmp_path) as r:
+        task, _ = r.task()
+        task = dataclasses.replace(task, model=b"", model_url="")
+        body = encode(task, OWNER)
+        await r.send(body)
+        with capture_logs() as logs:
+            await r.worker.step(task, await r.take(), token_of(body))
+        await r.dead.expect(body, "bad_model", r.task_queue)
+        [event] = events(logs, "model_unavailable")
+        assert "--store none" in event["detail"] and task.model_key in event["detail"]
+        assert r.app.trained == 0
+        await r.updates.expect_none()
+
+
+# -- a whole job ------------------------------------------------------------------------------------
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any fedq, AWS or moto setting, able to import the tiny app."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDQ_", "AWS_", "MOTO_"))}
+    return {**env, "PYTHONPATH": str(ROOT), "FEDQ_LOG_JSON": "true", "OMP_NUM_THREADS": "1", **extra}
+
+
+def stop(procs: list[subprocess.Popen[bytes]], grace: float = 20) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_a_job_on_s3_whose_workers_hold_no_store_settings(
+    s3server: S3Server, tmp_path: Path, names: Names, amqp_url: str
+) -> None:
+    """The coordinator and the aggregator hold the S3 store and its keys; two workers, each in a
+    folder of its own, hold nothing of it (one says ``--store none``, the other nothing at all).
+    Every model and update travels by presigned URL (``--inline-limit 0``). The job reaches its
+    target accuracy and its audit balances; every applied update is at its task's key in the bucket,
+    and no worker made a store of its own."""
+    out, job, prefix = tmp_path / "job", unique("nostore"), unique("runs")
+    keys = out / "keys"
+    assert cli("keys", "init", keys).returncode == 0
+    store = f"s3://{s3server.bucket}/{prefix}"
+    common = {
+        "FEDQ_AMQP_URL": amqp_url,
+        "FEDQ_NAMESPACE": names.namespace,
+        "FEDQ_JOB": job,
+        "FEDQ_APP": TINY_APP[1],
+    }
+    services = clean_env(
+        **common, **s3server.env(), FEDQ_STORE=store, FEDQ_KEYS_DIR=str(keys), FEDQ_OUT=str(out)
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = out / "logs"
+    logs.mkdir(parents=True)
+
+    def start(name: str, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+        with (logs / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(fedq(*args), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    homes = []
+    try:
+        start("aggregator", ["aggregator", "--buffer", "2"], services, tmp_path)
+        coordinator = start(
+            "coordinator",
+            [
+                "coordinator",
+                "--min-workers",
+                "2",
+                "--inline-limit",
+                "0",
+                "--target-accuracy",
+                "0.45",
+                "--max-seconds",
+                "150",
+            ],
+            services,
+            tmp_path,
+        )
+        for i, store_flag in enumerate(({"FEDQ_STORE": "none"}, {})):
+            home = tmp_path / f"worker-{i}"
+            (home / "keys").mkdir(parents=True)
+            homes.append(home)
+            assert cli("keys", "create", f"w{i}", "--keys-dir", home / "keys").returncode == 0
+            enrolled = cli(
+                "keys",
+                "enrol",
+                f"w{i}",
+                home / "keys" / f"worker-w{i}.pub",
+                "--trusted-keys",
+                keys / "trusted",
+            )
+            assert enrolled.returncode == 0, enrolled
+            shutil.copytree(keys / "trusted", home / "keys" / "trusted")
+            env = clean_env(**common, **store_flag, FEDQ_KEYS_DIR=str(home / "keys"))
+            assert (
+                not any(k.startswith(("FEDQ_S3_", "AWS_")) for k in env)
+                and env.get("FEDQ_STORE", "none") == "none"
+            )
+            start(f"w{i}", ["worker", "--worker-id", f"w{i}", "--partition", f"{i}/2"], env, home)
+        try:
+            assert coordinator.wait(200) == 0, (logs / "coordinator.log").read_text()[-3000:]
+        finally:
+            stop(procs)
+        state = json.loads((out / "coordinator.json").read_text())
+        assert state["stop_reason"] == "target_accuracy", state
+        settings = Settings(
+            amqp_url=amqp_url,
+            namespace=names.namespace,
+            job=job,
+            store=store,
+            out=str(out),
+            s3_endpoint=s3server.endpoint,
+            s3_region=s3server.region,
+            s3_access_key=s3server.access_key,
+            s3_secret_key=s3server.secret_key,
+        )
+        balance = asyncio.run(audit(settings))
+    finally:
+        stop(procs)
+        asyncio.run(delete_namespace(amqp_url, names, ("cpu",), (job,)))
+    assert balance.ok and balance.lost == 0 and balance.applied >= 2, balance.to_dict()
+    applied = [r for r in records(out / "ledger.jsonl") if r["fate"] == "applied"]
+    assert {r["worker_id"] for r in applied} == {"w0", "w1"}, applied
+    client = s3server.client()
+    for r in applied:  # each by claim check, at its own task's key
+        head = client.head_object(Bucket=s3server.bucket, Key=f"{prefix}/{update_key(job, r['task_id'])}")
+        assert head["ContentLength"] > 0
+    for i, home in enumerate(homes):
+        log = logs / f"w{i}.log"
+        assert log_events(log, "update_sent") and not log_events(log, "task_failed"), log.read_text()[-3000:]
+        assert not log_events(log, "model_unavailable")
+        assert not (home / ".fedq").exists()  # no store of its own: nothing went to the local default

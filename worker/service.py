@@ -66,6 +66,11 @@ from worker.outbox import Outbox, OutboxError, encode_task_id
 from worker.training import TrainingOutcome, WarmUp, train_task, warm_up
 
 SENT_MEMORY = 10_000  # confirmed task ids remembered, to ack a redelivered task without training it again
+NO_STORE = ("", "none")  # ``--store`` values for a worker with no store at all
+NO_STORE_HINT = (
+    "the store: the task has no presigned URL for it (the coordinator's store cannot presign: a "
+    "directory), and this worker runs with --store none; give it the job's --store"
+)
 
 
 class Worker(Service):
@@ -399,19 +404,23 @@ class Worker(Service):
 
     # -- models and deltas in the store -----------------------------------------------------
     async def _claim_check(self, task: Task, delta: bytes) -> dict[str, Any]:
-        """Large deltas go to the store (by presigned URL when given); the message carries the
-        key, size and sha256, which the signature covers. Small ones travel inline."""
+        """Large deltas go to the task's update key in the store (by its presigned URL when given);
+        the message carries the key, size and sha256, which the signature covers. Small ones travel
+        inline."""
         if len(delta) <= task.inline_limit:
             return {"delta": delta}
-        key = task.update_key or f"jobs/{task.job_id}/updates/{task.task_id}.bin"
+        if not task.update_key:  # the aggregator takes a claim check only at the key its task names
+            raise StoreError(
+                f"a {len(delta)}-byte update needs a store key, and task {task.task_id} names none"
+            )
         if task.update_url:
             await http_put(task.update_url, delta)
         elif self.store is not None:
-            await self.store.put(key, delta)
+            await self.store.put(task.update_key, delta)
         else:
-            raise StoreError(f"a {len(delta)}-byte update needs the store, and this worker has none")
+            raise StoreError(f"a {len(delta)}-byte update needs {NO_STORE_HINT}")
         return {
-            "delta_key": key,
+            "delta_key": task.update_key,
             "delta_sha256": hashlib.sha256(delta).hexdigest(),
             "delta_size": len(delta),
         }
@@ -424,7 +433,7 @@ class Worker(Service):
         elif self.store is not None:
             blob = await self.store.get(task.model_key)
         else:
-            raise StoreError(f"task carries no model and this worker has no store to fetch {task.model_key}")
+            raise StoreError(f"model {task.model_key} is not in the task and needs {NO_STORE_HINT}")
         if hashlib.sha256(blob).hexdigest() != task.model_sha256:
             raise StoreError(f"model {task.model_key} does not match the task's sha256")
         return blob
@@ -443,7 +452,10 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
         )
     if settings.replicas > 1 and settings.key_file:
         raise ConfigError("--key-file names one identity; replicas each keep theirs in --keys-dir")
-    if not settings.coordinator_key_path.exists() and not role_dir(settings.trusted_dir, Role.COORDINATOR).is_dir():
+    if (
+        not settings.coordinator_key_path.exists()
+        and not role_dir(settings.trusted_dir, Role.COORDINATOR).is_dir()
+    ):
         raise ConfigError(
             f"the coordinator's public key is not at {settings.coordinator_key_path} and "
             f"{role_dir(settings.trusted_dir, Role.COORDINATOR)} does not exist: copy the key there "
@@ -488,10 +500,20 @@ async def _serve_one(
             data=data,
             signer=signer,
             coordinator_keys=coordinator_keys,
-            store=open_store(settings.store, settings),
+            store=worker_store(settings),
             outbox=outbox,
         )
         await worker.run(stop)
+
+
+def worker_store(settings: Settings) -> ObjectStore | None:
+    """The store a worker reads models from and writes large updates to when a task carries no
+    presigned URL for them: ``--store none`` (or empty) for none at all, as on a machine that holds
+    no store credentials and takes everything by the coordinator's URLs. Opening one reaches
+    nothing yet: a worker whose tasks carry URLs never uses it."""
+    if settings.store.strip().lower() in NO_STORE:
+        return None
+    return open_store(settings.store, settings)
 
 
 def coordinator_trust(settings: Settings) -> Keyring:
