@@ -27,17 +27,17 @@ def open_temp(directory: Path) -> tuple[int, Path]:
     return fd, Path(name)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = PUBLIC, durable: bool = False) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int = PUBLIC, fsync: bool = False) -> None:
     """Put ``data`` in ``path`` through a fresh temp file beside it, with ``mode`` (set on the open
-    file, so a private one is never readable by others); ``durable``: fsync the file and the folder,
-    so the rename survives a power cut."""
+    file, so a private one is never readable by others); ``fsync``: the file's bytes are on disk
+    before the rename (``sync_dir`` then makes the rename itself survive a power cut)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = open_temp(path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), mode)
             fh.write(data)
-            if durable:
+            if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -45,8 +45,6 @@ def write_atomic(path: Path, data: bytes, *, mode: int = PUBLIC, durable: bool =
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    if durable:
-        sync_dir(path.parent)
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -58,7 +58,7 @@ class LocalStore:
         return self.root / key
 
     def _put(self, key: str, data: bytes) -> None:
-        write_atomic(self._path(key), data, mode=PRIVATE, durable=True)
+        write_atomic(self._path(key), data, mode=PRIVATE, fsync=True)
 
     def _get(self, key: str) -> bytes:
         try:

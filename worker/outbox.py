@@ -78,7 +78,8 @@ class Outbox:
         # names must sort in write order even when the clock is coarse or steps back
         written_ns = max(time.time_ns(), entries[-1].written_ns + 1 if entries else 0)
         path = self.root / f"{written_ns:020d}.{stem}{SUFFIX}"
-        write_atomic(path, body, mode=PRIVATE, durable=True)
+        write_atomic(path, body, mode=PRIVATE, fsync=True)
+        sync_dir(self.root)
         for entry in older:
             with contextlib.suppress(FileNotFoundError):
                 entry.path.unlink()
