@@ -75,6 +75,15 @@ def test_a_cap_that_does_not_fit_is_a_config_error(cap: int, inline: int, proble
         check_message_cap(cap, inline)
 
 
+def test_every_transport_made_from_settings_carries_the_cap_once_it_is_found_sane() -> None:
+    from shared.transport.connect import transport_for
+
+    assert transport_for(Settings(max_message_bytes=2 * MiB), "test").max_message_bytes == 2 * MiB
+    with pytest.raises(ConfigError, match="--inline-limit"):
+        transport_for(Settings(max_message_bytes=MiB), "test")  # below the default inline limit's messages
+    assert transport_for(Settings(max_message_bytes=MiB, inline_limit=512 * 1024), "test").max_message_bytes == MiB
+
+
 def test_a_message_above_the_cap_is_refused_before_it_is_unpacked_or_hashed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -10,7 +10,8 @@ Semantics both implementations keep, because services rely on them:
 - ``publish`` returns once the broker has confirmed the message (publisher confirms); a
   message the broker cannot route with ``mandatory=True`` raises ``BrokerError``. While the
   link is down a publish is retried for ``publish_retry_seconds``, so a publish may arrive
-  twice: receivers deduplicate.
+  twice: receivers deduplicate. A body above ``max_message_bytes`` is refused before it is
+  sent (``TooLargeError``), except a dead letter: a body the broker already took.
 - A delivery given back (``retry_later``), or left unsettled when its consumer goes away,
   comes back with ``redelivered=True``; once a quorum queue's ``x-delivery-limit`` is passed
   it goes to the queue's dead-letter exchange instead.
