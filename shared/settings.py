@@ -102,9 +102,9 @@ class Settings:
         metadata=cli(
             CONNECTION,
             EVERYWHERE,
-            "largest message fedq publishes or accepts, checked before anything is unpacked; larger "
-            "ones are dead-lettered as too_large (default 16 MiB; set the broker's max_message_size "
-            "to match)",
+            "largest message in bytes fedq publishes or accepts, checked before anything is unpacked; "
+            "larger ones are dead-lettered as too_large. At least --inline-limit plus 65 KiB, at most the "
+            "broker's max_message_size (default 16 MiB, as broker_config/rabbitmq.conf sets it)",
         ),
     )
     broker_users: str = field(
