@@ -503,7 +503,11 @@ def _add_broker(sub: Subparsers) -> None:
         titles={CONNECTION: "connection"},
     )
     apply.add_argument(
-        "--workers", default="", metavar="IDS", help="worker ids, comma-separated (default: every enrolled worker)"
+        "--workers",
+        default="",
+        metavar="IDS",
+        help="worker ids, comma-separated, each optionally with the capabilities whose tasks it may take, "
+        "e.g. w1,w2:gpu+lowmem (default: every enrolled worker, all the job's capabilities)",
     )
     apply.add_argument(
         "--secrets", default="", metavar="DIR", help="where the users' password files go (default <keys-dir>/broker)"
@@ -543,7 +547,6 @@ def _add_broker(sub: Subparsers) -> None:
         help="a client certificate for broker user CN (repeat)",
     )
     _json_flag(certs, "print the files made or kept as one JSON object")
-
 
 
 def _broker(args: argparse.Namespace, settings: Settings) -> Outcome:

@@ -6,6 +6,7 @@ and a handler that raises. No RabbitMQ: the real broker's part is in tests/test_
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 import uuid
@@ -17,7 +18,8 @@ import pytest
 import torch
 
 from aggregator.service import CATCH_UP_SECONDS
-from broker_config.names import Names
+from broker_config.names import USER_HEADER, Names
+from broker_config.permissions import BrokerRole, user_name
 from shared.codec import decode
 from shared.errors import CorruptVersionError, StoreError, UnsignedVersionError
 from shared.messages import Receipt, Receipts, Update
@@ -655,4 +657,36 @@ async def test_a_signed_version_of_an_earlier_run_of_the_job_is_refused_and_writ
         assert manifest.incarnation == rig.aggregator.incarnation and "earlier" not in manifest.update_ids
         assert rig.aggregator._refused == {1}
         rig.check_alive()
+        await rig.stop_and_assert_all_acked()
+
+
+async def test_an_update_from_another_workers_broker_account_is_refused(
+    mem: MemoryTransport, names: Names, tmp_path: Path
+) -> None:
+    """Signed by w1's key, published over w2's broker account (the user_id the broker vouches for):
+    wrong_worker, dead-lettered with the account that sent it. Over w1's own account it is applied.
+    With --broker-identity require, an update that names no account is refused too."""
+    def account(worker: str) -> str:
+        return user_name(names, BrokerRole.WORKER, worker)
+
+    async with aggregator_rig(mem, names, tmp_path, k=1) as rig:
+        as_w2 = await MemoryTransport(mem.broker, names, "w2", user=account("w2")).connect()
+        as_w1 = await MemoryTransport(mem.broker, names, "w1", user=account("w1")).connect()
+        tid, body = rig.update()
+        await as_w2.publish(names.results_exchange, names.results_key, body)
+        dead = await rig.dead.expect(body, "wrong_worker", names.updates_queue)
+        assert dead.headers[USER_HEADER] == account("w2")
+        entry = await rig.ledger_entry(tid, "rejected")
+        assert entry["reason"] == "wrong_worker" and account("w2") in entry["detail"]
+        await rig.assert_version(0)
+        await as_w1.publish(names.results_exchange, names.results_key, body)
+        await rig.wait_version(1)
+        rig.aggregator.config = dataclasses.replace(rig.aggregator.config, require_user_id=True)
+        tid, body = rig.update(base_version=1)
+        await rig.send(body)  # the test's own connection names no user
+        entry = await rig.rejected(body, "wrong_worker", tid)
+        assert "names no broker user" in entry["detail"]
+        await rig.assert_version(1)
+        await as_w1.close(grace=0.1)
+        await as_w2.close(grace=0.1)
         await rig.stop_and_assert_all_acked()

@@ -6,8 +6,9 @@ tasks of their own, as with ``RabbitMQ``. The semantics kept are those of ``shar
 
 Not modelled: stream retention (x-max-age, x-max-length-bytes), queue length limits, headers
 exchanges and exchange-to-exchange bindings, dead-letter cycle detection, consumer timeouts,
-a whole-broker restart (``drop`` cuts one connection at a time), and user_id (always None, as
-fedq's publishes do not set it). Timestamps are whole seconds, as in AMQP.
+and a whole-broker restart (``drop`` cuts one connection at a time). A transport made with a
+``user`` stamps it as every message's user_id, as ``RabbitMQ`` does (and the broker checks).
+Timestamps are whole seconds, as in AMQP.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class _Message:
     expires_at: float | None = None  # monotonic deadline, set when it enters a queue
     redelivered: bool = False
     returns: int = 0  # times given back unsettled: a quorum queue's delivery count
+    user_id: str | None = None  # the publishing connection's user
 
 
 @dataclass(eq=False)
@@ -352,6 +354,7 @@ class MemoryDelivery(Delivery):
             redelivered=message.redelivered,
             message_id=message.message_id,
             timestamp=message.timestamp,
+            user_id=message.user_id,
         )
         self.consumer = consumer
         self.message = message
@@ -381,8 +384,11 @@ class MemoryDelivery(Delivery):
 class MemoryTransport(Transport):
     """One process's connection to a ``MemoryBroker``; ``lose_link`` simulates a lost, recovered link."""
 
-    def __init__(self, broker: MemoryBroker, names: Names, connection_name: str = "memory") -> None:
+    def __init__(
+        self, broker: MemoryBroker, names: Names, connection_name: str = "memory", user: str | None = None
+    ) -> None:
         self.broker = broker
+        self.user_id = user
         self.names = names
         self.connection_name = connection_name
         self.publish_retry_seconds = 300.0
@@ -446,7 +452,14 @@ class MemoryTransport(Transport):
         self.check_publish_size(exchange, body)
         await self._wait_link()
         message = _Message(
-            body, dict(headers or {}), exchange, routing_key, message_id, float(int(time.time())), expiration
+            body,
+            dict(headers or {}),
+            exchange,
+            routing_key,
+            message_id,
+            float(int(time.time())),
+            expiration,
+            user_id=self.user_id,
         )
         if self.broker.route(exchange, routing_key, message) == 0 and mandatory:
             raise BrokerError(

@@ -396,11 +396,16 @@ def make_private_rabbit_fixture(tmp_path_factory: pytest.TempPathFactory) -> Ite
     tests share it (each on a namespace of its own; one may restart it). A node found stopped (a test
     failed while it was down) is started again. Every node it made is killed at the module's end,
     even when a test failed. A node that cannot be started fails the test loudly with the reason."""
-    nodes: dict[tuple[int | None, int | None], PrivateRabbit] = {}
+    nodes: dict[tuple[object, ...], PrivateRabbit] = {}
     with contextlib.ExitStack() as stack:
 
-        def make(consumer_timeout_ms: int | None = None, channel_tick_ms: int | None = None) -> PrivateRabbit:
-            config = (consumer_timeout_ms, channel_tick_ms)
+        def make(
+            consumer_timeout_ms: int | None = None,
+            channel_tick_ms: int | None = None,
+            conf: tuple[str, ...] = (),
+            plugins: tuple[str, ...] = (),
+        ) -> PrivateRabbit:
+            config = (consumer_timeout_ms, channel_tick_ms, conf, plugins)
             try:
                 if config in nodes:
                     nodes[config].start()  # nothing to do if it runs
@@ -410,6 +415,8 @@ def make_private_rabbit_fixture(tmp_path_factory: pytest.TempPathFactory) -> Ite
                             tmp_path_factory.mktemp("rabbit"),
                             consumer_timeout_ms=consumer_timeout_ms,
                             channel_tick_ms=channel_tick_ms,
+                            conf=conf,
+                            plugins=plugins,
                         )
                     )
             except PrivateBrokerError as exc:
