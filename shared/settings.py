@@ -63,7 +63,13 @@ class Settings:
     # where things are
     amqp_url: str = field(
         default="amqp://guest:guest@127.0.0.1:5672/",
-        metadata=cli(CONNECTION, EVERYWHERE, "RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/)"),
+        metadata=cli(
+            CONNECTION,
+            EVERYWHERE,
+            "RabbitMQ URL, amqp:// or amqps:// (default amqp://guest:guest@127.0.0.1:5672/). For fedq worker "
+            "--replicas, {worker} in it (and in --amqp-password-file, --amqp-cert, --amqp-key) stands for "
+            "each replica's worker id: each logs in as its own broker user",
+        ),
     )
     amqp_password_file: str = field(
         default="",

@@ -25,7 +25,7 @@ from fedq.broker import Management, Request, apply, plan
 from shared.errors import BrokerError, ConfigError
 from shared.settings import Settings
 from shared.transport.rabbitmq import RabbitMQ
-from tests.support.jobs import FINISHED_RUN, start_run
+from tests.support.jobs import FINISHED_RUN, TINY_APP, fedq, service_env, start_run
 from tests.support.private_broker import MakeRabbit, PrivateRabbit
 from tests.support.private_broker import make_private_rabbit_fixture as make_private_rabbit  # noqa: F401
 
@@ -430,3 +430,39 @@ def test_fedq_run_gives_each_process_its_own_broker_user(node: PrivateRabbit, tm
     assert not any(u.startswith("pm.runjob.") for u in users)  # the run's accounts ended with it
     for f in (out / "keys" / "broker").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
+
+
+def test_worker_replicas_each_log_in_as_their_own_broker_user(node: PrivateRabbit, tmp_path: Path) -> None:
+    """``fedq worker --replicas 2`` with {worker} in its URL and password file: each replica's
+    connection logs in as its own worker's user."""
+    keys = tmp_path / "keys"
+    subprocess.run([*fedq("keys", "init", str(keys))], check=True, capture_output=True, timeout=60)
+    secrets = tmp_path / "replicas"
+    secrets.mkdir()
+    for replica in ("w-r0", "w-r1"):
+        user = user_name(NAMES, BrokerRole.WORKER, replica)
+        apply(settings_for(node, tmp_path), Request(workers=replica, secrets_dir=str(tmp_path / "made")))
+        (secrets / f"{replica}.password").write_text((tmp_path / "made" / f"{user}.password").read_text())
+    url = node.amqp_url.replace("guest:guest", f"{NS}.{JOB}.worker.{{worker}}")
+    worker = subprocess.Popen(
+        fedq("worker", "--amqp-url", url, "--amqp-password-file", str(secrets / "{worker}.password"),
+             "--namespace", NS, "--job", JOB, "--keys-dir", str(keys), "--worker-id", "w", "--replicas", "2",
+             "--partition", "0/2", *TINY_APP),
+        env=service_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    management = Management(node.management_url, "guest", "guest")
+    try:
+        deadline = time.monotonic() + 60
+        logins: dict[str, str] = {}
+        while time.monotonic() < deadline and worker.poll() is None and len(logins) < 2:
+            logins = {
+                c["client_properties"].get("connection_name", ""): c["user"]
+                for c in management.call("GET", "/api/connections") or []
+                if c.get("client_properties", {}).get("connection_name", "").startswith("fedq-worker-w-r")
+            }
+            time.sleep(0.3)
+        assert worker.poll() is None, worker.communicate()[0]
+        assert logins == {"fedq-worker-w-r0": "pm.j1.worker.w-r0", "fedq-worker-w-r1": "pm.j1.worker.w-r1"}
+    finally:
+        worker.terminate()
+        worker.wait(30)

@@ -475,10 +475,24 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
         raise first_error(failed) from None
 
 
+WORKER_PLACEHOLDER = "{worker}"
+LOGIN_SETTINGS = ("amqp_url", "amqp_password_file", "amqp_cert", "amqp_key")
+
+
+def own_login(settings: Settings, worker_id: str) -> Settings:
+    """``{worker}`` in the broker login settings stands for the worker's id, so that each replica
+    of ``--replicas`` logs in as its own broker user (e.g. ``amqp://fedq.demo.worker.{worker}@host/``
+    with ``--amqp-password-file /keys/{worker}.password``)."""
+    return replace(
+        settings, **{f: getattr(settings, f).replace(WORKER_PLACEHOLDER, worker_id) for f in LOGIN_SETTINGS}
+    )
+
+
 async def _serve_one(
     settings: Settings, app: App, worker_id: str, index: int, count: int, stop: asyncio.Event | None
 ) -> None:
     check_token("worker id", worker_id)
+    settings = own_login(settings, worker_id)
     config = WorkerConfig.from_settings(settings, worker_id, f"{index}/{count}")
     signer = load_or_create_signer(settings.key_path(f"worker-{worker_id}"))
     coordinator_keys = coordinator_trust(settings)
