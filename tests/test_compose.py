@@ -24,12 +24,14 @@ import yaml
 
 from broker_config.definitions import DEMO_PASSWORD, DEMO_USER, default_definitions, definitions, render
 from broker_config.names import Names
+from broker_config.permissions import BrokerRole, user_name
 from broker_config.topology import topology
 from fedq.cli import build_parser
 from shared.keys import ROLE_DIRS
 from shared.settings import Settings, known_env_names
 from tests.support.broker import delete_namespace
 from tests.support.jobs import ROOT
+from worker.service import own_login
 
 FEDQ_COMMANDS = {"coordinator", "aggregator", "worker"}
 
@@ -41,11 +43,15 @@ def compose() -> dict[str, Any]:
 
 
 KEYS_SERVICE = "keys"  # the one-shot operator: lays out the trust volume and hands out the keys
+CERTS_SERVICE = "certs"  # the one-shot that makes the CA and the broker's TLS certificate
+ONE_SHOTS = {KEYS_SERVICE, CERTS_SERVICE}
 
 
 def fedq_services() -> dict[str, dict[str, Any]]:
     """The long-running services that run the image built from the Dockerfile (whose entry point is fedq)."""
-    services = {name: s for name, s in compose()["services"].items() if "build" in s and name != KEYS_SERVICE}
+    services = {
+        name: s for name, s in compose()["services"].items() if "build" in s and name not in ONE_SHOTS
+    }
     assert set(services) >= {"coordinator", "aggregator", "worker"}, sorted(services)
     return services
 
@@ -124,7 +130,7 @@ def test_every_fedq_service_runs_a_real_fedq_command() -> None:
             args = build_parser().parse_args(command)
         except SystemExit:
             pytest.fail(f"keys service: `fedq {' '.join(command)}` is refused by fedq's parser")
-        assert args.command == "keys", command
+        assert args.command in ("keys", "broker"), command
     entry = keys_service()["entrypoint"]
     assert "exec fedq keys" in unescape(" ".join(entry)), (
         "docker compose run keys ACTION should run fedq keys ACTION"
@@ -163,7 +169,11 @@ def test_services_agree_with_the_broker_and_the_store() -> None:
         assert {q.name for q in topo.queues} <= queues, f"{name}: namespace or capability not in definitions"
         assert {e.name for e in topo.exchanges} <= exchanges
         amqp = urlsplit(s.amqp_url)
-        assert (amqp.hostname, amqp.username, amqp.password) == ("rabbitmq", DEMO_USER, DEMO_PASSWORD), name
+        assert (amqp.scheme, amqp.hostname, amqp.port) == ("amqps", "rabbitmq", 5671), name
+        assert amqp.password is None and s.amqp_password == "", f"{name}: a password in its settings"
+        if name == "worker":
+            assert (s.store, s.s3_access_key, s.s3_secret_key) == ("none", "", ""), "workers hold no store"
+            continue
         assert s.store.startswith("s3://"), f"{name}: the store is the MinIO bucket"
         assert f"local/{s.store.removeprefix('s3://').split('/')[0]}" in bucket_made, (
             f"{name}: bucket not made"
@@ -173,6 +183,10 @@ def test_services_agree_with_the_broker_and_the_store() -> None:
             minio["environment"]["MINIO_ROOT_USER"],
             minio["environment"]["MINIO_ROOT_PASSWORD"],
         )
+    # the operator (the keys service) logs in as the administrator the definitions make
+    keys = settings_of(keys_service(), ["broker", "apply"])
+    assert (urlsplit(keys.amqp_url).username, keys.amqp_password) == (DEMO_USER, DEMO_PASSWORD)
+    assert urlsplit(keys.management).hostname == "rabbitmq"
 
 
 def test_dockerfile_copies_every_package() -> None:
@@ -343,3 +357,89 @@ def test_the_trust_directory_is_read_only_but_for_the_keys_service() -> None:
         "workers",
     }  # what init lays out
     assert any(c[:2] == ["keys", "init"] for c in keys_commands())
+
+
+# -- least privilege: broker users, passwords, TLS, published ports ---------------------------------
+
+
+def copies(script: str, ids: list[str]) -> dict[str, str]:
+    """Every ``cp SOURCE TARGET`` of a script, with each id of ``ids`` in place of ``$id``: source -> target."""
+    out: dict[str, str] = {}
+    for line in script.splitlines():
+        words = shlex.split(line.strip())
+        if words[:1] == ["cp"] and len(words) == 3:
+            for wid in ids if "$id" in line else [""]:
+                out[words[1].replace("$id", wid)] = words[2].replace("$id", wid)
+    return out
+
+
+def test_each_service_logs_in_as_its_role_with_a_password_on_its_own_volume() -> None:
+    """The coordinator and aggregator as their role's broker user, each worker replica as its own; each
+    password file is where fedq broker apply put it, copied by the keys service onto the service's
+    own keys volume (no other long-running service mounts it)."""
+    keys = keys_service()
+    ids = keys["environment"]["ENROL"].split()
+    handed = copies(unescape(keys["environment"]["LAY_OUT"]), ids)
+    applied = [c for c in keys_commands() if c[:2] == ["broker", "apply"]]
+    assert len(applied) == 1, "the keys service makes the broker users once per run of its script"
+    secrets = build_parser().parse_args(applied[0]).secrets
+    for name, service in fedq_services().items():
+        s = settings_of(service)
+        role = BrokerRole(service["command"][0])
+        for worker_id in ids if role is BrokerRole.WORKER else [""]:
+            mine = own_login(s, worker_id)
+            user = user_name(Names(s.namespace, s.job), role, worker_id)
+            assert urlsplit(mine.amqp_url).username == user, (name, worker_id)
+            target = handed.get(f"{secrets}/{user}.password")
+            assert target, f"{name}: {user}'s password is not handed out"
+            volume, _ = volume_at(service, mine.amqp_password_file)
+            assert volume_at(keys, target)[0] == volume, f"{name}: its password goes to another volume"
+            inside = mine.amqp_password_file.removeprefix(
+                next(t for v, t, _ in volume_mounts(service) if v == volume).rstrip("/")
+            )
+            assert target.endswith(inside), (
+                f"{name} reads {mine.amqp_password_file}; it is copied to {target}"
+            )
+        assert s.user_id_required, f"{name}: every worker has its own user, so a message must name one"
+
+
+def test_the_broker_speaks_tls_only_and_the_services_verify_it() -> None:
+    doc = compose()
+    rabbitmq, certs = doc["services"]["rabbitmq"], doc["services"][CERTS_SERVICE]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in rabbitmq["volumes"] if v.startswith("./")}
+    tls = (ROOT / mounts["/etc/rabbitmq/conf.d/30-tls.conf"]).read_text()
+    assert re.search(r"^listeners\.tcp\s*=\s*none\s*$", tls, re.M), "a plain AMQP listener is open"
+    assert re.search(r"^listeners\.ssl\.default\s*=\s*5671\s*$", tls, re.M)
+    served = dict(re.findall(r"^ssl_options\.(\w+)\s*=\s*(\S+)\s*$", tls, re.M))
+    tls_volume, ro = volume_at(rabbitmq, served["certfile"])
+    assert ro and volume_at(rabbitmq, served["keyfile"])[0] == tls_volume
+    script = " ".join(certs["command"])
+    made = re.search(r"fedq broker certs --out (\S+) --host rabbitmq", script)
+    assert made, "the certs service does not make a certificate naming the broker's host"
+    ca_volume = volume_at(certs, made[1])[0]
+    for name, service in doc["services"].items():
+        for volume, _, _ in volume_mounts(service):
+            assert volume != tls_volume or name in (CERTS_SERVICE, "rabbitmq"), (
+                f"{name} mounts the broker's key"
+            )
+            assert volume != ca_volume or name == CERTS_SERVICE, f"{name} mounts the CA's key"
+    copied_ca = re.search(r"cp \S*/ca\.pem (\S+)/ca\.pem", script)
+    assert copied_ca, "the CA certificate is not handed out"
+    ca_cert_volume = volume_at(certs, copied_ca[1])[0]
+    for name, service in {**fedq_services(), KEYS_SERVICE: keys_service()}.items():
+        s = settings_of(service, ["keys", "list"] if name == KEYS_SERVICE else None)
+        assert s.amqp_ca, f"{name} does not verify the broker's certificate"
+        volume, ro = volume_at(service, s.amqp_ca)
+        assert (volume, ro) == (ca_cert_volume, True), f"{name} reads its CA from {volume}"
+    # the broker's definitions and conf: message size cap
+    conf = (ROOT / mounts["/etc/rabbitmq/conf.d/20-fedq.conf"]).read_text()
+    cap = re.search(r"^max_message_size\s*=\s*(\d+)\s*$", conf, re.M)
+    assert cap and all(settings_of(sv).max_message_bytes <= int(cap[1]) for sv in fedq_services().values())
+
+
+def test_published_ports_listen_on_loopback_unless_a_variable_says_otherwise() -> None:
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("${FEDQ_BIND:-127.0.0.1}:"), (
+                f"{name} publishes {port} to every interface"
+            )
