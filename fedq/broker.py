@@ -31,6 +31,7 @@ from shared.errors import BrokerError, ConfigError
 from shared.files import write_private
 from shared.keys import WORKER_ID
 from shared.settings import Settings
+from shared.transport.connect import broker_password, read_password
 
 PASSWORD_SUFFIX = ".password"
 
@@ -130,21 +131,15 @@ def document(names: Names, capabilities: tuple[str, ...], found: list[Account]) 
 
 
 def login(settings: Settings) -> tuple[str, str]:
-    """The user and password of ``--amqp-url`` (the password: the URL's, else ``FEDQ_AMQP_PASSWORD``,
-    else ``--amqp-password-file``)."""
+    """The user and password of ``--amqp-url`` (the password: the URL's, else ``--amqp-password-file``
+    or ``FEDQ_AMQP_PASSWORD``, as the transport reads them)."""
     parts = urlsplit(settings.amqp_url)
     user = unquote(parts.username or "guest")
-    password = unquote(parts.password or "") or settings.amqp_password
-    if not password and settings.amqp_password_file:
-        try:
-            password = Path(settings.amqp_password_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read --amqp-password-file {settings.amqp_password_file}: {exc}"
-            ) from None
-    if not parts.username and not password:
-        password = "guest"
-    return user, password
+    if parts.password is not None:
+        return user, unquote(parts.password)
+    if broker_password(settings) is not None:
+        return user, read_password(settings)
+    return user, "" if parts.username else "guest"
 
 
 class Management:
