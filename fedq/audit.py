@@ -215,6 +215,9 @@ def settings_for(target: str, base: Settings) -> Settings:
             if k in saved
         }
         keep.setdefault("trusted_keys", str(path / "keys" / "trusted"))
+        for k in ("amqp_ca", "amqp_cert", "amqp_key"):  # how the run reached its broker over TLS
+            if saved.get(k) and not getattr(base, k):
+                keep[k] = saved[k]
         if "amqp_url" in keep and same_broker(keep["amqp_url"], base.amqp_url):
             keep["amqp_url"] = base.amqp_url  # config.json holds no password: the caller's URL has it
         return Settings(**{**base.__dict__, **keep})

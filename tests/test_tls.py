@@ -391,3 +391,17 @@ def connection_logins(node: PrivateRabbit) -> dict[str, set[tuple[int, str]]]:
             elif m := accepted.search(line):
                 port_of[m[1]] = int(m[2])
     return found
+
+
+def test_a_run_folder_keeps_how_its_broker_was_reached_over_tls(tmp_path: Path) -> None:
+    """fedq audit, log, replay and model on a run folder reach its broker as the run did: the TLS
+    files its config.json names, unless the command names its own."""
+    from fedq.audit import settings_for
+
+    saved = {"amqp_url": "amqps://127.0.0.1:5671/", "amqp_ca": "/tls/ca.pem", "amqp_cert": "/tls/me.pem",
+             "amqp_key": "/tls/me.key", "job": "j"}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps({"settings": saved}))
+    found = settings_for(str(tmp_path), Settings())
+    assert (found.amqp_ca, found.amqp_cert, found.amqp_key) == ("/tls/ca.pem", "/tls/me.pem", "/tls/me.key")
+    mine = settings_for(str(tmp_path), Settings(amqp_ca="/mine/ca.pem"))
+    assert mine.amqp_ca == "/mine/ca.pem"
