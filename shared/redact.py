@@ -43,13 +43,8 @@ def public(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def same_broker(written: str, given: str) -> bool:
-    """Whether ``given`` names the user, host, port and vhost of ``written`` (a URL written down
-    without its password): then ``given``'s password belongs to it."""
+    """Whether ``given`` names the broker (scheme, host, port and vhost) of ``written`` (a URL written
+    down without its password): then ``given``'s login is the one to use there, whoever it names
+    (an auditor reads a run with the observer's account, not the run's)."""
     a, b = urlsplit(written), urlsplit(given)
-    return (a.scheme, a.username, a.hostname, a.port, a.path.strip("/")) == (
-        b.scheme,
-        b.username,
-        b.hostname,
-        b.port,
-        b.path.strip("/"),
-    )
+    return (a.scheme, a.hostname, a.port, a.path.strip("/")) == (b.scheme, b.hostname, b.port, b.path.strip("/"))

@@ -430,6 +430,16 @@ def test_fedq_run_gives_each_process_its_own_broker_user(node: PrivateRabbit, tm
     assert not any(u.startswith("pm.runjob.") for u in users)  # the run's accounts ended with it
     for f in (out / "keys" / "broker").iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    # an auditor reads the run with the namespace's observer account alone: the logs and queue depths
+    observer = user_name(names, BrokerRole.OBSERVER)
+    audited = subprocess.run(
+        fedq("audit", str(out), "--json", "--amqp-url", node.amqp_url.replace("guest:guest", observer),
+             "--amqp-password-file", str(out / "keys" / "broker" / f"{observer}.password")),
+        capture_output=True, text=True, timeout=120, env=service_env(),
+    )  # fmt: skip
+    assert audited.returncode == 0, audited.stderr
+    balance = json.loads(audited.stdout)
+    assert balance["ok"] and balance["sent"] == summary["audit"]["sent"] and balance["in_queue"] == 0
 
 
 def test_worker_replicas_each_log_in_as_their_own_broker_user(node: PrivateRabbit, tmp_path: Path) -> None:
