@@ -145,9 +145,7 @@ def login(settings: Settings) -> tuple[str, str]:
 class Management:
     """The RabbitMQ management API, as the ``--amqp-url`` user."""
 
-    def __init__(
-        self, url: str, user: str, password: str, timeout: float = 15.0, ca_file: str = ""
-    ) -> None:
+    def __init__(self, url: str, user: str, password: str, timeout: float = 15.0, ca_file: str = "") -> None:
         """``ca_file``: the CA an ``https://`` API's certificate must chain to (default: the system's)."""
         self.url = url.rstrip("/")
         self.user = user
@@ -190,6 +188,15 @@ class Management:
         except BrokerError:
             return False
         return True
+
+    def amqp_ports(self) -> set[int]:
+        """The AMQP ports (plain and TLS) of the broker behind this API."""
+        overview = self.call("GET", "/api/overview") or {}
+        return {
+            int(x["port"])
+            for x in overview.get("listeners", [])
+            if str(x.get("protocol", "")).startswith("amqp")
+        }
 
     def apply(self, doc: dict[str, Any]) -> None:
         self.call("POST", "/api/definitions", doc)
@@ -273,6 +280,19 @@ def run_accounts(settings: Settings, secrets_dir: Path, worker_ids: list[str]) -
             "logs in as the --amqp-url user, without a broker user of its role "
             "(rabbitmq-plugins enable rabbitmq_management, or --broker-users off to silence this)",
             flush=True,
+        )
+        return None
+    parts = urlsplit(settings.amqp_url)
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    if port not in (ports := management.amqp_ports()):  # another broker's API on the same host
+        why = (
+            f"the management API at {settings.management} belongs to a broker listening on {sorted(ports)}, "
+            f"not on --amqp-url's port {port}"
+        )
+        if settings.broker_users == "on":
+            raise ConfigError(f"{why}: give its own API with --management-url")
+        print(
+            f"fedq: {why}: every process logs in as the --amqp-url user (--management-url to fix)", flush=True
         )
         return None
     found, doc = plan(settings, Request(workers=",".join(worker_ids), secrets_dir=str(secrets_dir)))

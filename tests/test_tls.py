@@ -134,17 +134,6 @@ async def round_trip(settings: Settings, name: str) -> tuple[bytes, str | None]:
         return delivery.body, delivery.user_id
 
 
-def connection_users(node: PrivateRabbit) -> dict[str, tuple[str, bool, int]]:
-    """The node's client connections by their client-provided name: (user, over TLS, broker port)."""
-    listing = node.ctl("list_connections", "client_properties", "user", "ssl", "port", "--formatter", "json")
-    found = {}
-    for c in json.loads(listing.stdout):
-        props = c["client_properties"]
-        props = dict(props) if isinstance(props, dict) else {p[0]: p[2] for p in props}
-        found[str(props.get("connection_name"))] = (c["user"], bool(c["ssl"]), int(c["port"]))
-    return found
-
-
 # -- connecting -----------------------------------------------------------------------------------
 
 
@@ -181,7 +170,7 @@ async def test_a_client_certificate_logs_in_as_its_cn(tls_broker: TlsBroker) -> 
     settings = tls_broker.by_certificate(CLIENT)
     assert "auth=external" in broker_url(settings)
     async with connected(settings, "test-tls-external"):
-        users = await asyncio.to_thread(connection_users, tls_broker.node)
+        users = await asyncio.to_thread(tls_broker.node.connections)
         assert users["test-tls-external"] == (CLIENT, True, tls_broker.tls_port)
     body, user_id = await round_trip(settings, "test-tls-external-flow")
     assert body == b"over tls"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import json
 import os
 import secrets
 import shutil
@@ -261,6 +262,17 @@ class PrivateRabbit:
                 f"{(result.stderr or result.stdout).strip()[-2000:]}"
             )
         return result
+
+    def connections(self) -> dict[str, tuple[str, bool, int]]:
+        """The node's client connections by their client-provided name: (user, over TLS, broker port),
+        as the node holds them now (the management API's view lags by its statistics interval)."""
+        listing = self.ctl("list_connections", "client_properties", "user", "ssl", "port", "--formatter", "json")
+        found = {}
+        for c in json.loads(listing.stdout):
+            props = c["client_properties"]
+            props = dict(props) if isinstance(props, dict) else {p[0]: p[2] for p in props}
+            found[str(props.get("connection_name"))] = (c["user"], bool(c["ssl"]), int(c["port"]))
+        return found
 
     @property
     def running(self) -> bool:
