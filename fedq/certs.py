@@ -11,7 +11,6 @@ written to a temporary name opened with O_EXCL, then renamed into place.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 
 from shared.errors import ConfigError
+from shared.files import write_atomic, write_private
 from shared.tls import (
     DEFAULT_HOSTS,
     Issued,
@@ -166,19 +166,5 @@ def _entry(out: Path, name: str, role: str, state: str) -> dict[str, Any]:
 
 
 def _write(out: Path, name: str, issued: Issued) -> None:
-    _write_file(out / f"{name}.key", issued.key_pem, 0o600)
-    _write_file(out / f"{name}.pem", issued.cert_pem, 0o644)
-
-
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """``data`` into ``path`` atomically: a fresh temporary file (O_EXCL, ``mode`` from the start), renamed."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, mode)  # the umask may have taken bits off a certificate's 0644
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_private(out / f"{name}.key", issued.key_pem)
+    write_atomic(out / f"{name}.pem", issued.cert_pem)

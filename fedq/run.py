@@ -26,6 +26,7 @@ from fedq.keys import create_key, enrol, init, run_key_file
 from fedq.progress import Progress
 from fedq.summary import build_summary
 from shared.app import load_app
+from shared.codec import check_message_cap
 from shared.errors import BrokerError, ConfigError, FedqError
 from shared.files import private_dir, write_atomic
 from shared.ledger import JsonLines
@@ -277,6 +278,7 @@ def run_job(
     delays = parse_delay_profile(delay_profile, workers)
     AggregatorConfig.from_settings(settings)  # a bad policy flag stops us here, not in a child a while later
     CoordinatorConfig.from_settings(settings)
+    check_message_cap(settings.max_message_bytes, settings.inline_limit)  # before any folder is made
     run_dir = new_run_dir(settings)
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"{run_dir} already holds a finished run; choose another --out")

@@ -715,3 +715,12 @@ def test_the_processes_of_a_run_sign_with_the_keys_in_their_own_folders(run: tup
     ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
     workers = {r["worker_id"] for r in ledger if r.get("fate") == "applied"}
     assert workers == {"w00", "w01"}  # each signed with its key in keys/workers/<id>/, enrolled under its id
+
+
+def test_fedq_run_refuses_a_cap_below_what_it_sends_before_making_its_folder(tmp_path: Path) -> None:
+    from fedq.run import run_job
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="--max-message-bytes 1000 is below what fedq sends"):
+        run_job(Settings(out=str(out), max_message_bytes=1000), workers=1, progress=False)
+    assert not out.exists()
