@@ -80,7 +80,9 @@ class S3Store:
         region: str = "",
         access_key: str = "",
         secret_key: str = "",
+        attempts: int = 3,
     ) -> None:
+        """``attempts``: tries per request, the first included (botocore's standard retry mode)."""
         self.url = url
         self.bucket, self.prefix = parse_s3_url(url)
         if bool(access_key) != bool(secret_key):
@@ -95,7 +97,7 @@ class S3Store:
         self._config = AioConfig(
             s3={"addressing_style": "path"},
             signature_version="s3v4",
-            retries={"max_attempts": 3, "mode": "standard"},
+            retries={"max_attempts": attempts, "mode": "standard"},
             connect_timeout=10,
             read_timeout=60,
             # botocore >= 1.36 adds CRC checksums that older MinIO, Ceph and R2 reject; we send

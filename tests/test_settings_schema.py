@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from pathlib import Path
 
 import pytest
@@ -162,8 +163,14 @@ def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
 
 
+@functools.cache
+def parser() -> argparse.ArgumentParser:
+    """One parser for the module's many parses (a parse changes nothing in it)."""
+    return build_parser()
+
+
 def parse(command: str, *extra: str) -> argparse.Namespace:
-    return build_parser().parse_args([*command.split(), *REQUIRED.get(command, []), *extra])
+    return parser().parse_args([*command.split(), *REQUIRED.get(command, []), *extra])
 
 
 def test_every_setting_has_a_flag_or_is_deliberately_env_only() -> None:
