@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -386,15 +387,22 @@ def test_apply_keeps_passwords_and_says_why_it_cannot(node: PrivateRabbit, tmp_p
 
 
 def test_fedq_run_gives_each_process_its_own_broker_user(node: PrivateRabbit, tmp_path: Path) -> None:
-    """A whole ``fedq run`` on the private node with --broker-users on: while it runs, every process's
-    connection logs in as its role's user (no process holds the administrator's login, not even in its
-    environment), the job reaches its end with its audit balanced, and the run's users go with it."""
+    """A whole ``fedq run`` on the private node with --broker-users on, started by an operator whose
+    password is in --amqp-url: while it runs, every process's connection logs in as its role's user (no
+    process holds the operator's login, not even in its environment), the job reaches its end with its
+    audit balanced, no file of the run folder holds the operator's password, the run's users go with
+    it, and an auditor with the observer's account alone balances it again."""
     names = Names(NS, "runjob")
     out = tmp_path / "run"
     management = Management(node.management_url, "guest", "guest")
+    password = f"pw-{uuid.uuid4().hex}"  # the operator's: it must end up in no file and no process
+    node.ctl("add_user", "operator", password)
+    node.ctl("set_user_tags", "operator", "administrator")
+    node.ctl("set_permissions", "-p", "/", "operator", ".*", ".*", ".*")
+    admin_url = node.amqp_url.replace("guest:guest", f"operator:{password}")
     proc = start_run(
         out, names, *FINISHED_RUN, "--job", names.job, "--management-url", node.management_url,
-        "--broker-users", "on", amqp_url=node.amqp_url,
+        "--broker-users", "on", amqp_url=admin_url,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
@@ -413,7 +421,9 @@ def test_fedq_run_gives_each_process_its_own_broker_user(node: PrivateRabbit, tm
         pids = json.loads((out / "processes.json").read_text())
         for name in ("coordinator", "aggregator", "w00"):
             environ = Path(f"/proc/{pids[name]}/environ").read_bytes().decode(errors="replace")
-            assert "guest" not in environ, name  # neither the administrator's user nor its password
+            assert "operator" not in environ and password not in environ, (
+                name
+            )  # nor the administrator's login
             cmdline = Path(f"/proc/{pids[name]}/cmdline").read_bytes().decode(errors="replace")
             assert "--amqp-password-file" in cmdline
         output, _ = proc.communicate(timeout=180)
@@ -422,6 +432,16 @@ def test_fedq_run_gives_each_process_its_own_broker_user(node: PrivateRabbit, tm
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, output
+    assert password not in output
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {"config.json", "summary.json", "coordinator.log", "aggregator.log", "w00.log"} <= {
+        p.name for p in files
+    }
+    holding = [str(p.relative_to(out)) for p in files if password.encode() in p.read_bytes()]
+    assert holding == [], f"files holding the operator's broker password: {holding}"
+    assert json.loads((out / "config.json").read_text())["settings"]["amqp_url"] == admin_url.replace(
+        f":{password}", ""
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["audit"]["ok"] and summary["audit"]["lost"] == 0 and summary["versions"] >= 6
     users = set(management.users())
