@@ -338,8 +338,8 @@ def test_a_job_runs_over_tls_with_a_broker_user_per_role_and_its_audit_balances(
         *TINY_APP,
         "--workers", "2",
         "--buffer", "3",
-        "--target-accuracy", "0",
-        "--max-versions", "4",
+        "--target-accuracy", "0.45",
+        "--max-seconds", "150",
         "--amqp-ca", str(tls_broker.certs / "ca.pem"),
         "--broker-users", "on",
         "--management-url", tls_broker.node.management_url,
@@ -348,9 +348,8 @@ def test_a_job_runs_over_tls_with_a_broker_user_per_role_and_its_audit_balances(
     output = finish(proc, timeout=240, check=False)
     assert proc.returncode == 0, f"{output[-3000:]}\n{problems_in_logs(out)}"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stop_reason"] == "max_versions", summary
+    assert summary["stop_reason"] == "target_accuracy", summary  # it reached its target
     assert summary["audit"]["ok"] and summary["audit"]["lost"] == 0, summary["audit"]
-    assert summary["updates_applied"] >= 12
     logins = connection_logins(tls_broker.node)
     job = json.loads((out / "config.json").read_text())["settings"]["job"]
     tls_port, prefix = tls_broker.tls_port, f"{names.namespace}.{job}"
