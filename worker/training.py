@@ -6,9 +6,11 @@ one-time start-up costs outside any job's clock.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -26,8 +28,18 @@ class TrainingOutcome:
     metrics: dict[str, float]
 
 
-def seed_of(task_id: str) -> int:
-    return int(task_id[:15], 16) if all(c in "0123456789abcdef" for c in task_id[:15]) and task_id else 0
+class Stream(StrEnum):
+    """The task's random streams, each seeded on its own so that none shares another's draws."""
+
+    TRAIN = "train"  # the app's training (the shuffle)
+    QUANTIZE = "quantize"  # the stochastic rounding of the delta
+
+
+def seed_of(task_id: str, stream: Stream) -> int:
+    """A 63-bit seed for ``stream`` of a task: sha256 of the stream's name and the task id, so any
+    task id (hex or not) has seeds of its own, and the same id always has the same ones."""
+    digest = hashlib.sha256(f"fedq/{stream.value}\0{task_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def train_task(
@@ -39,14 +51,13 @@ def train_task(
     base = FlatModel.from_bytes(model_blob)
     model = app.build_model(model_seed)
     model.load_state_dict(base.to_state_dict())
-    seed = seed_of(task.task_id)
-    result = app.train(model, data, task.train, seed)
+    result = app.train(model, data, task.train, seed_of(task.task_id, Stream.TRAIN))
     local = FlatModel.from_state_dict(model.state_dict())
     if local.spec != base.spec:
         raise ValueError("the app's model does not match the task's model spec")
     d_float = local.floats - base.floats
     d_exact = local.exact - base.exact
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed_of(task.task_id, Stream.QUANTIZE))
     payload = encode_delta(d_float, d_exact, base.spec, task.quant, task.block, gen)
     metrics = dict(result.metrics)
     metrics["train_seconds"] = time.perf_counter() - started
