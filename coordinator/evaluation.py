@@ -1,13 +1,17 @@
 """Versions evaluated on the app's held-out test set, off the event loop, into ``metrics.jsonl``.
 
 The coordinator evaluates because it owns the stop condition and the test data; the
-aggregator stays a lean, data-free fold.
+aggregator stays a lean, data-free fold. Every version is evaluated, in order, even when
+evaluation falls behind: the first version to reach the target is the one the job stops on, and
+its time (``t``) is when the coordinator received it, on the coordinator's own clock (the one
+``t0``, the job's first task, was read from), not the aggregator's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +25,17 @@ from shared.tensors import FlatModel
 METRICS_FILE = "metrics.jsonl"
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A version waiting for its evaluation, and when the coordinator received it (its clock)."""
+
+    ann: ModelAnnouncement
+    received_at: float
+
+
 class Evaluator:
-    """Queue versions with ``submit``; ``next`` gives the newest queued (skipping those it
-    overtook, when evaluation falls behind); ``evaluate`` records one."""
+    """Queue versions with ``submit``; ``next`` gives the oldest queued (every version is
+    evaluated, in order); ``evaluate`` records one."""
 
     def __init__(self, app: App, model_seed: int, out_dir: Path, log: Any) -> None:
         self.app = app
@@ -33,21 +45,28 @@ class Evaluator:
         self.recorded: set[int] = {m.get("version", -1) for m in read_lines(path)}  # before a restart too
         self.evaluated_version = max(self.recorded, default=-1)
         self.metrics = JsonLines(path)
-        self._queue: asyncio.Queue[ModelAnnouncement] = asyncio.Queue()
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue()
+        self._taken: Pending | None = None  # the version being evaluated
 
-    def submit(self, ann: ModelAnnouncement) -> None:
-        self._queue.put_nowait(ann)
+    def submit(self, ann: ModelAnnouncement, received_at: float | None = None) -> None:
+        """Queue ``ann`` (received now, unless ``received_at`` says when)."""
+        self._queue.put_nowait(Pending(ann, time.time() if received_at is None else received_at))
 
-    async def next(self) -> ModelAnnouncement:
-        ann = await self._queue.get()
+    async def next(self) -> Pending:
+        self._taken = await self._queue.get()
+        return self._taken
+
+    def unfinished(self) -> list[Pending]:
+        """Versions received and not evaluated, in order: the one taken when the job stopped (its
+        evaluation cut off), then those still queued."""
+        out = [self._taken] if self._taken is not None and self._taken.ann.version not in self.recorded else []
         while not self._queue.empty():
-            ann = self._queue.get_nowait()
-        return ann
+            out.append(self._queue.get_nowait())
+        return out
 
-    async def evaluate(
-        self, ann: ModelAnnouncement, blob: bytes, *, t0: float | None, started: float
-    ) -> float:
-        """Evaluate ``blob`` (version ``ann.version``) in a thread and append its record; its accuracy."""
+    async def evaluate(self, pending: Pending, blob: bytes, *, t0: float | None, started: float) -> float:
+        """Evaluate ``blob`` (version ``pending.ann.version``) in a thread and append its record; its accuracy."""
+        ann = pending.ann
         result = await asyncio.to_thread(self._evaluate, blob)
         acc = float(result.get("accuracy", 0.0))
         self.metrics.write(
@@ -58,8 +77,9 @@ class Evaluator:
                 "updates_total": ann.updates_total,
                 "updates_in_version": len(ann.update_ids),
                 "mean_staleness": ann.mean_staleness,
-                "created_at": ann.created_at,
-                "t": (ann.created_at - t0) if t0 is not None and ann.version > 0 else 0.0,
+                "created_at": ann.created_at,  # the aggregator's clock
+                "received_at": pending.received_at,  # the coordinator's, as t0
+                "t": (pending.received_at - t0) if t0 is not None and ann.version > 0 else 0.0,
                 "wall": time.time() - started,
             }
         )

@@ -18,7 +18,7 @@ from broker_config.names import Names
 from broker_config.permissions import publisher_problem
 from broker_config.topology import Topology, coordinator_inbox, topology
 from coordinator.config import CoordinatorConfig, Mode
-from coordinator.evaluation import Evaluator
+from coordinator.evaluation import Evaluator, Pending
 from coordinator.registry import WorkerChange
 from coordinator.scheduler import CloseRound, Fleet, Gate, OpenRound, Scheduler, StopReason
 from coordinator.state import CoordinatorState
@@ -128,13 +128,12 @@ class Coordinator(Service):
         runtime = runtime or Runtime(self.transport, job=self.job_id)
         try:
             reason: StopReason = await runtime.run(self)
-            last = self.latest_announcement
-            if (
-                reason is not StopReason.TARGET_ACCURACY
-                and last
-                and last.version > self.evaluator.evaluated_version
-            ):
-                self.scheduler.evaluated(await self._evaluate(last))  # the result: the final version
+            if reason is not StopReason.TARGET_ACCURACY:  # the result: every version up to the final one
+                for pending in self.evaluator.unfinished():
+                    self.scheduler.evaluated(await self._evaluate(pending))
+                last = self.latest_announcement
+                if last and last.version > self.evaluator.evaluated_version:
+                    self.scheduler.evaluated(await self._evaluate(Pending(last, time.time())))
         finally:
             self.write_state()
         self.log.info(
@@ -206,6 +205,7 @@ class Coordinator(Service):
             return Reason.BAD_PAYLOAD, str(exc)
         if manifest.sha256 != ann.sha256:
             return Reason.BAD_PAYLOAD, f"version {ann.version} is stored with another sha256 than announced"
+        await self._evaluate_skipped(ann.version)
         self._take(manifest, blob)
         return None
 
@@ -261,8 +261,8 @@ class Coordinator(Service):
 
     async def _evaluation(self) -> None:
         while True:
-            ann = await self.evaluator.next()
-            reached = self.scheduler.evaluated(await self._evaluate(ann))
+            pending = await self.evaluator.next()
+            reached = self.scheduler.evaluated(await self._evaluate(pending))
             self._wake.set()
             if reached:
                 return  # the job ends on this version: later ones are not part of the result
@@ -302,7 +302,17 @@ class Coordinator(Service):
             return
         manifest, blob = await self.store.load_bytes(newest)
         self.log.info("version_found_in_store", version=newest)
+        await self._evaluate_skipped(newest)
         self._take(manifest, blob)
+
+    async def _evaluate_skipped(self, version: int) -> None:
+        """Queue for evaluation the signed versions between the adopted one and ``version``, which
+        no announcement brought (every version is evaluated)."""
+        for v in range(self.scheduler.version + 1, version):
+            try:
+                self.evaluator.submit((await self.store.manifest(v)).announcement())
+            except (StoreError, UnsignedVersionError) as exc:  # gone, or not signed for this job
+                self.log.warning("version_not_evaluated", version=v, detail=str(exc))
 
     def _fleet(self, now: float) -> Fleet:
         """The fleet gate, logged: when it opens, and every few seconds while it waits."""
@@ -331,15 +341,11 @@ class Coordinator(Service):
             message_id=task.task_id,
         )
 
-    async def _evaluate(self, ann: ModelAnnouncement) -> float:
-        latest = self.latest
-        blob = (
-            latest.blob
-            if latest and latest.version == ann.version
-            else (await self.store.load_bytes(ann.version))[1]
-        )
+    async def _evaluate(self, pending: Pending) -> float:
+        latest, version = self.latest, pending.ann.version
+        blob = latest.blob if latest and latest.version == version else (await self.store.load_bytes(version))[1]
         state = self.scheduler.state
-        return await self.evaluator.evaluate(ann, blob, t0=state.t0, started=state.started)
+        return await self.evaluator.evaluate(pending, blob, t0=state.t0, started=state.started)
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from broker_config.names import Names
 from coordinator.config import Mode
 from shared.codec import encode
@@ -15,7 +17,7 @@ from shared.messages import ModelAnnouncement
 from shared.signing import Role
 from shared.tensors import FlatModel
 from shared.transport.memory import MemoryTransport
-from tests.support.messages import MAKER
+from tests.support.messages import MAKER, save_version
 from tests.support.rigs import coordinator_rig
 from tests.support.waiting import WAIT, events, until
 
@@ -29,6 +31,7 @@ METRIC_KEYS = {
     "updates_in_version",
     "mean_staleness",
     "created_at",
+    "received_at",
     "t",
     "wall",
 }
@@ -121,3 +124,33 @@ async def test_an_announcement_of_a_version_that_is_not_stored_is_dead_lettered(
         assert {e["reason"] for e in events(r.logs, "announcement_rejected")} == {"payload_missing"}
         await r.version(1, (r.tasks[0].task_id,))
         assert await asyncio.wait_for(r.running, WAIT) == "max_versions"
+
+
+async def test_every_version_is_evaluated_in_order_on_the_coordinators_clock(
+    mem: MemoryTransport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evaluation slower than versions come: versions 1 to 3 announced at once are each evaluated, in
+    order (none overtaken), and version 5, announced with version 4 never announced, brings 4's
+    evaluation too. A version's time is when the coordinator received it, not its creator's clock."""
+    async with coordinator_rig(mem, tmp_path, max_versions=5) as r:
+        slow = r.coordinator.evaluator._evaluate
+
+        def evaluate_slowly(blob: bytes) -> dict[str, float]:
+            time.sleep(0.2)
+            return slow(blob)
+
+        monkeypatch.setattr(r.coordinator.evaluator, "_evaluate", evaluate_slowly)
+        await r.hello("w1")
+        await until(lambda: r.tasks, "a task for the worker")
+        for v in (1, 2, 3):
+            await r.version(v, ())
+        _, blob = await r.store.load_bytes(0)
+        await save_version(r.store, blob, 4, (), created_at=1.0)  # stored, its announcement lost
+        await r.version(5, ())
+        assert await asyncio.wait_for(r.running, WAIT) == "max_versions"
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["version"] for m in metrics] == [0, 1, 2, 3, 4, 5]
+    state = json.loads((tmp_path / "coordinator.json").read_text())
+    four = next(m for m in metrics if m["version"] == 4)
+    assert four["created_at"] == 1.0 and four["t"] == pytest.approx(four["received_at"] - state["t0"])
+    assert four["t"] > 0  # the coordinator's clock: not 1.0 - t0

@@ -164,8 +164,7 @@ async def save_version(
         size=len(blob),
         key=model_key(store.job_id, version),
         update_ids=update_ids,
-        created_at=time.time(),
-        **fields,
+        **{"created_at": time.time(), **fields},
     ).signed_by(signer or (OWNER if version == 0 else MAKER))
     await store.save(manifest, blob)
     return manifest
