@@ -112,7 +112,7 @@ class ClassificationApp:
     def load_partition(self, part: PartitionSpec) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.train_data()
         if part.file:
-            parts = load_partition_file(Path(part.file), part.count, len(y))
+            parts = load_partition_file(Path(part.file), part.count, len(y), part.index)
         else:
             parts = self._split(part.count, part.alpha, part.seed)
         idx = torch.tensor(parts[part.index], dtype=torch.int64)

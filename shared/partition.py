@@ -60,17 +60,38 @@ def dirichlet_partition(labels: np.ndarray, count: int, alpha: float, seed: int)
     return parts
 
 
-def load_partition_file(path: Path, count: int, n_samples: int) -> list[list[int]]:
-    """A JSON list of index lists, one per worker."""
+def load_partition_file(path: Path, count: int, n_samples: int, index: int | None = None) -> list[list[int]]:
+    """A JSON list of index lists, one per worker: each list non-empty, each index an integer in
+    ``0..n_samples-1``, and no index in two lists (nor twice in one). ``index``, when given, is the
+    worker's own list, which must be there. Any fault is a ``ConfigError`` naming the file."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read partition file {path}: {exc}") from exc
     if not isinstance(doc, list) or not all(isinstance(p, list) for p in doc):
-        raise ConfigError(f"{path} must hold a JSON list of index lists, one per worker")
+        raise ConfigError(f"partition file {path} must hold a JSON list of index lists, one per worker")
     if len(doc) != count:
-        raise ConfigError(f"{path} has {len(doc)} partitions, the job has {count} workers")
+        raise ConfigError(f"partition file {path} has {len(doc)} partitions, the job has {count} workers")
+    if index is not None and not 0 <= index < len(doc):
+        raise ConfigError(f"partition file {path} has {len(doc)} partitions: there is no partition {index}")
+    owner: dict[int, int] = {}  # index -> the first partition that holds it
     for i, part in enumerate(doc):
-        if not part or not all(type(j) is int and 0 <= j < n_samples for j in part):
-            raise ConfigError(f"{path}: partition {i} is empty or has indices outside 0..{n_samples - 1}")
+        if not part:
+            raise ConfigError(f"partition file {path}: partition {i} is empty")
+        for j in part:
+            if type(j) is not int:  # not bool, float or string
+                raise ConfigError(f"partition file {path}: partition {i} holds {j!r}, not an integer index")
+            if j < 0:
+                raise ConfigError(f"partition file {path}: partition {i} holds the negative index {j}")
+            if j >= n_samples:
+                raise ConfigError(
+                    f"partition file {path}: partition {i} holds index {j}, "
+                    f"outside the {n_samples} samples (0..{n_samples - 1})"
+                )
+            first = owner.get(j)
+            if first == i:
+                raise ConfigError(f"partition file {path}: partition {i} holds index {j} more than once")
+            if first is not None:
+                raise ConfigError(f"partition file {path}: index {j} is in partitions {first} and {i}")
+            owner[j] = i
     return doc

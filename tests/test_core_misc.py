@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 
 from broker_config.names import Names, check_token
 from broker_config.topology import Limits, capability_topology, topology
+from shared.app import PartitionSpec
 from shared.errors import ConfigError, StoreError
 from shared.partition import dirichlet_partition, load_partition_file, parse_partition
 from shared.settings import Settings, env_name, known_env_names, split_capabilities
 from shared.tensors import FlatModel, ModelSpec, TensorSpec
+from tests.support.tiny import LinearApp
 
 # ---------------------------------------------------------------- partitions
 
@@ -86,36 +88,50 @@ def test_load_partition_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "content",
+    ("content", "problem"),
     [
-        None,  # missing file
-        "not json",
-        '{"0": [1]}',
-        "[1, 2]",
-        "[[0], [1], [2]]",  # 3 partitions, the job has 2
-        "[[0]]",  # 1 partition
-        "[[0], []]",  # empty partition
-        "[[0], [5]]",  # index == n_samples
-        "[[0], [-1]]",
-        "[[0], [1.5]]",
-        '[[0], ["1"]]',
-        "[[0], [null]]",
+        (None, "cannot read partition file"),  # missing file
+        ("not json", "cannot read partition file"),
+        ('{"0": [1]}', "must hold a JSON list of index lists"),
+        ("[1, 2]", "must hold a JSON list of index lists"),
+        ("[[0], [1], [2]]", "has 3 partitions, the job has 2 workers"),
+        ("[[0]]", "has 1 partitions, the job has 2 workers"),
+        ("[[0], []]", "partition 1 is empty"),
+        ("[[0], [5]]", "partition 1 holds index 5, outside the 5 samples (0..4)"),
+        ("[[0], [-1]]", "partition 1 holds the negative index -1"),
+        ("[[0], [1.5]]", "partition 1 holds 1.5, not an integer index"),
+        ('[[0], ["1"]]', "partition 1 holds '1', not an integer index"),
+        ("[[0], [null]]", "partition 1 holds None, not an integer index"),
+        ("[[0], [true]]", "partition 1 holds True, not an integer index"),
+        ("[[0, 2], [1, 2]]", "index 2 is in partitions 0 and 1"),  # overlapping
+        ("[[0, 1], [4, 3, 0]]", "index 0 is in partitions 0 and 1"),
+        ("[[0, 3, 3], [1]]", "partition 0 holds index 3 more than once"),
     ],
     ids=repr,
 )
-def test_load_partition_file_errors(tmp_path: Path, content: str | None) -> None:
+def test_load_partition_file_names_the_file_and_the_problem(
+    tmp_path: Path, content: str | None, problem: str
+) -> None:
     path = tmp_path / "p.json"
     if content is not None:
         path.write_text(content)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as caught:
         load_partition_file(path, 2, 5)
+    assert str(path) in str(caught.value) and problem in str(caught.value)
 
 
-def test_load_partition_file_rejects_booleans(tmp_path: Path) -> None:
+def test_a_worker_beyond_the_partition_files_lists_is_refused(tmp_path: Path) -> None:
+    """The worker's own list must be in the file: an index past its lists is a ConfigError, not an
+    IndexError (nor, for a negative one, another worker's list)."""
     path = tmp_path / "p.json"
-    path.write_text("[[0], [true]]")
-    with pytest.raises(ConfigError):
-        load_partition_file(path, 2, 5)
+    path.write_text(json.dumps([[0, 2], [1, 3, 4]]))
+    assert load_partition_file(path, 2, 5, 1) == [[0, 2], [1, 3, 4]]
+    app = LinearApp()
+    assert len(app.load_partition(PartitionSpec(1, 2, file=str(path)))[1]) == 3
+    for index in (2, -1):
+        with pytest.raises(ConfigError, match=r"has 2 partitions: there is no partition") as caught:
+            app.load_partition(PartitionSpec(index, 2, file=str(path)))
+        assert str(path) in str(caught.value)
 
 
 # ---------------------------------------------------------------- settings
