@@ -13,6 +13,9 @@ out (publish tasks, open or close a round, stop). Its persistent part is a ``Coo
   is adopted; at its deadline it is closed, then waits ``round_grace`` seconds for that version.
 - **In flight.** A task leaves when it is answered (a receipt), applied (a version) or expired.
 - **Stop rules**, in order: target accuracy, max versions, max updates, max seconds (0: off).
+  Max seconds counts from the job's first task (``t0``), as ``seconds_to_accuracy`` does, so the
+  wait for the fleet is not part of it; before the first task, from the latest the gate opens
+  (``min_workers_wait`` after the start), so a job no worker ever joins still ends.
 """
 
 from __future__ import annotations
@@ -246,11 +249,18 @@ class Scheduler:
             reason = StopReason.MAX_VERSIONS
         elif c.max_updates and self.updates_total >= c.max_updates:
             reason = StopReason.MAX_UPDATES
-        elif c.max_seconds and now - s.started >= c.max_seconds:
+        elif c.max_seconds and now - self.clock_start >= c.max_seconds:
             reason = StopReason.MAX_SECONDS
         if reason is not None:
             s.stop_reason = reason.value
         return reason
+
+    @property
+    def clock_start(self) -> float:
+        """Where ``max_seconds`` counts from: the first task, or until there is one, the end of
+        the fleet wait."""
+        s = self.state
+        return s.t0 if s.t0 is not None else s.started + self.config.min_workers_wait
 
     def snapshot(self, now: float) -> CoordinatorState:
         """The state to write, with the reports filled in as of ``now``."""

@@ -289,7 +289,12 @@ class Settings:
     )
     max_seconds: float = field(
         default=300.0,
-        metadata=cli(JOB, ("run", "coordinator"), "stop after this many seconds (default 300)"),
+        metadata=cli(
+            JOB,
+            ("run", "coordinator"),
+            "stop this many seconds after the job's first task, not counting the wait for the "
+            "fleet; 0 = no limit (default 300)",
+        ),
     )
     task_ttl: float = field(
         default=120.0,

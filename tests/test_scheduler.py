@@ -283,7 +283,36 @@ def test_max_versions_updates_and_seconds() -> None:
     updates.adopt(2, 10)
     assert updates.stop(0.0) is StopReason.MAX_UPDATES
     seconds = scheduler(started=100.0, max_seconds=300.0)
+    join(seconds, "w1", now=100.0)
+    seconds.fleet(100.0)
+    issue(seconds, seconds.top_up(100.0), 100.0)
     assert seconds.stop(399.9) is None and seconds.stop(400.0) is StopReason.MAX_SECONDS
+
+
+def test_max_seconds_counts_from_the_first_task_not_the_wait_for_the_fleet() -> None:
+    """As ``seconds_to_accuracy`` does: the job's clock starts at ``t0``."""
+    s = scheduler(
+        started=100.0, max_seconds=300.0, min_workers=2, min_workers_wait=120.0, worker_timeout=1000.0
+    )
+    join(s, "w1", now=101.0)
+    assert not s.fleet(101.0).open and s.stop(150.0) is None
+    join(s, "w2", now=150.0)
+    assert s.fleet(150.0).gate is Gate.READY
+    issue(s, s.top_up(150.0), 150.0)
+    assert s.state.t0 == 150.0
+    assert s.stop(400.0) is None  # 300 s after the start, but 250 s after the first task
+    assert s.stop(449.9) is None and s.stop(450.0) is StopReason.MAX_SECONDS
+    # a resumed coordinator keeps the job's t0, and with it the same end
+    again = Scheduler.begin(s.config, dataclasses.replace(s.state, stop_reason=None), 500.0)
+    assert again.state.t0 == 150.0 and again.stop(500.0) is StopReason.MAX_SECONDS
+
+
+def test_max_seconds_ends_a_job_no_worker_joins() -> None:
+    """No task ever goes out: the clock counts from the end of the fleet wait."""
+    s = scheduler(started=100.0, max_seconds=300.0, min_workers=2, min_workers_wait=60.0)
+    assert s.fleet(160.0).gate is Gate.WITHOUT_FLEET and s.top_up(160.0) == ()
+    assert s.state.t0 is None
+    assert s.stop(459.9) is None and s.stop(460.0) is StopReason.MAX_SECONDS
 
 
 def test_the_first_rule_wins_and_a_stop_holds() -> None:
@@ -297,6 +326,9 @@ def test_the_first_rule_wins_and_a_stop_holds() -> None:
     assert s.stop(21.0) is StopReason.TARGET_ACCURACY  # decided once
     assert s.top_up(21.0) == ()  # and nothing goes out after it
     r = sync(max_seconds=10.0)
+    opened = r.round_step(0.0)
+    assert isinstance(opened, OpenRound)
+    issue(r, opened.tasks, 0.0)
     assert r.stop(10.0) is StopReason.MAX_SECONDS and r.round_step(10.0) is None
 
 
