@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 import torch
 
@@ -95,6 +96,14 @@ class _Round:
     size: int
 
 
+class RoundFit(StrEnum):
+    """Where a sync round named by an answer's task stands, on the current version."""
+
+    OPEN = "open"  # the round this aggregator collects
+    CLOSED = "closed"  # closed, or a newer round is open: its answers are stale
+    UNHEARD = "unheard"  # no word of it yet (its round message may come after its answers)
+
+
 @dataclass
 class AggregatorCore:
     model: FlatModel
@@ -108,6 +117,9 @@ class AggregatorCore:
     def __post_init__(self) -> None:
         self._reset_buffer()
         self._round: _Round | None = None
+        # The newest sync round closed on ``version``: a late answer to it is stale, even when a
+        # newer round on the same version is open (round numbers only grow).
+        self._closed = -1
         # Each update is dequantized into this one vector, then added to the buffer: a fresh
         # output per update would cost more in page faults than the arithmetic.
         self._scratch = torch.empty(self.model.spec.n_float, dtype=torch.float32)
@@ -135,8 +147,11 @@ class AggregatorCore:
     def pending_ids(self) -> set[str]:
         return set(self._pending_ids)
 
-    def offer(self, update: Update) -> Accepted | Rejected:
-        """Screen an update whose signature is already verified; buffer it if it passes."""
+    def offer(self, update: Update, round_number: int | None = None) -> Accepted | Rejected:
+        """Screen an update whose signature is already verified; buffer it if it passes.
+
+        ``round_number``: in sync mode, the round its task was issued for; it must be the open one.
+        ``None`` (replay, a task of no round): the open round is taken as the update's."""
         tid = update.task_id
         if update.job_id != self.job_id:
             return Rejected(
@@ -150,8 +165,10 @@ class AggregatorCore:
                 tid, Reason.FUTURE_VERSION, f"base version {update.base_version} > current {self.version}"
             )
         if self.policy.mode == "sync":
-            if tau > 0 or self._round is None or self._round.version != self.version:
-                return Rejected(tid, Reason.STALE, f"round on version {update.base_version} is closed", tau)
+            r = self._round
+            if tau > 0 or r is None or r.version != self.version or round_number not in (None, r.number):
+                named = "" if round_number is None else f"{round_number} "
+                return Rejected(tid, Reason.STALE, f"round {named}on version {update.base_version} is closed", tau)
         elif tau > self.policy.max_staleness:
             return Rejected(tid, Reason.STALE, f"staleness {tau} > max {self.policy.max_staleness}", tau)
         if update.num_samples < 1:
@@ -232,8 +249,25 @@ class AggregatorCore:
             )
 
     def open_round(self, message: Round) -> None:
-        if message.version == self.version and not message.close:
-            self._round = _Round(message.version, message.round, message.size)
+        """Collect round ``message.round`` on the current version. A closing message opens it too
+        (an aggregator that restarted may hear of a round first from its close); a round closed
+        already, or older than the open one, opens nothing."""
+        if message.version != self.version or self.round_fit(message.round) is RoundFit.CLOSED:
+            return
+        self._round = _Round(message.version, message.round, message.size)
+
+    def round_fit(self, number: int) -> RoundFit:
+        """Where sync round ``number`` on the current version stands."""
+        r = self._round if self._round is not None and self._round.version == self.version else None
+        if number <= self._closed or (r is not None and number < r.number):
+            return RoundFit.CLOSED
+        return RoundFit.OPEN if r is not None and number == r.number else RoundFit.UNHEARD
+
+    def round_over(self, message: Round) -> bool:
+        """Is the round ``message`` names over (its version made or gone, or the round closed)?"""
+        if message.version != self.version:
+            return message.version < self.version
+        return self.round_fit(message.round) is RoundFit.CLOSED
 
     def ready(self) -> bool:
         """Is the buffer due to become a version?"""
@@ -244,13 +278,17 @@ class AggregatorCore:
         return not self._held and len(self.pending) >= self.policy.k  # not while the bound is unknown
 
     def close_round(self, message: Round) -> bool:
-        """A sync round's deadline passed: flush whatever arrived (returns whether anything did)."""
-        return (
-            self.policy.mode == "sync"
-            and message.close
-            and message.version == self.version
-            and bool(self.pending)
-        )
+        """A sync round's deadline passed: returns whether to flush what arrived. A round that
+        closes with nothing is over all the same: its late answers are stale from now on."""
+        if self.policy.mode != "sync" or not message.close or message.version != self.version:
+            return False
+        r = self._round
+        if r is not None and r.number <= message.round:
+            if self.pending:
+                return True
+            self._round = None
+        self._closed = max(self._closed, message.round)
+        return False
 
     def flush(self) -> NewVersion:
         if self._held:
@@ -281,5 +319,6 @@ class AggregatorCore:
         self.applied.update(ids)
         self.updates_total += len(ids)
         self._round = None
+        self._closed = -1  # round numbers are per version here: the new one has none closed yet
         self._reset_buffer()
         return new

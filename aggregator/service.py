@@ -176,7 +176,7 @@ class Aggregator(Service):
                 for d in h.deliveries:
                     await d.ack()  # already in a stored version; the copy we hold is done
                 continue
-            result = self.core.offer(h.update)
+            result = self.core.offer(h.update, self._round_of(h.task))
             if isinstance(result, Accepted):
                 self.held.append(Held(h.update, result, h.size, h.deliveries, h.task))
             else:
@@ -265,7 +265,7 @@ class Aggregator(Service):
                 result: tuple[Accepted, Update] | Rejected = bound
             else:
                 bound_update, task = bound
-                result = await self._screen(bound_update)
+                result = await self._screen(bound_update, self._round_of(task))
         except FATAL:
             raise
         except Exception as exc:  # a bug or a hostile payload we did not foresee: this update only
@@ -286,23 +286,29 @@ class Aggregator(Service):
             except Exception as exc:  # the core may be half-changed: start again from the store
                 raise ServiceFailure(f"making a version failed: {exc!r}") from exc
 
-    async def _screen(self, message: Update) -> tuple[Accepted, Update] | Rejected:
+    def _round_of(self, task: Task | None) -> int | None:
+        """The sync round an update's task was issued for (``None``: async, or a task of no round)."""
+        if self.policy.mode != "sync" or task is None or task.round < 0:
+            return None
+        return task.round
+
+    async def _screen(self, message: Update, round_number: int | None = None) -> tuple[Accepted, Update] | Rejected:
         """Resolve a claim check, then offer the update to the core."""
         if message.delta_key:
             resolved = await resolve_claim(self.store, message)
             if isinstance(resolved, Rejected):
                 return resolved
             message = resolved
-        result = await self._offer(message)
+        result = await self._offer(message, round_number)
         if isinstance(result, Rejected) and result.reason is Reason.FUTURE_VERSION and await self._catch_up(True):
-            result = await self._offer(message)
+            result = await self._offer(message, round_number)
         return result if isinstance(result, Rejected) else (result, message)
 
-    async def _offer(self, message: Update) -> Accepted | Rejected:
+    async def _offer(self, message: Update, round_number: int | None) -> Accepted | Rejected:
         assert self.core is not None
         if len(message.delta) > OFFLOAD_BYTES:
-            return await asyncio.to_thread(self.core.offer, message)
-        return self.core.offer(message)
+            return await asyncio.to_thread(self.core.offer, message, round_number)
+        return self.core.offer(message, round_number)
 
     async def _on_round(self, delivery: Delivery, message: Round, signer: str) -> None:
         assert self.core is not None  # only a coordinator key gets here (shared.codec.decode)

@@ -229,10 +229,10 @@ async def test_an_update_whose_screening_raises_is_rejected_and_the_aggregator_g
         assert core is not None
         real_offer = core.offer
 
-        def offer(update: Update) -> Any:
+        def offer(update: Update, round_number: int | None = None) -> Any:
             if update.task_id == bad_tid:
                 raise ZeroDivisionError("a bug this update found")
-            return real_offer(update)
+            return real_offer(update, round_number)
 
         monkeypatch.setattr(core, "offer", offer)
         await rig.send(bad)
@@ -566,6 +566,39 @@ async def test_a_sync_round_closed_at_its_deadline_applies_what_arrived(
         await rig.send(body)
         await rig.rejected(body, "stale", late)
         await rig.assert_version(1)
+        await rig.stop_and_assert_all_acked()
+        await rig.dead.expect_none()
+
+
+def answer(rig: AggregatorRig, number: int, base_version: int = 0) -> tuple[str, bytes]:
+    """An update answering a task of sync round ``number`` on ``base_version``."""
+    tid = uuid.uuid4().hex
+    token = rig.token(tid, base_version, round_number=number)
+    return rig.update(task_id=tid, base_version=base_version, task=token)
+
+
+async def test_a_late_answer_to_a_round_that_closed_with_nothing_is_stale(
+    mem: MemoryTransport, names: Names, tmp_path: Path
+) -> None:
+    """Round 1 closes with no answer and round 2 opens on the same version: answers to round 1,
+    before round 2 opens or after, are stale, and round 2 makes a version of its own answers."""
+    async with aggregator_rig(mem, names, tmp_path, mode="sync") as rig:
+        await rig.send_round(0, 1, 2)
+        await rig.send_round(0, 1, 2, close=True)
+        for opened in (False, True):
+            if opened:
+                await rig.send_round(0, 2, 2)
+            late, body = answer(rig, 1)
+            await rig.send(body)
+            entry = await rig.rejected(body, "stale", late)
+            assert entry["detail"] == "round 1 on version 0 is closed"
+        ids = []
+        for _ in range(2):
+            tid, body = answer(rig, 2)
+            ids.append(tid)
+            await rig.send(body)
+        await rig.wait_version(1)
+        assert (await rig.store.manifest(1)).update_ids == tuple(ids)
         await rig.stop_and_assert_all_acked()
         await rig.dead.expect_none()
 

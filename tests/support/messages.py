@@ -70,9 +70,10 @@ def make_task(
     incarnation: str = "",
     max_samples: int = 0,
     update_key: str | None = None,
+    round_number: int = -1,
 ) -> tuple[Task, bytes]:
     """A task on version 0 of ``model`` (by default ``tiny_model()``, inline), signed by ``signer``;
-    it is due in ten minutes unless ``deadline`` says otherwise. Its update key (the one key a
+    it is due in ten minutes unless ``deadline`` says otherwise, in sync round ``round_number``. Its update key (the one key a
     claim-checked update may name) is the task's own, as the coordinator names it, unless given."""
     blob = tiny_model().to_bytes() if model is None else model
     task_id = task_id or uuid.uuid4().hex
@@ -91,6 +92,7 @@ def make_task(
         incarnation=incarnation,
         max_samples=max_samples,
         update_key=store_update_key(job_id, task_id) if update_key is None else update_key,
+        round=round_number,
         model=blob,
     )
     return task, encode(task, signer)
