@@ -3,6 +3,10 @@
 It consumes ``<ns>.updates`` (single active consumer: a standby aggregator
 takes over when this one dies). An update is acked only after the version that
 contains it is stored; a rejected one is dead-lettered with its reason first.
+
+Sync rounds come on the same queue. A round's opening message is acked only once the
+round is over (its version stored, or it closed with nothing), so an aggregator that
+takes over, a restarted one or a standby, gets it again with the round's answers.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 from aggregator.binding import bind
 from aggregator.config import AggregatorConfig
-from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected
+from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected, RoundFit
 from broker_config.names import Names
 from broker_config.permissions import publisher_problem
 from broker_config.topology import Topology, topology
@@ -62,6 +66,17 @@ class Held:
     def digest(self) -> str:
         """Names the exact message applied (a redone task has the same id but other bytes)."""
         return hashlib.sha256(self.deliveries[0].body).hexdigest()
+
+
+@dataclass
+class Parked:
+    """A sync answer to a round this aggregator has not heard of yet (its round message comes
+    later, e.g. given again after a restart): held unacked and unscreened until it does."""
+
+    update: Update  # bound to its task
+    task: Task
+    deliveries: list[Delivery]
+    signer: str
 
 
 async def resolve_claim(store: ModelStore, update: Update) -> Update | Rejected:
@@ -111,6 +126,13 @@ class Aggregator(Service):
         self._refused: set[int] = set()  # unsigned versions already logged
         self.core: AggregatorCore | None = None
         self.held: list[Held] = []
+        self.parked: list[Parked] = []
+        # Sync rounds heard of and not yet over, by number, with their deliveries. Their acks wait
+        # for the round's end (``_settle_rounds``): until then the broker keeps the message, and
+        # gives it again to whichever aggregator consumes next. That is what a restart and a
+        # standby have in common (the queue); the store only learns of a round when it ends,
+        # and a coordinator re-announcing rounds would leave a gap in which answers are refused.
+        self.rounds: dict[int, tuple[Round, list[Delivery]]] = {}
         self._lock = asyncio.Lock()
         self.receipts = ReceiptSender(transport, signer, self.job_id)
         self._checked_store_at = -math.inf
@@ -171,6 +193,8 @@ class Aggregator(Service):
         held, self.held = self.held, []
         await self.load()
         assert self.core is not None
+        for number in sorted(self.rounds):  # the new core has heard of no round yet
+            self.core.open_round(self.rounds[number][0])
         for h in held:
             if h.update.task_id in self.core.applied:
                 for d in h.deliveries:
@@ -182,6 +206,7 @@ class Aggregator(Service):
             else:
                 for d in h.deliveries:
                     await self._reject(d, h.update, result, "")
+        await self._settle_rounds()
         self.log.info("caught_up", version=self.core.version, still_held=len(self.held))
         return True
 
@@ -229,8 +254,19 @@ class Aggregator(Service):
                     "staleness": h.accepted.staleness,
                 }
             )
-        if self.held:
-            self.log.info("stopped_with_pending", pending=len(self.held))
+        for p in self.parked:
+            self.ledger.write(
+                {
+                    "t": time.time(),
+                    "task_id": p.update.task_id,
+                    "worker_id": p.update.worker_id,
+                    "fate": Fate.PENDING,
+                    "bytes": len(p.deliveries[0].body),
+                    "staleness": 0,
+                }
+            )
+        if self.held or self.parked:
+            self.log.info("stopped_with_pending", pending=len(self.held), parked=len(self.parked))
 
     async def _on_invalid(self, delivery: Delivery, error: WireError) -> None:
         if error.reason is Reason.UNKNOWN_SIGNER:
@@ -252,7 +288,8 @@ class Aggregator(Service):
         if delivery.redelivered:
             # The broker gave us again a message we already hold (our channel was restored):
             # the new delivery is the one to ack; the update counts once.
-            same = next((h for h in self.held if h.update.task_id == message.task_id), None)
+            kept: list[Held | Parked] = [*self.held, *self.parked]
+            same = next((h for h in kept if h.update.task_id == message.task_id), None)
             if same is not None and raw == same.deliveries[0].body:
                 same.deliveries.append(delivery)
                 return
@@ -265,6 +302,12 @@ class Aggregator(Service):
                 result: tuple[Accepted, Update] | Rejected = bound
             else:
                 bound_update, task = bound
+                if bound_update.base_version > self.core.version:
+                    await self._catch_up(force=True)  # the round it answers may be on that version
+                if self._unheard(bound_update, task):
+                    self.parked.append(Parked(bound_update, task, [delivery], signer))
+                    self.log.info("update_waits_for_round", task=message.task_id, round=task.round)
+                    return
                 result = await self._screen(bound_update, self._round_of(task))
         except FATAL:
             raise
@@ -292,6 +335,16 @@ class Aggregator(Service):
             return None
         return task.round
 
+    def _unheard(self, update: Update, task: Task) -> bool:
+        """Does ``update`` answer a round on the current version this aggregator has not heard of?"""
+        assert self.core is not None
+        number = self._round_of(task)
+        return (
+            number is not None
+            and update.base_version == self.core.version
+            and self.core.round_fit(number) is RoundFit.UNHEARD
+        )
+
     async def _screen(self, message: Update, round_number: int | None = None) -> tuple[Accepted, Update] | Rejected:
         """Resolve a claim check, then offer the update to the core."""
         if message.delta_key:
@@ -312,14 +365,60 @@ class Aggregator(Service):
 
     async def _on_round(self, delivery: Delivery, message: Round, signer: str) -> None:
         assert self.core is not None  # only a coordinator key gets here (shared.codec.decode)
-        if message.job_id == self.job_id:
-            if message.close:
-                if self.core.close_round(message):
-                    await self._flush()
-            else:
-                self.core.open_round(message)
-                self.log.info("round_open", version=message.version, round=message.round, size=message.size)
-        await delivery.ack()
+        if message.job_id != self.job_id:
+            await delivery.ack()
+            return
+        if message.version > self.core.version:
+            await self._catch_up(force=True)  # another aggregator stored the round's version
+        if message.close:
+            self.core.open_round(message)  # a restart may hear of a round first from its close
+            await self._offer_parked()
+            if self.core.close_round(message):
+                await self._flush()
+            await self._offer_parked()  # answers to a round that closed with nothing are stale
+            await delivery.ack()
+        elif self.core.round_over(message):
+            await delivery.ack()  # its version is made, or it closed: nothing to collect
+        else:
+            self.rounds.setdefault(message.round, (message, []))[1].append(delivery)
+            self.core.open_round(message)
+            self.log.info("round_open", version=message.version, round=message.round, size=message.size)
+            await self._offer_parked()
+            if self.core.ready():
+                await self._flush()
+        await self._settle_rounds()
+
+    async def _offer_parked(self) -> None:
+        """Screen the parked answers whose round is now known (or over: they are rejected)."""
+        waiting, self.parked = self.parked, []
+        for p in waiting:
+            if self._unheard(p.update, p.task):
+                self.parked.append(p)
+                continue
+            try:
+                result = await self._screen(p.update, self._round_of(p.task))
+            except FATAL:
+                raise
+            except Exception as exc:  # as in ``_on_update``: this update only
+                self.log.exception("update_failed", task=p.update.task_id)
+                result = Rejected(p.update.task_id, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            if isinstance(result, Rejected):
+                for d in p.deliveries:
+                    await self._reject(d, p.update, result, p.signer)
+                continue
+            accepted, update = result
+            size = len(p.deliveries[0].body) + update.delta_size
+            self.held.append(Held(update, accepted, size, p.deliveries, p.task))
+            self._receipt(update, "buffered", "", accepted.staleness)
+
+    async def _settle_rounds(self) -> None:
+        """Ack the opening messages of the rounds that are over."""
+        assert self.core is not None
+        for number, (message, deliveries) in list(self.rounds.items()):
+            if self.core.round_over(message):
+                del self.rounds[number]
+                for d in deliveries:
+                    await d.ack()
 
     async def _flush(self) -> None:
         assert self.core is not None
@@ -386,6 +485,7 @@ class Aggregator(Service):
             mean_staleness=round(new.mean_staleness, 3),
             sha256=manifest.sha256[:12],
         )
+        await self._settle_rounds()
 
     async def _reject(
         self, delivery: Delivery, update: Update | None, rejected: Rejected, signer: str

@@ -17,7 +17,7 @@ import msgpack
 import pytest
 import torch
 
-from aggregator.service import CATCH_UP_SECONDS
+from aggregator.service import CATCH_UP_SECONDS, Aggregator
 from broker_config.names import USER_HEADER, Names
 from broker_config.permissions import BrokerRole, user_name
 from shared.codec import decode
@@ -28,7 +28,7 @@ from shared.store import Manifest, manifest_key
 from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.memory import MemoryTransport
-from tests.support.broker import drain
+from tests.support.broker import connect_like, drain
 from tests.support.messages import JOB, save_version
 from tests.support.rigs import AggregatorRig, aggregator_rig, held_updates_survive_a_lost_link
 from tests.support.waiting import WAIT, until
@@ -599,6 +599,69 @@ async def test_a_late_answer_to_a_round_that_closed_with_nothing_is_stale(
             await rig.send(body)
         await rig.wait_version(1)
         assert (await rig.store.manifest(1)).update_ids == tuple(ids)
+        await rig.stop_and_assert_all_acked()
+        await rig.dead.expect_none()
+
+
+@pytest.mark.parametrize("takeover", ["restart", "standby"])
+async def test_an_aggregator_that_takes_over_collects_the_open_round(
+    mem: MemoryTransport, names: Names, tmp_path: Path, takeover: str
+) -> None:
+    """Round 1 of two answers is open and one answer is held when the aggregator stops. The round
+    message is not acked until the round is over, so the aggregator that takes over (a fresh one
+    on the same store, or a standby already waiting) gets it again with the answer: the round's
+    other answer makes version 1 of both, and nothing is stale."""
+    async with aggregator_rig(mem, names, tmp_path, mode="sync") as rig:
+        await rig.send_round(0, 1, 2)
+        first, body = answer(rig, 1)
+        await rig.send(body)
+        await rig.held(1)
+        old = rig.aggregator
+        service = await connect_like(rig.client, f"test-aggregator-{takeover}")
+        fresh = Aggregator(
+            old.config, transport=service, store=rig.store, signer=old.signer, keyring=old.keyring, ledger=old.ledger
+        )
+        if takeover == "restart":
+            await rig.stop()
+        task = asyncio.create_task(fresh.run(), name=takeover)
+        await until(lambda: fresh.core is not None, f"the {takeover} aggregator loaded")
+        if takeover == "standby":
+            await rig.stop()
+        rig.aggregator, rig.service, rig.task = fresh, service, task
+        await rig.held(1)
+        second, body = answer(rig, 1)
+        await rig.send(body)
+        await rig.wait_version(1)
+        assert (await rig.store.manifest(1)).update_ids == (first, second)
+        await rig.stop_and_assert_all_acked()
+        await rig.dead.expect_none()
+
+
+async def test_an_answer_that_comes_before_its_rounds_message_waits_for_it(
+    mem: MemoryTransport, names: Names, tmp_path: Path
+) -> None:
+    """The broker gives an aggregator that takes over what the one before held in no set order:
+    an answer to a round not heard of yet waits, unacked, for the round's message."""
+    async with aggregator_rig(mem, names, tmp_path, mode="sync") as rig:
+        first, body = answer(rig, 1)
+        await rig.send(body)
+        await until(lambda: len(rig.aggregator.parked) == 1, "the answer waiting")
+        await rig.send_round(0, 1, 2)
+        await rig.held(1)
+        second, body = answer(rig, 1)
+        await rig.send(body)
+        await rig.wait_version(1)
+        assert (await rig.store.manifest(1)).update_ids == (first, second)
+        # an answer waiting for round 2 when round 3 opens on the same version: round 2 is over
+        orphan, body = answer(rig, 2, base_version=1)
+        await rig.send(body)
+        await until(lambda: len(rig.aggregator.parked) == 1, "the answer waiting")
+        await rig.send_round(1, 3, 2)
+        entry = await rig.rejected(body, "stale", orphan)
+        assert entry["detail"] == "round 2 on version 1 is closed"
+        await rig.send_round(1, 3, 2, close=True)  # with nothing: no version, the round acked
+        await until(lambda: not rig.aggregator.rounds, "round 3 over")
+        await rig.assert_version(1)
         await rig.stop_and_assert_all_acked()
         await rig.dead.expect_none()
 
