@@ -6,7 +6,11 @@ All three are the same fold: accumulate ``w_i * delta_i`` into a buffer with
 ``/ sum(w_i)`` (``normalize="weights"``). They differ only in the weights and in
 when the buffer is applied, which the ``Policy`` decides.
 Accumulation is in arrival order, element-wise, in float32: the result is a
-pure function of (parent, ordered updates, policy).
+pure function of (parent, ordered updates, policy), on any CPU. Every step is an
+element-wise operation rounded on its own (IEEE 754 gives each the same bits whatever the
+vector width) or a sum in an order fixed by the length alone: never a fused multiply-add
+(torch fuses ``add_(x, alpha=w)`` on AVX2/AVX-512 and not on its default kernel) nor one of
+torch's reductions, whose order follows the CPU's vector width.
 
 Bounded influence: ``Clip`` scales a delta whose norm is out of line down to a bound (a
 fixed one, or a multiple of the median norm of recently applied updates), and ``Robust``
@@ -21,6 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from shared.errors import ConfigError, ScreeningError
@@ -34,6 +39,10 @@ ROBUST = ("none", "trimmed-mean", "median", "cosine")
 MAX_EXACT_DELTA = 2**31
 # The key of a manifest's policy record that carries the clip window after that version.
 CLIP_WINDOW = "clip_window"
+# Values per pass of ``add_scaled`` and ``sum_of_squares``: their scratch stays in cache.
+_SLAB = 1 << 17
+# The partial sums ``sum_of_squares`` carries from slab to slab.
+_WIDTH = 1 << 11
 
 
 @dataclass(frozen=True)
@@ -268,9 +277,9 @@ class Accumulator:
         sum of ``norm_weight`` (default: ``weight``)."""
         if weight <= 0:
             raise ValueError("weight must be positive")
-        self.floats.add_(floats, alpha=weight * clip)  # weight * 1.0 is weight: unclipped is unchanged
+        add_scaled(self.floats, floats, weight * clip)  # weight * 1.0 is weight: unclipped is unchanged
         if exact.numel():
-            self.exact.add_(exact.to(torch.float64), alpha=weight)
+            self.exact.add_(exact.to(torch.float64) * weight)  # two roundings, as add_scaled
         self.total_weight += weight
         self.total_norm += weight if norm_weight is None else norm_weight
         self.count += 1
@@ -316,6 +325,58 @@ class RobustBuffer:
             return new_floats, exact.clone()
         exact_step = self.robust.combine(self.exact)
         return new_floats, exact + torch.round(exact_step * server_lr).to(torch.int64)
+
+
+def _pair_down(v: np.ndarray, k: int, stop: int) -> int:
+    """Add the last half of ``v[:k]`` onto its first half, in place, until at most ``stop``
+    values are left; return how many. Element-wise adds: the order is fixed by ``k`` alone."""
+    while k > stop:
+        half = k // 2
+        np.add(v[:half], v[k - half : k], out=v[:half])
+        k -= half
+    return k
+
+
+def add_scaled(acc: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
+    """``acc += alpha * x`` for float32 vectors, as two rounded operations: the product rounded
+    to float32, then the sum. torch's ``add_(x, alpha=)`` rounds once on AVX2/AVX-512 (a fused
+    multiply-add) and twice on its default kernel, so a version's bits would follow the CPU.
+    Slab by slab, so the product stays in cache: about an axpy's memory traffic."""
+    if alpha == 1.0:
+        acc.add_(x)  # no product to round
+        return
+    a, b, w = acc.numpy(), x.detach().numpy(), np.float32(alpha)  # torch, too, took alpha as float32
+    product = np.empty(min(b.size, _SLAB), dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN as torch gives them, silently
+        for start in range(0, b.size, _SLAB):
+            stop = min(start + _SLAB, b.size)
+            p = product[: stop - start]
+            np.multiply(b[start:stop], w, out=p)
+            np.add(a[start:stop], p, out=a[start:stop])
+
+
+def sum_of_squares(x: torch.Tensor) -> float:
+    """The sum of a float32 vector's squares, in an order fixed by its length alone.
+
+    Each square is rounded to float32; a slab of ``_SLAB`` of them is added pairwise down to
+    ``_WIDTH`` partial sums, which are added (in float64) to those of the slabs before it, and
+    those are added pairwise at the end. Element-wise steps only: ``torch.linalg.vector_norm``
+    sums in an order (and with fused multiply-adds) that depend on the CPU's vector width.
+    Overflows and underflows as float32 squares do, as ``vector_norm`` did."""
+    b = x.detach().numpy()
+    if not b.size:
+        return 0.0
+    acc = np.zeros(min(b.size, _WIDTH), dtype=np.float64)
+    squares = np.empty(min(b.size, _SLAB), dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is inf: screen rejects it
+        for start in range(0, b.size, _SLAB):
+            stop = min(start + _SLAB, b.size)
+            v = squares[: stop - start]
+            np.multiply(b[start:stop], b[start:stop], out=v)
+            k = _pair_down(v, stop - start, acc.size)
+            np.add(acc[:k], v[:k], out=acc[:k])
+        _pair_down(acc, acc.size, 1)
+    return float(acc[0])
 
 
 def fixed_sum(values: torch.Tensor) -> float:
@@ -422,7 +483,7 @@ def screen(floats: torch.Tensor, exact: torch.Tensor, max_norm: float | None) ->
         raise ScreeningError(
             Reason.INT_OUT_OF_RANGE, f"an integer tensor's delta exceeds {MAX_EXACT_DELTA} in magnitude"
         )
-    norm = float(torch.linalg.vector_norm(floats)) if floats.numel() else 0.0
+    norm = math.sqrt(sum_of_squares(floats))  # in a fixed order: the clip scales by it
     if not math.isfinite(norm):
         # One pass in the common case; only a non-finite norm pays for the exact check.
         if not bool(torch.isfinite(floats).all()):

@@ -76,7 +76,8 @@ def offer_all(c: AggregatorCore, updates: list[Update]) -> list[Accepted]:
 
 
 def norm(v: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(v))
+    """The norm the clip uses (``screen``'s, summed in a fixed order)."""
+    return screen(v, torch.zeros(0, dtype=torch.int64), None)
 
 
 # ---------------------------------------------------------------- clipping
@@ -323,7 +324,8 @@ async def test_the_ledger_records_the_clip_a_held_update_was_folded_with(
 
 
 def old_fold(parent: FlatModel, updates: list[Update], policy: Policy) -> FlatModel:
-    """The fold as it was before clipping and robust aggregation (aggregator/core.py at 2e769c9)."""
+    """The fold as it was before clipping and robust aggregation (aggregator/core.py at 2e769c9),
+    with each multiply and add rounded on its own, as on any CPU now (no fused multiply-add)."""
     acc = torch.zeros(parent.spec.n_float)
     exact_acc = torch.zeros(parent.spec.n_exact, dtype=torch.float64)
     total, layout = 0.0, None
@@ -334,8 +336,8 @@ def old_fold(parent: FlatModel, updates: list[Update], policy: Policy) -> FlatMo
         if lay is not layout:
             floats = to_wire(floats if lay is None else to_flat(floats, lay), layout)
         w = policy.weight(u.num_samples, 0)
-        acc.add_(floats, alpha=w)
-        exact_acc.add_(exact.to(torch.float64), alpha=w)
+        acc.add_(floats * w)
+        exact_acc.add_(exact.to(torch.float64) * w)
         total += policy.norm_weight(u.num_samples, 0)
     assert layout is not None
     scale = policy.server_lr / total
