@@ -249,10 +249,9 @@ class AggregatorCore:
             )
 
     def open_round(self, message: Round) -> None:
-        """Collect round ``message.round`` on the current version. A closing message opens it too
-        (an aggregator that restarted may hear of a round first from its close); a round closed
-        already, or older than the open one, opens nothing."""
-        if message.version != self.version or self.round_fit(message.round) is RoundFit.CLOSED:
+        """Collect round ``message.round`` on the current version. A close, a round closed
+        already, or one older than the open one, opens nothing."""
+        if message.close or message.version != self.version or self.round_fit(message.round) is RoundFit.CLOSED:
             return
         self._round = _Round(message.version, message.round, message.size)
 

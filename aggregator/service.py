@@ -371,7 +371,8 @@ class Aggregator(Service):
         if message.version > self.core.version:
             await self._catch_up(force=True)  # another aggregator stored the round's version
         if message.close:
-            self.core.open_round(message)  # a restart may hear of a round first from its close
+            # A restart may hear of a round first from its close: its parked answers count.
+            self.core.open_round(dataclasses.replace(message, close=False))
             await self._offer_parked()
             if self.core.close_round(message):
                 await self._flush()

@@ -480,12 +480,18 @@ def test_sync_needs_an_open_round_on_the_current_version() -> None:
 def test_sync_close_round_flushes_a_partial_buffer() -> None:
     c = core(mode="sync")
     c.open_round(round_msg(version=0, size=3))
-    assert not c.close_round(round_msg(version=0, size=3, close=True))  # nothing arrived yet
-    c.offer(update("a", [4, 0, 0, 0, 0]))
+    assert not c.close_round(round_msg(version=0, size=3, close=True))  # nothing arrived: it is over
+    late = c.offer(update("late", ZERO5), round_number=0)
+    assert isinstance(late, Rejected) and late.reason == "stale"
+    c.open_round(round_msg(version=0, size=3))  # a closed round does not open again
+    assert isinstance(c.offer(update("late2", ZERO5)), Rejected)
+    c.open_round(round_msg(version=0, size=3, number=1))
+    assert isinstance(c.offer(update("late3", ZERO5), round_number=0), Rejected)  # not its round
+    c.offer(update("a", [4, 0, 0, 0, 0]), round_number=1)
     assert not c.ready()
-    assert not c.close_round(round_msg(version=0, size=3, close=False))  # not a close
-    assert not c.close_round(round_msg(version=1, size=3, close=True))  # another version
-    assert c.close_round(round_msg(version=0, size=3, close=True))
+    assert not c.close_round(round_msg(version=0, size=3, number=1, close=False))  # not a close
+    assert not c.close_round(round_msg(version=1, size=3, number=1, close=True))  # another version
+    assert c.close_round(round_msg(version=0, size=3, number=1, close=True))
     new = c.flush()
     assert (new.version, new.update_ids) == (1, ("a",))
     assert new.model.floats.tolist() == [5.0, 2.0, 3.0, 4.0, 0.5]
