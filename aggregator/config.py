@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from shared.aggregation import Clip, Policy, Robust
+from shared.aggregation import WEIGHTINGS, Clip, Policy, Robust
 from shared.errors import ConfigError
 from shared.settings import Settings
 from shared.staleness import Staleness
@@ -32,8 +32,15 @@ class AggregatorConfig:
             max_norm=settings.max_norm,
             clip=_parsed(Clip.parse, "--clip / FEDQ_CLIP", settings.clip),
             robust=_parsed(Robust.parse, "--robust / FEDQ_ROBUST", settings.robust),
+            weighting=_parsed(_weighting, "--weighting / FEDQ_WEIGHTING", settings.weighting),
         )
         return cls(policy, settings.capability_list, require_user_id=settings.user_id_required)
+
+
+def _weighting(text: str) -> str:
+    if text not in WEIGHTINGS:
+        raise ConfigError(f"unknown weighting {text!r}; use samples or uniform")
+    return text
 
 
 def _parsed(parse: Callable[[str], T], where: str, text: str) -> T:

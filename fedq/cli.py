@@ -665,6 +665,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> Outcome:
         "max_norm": args.max_norm,
         "clip": args.clip,
         "robust": args.robust,
+        "weighting": args.weighting,
     }
     plot_dir = Path(args.plot_dir) if args.plot_dir else None
     return asyncio.run(run_what_if(job, overrides, load_app(job.app), args.json, plot_dir)), None

@@ -88,6 +88,7 @@ def policy_of(manifest: Manifest) -> Policy:
         # A manifest from before clipping and robust aggregation: neither was applied.
         clip=Clip.parse(p.get("clip", "off")),
         robust=Robust.parse(p.get("robust", "none")),
+        weighting=p.get("weighting", "samples"),  # older manifests: sample weighting, the only one
     )
 
 

@@ -3,8 +3,9 @@
 All three are the same fold: accumulate ``w_i * delta_i`` into a buffer with
 ``w_i = n_i * s(tau_i)``, then apply ``x <- x + eta * sum(w_i delta_i) / sum(n_i)``
 (``normalize="samples"``, FedBuff: a uniformly stale buffer takes a smaller step) or
-``/ sum(w_i)`` (``normalize="weights"``). They differ only in the weights and in
-when the buffer is applied, which the ``Policy`` decides.
+``/ sum(w_i)`` (``normalize="weights"``). ``n_i`` is the update's sample count
+(``weighting="samples"``) or 1 (``"uniform"``, FedBuff's unweighted mean). They differ only
+in the weights and in when the buffer is applied, which the ``Policy`` decides.
 Accumulation is in arrival order, element-wise, in float32: the result is a
 pure function of (parent, ordered updates, policy), on any CPU. Every step is an
 element-wise operation rounded on its own (IEEE 754 gives each the same bits whatever the
@@ -35,6 +36,7 @@ from shared.staleness import Staleness
 MODES = ("async", "sync")
 CLIPS = ("adaptive", "fixed", "off")
 ROBUST = ("none", "trimmed-mean", "median", "cosine")
+WEIGHTINGS = ("samples", "uniform")
 # An integer delta (BatchNorm's num_batches_tracked and the like) beyond this is no training step.
 MAX_EXACT_DELTA = 2**31
 # The key of a manifest's policy record that carries the clip window after that version.
@@ -199,7 +201,8 @@ class Policy:
     ``async``: FedBuff with buffer ``k`` (``k=1`` with ``server_lr=alpha`` is FedAsync);
     weights are sample count times ``staleness.weight(tau)``; updates with
     ``tau > max_staleness`` are rejected. ``sync``: FedAvg rounds, weights are
-    sample counts, only updates on the current version count.
+    sample counts, only updates on the current version count. ``weighting="uniform"``
+    counts every update as one sample (FedBuff's plain mean), in either mode.
     """
 
     mode: str = "async"
@@ -211,8 +214,11 @@ class Policy:
     normalize: str = "samples"
     clip: Clip = field(default_factory=Clip)
     robust: Robust = field(default_factory=Robust)
+    weighting: str = "samples"
 
     def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown weighting {self.weighting!r}; use samples or uniform")
         if self.normalize not in ("samples", "weights"):
             raise ConfigError("normalize must be samples or weights")
         if self.mode not in MODES:
@@ -224,9 +230,13 @@ class Policy:
         if self.max_staleness < 0:
             raise ConfigError("max staleness must be non-negative")
 
+    def count(self, num_samples: int) -> float:
+        """What an update counts for before staleness: its sample count, or 1 (``uniform``)."""
+        return float(num_samples) if self.weighting == "samples" else 1.0
+
     def norm_weight(self, num_samples: int, tau: int) -> float:
-        """What the buffer's step divides by: sample counts alone, or the full weights."""
-        return float(num_samples) if self.normalize == "samples" else self.weight(num_samples, tau)
+        """What the buffer's step divides by: the counts alone, or the full weights."""
+        return self.count(num_samples) if self.normalize == "samples" else self.weight(num_samples, tau)
 
     def robust_factor(self, tau: int) -> float:
         """What scales a delta for robust aggregation, in place of its weight: the staleness
@@ -238,8 +248,8 @@ class Policy:
 
     def weight(self, num_samples: int, tau: int) -> float:
         if self.mode == "sync":
-            return float(num_samples)
-        return float(num_samples) * self.staleness.weight(tau)
+            return self.count(num_samples)
+        return self.count(num_samples) * self.staleness.weight(tau)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -252,6 +262,7 @@ class Policy:
             "normalize": self.normalize,
             "clip": self.clip.describe(),
             "robust": self.robust.describe(),
+            "weighting": self.weighting,
         }
 
 

@@ -442,6 +442,16 @@ class Settings:
             "median is <= 0)",
         ),
     )
+    weighting: str = field(
+        default="samples",
+        metadata=cli(
+            POLICY,
+            ("run", "aggregator", "replay what-if"),
+            "what an update weighs before staleness scaling: samples (its sample count n_i, capped "
+            "by --max-samples; default) or uniform (1 for every update, FedBuff's plain mean): "
+            "x <- x + eta * sum(n_i s(tau_i) d_i) / sum(n_i), with n_i = 1 under uniform",
+        ),
+    )
     # worker
     capability: str = field(
         default="cpu",

@@ -254,6 +254,7 @@ def test_policy_weights_and_dict() -> None:
         "normalize": "samples",
         "clip": "adaptive:3.0,50,5",
         "robust": "none",
+        "weighting": "samples",
     }
 
 

@@ -66,7 +66,7 @@ JOB = {
     "min-workers-wait",
     "max-samples",
 }
-POLICY = {"buffer", "server-lr", "staleness", "max-staleness", "max-norm", "clip", "robust"}
+POLICY = {"buffer", "server-lr", "staleness", "max-staleness", "max-norm", "clip", "robust", "weighting"}
 DATA = {"alpha", "partition-seed", "partition-file"}
 WORKER = {
     "capability",
