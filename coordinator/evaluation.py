@@ -47,9 +47,14 @@ class Evaluator:
         self.metrics = JsonLines(path)
         self._queue: asyncio.Queue[Pending] = asyncio.Queue()
         self._taken: Pending | None = None  # the version being evaluated
+        self._queued: set[int] = set()  # versions ever queued: each is evaluated once
 
     def submit(self, ann: ModelAnnouncement, received_at: float | None = None) -> None:
-        """Queue ``ann`` (received now, unless ``received_at`` says when)."""
+        """Queue ``ann`` (received now, unless ``received_at`` says when), unless its version was
+        queued or evaluated already (an announcement and a look in the store may both bring it)."""
+        if ann.version in self._queued or ann.version in self.recorded:
+            return
+        self._queued.add(ann.version)
         self._queue.put_nowait(Pending(ann, time.time() if received_at is None else received_at))
 
     async def next(self) -> Pending:

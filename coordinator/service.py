@@ -210,9 +210,12 @@ class Coordinator(Service):
         return None
 
     def _take(self, manifest: Manifest, blob: bytes) -> None:
-        """Adopt a verified stored version: tasks now carry it, and it is evaluated."""
+        """Adopt a verified stored version: tasks now carry it, and it is evaluated. A version older
+        than one adopted while this one was read from the store only settles its tasks."""
         ann = manifest.announcement()
         self.scheduler.done(ann.update_ids)
+        if ann.version <= self.scheduler.version:
+            return
         self.latest = Latest(ann.version, manifest.sha256, manifest.key, blob)
         self.scheduler.adopt(ann.version, ann.updates_total)
         self.latest_announcement = ann

@@ -154,3 +154,16 @@ async def test_every_version_is_evaluated_in_order_on_the_coordinators_clock(
     four = next(m for m in metrics if m["version"] == 4)
     assert four["created_at"] == 1.0 and four["t"] == pytest.approx(four["received_at"] - state["t0"])
     assert four["t"] > 0  # the coordinator's clock: not 1.0 - t0
+
+
+async def test_a_version_brought_twice_is_evaluated_once(tmp_path: Path) -> None:
+    """An announcement and a look in the store may both bring a version: it is queued once."""
+    from coordinator.evaluation import Evaluator
+    from shared.logs import get_logger
+    from tests.support.tiny import LinearApp
+
+    evaluator = Evaluator(LinearApp(), 0, tmp_path, get_logger())
+    ann = ModelAnnouncement(JOB, 1, 0, "0" * 64, "k", (), 1.0)
+    evaluator.submit(ann)
+    evaluator.submit(ann)
+    assert [p.ann.version for p in evaluator.unfinished()] == [1]

@@ -270,7 +270,8 @@ class PrivateRabbit:
         found = {}
         for c in json.loads(listing.stdout):
             props = c["client_properties"]
-            props = dict(props) if isinstance(props, dict) else {p[0]: p[2] for p in props}
+            if not isinstance(props, dict):  # [[key, type, value], ...]; a closing connection's may be cut short
+                props = {p[0]: p[2] for p in props if isinstance(p, list) and len(p) == 3}
             found[str(props.get("connection_name"))] = (c["user"], bool(c["ssl"]), int(c["port"]))
         return found
 
