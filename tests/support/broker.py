@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aio_pika
 import pytest
@@ -142,8 +142,8 @@ SHARED_MANAGEMENT = "http://127.0.0.1:15672/"
 
 
 def delete_users(amqp_url: str, namespace: str) -> None:
-    """The namespace's broker users (``fedq run`` and ``fedq broker apply`` make them) on the shared
-    broker, through its management API when it answers."""
+    """The namespace's broker users and policies (``fedq run`` and ``fedq broker apply`` make them)
+    on the shared broker, through its management API when it answers."""
     from fedq.broker import Management
 
     if urlsplit(amqp_url).port not in (None, 5672):
@@ -151,4 +151,7 @@ def delete_users(amqp_url: str, namespace: str) -> None:
     management = Management(SHARED_MANAGEMENT, "guest", "guest", timeout=5)
     if management.answers():
         management.delete_users([u for u in management.users() if u.startswith(f"{namespace}.")])
+        for policy in management.call("GET", "/api/policies/%2F") or []:
+            if policy["name"].startswith(f"{namespace}."):
+                management.call("DELETE", f"/api/policies/%2F/{quote(policy['name'], safe='')}")
 
