@@ -193,8 +193,8 @@ def test_workers_started_by_hand_join_mid_job(tmp_path: Path, names: Names, clea
     each with its own id, key and share of the data."""
     out = tmp_path / "run"
     # The tiny app: the run's own worker sleeps 2 s after each task, so alone it would need 80 s for
-    # the 40 updates; the workers started by hand (no sleep) have all that time to start, then do
-    # most of them.
+    # the 40 updates; the workers started by hand (0.5 s per task) have all that time to start, then
+    # do most of them.
     proc = start_run(
         out,
         names,
@@ -222,8 +222,10 @@ def test_workers_started_by_hand_join_mid_job(tmp_path: Path, names: Names, clea
         for wid in replicas:
             enrol(out / "keys", f"worker-{wid}")
         for name, args in (
-            ("late", ("--worker-id", "late", "--partition", "1/2", "--key-file", str(late_key))),
-            ("fleet", ("--worker-id", "fleet", "--replicas", "3", "--partition", "1/4")),
+            # 0.5 s per task: whichever process joins first cannot do the remaining updates alone
+            # before the other has started (a CI run saw the fleet finish the job as late said hello)
+            ("late", ("--worker-id", "late", "--partition", "1/2", "--key-file", str(late_key), "--delay", "0.5")),
+            ("fleet", ("--worker-id", "fleet", "--replicas", "3", "--partition", "1/4", "--delay", "0.5")),
         ):
             with (tmp_path / f"{name}.log").open("w") as log:
                 started.append(

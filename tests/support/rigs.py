@@ -149,8 +149,10 @@ class AggregatorRig:
         assert manifest.sha256 == self.v0_sha == hashlib.sha256(blob).hexdigest()
 
     async def stop_and_assert_all_acked(self) -> None:
-        """Stop the aggregator and close its connection: every update must have been acked."""
+        """Stop the aggregator and close its connection: every update must have been acked. A version
+        is in the store before its updates are acked (under the aggregator's lock): let that finish."""
         self.check_alive()
+        await until(lambda: not self.aggregator._lock.locked(), "the aggregator to finish what it holds the lock for")
         await self.stop()
         await assert_settled(self.client, self.names.updates_queue)
 
