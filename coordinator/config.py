@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -47,6 +48,9 @@ class CoordinatorConfig:
     block: int = 256
     inline_limit: int = 1024 * 1024
     model_seed: int = 0
+    # local differential privacy (--dp-local): the clip and noise multiplier each task carries; 0: off
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
 
     @classmethod
     def from_settings(cls, s: Settings) -> CoordinatorConfig:
@@ -62,6 +66,9 @@ class CoordinatorConfig:
             mode = Mode(s.mode)
         except ValueError:
             raise ConfigError(f"unknown mode {s.mode!r}; use async or sync") from None
+        if not math.isfinite(s.prox_mu) or s.prox_mu < 0:
+            raise ConfigError(f"--prox-mu must be a finite number, 0 or more, not {s.prox_mu}")
+        dp_clip, dp_noise = local_dp(s)
         return cls(
             job_id=s.job,
             out_dir=s.out_dir,
@@ -86,9 +93,26 @@ class CoordinatorConfig:
                 lr=s.lr,
                 momentum=s.momentum,
                 weight_decay=s.weight_decay,
+                prox_mu=s.prox_mu,
             ),
             quant=s.quant,
             block=s.block,
             inline_limit=s.inline_limit,
             model_seed=s.model_seed,
+            dp_clip=dp_clip,
+            dp_noise=dp_noise,
         )
+
+
+def local_dp(s: Settings) -> tuple[float, float]:
+    """The clip and noise multiplier tasks carry: ``(--dp-clip, --dp-noise)`` with ``--dp-local``,
+    else ``(0, 0)``; ``ConfigError`` when ``--dp-local`` lacks a usable clip or noise."""
+    if not s.dp_local:
+        return 0.0, 0.0
+    if s.dp_clip is None:
+        raise ConfigError("--dp-local needs --dp-clip: the L2 norm each worker clips its update to")
+    if not math.isfinite(s.dp_clip) or s.dp_clip <= 0:
+        raise ConfigError(f"--dp-clip must be a finite number above 0, not {s.dp_clip}")
+    if not math.isfinite(s.dp_noise) or s.dp_noise < 0:
+        raise ConfigError(f"--dp-noise must be a finite number, 0 or more, not {s.dp_noise}")
+    return s.dp_clip, s.dp_noise

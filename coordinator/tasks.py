@@ -135,6 +135,8 @@ class TaskMaker:
             update_url=update_url or "",
             incarnation=self.incarnation,
             max_samples=self.max_samples,
+            dp_clip=c.dp_clip,
+            dp_noise=c.dp_noise,
             model=latest.blob if inline else b"",
         )
 

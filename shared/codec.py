@@ -30,7 +30,7 @@ from shared.errors import (
     UnknownTaskError,
     WireError,
 )
-from shared.messages import KINDS, PAYLOAD_FIELD, Message, Task
+from shared.messages import KINDS, LATER_FIELDS, PAYLOAD_FIELD, Message, Task
 from shared.signing import Keyring, Signer, authorize
 
 VERSION = 1
@@ -118,7 +118,12 @@ def kind_of(message: Message) -> str:
 
 def _to_plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        later = LATER_FIELDS.get(type(value), frozenset())
+        return {
+            f.name: _to_plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.name not in later or getattr(value, f.name) != f.default
+        }
     if isinstance(value, tuple):
         return [_to_plain(v) for v in value]
     if isinstance(value, dict):

@@ -15,6 +15,7 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    prox_mu: float = 0.0  # FedProx: (mu/2)||w - w_base||^2 joins the local loss; 0: none
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class Task:
     update_url: str = ""  # presigned PUT for that key
     incarnation: str = ""  # the job's nonce, fixed with version 0: a reused job id is another job
     max_samples: int = 0  # the most samples an update may count for (its weight's cap); 0: no cap
+    # local differential privacy: the worker clips its float delta to L2 norm dp_clip and adds
+    # Gaussian noise of std dp_noise x dp_clip to each float coordinate; 0: none
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
     model: bytes = b""  # the payload: the serialized model when inline
 
 
@@ -147,3 +152,9 @@ KINDS: dict[str, type] = {
     "receipts": Receipts,
 }
 PAYLOAD_FIELD = {"task": "model", "update": "delta"}
+# Fields added since the first release: left off the wire while at their default, so that a peer
+# from before them still reads every message that does not use them.
+LATER_FIELDS: dict[type, frozenset[str]] = {
+    TrainConfig: frozenset({"prox_mu"}),
+    Task: frozenset({"dp_clip", "dp_noise"}),
+}
