@@ -8,6 +8,7 @@ methods works.
 from __future__ import annotations
 
 import importlib
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,11 @@ class TrainResult:
 
 @runtime_checkable
 class App(Protocol):
+    """What fedq asks of an app. ``train`` follows the task's recipe (``config``): an app that
+    builds its own optimizer instead of calling ``make_optimizer`` must honour
+    ``config.prox_mu`` itself, adding (mu/2)||w - w_base||^2 to its loss (or mu (w - w_base)
+    to its gradients), w_base being the model as ``train`` receives it."""
+
     name: str
 
     def build_model(self, seed: int) -> nn.Module: ...
@@ -71,16 +77,42 @@ def load_app(spec: str) -> App:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``model``'s parameters. With ``config.prox_mu`` > 0 it is
+    FedProx's: each step first adds mu (w - w_base) to each gradient, the gradient of
+    (mu/2)||w - w_base||^2, w_base being the parameters as they are now (the task's base model)."""
+    opt: torch.optim.Optimizer
     if config.optimizer == "sgd":
-        return torch.optim.SGD(
+        opt = torch.optim.SGD(
             model.parameters(),
             lr=config.lr,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
         )
-    if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    raise AppError(f"unknown optimizer {config.optimizer!r}; use sgd or adam")
+    elif config.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        raise AppError(f"unknown optimizer {config.optimizer!r}; use sgd or adam")
+    if config.prox_mu:
+        add_proximal_term(opt, config.prox_mu)
+    return opt
+
+
+def add_proximal_term(opt: torch.optim.Optimizer, mu: float) -> None:
+    """FedProx on any optimizer: before each step, mu (w - w_anchor) joins the gradient of each
+    parameter that has one, w_anchor being a copy of the parameters taken now."""
+    if not math.isfinite(mu) or mu < 0:
+        raise ConfigError(f"the proximal term's mu must be finite and 0 or more, not {mu}")
+    anchors = {
+        p: p.detach().clone() for group in opt.param_groups for p in group["params"] if p.requires_grad
+    }
+
+    def pull_to_anchor(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        with torch.no_grad():
+            for p, anchor in anchors.items():
+                if p.grad is not None:
+                    p.grad.add_(p - anchor, alpha=mu)
+
+    opt.register_step_pre_hook(pull_to_anchor)
 
 
 _split_lock = threading.Lock()  # replicas load their partitions from several threads at once
