@@ -7,6 +7,8 @@ one-time start-up costs outside any job's clock.
 from __future__ import annotations
 
 import hashlib
+import math
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -57,12 +59,30 @@ def train_task(
         raise ValueError("the app's model does not match the task's model spec")
     d_float = local.floats - base.floats
     d_exact = local.exact - base.exact
+    metrics = dict(result.metrics)
+    if task.dp_clip or task.dp_noise:
+        d_float, metrics["dp_clip_scale"] = privatize(d_float, task.dp_clip, task.dp_noise)
     gen = torch.Generator().manual_seed(seed_of(task.task_id, Stream.QUANTIZE))
     payload = encode_delta(d_float, d_exact, base.spec, task.quant, task.block, gen)
-    metrics = dict(result.metrics)
     metrics["train_seconds"] = time.perf_counter() - started
     metrics["delta_norm"] = float(torch.linalg.vector_norm(d_float))
     return TrainingOutcome(payload, result.num_samples, metrics)
+
+
+def privatize(d_float: torch.Tensor, clip: float, noise: float) -> tuple[torch.Tensor, float]:
+    """Local differential privacy on a float delta: scale it to L2 norm at most ``clip``, then add
+    Gaussian noise of std ``noise`` x ``clip`` to every coordinate; the delta and the clip factor
+    (1 when the norm was within ``clip``). The noise comes from the OS's randomness, never from a
+    seed the task id gives: whoever knows a seed can subtract the noise."""
+    if not (math.isfinite(clip) and clip > 0 and math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"local DP needs a finite clip above 0 and noise of 0 or more, not {clip} and {noise}")
+    norm = float(torch.linalg.vector_norm(d_float, dtype=torch.float64))
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    private = d_float * scale if scale < 1.0 else d_float.clone()
+    if noise > 0:
+        gen = torch.Generator().manual_seed(secrets.randbits(63))
+        private += torch.randn(d_float.shape, generator=gen, dtype=d_float.dtype) * (noise * clip)
+    return private, scale
 
 
 WARM_UP_SAMPLES = 4
