@@ -8,6 +8,8 @@ from typing import TypeVar
 
 from shared.aggregation import WEIGHTINGS, Clip, Policy, Robust
 from shared.errors import ConfigError
+from shared.privacy import Dp
+from shared.server_opt import ServerOpt
 from shared.settings import Settings
 from shared.staleness import Staleness
 
@@ -23,18 +25,49 @@ class AggregatorConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AggregatorConfig:
-        policy = Policy(
-            mode=settings.mode,
-            k=settings.buffer,
-            server_lr=settings.server_lr,
-            staleness=Staleness.parse(settings.staleness),
-            max_staleness=settings.max_staleness,
-            max_norm=settings.max_norm,
-            clip=_parsed(Clip.parse, "--clip / FEDQ_CLIP", settings.clip),
-            robust=_parsed(Robust.parse, "--robust / FEDQ_ROBUST", settings.robust),
-            weighting=_parsed(_weighting, "--weighting / FEDQ_WEIGHTING", settings.weighting),
-        )
-        return cls(policy, settings.capability_list, require_user_id=settings.user_id_required)
+        return cls(policy_of_settings(settings), settings.capability_list, require_user_id=settings.user_id_required)
+
+
+def policy_of_settings(settings: Settings) -> Policy:
+    """The policy the settings name. Central DP (``--dp-clip`` without ``--dp-local``) sets the
+    clip to that fixed bound and weighs every update as one, whatever --clip and --weighting say."""
+    dp = dp_of_settings(settings)
+    clip = _parsed(Clip.parse, "--clip / FEDQ_CLIP", settings.clip)
+    weighting = _parsed(_weighting, "--weighting / FEDQ_WEIGHTING", settings.weighting)
+    if dp is not None and not dp.local:
+        clip, weighting = Clip("fixed", dp.clip), "uniform"
+    return Policy(
+        mode=settings.mode,
+        k=settings.buffer,
+        server_lr=settings.server_lr,
+        staleness=Staleness.parse(settings.staleness),
+        max_staleness=settings.max_staleness,
+        max_norm=settings.max_norm,
+        clip=clip,
+        robust=_parsed(Robust.parse, "--robust / FEDQ_ROBUST", settings.robust),
+        weighting=weighting,
+        alpha=settings.fedasync_alpha,
+        server_opt=ServerOpt(
+            _parsed(_known_opt, "--server-opt / FEDQ_SERVER_OPT", settings.server_opt),
+            settings.server_beta1,
+            settings.server_beta2,
+            settings.server_tau,
+        ),
+        dp=dp,
+    )
+
+
+def dp_of_settings(settings: Settings) -> Dp | None:
+    """The job's DP, or ``None`` without ``--dp-clip`` (``--dp-local`` alone is an error)."""
+    if settings.dp_clip is None:
+        if settings.dp_local:
+            raise ConfigError("--dp-local needs --dp-clip: the norm each worker clips its update to")
+        return None
+    return Dp(settings.dp_clip, settings.dp_noise, settings.dp_delta, settings.dp_local)
+
+
+def _known_opt(text: str) -> str:
+    return ServerOpt(text).kind
 
 
 def _weighting(text: str) -> str:

@@ -22,16 +22,21 @@ pure function of the offers, so replay re-derives it.
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
 import torch
 
-from shared.aggregation import Accumulator, CosineBuffer, Policy, RobustBuffer, screen
+from shared.aggregation import Accumulator, CosineBuffer, MixBuffer, Policy, RobustBuffer, screen
 from shared.errors import ScreeningError
 from shared.messages import Round, Update
+from shared.privacy import DP_ACCOUNTING, Events, compose, epsilon, events_of, gaussian
 from shared.quantize import DEFAULT_BLOCK, BlockLayout, block_layout, decode_delta_wire, to_flat, to_wire
 from shared.reasons import Reason
+from shared.server_opt import ServerState
 from shared.tensors import FlatModel
 
 
@@ -69,11 +74,41 @@ class NewVersion:
     # counted in ``update_ids`` (applied, acked, its task done) but contributed nothing.
     cosines: dict[str, float] = field(default_factory=dict)
     left_out: frozenset[str] = frozenset()
+    server_state: ServerState | None = None  # FedOpt's moments after this version (sgd: none)
+    dp: DpRecord | None = None  # what DP did to this version and the guarantee after it
 
     @property
     def clips(self) -> dict[str, float]:
         """The clip scale each update was folded with, by task id."""
         return {a.task_id: a.clip for a in self.accepted}
+
+
+# The ledger record ("kind") of the seed a version's central DP noise was drawn from.
+NOISE_RECORD = "dp_noise"
+
+
+@dataclass(frozen=True)
+class DpRecord:
+    """Differential privacy as of a version: the accountant's events (central DP) or each
+    worker's update count (local DP), epsilon after it, and the seed of its noise (central)."""
+
+    epsilon: float
+    events: Events = ()
+    counts: dict[str, int] = field(default_factory=dict)
+    noise_seed: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """For the manifest's policy record (the seed stays out: it is the ledger's)."""
+        return {"epsilon": self.epsilon, "events": [list(e) for e in self.events], "counts": self.counts}
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any]) -> DpRecord | None:
+        """The accounting a manifest's policy record carries (``None``: a version made without DP)."""
+        d = record.get(DP_ACCOUNTING)
+        if not d:
+            return None
+        counts = {str(k): int(v) for k, v in (d.get("counts") or {}).items()}
+        return cls(float(d["epsilon"]), events_of(d.get("events") or ()), counts)
 
 
 @dataclass
@@ -113,6 +148,11 @@ class AggregatorCore:
     applied: set[str] = field(default_factory=set)
     updates_total: int = 0
     clip_window: tuple[float, ...] = ()  # the recorded norms as of ``version`` (its manifest's)
+    server_state: ServerState | None = None  # FedOpt's moments as of ``version``
+    dp: DpRecord | None = None  # DP's accounting as of ``version``
+    # --mode fedasync: the (floats, exact) of recent versions, by version, that updates are based
+    # on; the core adds each version it makes and forgets those older than max staleness
+    bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._reset_buffer()
@@ -130,8 +170,10 @@ class AggregatorCore:
         return self._scratch
 
     def _reset_buffer(self) -> None:
-        self.buffer: Accumulator | RobustBuffer | CosineBuffer
-        if self.policy.robust.kind == "none":
+        self.buffer: Accumulator | RobustBuffer | CosineBuffer | MixBuffer
+        if self.policy.mode == "fedasync":
+            self.buffer = MixBuffer()
+        elif self.policy.robust.kind == "none":
             self.buffer = Accumulator(self.model.spec.n_float, self.model.spec.n_exact)
         elif self.policy.robust.kind == "cosine":
             self.buffer = CosineBuffer(self.model.spec.n_float, self.model.spec.n_exact)
@@ -142,6 +184,7 @@ class AggregatorCore:
         self._recorded: list[float] = []  # the pending updates' norms after clipping
         self._held: list[_Held] = []  # the warm-up's updates, not yet in the buffer
         self._pending_ids: set[str] = set()  # kept beside the list: checked on every offer
+        self._by_worker: Counter[str] = Counter()  # the pending updates per worker (DP's sensitivity)
 
     @property
     def pending_ids(self) -> set[str]:
@@ -171,6 +214,8 @@ class AggregatorCore:
                 return Rejected(tid, Reason.STALE, f"round {named}on version {update.base_version} is closed", tau)
         elif tau > self.policy.max_staleness:
             return Rejected(tid, Reason.STALE, f"staleness {tau} > max {self.policy.max_staleness}", tau)
+        elif self.policy.mode == "fedasync" and update.base_version not in self.bases:
+            return Rejected(tid, Reason.STALE, f"base version {update.base_version} is not held to mix with", tau)
         if update.num_samples < 1:
             return Rejected(tid, Reason.BAD_SAMPLE_COUNT, f"num_samples={update.num_samples}", tau)
         try:
@@ -194,6 +239,7 @@ class AggregatorCore:
             )
             self.pending.append(accepted)
             self._pending_ids.add(tid)
+            self._by_worker[update.worker_id] += 1
             if not self.policy.clip.warming(known + 1):
                 self._settle()
             return self.pending[-1]
@@ -205,6 +251,7 @@ class AggregatorCore:
         )
         self.pending.append(accepted)
         self._pending_ids.add(tid)
+        self._by_worker[update.worker_id] += 1
         return accepted
 
     def _add(
@@ -220,7 +267,10 @@ class AggregatorCore:
         """Add a screened delta to the buffer, clipped to ``bound``; record its norm after clipping."""
         norm = accepted.norm
         clip = bound / norm if bound is not None and norm > bound else 1.0
-        if isinstance(self.buffer, RobustBuffer):
+        if isinstance(self.buffer, MixBuffer):
+            flat = floats if layout is None else to_flat(floats, layout)
+            self.buffer.add(flat, exact, self.version - accepted.staleness, accepted.weight, clip)
+        elif isinstance(self.buffer, RobustBuffer):
             flat = floats if layout is None else to_flat(floats, layout)
             self.buffer.add(flat, exact, factor, clip)
         elif isinstance(self.buffer, CosineBuffer):
@@ -274,7 +324,8 @@ class AggregatorCore:
             return False
         if self.policy.mode == "sync":  # the round is due: held updates are settled at flush
             return self._round is not None and len(self.pending) >= self._round.size
-        return not self._held and len(self.pending) >= self.policy.k  # not while the bound is unknown
+        k = 1 if self.policy.mode == "fedasync" else self.policy.k
+        return not self._held and len(self.pending) >= k  # not while the bound is unknown
 
     def close_round(self, message: Round) -> bool:
         """A sync round's deadline passed: returns whether to flush what arrived. A round that
@@ -289,12 +340,14 @@ class AggregatorCore:
         self._closed = max(self._closed, message.round)
         return False
 
-    def flush(self) -> NewVersion:
+    def flush(self, noise_seed: int | None = None) -> NewVersion:
+        """The buffer as a new version. ``noise_seed``: central DP's noise is drawn from it (the
+        caller draws it fresh, and records it where replay finds it); required with central DP."""
         if self._held:
             self._settle()
         if isinstance(self.buffer, Accumulator) and self._layout is not None:
             self.buffer.floats = to_flat(self.buffer.floats, self._layout)  # flat order, once per version
-        floats, exact = self.buffer.apply(self.model.floats, self.model.exact, self.policy.server_lr)
+        floats, exact = self._step(noise_seed)
         cosines, left_out = {}, frozenset[str]()
         if isinstance(self.buffer, CosineBuffer):
             cosines, left_out = self.buffer.cosines, self.buffer.left_out
@@ -311,13 +364,62 @@ class AggregatorCore:
             tuple(self.pending),
             cosines,
             left_out,
+            self.server_state,
+            self._account(noise_seed),
         )
         self.model = new.model
         self.version = new.version
         self.clip_window = window
+        self.dp = new.dp
+        if self.policy.mode == "fedasync":
+            self.bases[new.version] = (new.model.floats, new.model.exact)
+            for v in [v for v in self.bases if v < new.version - self.policy.max_staleness]:
+                del self.bases[v]
         self.applied.update(ids)
         self.updates_total += len(ids)
         self._round = None
         self._closed = -1  # round numbers are per version here: the new one has none closed yet
         self._reset_buffer()
         return new
+
+    def _step(self, noise_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new (floats, exact): the buffer's step, noised for central DP, through FedOpt's
+        optimizer. Sets ``server_state`` to the moments after it."""
+        x, e = self.model.floats, self.model.exact
+        buffer, policy = self.buffer, self.policy
+        if isinstance(buffer, MixBuffer):
+            return buffer.apply(x, e, self.bases)
+        dp = policy.central_dp
+        if dp is not None:
+            if noise_seed is None:
+                raise ValueError("central DP needs the seed of the version's noise")
+            assert isinstance(buffer, Accumulator)  # Policy allows no robust fold with DP
+            buffer.add_noise(gaussian(noise_seed, x.numel()), dp.std)
+        opt = policy.server_opt
+        if not opt.stateful:
+            step, exact_step = buffer.step(policy.server_lr)
+            floats = x + step
+        else:
+            step, exact_step = buffer.step(1.0)  # the pseudo-gradient: the mean delta
+            floats, self.server_state = opt.step(x, step, policy.server_lr, self.server_state)
+            exact_step = torch.round(exact_step.to(torch.float64) * policy.server_lr).to(torch.int64)
+        if dp is not None or (policy.dp is not None and policy.dp.local):
+            return floats, e.clone()  # integer tensors (batch counters) count samples: not under DP
+        return floats, e + exact_step
+
+    def _account(self, noise_seed: int | None) -> DpRecord | None:
+        """DP's accounting after the version being made (``None`` without DP)."""
+        dp = self.policy.dp
+        if dp is None:
+            return None
+        before = self.dp or DpRecord(0.0)
+        if dp.local:  # each update its own mechanism: the worker that sent the most is the worst off
+            counts = dict(before.counts)
+            for worker, n in self._by_worker.items():
+                counts[worker] = counts.get(worker, 0) + n
+            worst = max(counts.values(), default=0)
+            return DpRecord(epsilon(((dp.noise, worst),), dp.delta) if worst else 0.0, (), counts)
+        # one version, one Gaussian mechanism; a worker with m updates in it moved the sum by m clips
+        m = max(self._by_worker.values(), default=1)
+        events = compose(before.events, dp.noise / m)
+        return DpRecord(epsilon(events, dp.delta), events, {}, noise_seed)

@@ -12,17 +12,29 @@ takes over, a restarted one or a standby, gets it again with the round's answers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import math
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from aggregator.binding import bind
 from aggregator.config import AggregatorConfig
-from aggregator.core import Accepted, AggregatorCore, NewVersion, Rejected, RoundFit
+from aggregator.core import (
+    NOISE_RECORD,
+    Accepted,
+    AggregatorCore,
+    DpRecord,
+    NewVersion,
+    Rejected,
+    RoundFit,
+)
 from broker_config.names import Names
 from broker_config.permissions import publisher_problem
 from broker_config.topology import Topology, topology
@@ -40,11 +52,14 @@ from shared.keys import DirectoryTrust, key_file_signer
 from shared.ledger import JsonLines
 from shared.logs import get_logger
 from shared.messages import Message, Receipt, Receipts, Round, Task, Update
+from shared.privacy import DP_ACCOUNTING
 from shared.reasons import Fate, Reason
 from shared.runtime import FATAL, Runtime, Service
+from shared.server_opt import ServerState
 from shared.settings import Settings
 from shared.signing import Keyring, Role, Signer, TrustReminder
-from shared.store import Manifest, ModelStore, model_key, open_store
+from shared.store import SERVER_STATE, Manifest, ModelStore, model_key, open_store
+from shared.tensors import FlatModel
 from shared.transport import Delivery, Transport
 from shared.transport.connect import connected
 
@@ -164,10 +179,38 @@ class Aggregator(Service):
             except (UnsignedVersionError, CorruptVersionError) as exc:  # history rewritten without the key
                 self.log.error("unsigned_version_refused", version=v, detail=str(exc))
         self.core = AggregatorCore(
-            model, latest, self.policy, self.job_id, applied, manifest.updates_total, clip_window_of(manifest.policy)
+            model,
+            latest,
+            self.policy,
+            self.job_id,
+            applied,
+            manifest.updates_total,
+            clip_window_of(manifest.policy),
+            await self._server_state(manifest),
+            DpRecord.of(manifest.policy),
+            await self._bases(latest, model),
         )
         self.log.info("resumed", version=latest, applied=len(applied), policy=self.policy.to_dict())
         return self.core
+
+    async def _server_state(self, manifest: Manifest) -> ServerState | None:
+        """FedOpt's moments as of ``manifest``'s version (none: a fresh optimizer; so after a
+        rollback, whose version carries none)."""
+        if not self.policy.server_opt.stateful:
+            return None
+        blob = await self.store.load_state(manifest)
+        return None if blob is None else ServerState.from_bytes(blob)
+
+    async def _bases(self, latest: int, model: FlatModel) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """--mode fedasync: the versions updates may be based on (max staleness back), from the store."""
+        if self.policy.mode != "fedasync":
+            return {}
+        bases = {latest: (model.floats, model.exact)}
+        for v in range(max(0, latest - self.policy.max_staleness), latest):
+            with contextlib.suppress(StoreError, UnsignedVersionError, CorruptVersionError):
+                older = (await self.store.load(v))[1]
+                bases[v] = (older.floats, older.exact)
+        return bases
 
     async def _catch_up(self, force: bool = False) -> bool:
         """Another aggregator wrote newer versions (we were the standby, or lost our link):
@@ -425,7 +468,14 @@ class Aggregator(Service):
         assert self.core is not None
         if await self._catch_up(force=True) and not self.core.ready():
             return  # never write over a version another aggregator stored
-        new: NewVersion = self.core.flush()
+        seed = secrets.randbits(63) if self.policy.central_dp is not None else None
+        new: NewVersion = self.core.flush(seed)
+        state = None if new.server_state is None else new.server_state.to_bytes()
+        record: dict[str, Any] = {**self.policy.to_dict(), CLIP_WINDOW: list(new.clip_window)}
+        if state is not None:
+            record[SERVER_STATE] = {"sha256": hashlib.sha256(state).hexdigest(), "size": len(state)}
+        if new.dp is not None:
+            record[DP_ACCOUNTING] = new.dp.to_dict()
         clips = new.clips  # final: an update held in the clip's warm-up learns its clip only now
         blob = new.model.to_bytes()
         manifest = Manifest(
@@ -438,12 +488,16 @@ class Aggregator(Service):
             update_ids=new.update_ids,
             update_digests=tuple(h.digest for h in self.held),
             created_at=time.time(),
-            policy={**self.policy.to_dict(), CLIP_WINDOW: list(new.clip_window)},
+            policy=record,
             mean_staleness=new.mean_staleness,
             updates_total=self.core.updates_total,
             incarnation=self.incarnation,
         ).signed_by(self.signer)
-        await self.store.save(manifest, blob)
+        if seed is not None:
+            # Before the version exists: replay needs the seed to re-derive it. A version made again
+            # after a failed save has a record of its own; replay tries each (``NOISE_RECORD``).
+            self.ledger.write({"t": time.time(), "kind": NOISE_RECORD, "version": new.version, "noise_seed": seed})
+        await self.store.save(manifest, blob, state)
         await self.transport.publish(
             self.names.models_exchange,
             Names.model_key(self.job_id),

@@ -82,6 +82,7 @@ class Evaluator:
                 "updates_total": ann.updates_total,
                 "updates_in_version": len(ann.update_ids),
                 "mean_staleness": ann.mean_staleness,
+                **({} if ann.dp_epsilon is None else {"dp_epsilon": ann.dp_epsilon}),
                 "created_at": ann.created_at,  # the aggregator's clock
                 "received_at": pending.received_at,  # the coordinator's, as t0
                 "t": (pending.received_at - t0) if t0 is not None and ann.version > 0 else 0.0,

@@ -54,6 +54,12 @@ def _add_settings(
         title = (titles or {}).get(flag.group, flag.group)
         if title not in groups:
             groups[title] = parser.add_argument_group(title)
+        if flag.value_type is bool:  # a switch: given, it is on; the variable takes 1/0, yes/no
+            groups[title].add_argument(
+                flag.name, dest=flag.setting, action="store_const", const=True, default=None,
+                help=f"{flag.help} [{flag.env}]",
+            )
+            continue
         groups[title].add_argument(
             flag.name, dest=flag.setting, type=flag.value_type, default=None, help=f"{flag.help} [{flag.env}]"
         )
@@ -666,6 +672,10 @@ def _replay(args: argparse.Namespace, settings: Settings) -> Outcome:
         "clip": args.clip,
         "robust": args.robust,
         "weighting": args.weighting,
+        "server_opt": args.server_opt,
+        "server_beta1": args.server_beta1,
+        "server_beta2": args.server_beta2,
+        "server_tau": args.server_tau,
     }
     plot_dir = Path(args.plot_dir) if args.plot_dir else None
     return asyncio.run(run_what_if(job, overrides, load_app(job.app), args.json, plot_dir)), None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from aggregator.binding import bound
-from aggregator.core import Accepted, AggregatorCore
+from aggregator.core import NOISE_RECORD, Accepted, AggregatorCore, DpRecord, NewVersion
 from shared.aggregation import Clip, Policy, Robust, clip_window_of
 from shared.app import App
 from shared.codec import MAX_MESSAGE_BYTES, decode_head, open_envelope, read_task_token
@@ -27,12 +28,14 @@ from shared.errors import FedqError, StoreError, UnknownTaskError, UnsignedVersi
 from shared.keys import DirectoryTrust
 from shared.ledger import read_lines
 from shared.messages import Round, Update
+from shared.privacy import Dp
 from shared.quantize import decode_delta
 from shared.reasons import Fate, Reason
+from shared.server_opt import ServerOpt, ServerState
 from shared.settings import Settings
 from shared.signing import Keyring
 from shared.staleness import Staleness
-from shared.store import Manifest, ModelStore, open_store
+from shared.store import SERVER_STATE, Manifest, ModelStore, open_store
 from shared.tensors import FlatModel
 from shared.transport import StreamEntry
 from shared.transport.connect import connected
@@ -89,6 +92,9 @@ def policy_of(manifest: Manifest) -> Policy:
         clip=Clip.parse(p.get("clip", "off")),
         robust=Robust.parse(p.get("robust", "none")),
         weighting=p.get("weighting", "samples"),  # older manifests: sample weighting, the only one
+        alpha=p.get("alpha", 0.6),
+        server_opt=ServerOpt.parse(p.get("server_opt", "sgd")),
+        dp=Dp.from_dict(p["dp"]) if p.get("dp") else None,
     )
 
 
@@ -203,33 +209,93 @@ async def verify_version(job: Job, version: int) -> Verdict:
     if manifest.rollback_of is not None:
         return await _verify_rollback(job, manifest, manifest.rollback_of)
     try:
-        _, parent = await job.store.load(manifest.parent)
+        stored, parent = await job.store.load(manifest.parent)
+        parent_manifest = job.manifests.get(manifest.parent, stored)  # the job's reading of it
+        state_blob = await job.store.load_state(parent_manifest) if policy_of(manifest).server_opt.stateful else None
     except StoreError as exc:
         return Verdict(version, False, manifest.sha256, None, [f"parent: {exc}"])
     policy = policy_of(manifest)
-    window = clip_window_of(job.manifests[manifest.parent].policy) if manifest.parent in job.manifests else ()
-    core = AggregatorCore(parent, manifest.parent, policy, job.settings.job, clip_window=window)
-    if policy.mode == "sync":
-        core.open_round(Round(job.settings.job, manifest.parent, 0, len(manifest.update_ids), 0.0))
-    for i, tid in enumerate(manifest.update_ids):
-        update = await _materialized(job, _logged_update(job, manifest, i, problems), problems)
-        if update is None:
-            continue
-        result = core.offer(update)
-        if not isinstance(result, Accepted):
-            problems.append(f"update {tid} is refused on replay: {result.reason} ({result.detail})")
+    updates = []
+    for i in range(len(manifest.update_ids)):
+        updates.append(await _materialized(job, _logged_update(job, manifest, i, problems), problems))
+    bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {manifest.parent: (parent.floats, parent.exact)}
+    if policy.mode == "fedasync":  # each update mixes with the version it was trained on
+        for u in updates:
+            if u is not None and u.base_version not in bases:
+                try:
+                    base = (await job.store.load(u.base_version))[1]
+                except StoreError as exc:
+                    problems.append(f"base version {u.base_version} of update {u.task_id}: {exc}")
+                    continue
+                bases[u.base_version] = (base.floats, base.exact)
     if problems:
         return Verdict(version, False, manifest.sha256, None, problems)
-    derived = hashlib.sha256(core.flush().model.to_bytes()).hexdigest()
+    # Central DP: the noise seed the aggregator's ledger recorded for this version (a version made
+    # again after a failed save has several records: one of them is this version's).
+    seeds: list[int | None] = [None]
+    if policy.central_dp is not None:
+        seeds = [int(r["noise_seed"]) for r in job.ledger if r.get("kind") == NOISE_RECORD and r.get("version") == version]
+        if not seeds:
+            return Verdict(version, False, manifest.sha256, None, [f"the ledger records no DP noise seed for v{version}"])
+    derived = ""
+    for seed in seeds:
+        core = AggregatorCore(
+            parent,
+            manifest.parent,
+            policy,
+            job.settings.job,
+            clip_window=clip_window_of(parent_manifest.policy),
+            server_state=None if state_blob is None else ServerState.from_bytes(state_blob),
+            dp=DpRecord.of(parent_manifest.policy),
+            bases=dict(bases),
+        )
+        if policy.mode == "sync":
+            core.open_round(Round(job.settings.job, manifest.parent, 0, len(manifest.update_ids), 0.0))
+        refused = []
+        for tid, update in zip(manifest.update_ids, updates, strict=True):
+            assert update is not None
+            result = core.offer(update)
+            if not isinstance(result, Accepted):
+                refused.append(f"update {tid} is refused on replay: {result.reason} ({result.detail})")
+        if refused:
+            return Verdict(version, False, manifest.sha256, None, refused)
+        new = core.flush(seed)
+        derived = hashlib.sha256(new.model.to_bytes()).hexdigest()
+        if derived == manifest.sha256:
+            problems += _state_problems(manifest, new)
+            break
     if derived != manifest.sha256:
         problems.append(
             f"re-derived sha256 {derived[:16]} differs from the manifest's {manifest.sha256[:16]}"
         )
     try:
+        await job.store.load_state(manifest)
+    except StoreError as exc:
+        problems.append(str(exc))
+    try:
         await job.store.load_bytes(version)
     except StoreError as exc:
         problems.append(f"stored model: {exc}")
     return Verdict(version, not problems, manifest.sha256, derived, problems)
+
+
+def _state_problems(manifest: Manifest, new: NewVersion) -> list[str]:
+    """What differs between a re-derived version's server state and DP accounting and its manifest's."""
+    problems = []
+    named = manifest.policy.get(SERVER_STATE) or {}
+    derived_state = None if new.server_state is None else new.server_state.sha256()
+    if derived_state != named.get("sha256"):
+        problems.append("the re-derived server optimizer state differs from the one the manifest names")
+    recorded = DpRecord.of(manifest.policy)
+    if (new.dp is None) != (recorded is None) or (
+        new.dp is not None
+        and recorded is not None
+        and (new.dp.events, new.dp.counts) != (recorded.events, recorded.counts)
+    ):
+        problems.append("the re-derived DP accounting differs from the manifest's")
+    elif new.dp is not None and recorded is not None and not math.isclose(new.dp.epsilon, recorded.epsilon, rel_tol=1e-9):
+        problems.append(f"epsilon re-computes as {new.dp.epsilon:.6g}, the manifest says {recorded.epsilon:.6g}")
+    return problems
 
 
 # -- what-if --------------------------------------------------------------------------------------
@@ -496,6 +562,15 @@ async def run_what_if(
         fields["clip"] = Clip.parse(fields["clip"])
     if "robust" in fields:
         fields["robust"] = Robust.parse(fields["robust"])
+    opt = {k: fields.pop(k) for k in ("server_opt", "server_beta1", "server_beta2", "server_tau") if k in fields}
+    if opt:
+        was = original_policy.server_opt
+        fields["server_opt"] = ServerOpt(
+            opt.get("server_opt", was.kind),
+            opt.get("server_beta1", was.beta1),
+            opt.get("server_beta2", was.beta2),
+            opt.get("server_tau", was.tau),
+        )
     policy = dataclasses.replace(original_policy, **fields)
     label = ", ".join(f"{k}={overrides[k]}" for k in fields) or "original policy"
     original = await original_curve(job, app)

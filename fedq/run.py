@@ -110,7 +110,10 @@ def _flags(settings: Settings, command: str) -> list[str]:
     for f in flags(command):
         value = getattr(settings, f.setting)
         if f.setting in run and f.group != CONNECTION and value is not None:
-            out += [f.name, str(value)]
+            if f.value_type is bool:  # a switch: on or left out
+                out += [f.name] if value else []
+            else:
+                out += [f.name, str(value)]
     return out
 
 

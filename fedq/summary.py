@@ -50,4 +50,6 @@ def build_summary(
         "mean_staleness": round(sum(staleness) / len(staleness), 3) if staleness else None,
         "updates_per_second": round(len(applied) / active, 3) if active else None,
         "job_id": coordinator_state.get("job_id"),
+        # differential privacy: epsilon after the last version evaluated (None: the job ran without DP)
+        "dp_epsilon": next((m["dp_epsilon"] for m in reversed(metrics) if "dp_epsilon" in m), None),
     }

@@ -30,10 +30,12 @@ import numpy as np
 import torch
 
 from shared.errors import ConfigError, ScreeningError
+from shared.privacy import Dp
 from shared.reasons import Reason
+from shared.server_opt import ServerOpt
 from shared.staleness import Staleness
 
-MODES = ("async", "sync")
+MODES = ("async", "sync", "fedasync")
 CLIPS = ("adaptive", "fixed", "off")
 ROBUST = ("none", "trimmed-mean", "median", "cosine")
 WEIGHTINGS = ("samples", "uniform")
@@ -198,11 +200,15 @@ def clip_window_of(record: Mapping[str, object]) -> tuple[float, ...]:
 class Policy:
     """How updates become versions.
 
-    ``async``: FedBuff with buffer ``k`` (``k=1`` with ``server_lr=alpha`` is FedAsync);
-    weights are sample count times ``staleness.weight(tau)``; updates with
-    ``tau > max_staleness`` are rejected. ``sync``: FedAvg rounds, weights are
+    ``async``: FedBuff with buffer ``k``; weights are sample count times ``staleness.weight(tau)``;
+    updates with ``tau > max_staleness`` are rejected. ``sync``: FedAvg rounds, weights are
     sample counts, only updates on the current version count. ``weighting="uniform"``
-    counts every update as one sample (FedBuff's plain mean), in either mode.
+    counts every update as one sample (FedBuff's plain mean), in either mode. ``fedasync``
+    (Xie et al. 2019): every update is a version of its own, mixed in as
+    ``x <- (1 - a_t) x + a_t x_local`` with ``x_local = x_base + delta`` (the worker's model) and
+    ``a_t = alpha * staleness.weight(tau)``; ``k``, the weighting and ``server_lr`` do not apply.
+    ``server_opt``: the FedOpt step over each version's mean delta (``shared.server_opt``).
+    ``dp``: DP-FedAvg (``shared.privacy``): a fixed clip, uniform weights, Gaussian noise.
     """
 
     mode: str = "async"
@@ -215,6 +221,9 @@ class Policy:
     clip: Clip = field(default_factory=Clip)
     robust: Robust = field(default_factory=Robust)
     weighting: str = "samples"
+    alpha: float = 0.6  # fedasync's mixing weight
+    server_opt: ServerOpt = field(default_factory=ServerOpt)
+    dp: Dp | None = None
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -229,6 +238,32 @@ class Policy:
             raise ConfigError("server learning rate must be positive")
         if self.max_staleness < 0:
             raise ConfigError("max staleness must be non-negative")
+        if not 0 < self.alpha <= 1:
+            raise ConfigError(f"--fedasync-alpha must be in (0, 1], not {self.alpha!r}")
+        if self.mode == "fedasync":
+            if self.server_opt.stateful:
+                raise ConfigError("--server-opt applies to buffered versions: use it with --mode async or sync")
+            if self.robust.kind != "none":
+                raise ConfigError("--robust combines a buffer; --mode fedasync makes a version of each update")
+        dp = self.dp
+        if dp is not None and not dp.local:
+            # The noise is calibrated to one clipped update per worker: anything that weighs an
+            # update by more than its staleness factor, or picks updates by what they hold, breaks it.
+            if self.mode == "fedasync":
+                raise ConfigError("central DP (--dp-clip) runs with --mode async or sync")
+            if self.robust.kind != "none":
+                raise ConfigError("central DP (--dp-clip) needs --robust none: a robust fold has another sensitivity")
+            if self.clip.kind != "fixed" or self.clip.bound != dp.clip:
+                raise ConfigError("central DP clips every update to --dp-clip (Policy.clip must be that fixed bound)")
+            if self.weighting != "uniform":
+                raise ConfigError("central DP weighs every update as one (--weighting uniform)")
+            if self.normalize != "samples":
+                raise ConfigError("central DP divides by the number of updates (normalize=samples)")
+
+    @property
+    def central_dp(self) -> Dp | None:
+        """The DP the aggregator adds noise for (``None``: none, or local DP at the workers)."""
+        return self.dp if self.dp is not None and not self.dp.local else None
 
     def count(self, num_samples: int) -> float:
         """What an update counts for before staleness: its sample count, or 1 (``uniform``)."""
@@ -249,6 +284,8 @@ class Policy:
     def weight(self, num_samples: int, tau: int) -> float:
         if self.mode == "sync":
             return self.count(num_samples)
+        if self.mode == "fedasync":  # the mixing weight a_t
+            return self.alpha * self.staleness.weight(tau)
         return self.count(num_samples) * self.staleness.weight(tau)
 
     def to_dict(self) -> dict[str, object]:
@@ -263,6 +300,9 @@ class Policy:
             "clip": self.clip.describe(),
             "robust": self.robust.describe(),
             "weighting": self.weighting,
+            "alpha": self.alpha,
+            "server_opt": self.server_opt.describe(),
+            "dp": None if self.dp is None else self.dp.to_dict(),
         }
 
 
@@ -295,16 +335,23 @@ class Accumulator:
         self.total_norm += weight if norm_weight is None else norm_weight
         self.count += 1
 
+    def add_noise(self, noise: np.ndarray, std: float) -> None:
+        """Add ``std * noise`` to the float sum (flat order), as two roundings (``add_scaled``)."""
+        add_scaled(self.floats, torch.from_numpy(noise), std)
+
+    def step(self, server_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (float, integer) step: eta * sum(w d) / sum(w), the integers rounded."""
+        if self.count == 0:
+            raise ValueError("nothing to apply")
+        scale = server_lr / self.total_norm
+        return self.floats * scale, torch.round(self.exact * scale).to(torch.int64)
+
     def apply(
         self, floats: torch.Tensor, exact: torch.Tensor, server_lr: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the new (floats, exact): x + eta * sum(w d) / sum(w)."""
-        if self.count == 0:
-            raise ValueError("nothing to apply")
-        scale = server_lr / self.total_norm
-        new_floats = floats + self.floats * scale
-        new_exact = exact + torch.round(self.exact * scale).to(torch.int64)
-        return new_floats, new_exact
+        step, exact_step = self.step(server_lr)
+        return floats + step, exact + exact_step
 
 
 class RobustBuffer:
@@ -324,18 +371,21 @@ class RobustBuffer:
         self.exact.append(exact.to(torch.float64) * factor)
         self.count += 1
 
+    def step(self, server_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (float, integer) step: eta * statistic(deltas), the integers rounded."""
+        if self.count == 0:
+            raise ValueError("nothing to apply")
+        step = self.robust.combine(self.floats) * server_lr
+        if not self.exact[0].numel():
+            return step, torch.zeros(0, dtype=torch.int64)
+        return step, torch.round(self.robust.combine(self.exact) * server_lr).to(torch.int64)
+
     def apply(
         self, floats: torch.Tensor, exact: torch.Tensor, server_lr: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the new (floats, exact): x + eta * statistic(deltas)."""
-        if self.count == 0:
-            raise ValueError("nothing to apply")
-        step = self.robust.combine(self.floats)
-        new_floats = floats + step * server_lr
-        if not exact.numel():
-            return new_floats, exact.clone()
-        exact_step = self.robust.combine(self.exact)
-        return new_floats, exact + torch.round(exact_step * server_lr).to(torch.int64)
+        step, exact_step = self.step(server_lr)
+        return floats + step, exact + exact_step
 
 
 def _pair_down(v: np.ndarray, k: int, stop: int) -> int:
@@ -458,6 +508,11 @@ class CosineBuffer:
         self, floats: torch.Tensor, exact: torch.Tensor, server_lr: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the new (floats, exact); ``cosines`` and ``left_out`` say what was kept."""
+        step, exact_step = self.step(server_lr)
+        return floats + step, exact + exact_step
+
+    def step(self, server_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (float, integer) step of the updates kept; sets ``cosines`` and ``left_out``."""
         if self.count == 0:
             raise ValueError("nothing to apply")
         rows = []
@@ -483,7 +538,45 @@ class CosineBuffer:
         ):
             if kept:
                 acc.add(f, e, weight, norm_weight, clip)
-        return acc.apply(floats, exact, server_lr)
+        return acc.step(server_lr)
+
+
+class MixBuffer:
+    """``--mode fedasync``: each update mixed into the model on its own, in arrival order,
+    ``x <- x + a_t (x_base + clip * delta - x)`` (``(1 - a_t) x + a_t x_local``). One update per
+    version, except for the updates the adaptive clip's warm-up held: those are mixed in one after
+    another into the version that ends it. Every step is one rounding (numpy float32 ufuncs)."""
+
+    def __init__(self) -> None:
+        self.floats: list[torch.Tensor] = []  # flat copies
+        self.exact: list[torch.Tensor] = []
+        self.args: list[tuple[int, float, float]] = []  # base version, a_t, clip
+        self.count = 0
+
+    def add(self, floats: torch.Tensor, exact: torch.Tensor, base: int, mix: float, clip: float = 1.0) -> None:
+        self.floats.append(floats.clone())
+        self.exact.append(exact.clone())
+        self.args.append((base, mix, clip))
+        self.count += 1
+
+    def bases_needed(self) -> set[int]:
+        return {base for base, _, _ in self.args}
+
+    def apply(
+        self, floats: torch.Tensor, exact: torch.Tensor, bases: Mapping[int, tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model after mixing every update in; ``bases`` holds each base version's (floats, exact)."""
+        if self.count == 0:
+            raise ValueError("nothing to apply")
+        x, e = floats.detach().numpy().copy(), exact.to(torch.float64)
+        for f, d_exact, (base, mix, clip) in zip(self.floats, self.exact, self.args, strict=True):
+            base_floats, base_exact = bases[base]
+            diff = base_floats.detach().numpy() - x  # x_base - x
+            add_scaled(torch.from_numpy(diff), f, clip)  # + clip * delta: x_local - x
+            add_scaled(torch.from_numpy(x), torch.from_numpy(diff), mix)
+            if e.numel():
+                e = e + torch.round((base_exact.to(torch.float64) - e + d_exact.to(torch.float64)) * mix)
+        return torch.from_numpy(x), e.to(torch.int64)
 
 
 def screen(floats: torch.Tensor, exact: torch.Tensor, max_norm: float | None) -> float:

@@ -116,6 +116,7 @@ class ModelAnnouncement:
     mean_staleness: float = 0.0
     updates_total: int = 0
     rollback_of: int = -1  # ``fedq model rollback``: the version whose model this one re-stores
+    dp_epsilon: float | None = None  # differential privacy: epsilon after this version (None: no DP)
 
 
 @dataclass(frozen=True)
@@ -157,4 +158,5 @@ PAYLOAD_FIELD = {"task": "model", "update": "delta"}
 LATER_FIELDS: dict[type, frozenset[str]] = {
     TrainConfig: frozenset({"prox_mu"}),
     Task: frozenset({"dp_clip", "dp_noise"}),
+    ModelAnnouncement: frozenset({"dp_epsilon"}),
 }

@@ -252,7 +252,8 @@ class Settings:
         metadata=cli(
             JOB,
             ("run", "coordinator", "aggregator"),
-            "async (FedBuff) or sync (FedAvg rounds) (default async)",
+            "async (FedBuff), sync (FedAvg rounds) or fedasync (FedAsync: each update mixed in as "
+            "x <- (1 - a_t) x + a_t x_local, a_t = --fedasync-alpha x s(tau)) (default async)",
         ),
     )
     capabilities: str = field(
@@ -363,6 +364,25 @@ class Settings:
     weight_decay: float = field(
         default=0.0, metadata=env_only("a rarely tuned optimizer knob; fedq run passes it on")
     )
+    prox_mu: float = field(
+        default=0.0,
+        metadata=cli(
+            JOB,
+            ("run", "coordinator"),
+            "FedProx: the local proximal term (mu/2)||w - w_base||^2 added to each worker's loss "
+            "(default 0: none)",
+        ),
+    )
+    dp_local: bool = field(
+        default=False,
+        metadata=cli(
+            JOB,
+            ("run", "coordinator", "aggregator"),
+            "differential privacy at the worker instead of the aggregator: each worker clips its "
+            "update to --dp-clip and adds Gaussian noise --dp-noise x --dp-clip before quantizing it; "
+            "the aggregator adds none and reports the worst worker's epsilon",
+        ),
+    )
     quant: str = field(
         default="int8",
         metadata=cli(JOB, ("run", "coordinator"), "update encoding: int8 or none (default int8)"),
@@ -450,6 +470,71 @@ class Settings:
             "what an update weighs before staleness scaling: samples (its sample count n_i, capped "
             "by --max-samples; default) or uniform (1 for every update, FedBuff's plain mean): "
             "x <- x + eta * sum(n_i s(tau_i) d_i) / sum(n_i), with n_i = 1 under uniform",
+        ),
+    )
+    fedasync_alpha: float = field(
+        default=0.6,
+        metadata=cli(
+            POLICY,
+            ("run", "aggregator"),
+            "--mode fedasync: the mixing weight a in a_t = a x s(tau) (default 0.6)",
+        ),
+    )
+    server_opt: str = field(
+        default="sgd",
+        metadata=cli(
+            POLICY,
+            ("run", "aggregator", "replay what-if"),
+            "FedOpt: the server optimizer applied to each buffer's mean delta: sgd (x + eta d, "
+            "default), avgm (server momentum), adam or yogi; their state is saved with each version",
+        ),
+    )
+    server_beta1: float = field(
+        default=0.9,
+        metadata=cli(
+            POLICY, ("run", "aggregator", "replay what-if"), "FedOpt's first-moment decay beta1 (default 0.9)"
+        ),
+    )
+    server_beta2: float = field(
+        default=0.99,
+        metadata=cli(
+            POLICY,
+            ("run", "aggregator", "replay what-if"),
+            "FedOpt's second-moment decay beta2, adam and yogi (default 0.99)",
+        ),
+    )
+    server_tau: float = field(
+        default=1e-3,
+        metadata=cli(
+            POLICY,
+            ("run", "aggregator", "replay what-if"),
+            "FedOpt's adaptivity tau, adam and yogi: x + eta m / (sqrt(v) + tau) (default 1e-3)",
+        ),
+    )
+    dp_clip: float | None = field(
+        default=None,
+        metadata=cli(
+            POLICY,
+            ("run", "aggregator", "coordinator"),
+            "differential privacy (DP-FedAvg): clip every update to this L2 norm and weigh each as "
+            "one; turns DP on, in place of --clip and --weighting (default: off)",
+        ),
+    )
+    dp_noise: float = field(
+        default=1.0,
+        metadata=cli(
+            POLICY,
+            ("run", "aggregator", "coordinator"),
+            "DP noise multiplier z > 0: Gaussian noise of std z x --dp-clip on each version's sum of "
+            "clipped updates (on each update with --dp-local) (default 1.0)",
+        ),
+    )
+    dp_delta: float = field(
+        default=1e-5,
+        metadata=cli(
+            POLICY,
+            ("run", "aggregator", "coordinator"),
+            "DP delta of the (epsilon, delta) guarantee reported as dp_epsilon (default 1e-5)",
         ),
     )
     # worker
@@ -606,7 +691,7 @@ class Flag:
     default decides."""
 
     setting: str
-    value_type: type[Any]  # str, int or float (``X | None`` is ``X``: None means "not given")
+    value_type: type[Any]  # str, int, float or bool, a switch (``X | None`` is ``X``: None means "not given")
     help: str
     group: str
     commands: tuple[str, ...]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from shared.errors import CorruptVersionError, StoreError, UnsignedVersionError, WireError
 from shared.files import PRIVATE, TEMP_PREFIX, write_atomic
 from shared.messages import ModelAnnouncement
+from shared.privacy import DP_ACCOUNTING
 from shared.signing import Keyring, Peer, Signer, version_signers
 from shared.tensors import FlatModel
 
@@ -190,7 +191,14 @@ class Manifest:
             mean_staleness=self.mean_staleness,
             updates_total=self.updates_total,
             rollback_of=-1 if self.rollback_of is None else self.rollback_of,
+            dp_epsilon=self.dp_epsilon,
         )
+
+    @property
+    def dp_epsilon(self) -> float | None:
+        """Epsilon after this version, from its DP accounting (``None``: made without DP)."""
+        accounting = self.policy.get(DP_ACCOUNTING) or {}
+        return float(accounting["epsilon"]) if "epsilon" in accounting else None
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -221,6 +229,15 @@ def manifest_key(job_id: str, version: int) -> str:
     return f"jobs/{job_id}/models/v{version:06d}.json"
 
 
+def state_key(job_id: str, version: int) -> str:
+    """Where a version's server optimizer state (FedOpt's moments) goes, beside its model."""
+    return f"jobs/{job_id}/models/v{version:06d}.state"
+
+
+# The key of a manifest's policy record that names its server optimizer state: {"sha256", "size"}.
+SERVER_STATE = "server_state"
+
+
 def update_key(job_id: str, task_id: str) -> str:
     """Where the claim-checked update of one task goes: the only key its presigned PUT reaches."""
     return f"jobs/{job_id}/updates/{task_id}.bin"
@@ -239,9 +256,16 @@ class ModelStore:
         self.trust = trust
         self._incarnation: str | None = None  # version 0's, pinned at the first read
 
-    async def save(self, manifest: Manifest, blob: bytes) -> None:
+    async def save(self, manifest: Manifest, blob: bytes, state: bytes | None = None) -> None:
+        """Store a version: its model, its server optimizer ``state`` (whose sha256 the manifest's
+        policy record carries), then the manifest, which makes it a version."""
         if hashlib.sha256(blob).hexdigest() != manifest.sha256:
             raise StoreError("refusing to store a model whose bytes do not match its sha256")
+        if state is not None:
+            named = manifest.policy.get(SERVER_STATE) or {}
+            if hashlib.sha256(state).hexdigest() != named.get("sha256"):
+                raise StoreError("refusing to store a server state whose bytes do not match its sha256")
+            await self.objects.put(state_key(self.job_id, manifest.version), state)
         await self.objects.put(manifest.key, blob)
         await self.objects.put(manifest_key(self.job_id, manifest.version), manifest.to_json().encode())
 
@@ -304,6 +328,20 @@ class ModelStore:
                 f"but its manifest says {manifest.sha256}"
             )
         return manifest, blob
+
+    async def load_state(self, manifest: Manifest) -> bytes | None:
+        """The server optimizer state stored with ``manifest``'s version (checked against the
+        sha256 it signs), or ``None`` when it has none (sgd, version 0, a rollback)."""
+        named = manifest.policy.get(SERVER_STATE)
+        if not named:
+            return None
+        blob = await self.objects.get(state_key(self.job_id, manifest.version))
+        if hashlib.sha256(blob).hexdigest() != named.get("sha256"):
+            raise StoreError(
+                f"the server optimizer state of version {manifest.version} of job {self.job_id} is "
+                "corrupt: its sha256 differs from the manifest's"
+            )
+        return blob
 
     async def load(self, version: int) -> tuple[Manifest, FlatModel]:
         manifest, blob = await self.load_bytes(version)

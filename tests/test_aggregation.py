@@ -255,6 +255,9 @@ def test_policy_weights_and_dict() -> None:
         "clip": "adaptive:3.0,50,5",
         "robust": "none",
         "weighting": "samples",
+        "alpha": 0.6,
+        "server_opt": "sgd",
+        "dp": None,
     }
 
 

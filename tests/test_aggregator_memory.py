@@ -284,9 +284,9 @@ async def test_updates_are_acked_after_their_version_is_stored_and_announced(
         steps: list[tuple[str, int | None, int]] = []
         real_save = rig.store.save
 
-        async def save(manifest: Manifest, blob: bytes) -> None:
+        async def save(manifest: Manifest, blob: bytes, state: bytes | None = None) -> None:
             steps.append(("save", manifest.version, unacked(mem)))
-            await real_save(manifest, blob)
+            await real_save(manifest, blob, state)
             steps.append(("stored", await rig.store.latest(), unacked(mem)))
 
         real_publish = rig.service.publish
@@ -318,7 +318,7 @@ async def test_updates_whose_version_cannot_be_stored_are_not_acked(
     restart or a standby, neither applied nor rejected."""
     async with aggregator_rig(mem, names, tmp_path, k=2) as rig:
 
-        async def save(manifest: Manifest, blob: bytes) -> None:
+        async def save(manifest: Manifest, blob: bytes, state: bytes | None = None) -> None:
             raise StoreError("the disk is full")
 
         monkeypatch.setattr(rig.store, "save", save)

@@ -61,12 +61,12 @@ def test_without_noise_the_delta_is_clipped_to_the_norm() -> None:
     clip = 0.1 * float(torch.linalg.vector_norm(free))
     floats, exact, metrics = trained(app, a_task(app, dp_clip=clip))
     assert math.isclose(float(torch.linalg.vector_norm(floats)), clip, rel_tol=0.02)
-    assert 0 < metrics["dp_clip_scale"] < 0.2
-    assert torch.equal(exact, free_exact) and exact.abs().sum() > 0  # the counters travel as they were
-    assert not any("seed" in name for name in metrics)
+    assert free_exact.abs().sum() > 0 and not exact.abs().sum()  # the counters stay behind
+    # nothing un-noised travels in the metrics: no loss, no norm, no clip factor, no seed
+    assert set(metrics) == {"train_seconds"}
     # A clip above the delta's norm leaves it as it was.
-    _, _, metrics = trained(app, a_task(app, dp_clip=100 * clip))
-    assert metrics["dp_clip_scale"] == 1.0
+    floats, _, _ = trained(app, a_task(app, dp_clip=100 * clip))
+    assert torch.allclose(floats, free, atol=1e-2 * float(free.abs().max()))
 
 
 def test_the_noise_is_fresh_each_time_the_same_task_is_trained() -> None:

@@ -65,8 +65,25 @@ JOB = {
     "min-workers",
     "min-workers-wait",
     "max-samples",
+    "prox-mu",
+    "dp-local",
 }
-POLICY = {"buffer", "server-lr", "staleness", "max-staleness", "max-norm", "clip", "robust", "weighting"}
+POLICY = {
+    "buffer",
+    "server-lr",
+    "staleness",
+    "max-staleness",
+    "max-norm",
+    "clip",
+    "robust",
+    "weighting",
+    "server-opt",
+    "server-beta1",
+    "server-beta2",
+    "server-tau",
+}
+# policy flags the what-if replay does not take: fedasync and DP re-derive nothing it could compare
+LIVE_POLICY = {"fedasync-alpha", "dp-clip", "dp-noise", "dp-delta"}
 DATA = {"alpha", "partition-seed", "partition-file"}
 WORKER = {
     "capability",
@@ -82,9 +99,9 @@ KEYS = {"keys-dir", "trusted-keys", "coordinator-key", "key-file"}
 WHERE = AMQP | {"namespace", "store", "out"}
 MODEL_WHERE = WHERE | {"s3-endpoint", "s3-region", "keys-dir", "trusted-keys"}
 SETTING_FLAGS = {
-    "run": (CONN - KEYS) | JOB | POLICY | DATA | {"broker-users", "management-url", "broker-identity"},
-    "coordinator": CONN | JOB | {"broker-identity"},
-    "aggregator": CONN | {"mode", "capabilities", "broker-identity"} | POLICY,
+    "run": (CONN - KEYS) | JOB | POLICY | LIVE_POLICY | DATA | {"broker-users", "management-url", "broker-identity"},
+    "coordinator": CONN | JOB | {"broker-identity", "dp-clip", "dp-noise", "dp-delta"},
+    "aggregator": CONN | {"mode", "capabilities", "broker-identity", "dp-local"} | POLICY | LIVE_POLICY,
     "worker": CONN | WORKER | DATA,
     "audit": WHERE,
     "log": WHERE | {"trusted-keys"},
@@ -135,11 +152,18 @@ REQUIRED = {
     "broker certs": ["--out", "d"],
 }
 # A value per type, as text and as the setting then holds it: one for flags, one for the environment.
-SAMPLE: dict[type, tuple[str, object]] = {str: ("from-flag", "from-flag"), int: ("7", 7), float: ("2.5", 2.5)}
+# A switch (bool) takes no text: given, it is on.
+SAMPLE: dict[type, tuple[str | None, object]] = {
+    str: ("from-flag", "from-flag"),
+    int: ("7", 7),
+    float: ("2.5", 2.5),
+    bool: (None, True),
+}
 ENV_SAMPLE: dict[type, tuple[str, object]] = {
     str: ("from-env", "from-env"),
     int: ("3", 3),
     float: ("0.5", 0.5),
+    bool: ("yes", True),
 }
 
 
@@ -169,8 +193,9 @@ def parser() -> argparse.ArgumentParser:
     return build_parser()
 
 
-def parse(command: str, *extra: str) -> argparse.Namespace:
-    return parser().parse_args([*command.split(), *REQUIRED.get(command, []), *extra])
+def parse(command: str, *extra: str | None) -> argparse.Namespace:
+    given = [e for e in extra if e is not None]  # a switch's sample has no text
+    return parser().parse_args([*command.split(), *REQUIRED.get(command, []), *given])
 
 
 def test_every_setting_has_a_flag_or_is_deliberately_env_only() -> None:
@@ -182,7 +207,7 @@ def test_every_setting_has_a_flag_or_is_deliberately_env_only() -> None:
     # secrets never as flags: a command line shows in ps
     assert {"s3_access_key", "s3_secret_key"} <= set(env_only)
     for f in flags():
-        assert f.value_type in (str, int, float), f.setting
+        assert f.value_type in (str, int, float, bool), f.setting
         assert f.group in GROUPS and f.commands and f.help, f.setting
         assert f.env == env_name(f.setting) and f.env in known_env_names()
     assert len({f.name for f in flags()}) == len(flags())
@@ -203,8 +228,10 @@ def test_each_command_offers_exactly_its_flags() -> None:
         for action in settings:
             flag = by_setting[action.dest]
             assert action.option_strings == [flag.name], command
-            assert action.type is flag.value_type and action.default is None, (command, flag.name)
-            assert action.choices is None and action.nargs is None, (command, flag.name)
+            switch = flag.value_type is bool
+            assert action.type is (None if switch else flag.value_type), (command, flag.name)
+            assert action.default is None and action.choices is None, (command, flag.name)
+            assert action.nargs == (0 if switch else None), (command, flag.name)
             assert action.help and action.help.endswith(f"[{flag.env}]"), (command, flag.name)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import pytest
 
@@ -145,3 +146,23 @@ def test_a_task_no_worker_can_carry_out_is_dead_lettered_before_training(
     assert decide(known(task_problem=problem)) is (Decision.BAD_TASK if bad else Decision.TRAIN)
     # a confirmed update still wins: the task's problem does not matter any more
     assert decide(known(task_problem=problem, already_sent=True)) is Decision.ALREADY_SENT
+
+
+@pytest.mark.parametrize(
+    ("dp_clip", "dp_noise", "prox_mu", "bad"),
+    [
+        (0.0, 0.0, 0.0, False),
+        (1.0, 0.5, 0.01, False),
+        (-1.0, 0.5, 0.0, True),
+        (math.inf, 0.5, 0.0, True),
+        (1.0, math.nan, 0.0, True),
+        (0.0, 0.5, 0.0, True),  # noise with no clip to scale it by
+        (0.0, 0.0, -0.1, True),
+        (0.0, 0.0, math.nan, True),
+    ],
+)
+def test_a_task_with_impossible_privacy_or_proximal_settings_is_dead_lettered(
+    dp_clip: float, dp_noise: float, prox_mu: float, bad: bool
+) -> None:
+    problem = task_problem("int8", 256, 1, 16, ("int8",), dp_clip, dp_noise, prox_mu)
+    assert bool(problem) is bad

@@ -19,16 +19,30 @@ nothing waits. Looking in the outbox is disk I/O, so the worker does it only whe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
 
-def task_problem(quant: str, block: int, epochs: int, batch_size: int, schemes: tuple[str, ...]) -> str:
+def task_problem(
+    quant: str,
+    block: int,
+    epochs: int,
+    batch_size: int,
+    schemes: tuple[str, ...],
+    dp_clip: float = 0.0,
+    dp_noise: float = 0.0,
+    prox_mu: float = 0.0,
+) -> str:
     """Why a task asks for what no worker can do ("" when it does not)."""
     if quant not in schemes:
         return f"unknown quantization {quant!r} (this worker knows {', '.join(schemes)})"
     if block < 1 or batch_size < 1 or epochs < 1:
         return f"block {block}, batch size {batch_size} and epochs {epochs} must each be at least 1"
+    if (dp_clip or dp_noise) and not (0 < dp_clip < math.inf and 0 <= dp_noise < math.inf):
+        return f"local DP needs a finite clip above 0 and a finite noise of 0 or more, not {dp_clip} and {dp_noise}"
+    if not 0 <= prox_mu < math.inf:
+        return f"prox_mu must be a finite number of 0 or more, not {prox_mu}"
     return ""
 
 

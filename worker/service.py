@@ -251,7 +251,10 @@ class Worker(Service):
         pending: bytes | None = None
         if self.outbox is not None and outbox_matters(already_sent, not bad_id):
             pending = await asyncio.to_thread(self.outbox.get, task.task_id)
-        problem = task_problem(task.quant, task.block, task.train.epochs, task.train.batch_size, SCHEMES)
+        t = task.train
+        problem = task_problem(
+            task.quant, task.block, t.epochs, t.batch_size, SCHEMES, task.dp_clip, task.dp_noise, t.prox_mu
+        )
         known = Known(already_sent, not bad_id, pending is not None, task.deadline, time.time(), problem)
         decision = decide(known)
         match decision:

@@ -60,12 +60,19 @@ def train_task(
     d_float = local.floats - base.floats
     d_exact = local.exact - base.exact
     metrics = dict(result.metrics)
-    if task.dp_clip or task.dp_noise:
-        d_float, metrics["dp_clip_scale"] = privatize(d_float, task.dp_clip, task.dp_noise)
+    private = bool(task.dp_clip or task.dp_noise)
+    if private:  # integer tensors (batch counters) count the worker's samples: they stay behind
+        d_float, _ = privatize(d_float, task.dp_clip, task.dp_noise)
+        d_exact = torch.zeros_like(d_exact)
     gen = torch.Generator().manual_seed(seed_of(task.task_id, Stream.QUANTIZE))
     payload = encode_delta(d_float, d_exact, base.spec, task.quant, task.block, gen)
+    if private:
+        # The metrics travel with the update un-noised: the loss and the delta's norm (or its clip
+        # factor, C / norm) are the private data's. Under local DP only the time goes.
+        metrics = {}
     metrics["train_seconds"] = time.perf_counter() - started
-    metrics["delta_norm"] = float(torch.linalg.vector_norm(d_float))
+    if not private:
+        metrics["delta_norm"] = float(torch.linalg.vector_norm(d_float))
     return TrainingOutcome(payload, result.num_samples, metrics)
 
 
