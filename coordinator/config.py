@@ -62,10 +62,10 @@ class CoordinatorConfig:
             raise ConfigError(f"--max-samples must be 0 (automatic) or more, not {s.max_samples}")
         if s.min_workers_wait < 0:
             raise ConfigError(f"--min-workers-wait must be 0 or more, not {s.min_workers_wait}")
-        try:
-            mode = Mode(s.mode)
+        try:  # fedasync differs from async at the aggregator only: tasks are topped up alike
+            mode = Mode.ASYNC if s.mode == "fedasync" else Mode(s.mode)
         except ValueError:
-            raise ConfigError(f"unknown mode {s.mode!r}; use async or sync") from None
+            raise ConfigError(f"unknown mode {s.mode!r}; use async, sync or fedasync") from None
         if not math.isfinite(s.prox_mu) or s.prox_mu < 0:
             raise ConfigError(f"--prox-mu must be a finite number, 0 or more, not {s.prox_mu}")
         dp_clip, dp_noise = local_dp(s)

@@ -32,6 +32,7 @@ from shared.files import private_dir, write_atomic
 from shared.ledger import JsonLines
 from shared.redact import public
 from shared.settings import CONNECTION, Settings, env_name, env_only_settings, flags
+from shared.store import ModelStore, open_store
 from shared.transport.connect import connected
 
 
@@ -115,6 +116,13 @@ def _flags(settings: Settings, command: str) -> list[str]:
             else:
                 out += [f.name, str(value)]
     return out
+
+
+async def latest_epsilon(settings: Settings) -> float | None:
+    """Epsilon after the newest stored version of the run's job (``None``: none, or no DP)."""
+    store = ModelStore(open_store(settings.store, settings), settings.job)
+    latest = await store.latest()
+    return None if latest is None else (await store.manifest(latest)).dp_epsilon
 
 
 class Launcher:
@@ -357,6 +365,9 @@ def run_job(
     state_path = run_dir / "coordinator.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     summary = build_summary(run_dir, state, workers, wall)
+    summary["mode"] = settings.mode  # the coordinator tops fedasync's tasks up as async's
+    if settings.dp_clip is not None:  # what every version made cost, evaluated or not
+        summary["dp_epsilon"] = asyncio.run(latest_epsilon(settings))
     summary["restarts"] = dict(launcher.restarts)
     if chaos is not None:
         summary["chaos"] = chaos.summary()

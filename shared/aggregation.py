@@ -231,7 +231,7 @@ class Policy:
         if self.normalize not in ("samples", "weights"):
             raise ConfigError("normalize must be samples or weights")
         if self.mode not in MODES:
-            raise ConfigError(f"unknown mode {self.mode!r}; use async or sync")
+            raise ConfigError(f"unknown mode {self.mode!r}; use async, sync or fedasync")
         if self.k < 1:
             raise ConfigError("buffer size must be at least 1")
         if not self.server_lr > 0:

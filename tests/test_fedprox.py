@@ -1,34 +1,27 @@
 """FedProx (``--prox-mu``): the proximal term ``make_optimizer`` adds to every app's local training,
-its place in the signed recipe, and a job that carries it through the real broker."""
+its place in the signed recipe. A job that carries it through the real broker is in
+tests/test_learning_jobs.py."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
 import math
-from pathlib import Path
 
 import msgpack
 import pytest
 import torch
 from torch import nn
 
-from broker_config.names import Names
 from coordinator.config import CoordinatorConfig
 from shared.app import PartitionSpec, make_optimizer
-from shared.codec import decode, decode_head, open_envelope, read_task_token
+from shared.codec import decode, open_envelope
 from shared.errors import ConfigError
-from shared.messages import TrainConfig, Update
+from shared.messages import TrainConfig
 from shared.settings import Settings
 from shared.signing import Keyring, Role, Signer
 from shared.tensors import FlatModel
-from shared.transport.rabbitmq import RabbitMQ
-from tests.support.jobs import TINY_APP, cleanup, finish, start_run
 from tests.support.messages import make_task
 from tests.support.tiny import LinearApp
-
-__all__ = ["cleanup"]  # the fixture, used by the job test
 
 RECIPE = TrainConfig(epochs=5, batch_size=8, lr=0.1, momentum=0.9)
 
@@ -106,43 +99,3 @@ def test_the_recipe_round_trips_prox_mu_and_a_recipe_without_it_reads_as_zero() 
     head = msgpack.unpackb(open_envelope(old).head)
     assert "prox_mu" not in head["train"]
     assert decode(old, ring)[0].train.prox_mu == 0.0  # type: ignore[union-attr]
-
-
-@pytest.mark.slow
-def test_a_fedprox_job_runs_and_its_tasks_carry_mu(
-    tmp_path: Path, names: Names, amqp_url: str, cleanup: None
-) -> None:
-    out = tmp_path / "run"
-    finish(
-        start_run(
-            out,
-            names,
-            *TINY_APP,
-            "--prox-mu",
-            "0.01",
-            "--workers",
-            "2",
-            "--buffer",
-            "2",
-            "--target-accuracy",
-            "0",
-            "--max-versions",
-            "3",
-        ),
-        timeout=60,
-    )
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["versions"] >= 3, summary
-
-    async def logged_updates() -> list[Update]:
-        reader = await RabbitMQ(amqp_url, names, "test-fedprox-reader").connect()
-        try:
-            entries = await reader.read_all(names.update_log)
-        finally:
-            await reader.close()
-        updates = [decode_head(open_envelope(e.body)) for e in entries]
-        return [u for u in updates if isinstance(u, Update)]
-
-    updates = asyncio.run(logged_updates())
-    assert len(updates) >= 6
-    assert {read_task_token(u.task).train.prox_mu for u in updates} == {0.01}
