@@ -10,6 +10,8 @@ The updates go through ``AggregatorCore.offer`` and ``flush`` as the aggregator 
 them: int8 (two block sizes, so one is reordered into the buffer's) and fp32 deltas, staleness
 0-3 under a polynomial weight, uneven sample counts, three boosted deltas that the clip scales
 down, an integer counter, and three versions in a row, so each one's clip window starts the next.
+The same updates go through FedOpt's optimizers (their moments carried from version to version),
+central DP's noise and FedAsync's mixing (a version per update).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import torch
 from aggregator.core import Accepted, AggregatorCore
 from shared.aggregation import Clip, Policy, Robust
 from shared.messages import Update
+from shared.privacy import Dp
 from shared.quantize import encode_delta
+from shared.server_opt import ServerOpt
 from shared.staleness import Staleness
 from shared.tensors import FlatModel
 
@@ -86,19 +90,32 @@ def write_run(path: Path) -> None:
 
 
 def run(parent: FlatModel, batches: list[list[Update]], policy: Policy) -> list[str]:
-    """The sha256 of each version the run makes."""
+    """The sha256 of each version the run makes (under central DP, version v's noise is seeded v)."""
     core = AggregatorCore(parent, 0, policy, JOB)
+    if policy.mode == "fedasync":  # a version of each update, mixed with the version it is based on
+        core.bases[0] = (parent.floats, parent.exact)
+        batches = [[u] for batch in batches for u in batch]
     shas = []
     for batch in batches:
         for u in batch:
             verdict = core.offer(u)
             if not isinstance(verdict, Accepted):
                 raise SystemExit(f"update rejected: {verdict}")
-        new = core.flush()
-        if not any(a.clip < 1.0 for a in new.accepted):
+        new = core.flush(core.version if policy.central_dp else None)
+        if policy.mode != "fedasync" and not any(a.clip < 1.0 for a in new.accepted):
             raise SystemExit(f"nothing was clipped in v{new.version}: the probe would not test the clip")
         shas.append(new.model.sha256())
     return shas
+
+
+def learning_rules() -> dict[str, Policy]:
+    """FedOpt's optimizers, central DP's noise and FedAsync's mixing, over the same updates."""
+    fixed = Clip.parse("0.9")
+    common = {"k": K, "server_lr": 0.7, "staleness": Staleness("polynomial", 0.5), "clip": fixed}
+    rules = {f"server-opt {kind}": Policy(**common, server_opt=ServerOpt(kind)) for kind in ("avgm", "adam", "yogi")}  # type: ignore[arg-type]
+    rules["central dp"] = Policy(**common, weighting="uniform", dp=Dp(0.9, 1.0), server_opt=ServerOpt("adam"))  # type: ignore[arg-type]
+    rules["fedasync"] = Policy(mode="fedasync", alpha=0.6, staleness=Staleness("polynomial", 0.5), clip=fixed)
+    return rules
 
 
 def main() -> None:
@@ -119,6 +136,8 @@ def main() -> None:
         for rule in RULES
         for clip in CLIPS
     }
+    for label, policy in learning_rules().items():
+        shas[label] = run(FlatModel.from_bytes(raw), batches, policy)
     print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "shas": shas}))
 
 
