@@ -408,7 +408,7 @@ class Settings:
         metadata=cli(
             POLICY,
             ("run", "aggregator", "replay what-if"),
-            "FedBuff: updates per version, K (default 10; 1 = FedAsync)",
+            "FedBuff: updates per version, K (default 10); --mode fedasync is FedAsync",
         ),
     )
     server_lr: float = field(
