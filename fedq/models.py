@@ -31,7 +31,7 @@ from shared.ledger import JsonLines, read_lines
 from shared.reasons import Fate, Reason
 from shared.settings import Settings
 from shared.signing import Role, Signer
-from shared.store import Manifest, ModelStore, manifest_key, model_key, open_store
+from shared.store import SERVER_STATE, Manifest, ModelStore, manifest_key, model_key, open_store
 from shared.transport.connect import connected
 
 OPERATOR_KEY = "operator.key"
@@ -318,7 +318,9 @@ async def write_rollback(
             key=rollback_key(store.job_id, version),
             update_ids=(),
             created_at=time.time(),
-            policy=head.policy,  # the policy in force goes on (replay what-if reads the latest's)
+            # The policy in force goes on (replay what-if reads the latest's), DP's accounting with it
+            # (epsilon never goes back); no optimizer moments: FedOpt starts afresh from this model.
+            policy={k: v for k, v in head.policy.items() if k != SERVER_STATE},
             mean_staleness=0.0,
             updates_total=head.updates_total,
             rollback_of=to,

@@ -23,9 +23,10 @@ from fedq.models import Request, check_version, open_models, run, write_rollback
 from shared.app import load_app
 from shared.errors import ConfigError, StoreError, UnsignedVersionError
 from shared.keys import load_or_create_signer
+from shared.privacy import DP_ACCOUNTING
 from shared.settings import Settings
 from shared.signing import Keyring, Signer, fingerprint
-from shared.store import Manifest, ModelStore, manifest_key, model_key
+from shared.store import SERVER_STATE, Manifest, ModelStore, manifest_key, model_key
 from tests.support.jobs import (
     TINY_APP,
     cleanup,
@@ -212,6 +213,25 @@ def test_rollback_is_signed_by_the_operator_key(tmp_path: Path, capsys: pytest.C
     with pytest.raises(ConfigError, match="not trusted"):
         asyncio.run(run(stranger, Request("rollback", "j", version=2, announce=False)))
     assert asyncio.run(store.latest()) == 5
+
+
+def test_a_rollback_restarts_the_server_optimizer_and_keeps_the_privacy_spent(tmp_path: Path) -> None:
+    """Its version stores no moments (FedOpt starts afresh from the restored model: the moments it
+    names would be another version's), and carries the DP accounting on: epsilon never goes back."""
+    settings = signed_job(tmp_path)
+    aggregator = load_or_create_signer(Path(settings.keys_dir) / "aggregator.key")
+    store = open_models(settings)
+    blob, state = bytes([4]) * 64, b"moments of v4"
+    policy = {
+        SERVER_STATE: {"sha256": hashlib.sha256(state).hexdigest(), "size": len(state)},
+        DP_ACCOUNTING: {"epsilon": 3.5, "events": [[1.0, 4]], "counts": {}},
+    }
+    asyncio.run(store.save(_version("j", 4, blob, policy=policy).signed_by(aggregator), blob, state))
+    assert asyncio.run(store.load_state(asyncio.run(store.manifest(4)))) == state
+    operator = load_or_create_signer(Path(settings.keys_dir) / "operator.key")
+    back = asyncio.run(write_rollback(store, 1, operator, settle=0.0))
+    assert SERVER_STATE not in back.policy and asyncio.run(store.load_state(back)) is None
+    assert back.dp_epsilon == 3.5
 
 
 # -- a finished run -----------------------------------------------------------------------------
