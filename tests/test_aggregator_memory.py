@@ -17,12 +17,17 @@ import msgpack
 import pytest
 import torch
 
+from aggregator.core import NOISE_RECORD, DpRecord
 from aggregator.service import CATCH_UP_SECONDS, Aggregator
 from broker_config.names import USER_HEADER, Names
 from broker_config.permissions import BrokerRole, user_name
+from shared.aggregation import Clip, Policy
 from shared.codec import decode
 from shared.errors import CorruptVersionError, StoreError, UnsignedVersionError
+from shared.ledger import read_lines
 from shared.messages import Receipt, Receipts, Update
+from shared.privacy import Dp
+from shared.server_opt import ServerOpt
 from shared.signing import Keyring, Role, Signer
 from shared.store import Manifest, manifest_key
 from shared.tensors import FlatModel
@@ -785,4 +790,47 @@ async def test_an_update_from_another_workers_broker_account_is_refused(
         await rig.assert_version(1)
         await as_w1.close(grace=0.1)
         await as_w2.close(grace=0.1)
+        await rig.stop_and_assert_all_acked()
+
+
+async def test_a_restarted_aggregator_goes_on_from_the_stored_moments_and_privacy_spent(
+    mem: MemoryTransport, names: Names, tmp_path: Path
+) -> None:
+    """FedOpt's moments and DP's accounting are a version's state: the aggregator that takes over
+    at version 1 starts from version 1's, read back from the store, not from scratch."""
+    policy = Policy(
+        k=2,
+        clip=Clip("fixed", 5.0),
+        weighting="uniform",
+        dp=Dp(5.0, 0.5),
+        server_opt=ServerOpt("adam"),
+        server_lr=0.01,
+    )
+    async with aggregator_rig(mem, names, tmp_path, policy=policy) as rig:
+        for _ in range(2):
+            await rig.send(rig.update()[1])
+        await rig.wait_version(1)
+        one = await rig.store.manifest(1)
+        state = await rig.store.load_state(one)
+        assert state is not None and one.dp_epsilon is not None and one.dp_epsilon > 0
+        old = rig.aggregator
+        await rig.stop()
+        service = await connect_like(rig.client, "test-aggregator-restart")
+        fresh = Aggregator(
+            old.config, transport=service, store=rig.store, signer=old.signer, keyring=old.keyring, ledger=old.ledger
+        )
+        task = asyncio.create_task(fresh.run(), name="restart")
+        await until(lambda: fresh.core is not None, "the restarted aggregator loaded")
+        assert fresh.core is not None and fresh.core.server_state is not None
+        assert fresh.core.server_state.to_bytes() == state
+        rig.aggregator, rig.service, rig.task = fresh, service, task
+        for _ in range(2):
+            await rig.send(rig.update(base_version=1)[1])
+        await rig.wait_version(2)
+        two = await rig.store.manifest(2)
+        # one worker sent both updates of each version: each counts with noise z / 2, twice
+        assert DpRecord.of(two.policy) is not None and DpRecord.of(two.policy).events == ((0.25, 2),)  # type: ignore[union-attr]
+        assert two.dp_epsilon is not None and two.dp_epsilon > one.dp_epsilon
+        seeds = [r for r in read_lines(rig.ledger_path) if r.get("kind") == NOISE_RECORD]
+        assert [r["version"] for r in seeds] == [1, 2]
         await rig.stop_and_assert_all_acked()

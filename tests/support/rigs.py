@@ -219,10 +219,11 @@ async def aggregator_rig(
     mode: str = "async",
     trust_worker: bool = True,
     service: Transport | None = None,
+    policy: Policy | None = None,
 ) -> AsyncIterator[AggregatorRig]:
     """An ``Aggregator`` of job ``names.job`` on ``service`` (by default a connection of its own
     like ``client``), with a local store holding version 0 of ``tiny_model()``; rounds count
-    only when the rig's coordinator signs them."""
+    only when the rig's coordinator signs them. ``policy`` replaces the one the other arguments make."""
     assert client.names == names
     agg_signer, worker, coordinator = Signer.generate(), Signer.generate(), OWNER
     ring = trust(workers={"w1": worker} if trust_worker else {}, aggregators=(agg_signer, MAKER))
@@ -233,7 +234,7 @@ async def aggregator_rig(
     ledger = JsonLines(ledger_path)
     service = service or await connect_like(client, "test-aggregator")
     aggregator = Aggregator(
-        AggregatorConfig(Policy(mode=mode, k=k, max_staleness=max_staleness, clip=Clip("off"))),
+        AggregatorConfig(policy or Policy(mode=mode, k=k, max_staleness=max_staleness, clip=Clip("off"))),
         transport=service,
         store=store,
         signer=agg_signer,
