@@ -362,7 +362,12 @@ async def what_if(job: Job, policy: Policy, app: App | None, label: str) -> Curv
     Updates the original run rejected are not replayed.
     """
     if policy.mode != "async":
-        raise FedqError("what-if replays asynchronous policies only")
+        raise FedqError("what-if replays --mode async (FedBuff) policies only")
+    if policy.central_dp is not None:
+        raise FedqError(
+            "what-if does not re-aggregate a job run with central DP: other versions would need noise "
+            "drawn anew, and their curve would not compare with the original's"
+        )
     _, v0 = await job.store.load(0)
     core = AggregatorCore(v0, 0, policy, job.settings.job)
     version_after: list[int] = [0]  # new-world version after i arrivals

@@ -82,6 +82,10 @@ def test_each_rule_runs_as_a_job_and_replays_exactly(tmp_path: Path, amqp_url: s
                 assert summary["dp_epsilon"] == policy["dp_accounting"]["epsilon"] >= eps[-1]
             else:
                 assert summary["dp_epsilon"] is None and not any("dp_epsilon" in m for m in metrics)
+        refused = cli("replay", "what-if", str(tmp_path / "central-dp"), "--buffer", "3")
+        assert refused.returncode != 0 and "central DP" in refused.stdout + refused.stderr
+        mixing = cli("replay", "what-if", str(tmp_path / "fedasync"), "--buffer", "3")
+        assert mixing.returncode != 0 and "--mode async" in mixing.stdout + mixing.stderr
         # central DP: a noise seed per version in the ledger, none under local DP (the workers add it)
         seeds = [r for r in read_lines(tmp_path / "central-dp" / "ledger.jsonl") if r.get("kind") == "dp_noise"]
         assert len({r["version"] for r in seeds}) >= 4

@@ -109,6 +109,10 @@ def test_what_if_original_policy_reproduces_and_another_differs(run: tuple[Path,
     assert doc2["reproduces_original"] is False and doc2["policy"]["k"] == 5
     assert doc2["what_if"]["updates"] != doc2["original"]["updates"]
     assert Path(doc2["plot"]).stat().st_size > 1000
+    adam = cli("replay", "what-if", str(out), "--server-opt", "adam", "--server-lr", "0.01", "--json")
+    assert adam.returncode == 0, adam.stderr
+    doc3 = json_lines(adam.stdout)[-1]
+    assert doc3["policy"]["server_opt"] == "adam:0.9,0.99,0.001" and doc3["reproduces_original"] is False
 
 
 def test_log_offsets_times_and_filters(run: tuple[Path, Names]) -> None:
