@@ -560,6 +560,22 @@ class Settings:
     heartbeat_interval: float = field(
         default=2.0, metadata=cli(WORKER, ("worker",), "seconds between heartbeats (default 2)")
     )
+    dp_floor_clip: float | None = field(
+        default=None,
+        metadata=cli(
+            WORKER,
+            ("worker",),
+            "this worker's own local DP, whatever its tasks ask: clip every update to at most this "
+            "L2 norm and add noise of at least --dp-floor-noise x the clip before it leaves (default: "
+            "only what the task asks)",
+        ),
+    )
+    dp_floor_noise: float = field(
+        default=1.0,
+        metadata=cli(
+            WORKER, ("worker",), "with --dp-floor-clip: the least noise multiplier this worker adds (default 1.0)"
+        ),
+    )
     threads: int = field(
         default=1,  # torch threads for local training
         metadata=cli(WORKER, ("worker",), "torch threads for local training (default 1)"),

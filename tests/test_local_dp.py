@@ -27,7 +27,7 @@ from shared.store import LocalStore, ModelStore
 from shared.tensors import FlatModel
 from tests.support.messages import make_task
 from tests.support.tiny import LinearApp
-from worker.training import privatize, train_task
+from worker.training import privatize, train_task, with_floor
 
 SIGNER = Signer.generate()
 
@@ -119,3 +119,19 @@ def test_the_coordinator_refuses_local_dp_without_a_usable_clip() -> None:
     for bad in ({"dp_clip": 0.0}, {"dp_clip": math.inf}, {"dp_clip": 1.0, "dp_noise": -1.0}):
         with pytest.raises(ConfigError):
             CoordinatorConfig.from_settings(Settings(job="j1", dp_local=True, **bad))  # type: ignore[arg-type]
+
+
+def test_a_workers_floor_takes_the_smaller_clip_and_the_larger_noise() -> None:
+    app = NormApp()
+    asked = a_task(app, dp_clip=1.0, dp_noise=0.5)
+    assert with_floor(asked, None) is asked
+    floored = with_floor(asked, (0.2, 0.3))
+    assert (floored.dp_clip, floored.dp_noise) == (0.2, 0.5)
+    loose = with_floor(asked, (5.0, 2.0))
+    assert (loose.dp_clip, loose.dp_noise) == (1.0, 2.0)
+    none_asked = with_floor(a_task(app), (0.2, 0.3))
+    assert (none_asked.dp_clip, none_asked.dp_noise) == (0.2, 0.3)
+    free, _, _ = trained(app, a_task(app))
+    clip = 0.1 * float(torch.linalg.vector_norm(free))
+    floats, _, _ = trained(app, with_floor(a_task(app), (clip, 1e-9)))
+    assert math.isclose(float(torch.linalg.vector_norm(floats)), clip, rel_tol=0.02)

@@ -94,6 +94,8 @@ WORKER = {
     "replicas",
     "heartbeat-interval",
     "outbox",
+    "dp-floor-clip",
+    "dp-floor-noise",
 }
 KEYS = {"keys-dir", "trusted-keys", "coordinator-key", "key-file"}
 WHERE = AMQP | {"namespace", "store", "out"}

@@ -322,3 +322,18 @@ async def test_the_outbox_is_flushed_when_a_worker_starts(mem: MemoryTransport, 
             assert len(r.outbox) == 0
             assert [e["task"] for e in events(logs, "outbox_flushed")] == left
 
+
+
+async def test_a_worker_with_its_own_privacy_floor_noises_a_task_that_asks_for_none(
+    mem: MemoryTransport, tmp_path: Path
+) -> None:
+    """--dp-floor-clip/--dp-floor-noise: a coordinator that asks for no privacy (or less) cannot
+    make this worker send an exact update; the update carries no un-noised metrics either."""
+    async with worker_rig(mem, tmp_path, dp_floor=(0.01, 2.0)) as r:
+        task, body = r.task()
+        assert task.dp_clip == task.dp_noise == 0.0
+        await r.send(body)
+        assert await r.worker.step(task, await r.take()) is Decision.TRAIN
+        update, _ = await r.next_update()
+        assert set(update.metrics) == {"train_seconds"}  # no loss, no norm: they are the data's
+        await r.assert_task_settled()

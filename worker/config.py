@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from broker_config.names import check_token
@@ -22,6 +23,7 @@ class WorkerConfig:
     warm: bool = True  # warm up before the first hello (see ``worker.training.warm_up``)
     goodbye_seconds: float = 2.0  # at most this long for the "down" hello when stopping
     jobs: tuple[str, ...] = ()  # the jobs it trains for (--job a,b); empty: its transport's job
+    dp_floor: tuple[float, float] | None = None  # its own local DP: (most clip, least noise)
 
     @classmethod
     def from_settings(cls, settings: Settings, worker_id: str, partition: str) -> WorkerConfig:
@@ -35,7 +37,17 @@ class WorkerConfig:
             model_seed=settings.model_seed,
             threads=settings.threads,
             jobs=split_jobs(settings.job),
+            dp_floor=_dp_floor(settings),
         )
+
+
+def _dp_floor(settings: Settings) -> tuple[float, float] | None:
+    clip, noise = settings.dp_floor_clip, settings.dp_floor_noise
+    if clip is None:
+        return None
+    if not (0 < clip < math.inf and 0 < noise < math.inf):
+        raise ConfigError(f"--dp-floor-clip and --dp-floor-noise must be positive numbers, not {clip} and {noise}")
+    return clip, noise
 
 
 def split_jobs(text: str) -> tuple[str, ...]:

@@ -63,7 +63,7 @@ from shared.transport.connect import connected
 from worker.config import WorkerConfig
 from worker.decision import Decision, Known, decide, outbox_matters, task_problem
 from worker.outbox import Outbox, OutboxError, encode_task_id
-from worker.training import TrainingOutcome, WarmUp, train_task, warm_up
+from worker.training import TrainingOutcome, WarmUp, train_task, warm_up, with_floor
 
 SENT_MEMORY = 10_000  # confirmed task ids remembered, to ack a redelivered task without training it again
 NO_STORE = ("", "none")  # ``--store`` values for a worker with no store at all
@@ -303,7 +303,9 @@ class Worker(Service):
         self.busy = True
         try:
             outcome: TrainingOutcome = await self._in_training_thread(
-                functools.partial(train_task, self.app, self.data, task, blob, cfg.model_seed, cfg.threads)
+                functools.partial(
+                    train_task, self.app, self.data, with_floor(task, cfg.dp_floor), blob, cfg.model_seed, cfg.threads
+                )
             )
             if cfg.delay > 0:
                 await asyncio.sleep(cfg.delay)

@@ -6,6 +6,7 @@ one-time start-up costs outside any job's clock.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import secrets
@@ -74,6 +75,18 @@ def train_task(
     if not private:
         metrics["delta_norm"] = float(torch.linalg.vector_norm(d_float))
     return TrainingOutcome(payload, result.num_samples, metrics)
+
+
+def with_floor(task: Task, floor: tuple[float, float] | None) -> Task:
+    """``task`` with this worker's own local DP applied on top of what it asks: the smaller clip
+    and the larger noise multiplier (``--dp-floor-clip``, ``--dp-floor-noise``), so a coordinator
+    cannot switch a worker's privacy off. ``None``: the task as it is."""
+    if floor is None:
+        return task
+    clip, noise = floor
+    return dataclasses.replace(
+        task, dp_clip=min(task.dp_clip, clip) if task.dp_clip > 0 else clip, dp_noise=max(task.dp_noise, noise)
+    )
 
 
 def privatize(d_float: torch.Tensor, clip: float, noise: float) -> tuple[torch.Tensor, float]:
