@@ -396,9 +396,9 @@ def test_fedq_run_gives_each_process_its_own_broker_user(node: PrivateRabbit, tm
     out = tmp_path / "run"
     management = Management(node.management_url, "guest", "guest")
     password = f"pw-{uuid.uuid4().hex}"  # the operator's: it must end up in no file and no process
-    node.ctl("add_user", "operator", password)
-    node.ctl("set_user_tags", "operator", "administrator")
-    node.ctl("set_permissions", "-p", "/", "operator", ".*", ".*", ".*")
+    # through the management API: a rabbitmqctl call starts an Erlang VM of its own (seconds)
+    management.call("PUT", "/api/users/operator", {"password": password, "tags": "administrator"})
+    management.call("PUT", "/api/permissions/%2F/operator", {"configure": ".*", "write": ".*", "read": ".*"})
     admin_url = node.amqp_url.replace("guest:guest", f"operator:{password}")
     proc = start_run(
         out, names, *FINISHED_RUN, "--job", names.job, "--management-url", node.management_url,

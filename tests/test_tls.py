@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker_config.names import Names
 from broker_config.topology import topology
+from fedq.broker import Management
 from shared.errors import BrokerError, ConfigError
 from shared.settings import Settings
 from shared.tls import client_tls, issue_client, issue_server, make_ca, san_names
@@ -104,9 +105,10 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
             conf=conf,
             plugins=("rabbitmq_management", EXTERNAL_AUTH_PLUGIN),
         ) as node:
-            node.ctl("add_user", CLIENT, uuid.uuid4().hex)
-            node.ctl("clear_password", CLIENT)  # it logs in by certificate only
-            node.ctl("set_permissions", "-p", "/", CLIENT, ".*", ".*", ".*")
+            # through the management API: a rabbitmqctl call starts an Erlang VM of its own (seconds)
+            api = Management(node.management_url, "guest", "guest")
+            api.call("PUT", f"/api/users/{CLIENT}", {"password_hash": "", "tags": ""})  # by certificate only
+            api.call("PUT", f"/api/permissions/%2F/{CLIENT}", {"configure": ".*", "write": ".*", "read": ".*"})
             yield TlsBroker(node, port, certs)
     except PrivateBrokerError as exc:
         pytest.fail(f"cannot start a private RabbitMQ node with a TLS listener: {exc}", pytrace=False)
