@@ -38,6 +38,7 @@ from aggregator.core import (
 from broker_config.names import Names
 from broker_config.permissions import publisher_problem
 from broker_config.topology import Topology, topology
+from shared import metrics
 from shared.aggregation import CLIP_WINDOW, clip_window_of
 from shared.codec import MAX_HEAD_BYTES, Envelope, encode
 from shared.errors import (
@@ -190,6 +191,7 @@ class Aggregator(Service):
             DpRecord.of(manifest.policy),
             await self._bases(latest, model),
         )
+        metrics.version(self.job_id, "aggregator", latest)
         self.log.info("resumed", version=latest, applied=len(applied), policy=self.policy.to_dict())
         return self.core
 
@@ -328,6 +330,7 @@ class Aggregator(Service):
     async def _on_update(self, delivery: Delivery, message: Update, signer: str) -> None:
         assert self.core is not None
         raw = delivery.body
+        metrics.received(self.job_id, "aggregator", len(raw) + message.delta_size)
         if delivery.redelivered:
             # The broker gave us again a message we already hold (our channel was restored):
             # the new delivery is the one to ack; the update counts once.
@@ -503,10 +506,13 @@ class Aggregator(Service):
             Names.model_key(self.job_id),
             encode(manifest.announcement(), self.signer),
         )
+        metrics.version_made(self.job_id, new.version, len(blob))
         held, self.held = self.held, []
+        stored_at = time.time()
         for h in held:
             for delivery in h.deliveries:
                 await delivery.ack()
+            metrics.applied(self.job_id, h.accepted.staleness, h.update.sent_at, stored_at)
             self.ledger.write(
                 {
                     "t": time.time(),
@@ -546,6 +552,7 @@ class Aggregator(Service):
         self, delivery: Delivery, update: Update | None, rejected: Rejected, signer: str
     ) -> None:
         await delivery.dead_letter(rejected.reason, rejected.detail)
+        metrics.rejected(self.job_id, rejected.reason)
         record: dict[str, Any] = {
             "t": time.time(),
             "task_id": rejected.task_id,
@@ -621,6 +628,7 @@ class ReceiptSender:
 async def serve(settings: Settings) -> None:
     """Build the aggregator from settings and run it until stopped or failed."""
     config = AggregatorConfig.from_settings(settings)
+    metrics.serve(settings.metrics_port, "aggregator")
     signer = key_file_signer(settings.key_path("aggregator"))
     trust = DirectoryTrust(settings.trusted_dir)
     async with connected(settings, f"fedq-aggregator-{settings.job}") as transport:

@@ -403,7 +403,7 @@ def run_fedq(
             pids = [proc.pid]
             if run_dir is not None:
                 with contextlib.suppress(OSError, ValueError):
-                    pids += [int(p) for p in read_json(run_dir / "processes.json").values()]
+                    pids += [int(p["pid"]) for p in read_json(run_dir / "processes.json").values()]
             account.sample(pids)
             if time.monotonic() > deadline:
                 proc.kill()

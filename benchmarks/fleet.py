@@ -204,7 +204,7 @@ def main() -> None:
         while run.poll() is None:
             pids = {"launcher": run.pid, **{f"fleet-p{i}": f.pid for i, f in enumerate(fleet)}}
             with contextlib.suppress(OSError, ValueError):
-                pids.update(read_json(out / "processes.json"))
+                pids.update({n: p["pid"] for n, p in read_json(out / "processes.json").items()})
             account.sample(int(pid) for pid in pids.values())
             names_of.update({int(pid): name for name, pid in pids.items()})
             for name, pid in pids.items():

@@ -23,6 +23,7 @@ from coordinator.registry import WorkerChange
 from coordinator.scheduler import CloseRound, Fleet, Gate, OpenRound, Scheduler, StopReason
 from coordinator.state import CoordinatorState
 from coordinator.tasks import Latest, TaskMaker, applied_since, initial_version, sample_cap
+from shared import metrics
 from shared.app import App
 from shared.codec import Envelope, encode
 from shared.errors import ConfigError, CorruptVersionError, StoreError, UnsignedVersionError, WireError
@@ -40,6 +41,8 @@ from shared.transport.connect import connected
 TICK = 0.1  # async mode; sync mode ticks every 0.5 s
 WAITING_LOG_EVERY = 5.0  # seconds between waiting_for_workers lines
 SAVE_EVERY = 1.0  # seconds between writes of coordinator.json
+METRICS_EVERY = 1.0  # seconds between updates of the fleet's gauges (--metrics-port)
+QUEUE_DEPTH_EVERY = 2.0  # seconds between passive declares of the task queues, for their depth
 
 
 class Coordinator(Service):
@@ -79,6 +82,7 @@ class Coordinator(Service):
         self._runtime: Runtime | None = None
         self._wake = asyncio.Event()
         self._waiting_logged = 0.0
+        self.fleet_gauges = metrics.FleetGauges(self.job_id, config.capabilities)
         self.trust_reminder = TrustReminder(self.keyring, (Role.AGGREGATOR, Role.WORKER), self.log)
 
     # -- the runtime's side -----------------------------------------------------------------
@@ -97,6 +101,7 @@ class Coordinator(Service):
         self.tasks.incarnation = await self.store.incarnation()
         self.tasks.max_samples = await asyncio.to_thread(sample_cap, self.config, self._app)
         self.scheduler.adopt(self.latest.version, self.latest_announcement.updates_total)
+        metrics.version(self.job_id, "coordinator", self.latest.version)
         if self.latest.version not in self.evaluator.recorded:
             self.evaluator.submit(self.latest_announcement)
         await self._forget_applied_in_flight()
@@ -121,6 +126,8 @@ class Coordinator(Service):
         if self.config.mode is Mode.SYNC:
             runtime.spawn("rounds", self._rounds)
         runtime.spawn("tick", self._tick)
+        if metrics.serving():
+            runtime.spawn("metrics", self._metrics)
         self.log.info("started", mode=self.config.mode.value, capabilities=list(self.config.capabilities))
 
     async def run(self, runtime: Runtime | None = None) -> str:
@@ -218,6 +225,8 @@ class Coordinator(Service):
             return
         self.latest = Latest(ann.version, manifest.sha256, manifest.key, blob)
         self.scheduler.adopt(ann.version, ann.updates_total)
+        metrics.version(self.job_id, "coordinator", ann.version)
+        metrics.received(self.job_id, "coordinator", len(blob))
         self.latest_announcement = ann
         self.evaluator.submit(ann)
         self._wake.set()
@@ -245,6 +254,7 @@ class Coordinator(Service):
             now = time.time()
             swept = self.scheduler.sweep(now)
             if swept.tasks:
+                metrics.tasks_expired(self.job_id, swept.tasks)
                 self.log.info("tasks_expired", count=swept.tasks)
             for worker in swept.workers:
                 self.log.info("worker_lost", worker=worker)
@@ -293,6 +303,38 @@ class Coordinator(Service):
                 self.log.info("round_deadline", round=step.round, version=step.version)
             await self._sleep_or_wake(0.2 if self.scheduler.round_closed else 0.5)
 
+    async def _metrics(self) -> None:
+        """With --metrics-port: the fleet's gauges every second, the task queues' depth every few
+        (a passive declare each: a broker round trip, so not per scrape). A failed look is logged
+        and tried again; it never stops the job."""
+        depth_at = 0.0
+        while True:
+            now = time.time()
+            self.observe_fleet(now)
+            if now - depth_at >= QUEUE_DEPTH_EVERY:
+                depth_at = now
+                try:
+                    await self.observe_queues()
+                except Exception as exc:  # a lost link, a deleted queue: the gauges wait
+                    self.log.warning("queue_depth_unknown", error=repr(exc))
+            await asyncio.sleep(METRICS_EVERY)
+
+    def observe_fleet(self, now: float) -> None:
+        """Tasks in flight and live workers per capability, and the redeliveries workers report."""
+        registry = self.scheduler.registry
+        in_flight: dict[str, int] = {}
+        for f in self.scheduler.in_flight.values():
+            in_flight[f.capability] = in_flight.get(f.capability, 0) + 1
+        live = {cap: len(registry.live(cap, now)) for cap in self.config.capabilities}
+        redelivered = sum(c.get("redelivered", 0) for c in registry.counts.values())
+        self.fleet_gauges.observe(in_flight, live, redelivered)
+
+    async def observe_queues(self) -> None:
+        for cap in self.config.capabilities:
+            info = await self.transport.queue_info(self.names.task_queue(cap))
+            if info is not None:
+                self.fleet_gauges.queue(cap, info.messages, info.consumers)
+
     # -- helpers ----------------------------------------------------------------------------
     async def _look_in_store(self) -> None:
         """Versions the store holds that no announcement brought (one was refused before its
@@ -336,6 +378,7 @@ class Coordinator(Service):
         task = await self.tasks.make(self.latest, capability, round_number, ttl, now)
         body = encode(task, self.signer)
         self.scheduler.issued(task.task_id, capability, task.base_version, task.deadline, len(body), now)
+        metrics.task_issued(self.job_id, capability, len(body))
         await self.transport.publish(
             self.names.tasks_exchange,
             self.names.task_key(capability),
@@ -348,7 +391,9 @@ class Coordinator(Service):
         latest, version = self.latest, pending.ann.version
         blob = latest.blob if latest and latest.version == version else (await self.store.load_bytes(version))[1]
         state = self.scheduler.state
-        return await self.evaluator.evaluate(pending, blob, t0=state.t0, started=state.started)
+        accuracy = await self.evaluator.evaluate(pending, blob, t0=state.t0, started=state.started)
+        metrics.evaluated(self.job_id, version, accuracy)
+        return accuracy
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -359,6 +404,7 @@ class Coordinator(Service):
 async def serve(settings: Settings, app: App) -> str:
     """Build the coordinator from settings and run the job to its stop condition; the stop reason."""
     config = CoordinatorConfig.from_settings(settings)
+    metrics.serve(settings.metrics_port, "coordinator")
     signer = key_file_signer(settings.key_path("coordinator"))
     trust = DirectoryTrust(settings.trusted_dir)
     async with connected(settings, f"fedq-coordinator-{settings.job}") as transport:

@@ -25,6 +25,7 @@ from fedq.broker import Account, login_flags, management_for, run_accounts
 from fedq.keys import create_key, enrol, init, run_key_file
 from fedq.progress import Progress
 from fedq.summary import build_summary
+from shared import metrics
 from shared.app import load_app
 from shared.codec import check_message_cap
 from shared.errors import BrokerError, ConfigError, FedqError
@@ -137,12 +138,26 @@ class Launcher:
         self.args: dict[str, list[str]] = {}
         self.restarts: Counter[str] = Counter()
         self.logins: dict[str, list[str]] = {}  # per process: the flags of its own broker user
+        # --metrics-port P: the run's own endpoint on P, each process its own on P+1, P+2, ... in
+        # the order they first start (a restarted process keeps its port); 0: none
+        self.metrics_base = settings.metrics_port
+        self.ports: dict[str, int] = {}
+        self.env.pop(env_name("metrics_port"), None)
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = (self.run_dir / "logs" / f"{name}.log").open("ab")
+        port = self.metrics_port(name)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedq.cli", *args, *self.key_flags(name), *self.logins.get(name, [])],
+            [
+                sys.executable,
+                "-m",
+                "fedq.cli",
+                *args,
+                *self.key_flags(name),
+                *self.logins.get(name, []),
+                *(["--metrics-port", str(port)] if port else []),
+            ],
             env=self.env,
             stdout=log,
             stderr=log,
@@ -159,8 +174,15 @@ class Launcher:
         process = name if name in ("aggregator", "coordinator") else f"worker-{name}"
         return ["--key-file", str(run_key_file(self.keys, process))]
 
+    def metrics_port(self, name: str) -> int:
+        """The port the process ``name`` serves its metrics on (0: none)."""
+        if not self.metrics_base:
+            return 0
+        return self.ports.setdefault(name, self.metrics_base + len(self.ports) + 1)
+
     def restart(self, name: str) -> subprocess.Popen[bytes]:
         self.restarts[name] += 1
+        metrics.RUN_RESTARTS.labels(self.settings.job, name).inc()
         return self.start(name, self.args[name])
 
     def kill(self, name: str) -> None:
@@ -170,8 +192,9 @@ class Launcher:
             proc.wait()
 
     def write_pids(self) -> None:
-        pids = {name: p.pid for name, p in self.procs.items()}
-        write_atomic(self.run_dir / "processes.json", (json.dumps(pids, indent=2) + "\n").encode())
+        """``processes.json``: each process by name, its pid and its metrics port (0: none)."""
+        listed = {name: {"pid": p.pid, "metrics_port": self.ports.get(name, 0)} for name, p in self.procs.items()}
+        write_atomic(self.run_dir / "processes.json", (json.dumps(listed, indent=2) + "\n").encode())
 
     def start_worker(self, worker_id: str, index: int, count: int, delay: float) -> subprocess.Popen[bytes]:
         s = self.settings
@@ -258,6 +281,12 @@ class Chaos:
         return {"workers_killed": self.workers_killed, "aggregator_killed": self.aggregator_killed}
 
 
+def run_pids(run_dir: Path) -> dict[str, int]:
+    """The pid of each process ``processes.json`` lists, by name."""
+    listed = json.loads((run_dir / "processes.json").read_text())
+    return {name: int(entry["pid"]) for name, entry in listed.items()}
+
+
 def job_started(run_dir: Path) -> bool:
     """Has the coordinator handed out its first task (its state file has ``t0``)?"""
     try:
@@ -322,6 +351,7 @@ def run_job(
     )
 
     launcher = Launcher(settings, run_dir, keys)
+    metrics.serve(settings.metrics_port, "run")  # a port in use stops the run before any process starts
     accounts = run_accounts(settings, keys / "broker", worker_ids)
     if accounts is not None:
         launcher.logins = {

@@ -221,6 +221,16 @@ class Settings:
         default="info",
         metadata=cli(CONNECTION, PROCESSES, "debug, info, warning or error (default info)"),
     )
+    metrics_port: int = field(
+        default=0,
+        metadata=cli(
+            CONNECTION,
+            PROCESSES,
+            "serve Prometheus metrics at http://127.0.0.1:PORT/metrics (fedq_* series; default 0: off). "
+            "fedq run: its own on PORT, then one port each, in order, for the aggregator, the "
+            "coordinator and every worker, listed in the run's processes.json",
+        ),
+    )
     log_json: bool | None = field(
         default=None,
         metadata=env_only("how the process writes its log; fedq run and compose set it for their processes"),

@@ -24,6 +24,7 @@ from broker_config.names import Names
 from broker_config.permissions import BrokerRole, user_name
 from broker_config.topology import topology
 from fedq.broker import Management, Request, apply, plan, run_accounts
+from fedq.run import run_pids
 from shared.errors import BrokerError, ConfigError
 from shared.settings import Settings
 from shared.transport.rabbitmq import RabbitMQ
@@ -418,7 +419,7 @@ def test_fedq_run_gives_each_process_its_own_broker_user(node: PrivateRabbit, tm
             "fedq-worker-w00": "pm.runjob.worker.w00",
             "fedq-worker-w01": "pm.runjob.worker.w01",
         }
-        pids = json.loads((out / "processes.json").read_text())
+        pids = run_pids(out)
         for name in ("coordinator", "aggregator", "w00"):
             environ = Path(f"/proc/{pids[name]}/environ").read_bytes().decode(errors="replace")
             assert "operator" not in environ and password not in environ, (

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from broker_config.names import Names
+from fedq.run import run_pids
 from tests.support.jobs import (
     TINY_APP,
     cleanup,
@@ -42,7 +43,7 @@ __all__ = ["cleanup"]  # the fixture, re-exported for these tests
 
 
 def pids(out: Path) -> dict[str, int]:
-    return dict(json.loads((out / "processes.json").read_text()))
+    return run_pids(out)
 
 
 def applied(out: Path) -> list[dict[str, Any]]:

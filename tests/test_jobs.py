@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from broker_config.names import Names
+from fedq.run import run_pids
 from tests.support.jobs import (
     TINY_APP,
     cleanup,
@@ -102,7 +103,7 @@ def test_async_job_learns(tmp_path: Path, names: Names, cleanup: None) -> None:
     metrics = records(out / "metrics.jsonl")
     assert [m["version"] for m in metrics] == sorted(m["version"] for m in metrics)
     assert metrics[0]["version"] == 0 and metrics[0]["accuracy"] < 0.3
-    for name, pid in json.loads((out / "processes.json").read_text()).items():
+    for name, pid in run_pids(out).items():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), name
 
 
@@ -174,7 +175,7 @@ def test_killed_worker_does_not_stop_the_job(tmp_path: Path, names: Names, clean
             proc,
         )
         in_hand = log_events(log, "task_started")[-1]["task"]
-        os.kill(json.loads((out / "processes.json").read_text())["w01"], signal.SIGKILL)
+        os.kill(run_pids(out)["w01"], signal.SIGKILL)
         finish(proc)
     finally:
         stop_run(proc)

@@ -20,6 +20,7 @@ from broker_config.names import Names
 from fedq.audit import balance
 from fedq.keys import init
 from fedq.models import Request, check_version, open_models, run, write_rollback
+from fedq.run import run_pids
 from shared.app import load_app
 from shared.errors import ConfigError, StoreError, UnsignedVersionError
 from shared.keys import load_or_create_signer
@@ -382,7 +383,7 @@ def test_rollback_during_a_live_run(names: Names, tmp_path: Path, cleanup: None)
     try:
         wait_for(lambda: len(manifests(out)) >= 2, 150, "version 1")
         job = json.loads((out / "config.json").read_text())["settings"]["job"]
-        aggregator = json.loads((out / "processes.json").read_text())["aggregator"]
+        aggregator = run_pids(out)["aggregator"]
         seen = max(manifests(out))
         wait_for(lambda: max(manifests(out)) > seen, 60, "a fresh version")
         # Hold the aggregator still (stopped, not killed) while rolling back, so that the coordinator

@@ -39,6 +39,7 @@ CONN = AMQP | {
     "out",
     "app",
     "log-level",
+    "metrics-port",
     "s3-endpoint",
     "s3-region",
 }

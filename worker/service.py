@@ -44,6 +44,7 @@ from typing import Any
 
 from broker_config.names import Names, check_token
 from broker_config.topology import Topology, capability_topology
+from shared import metrics
 from shared.app import App, PartitionSpec
 from shared.codec import Envelope, decode_head, encode, open_envelope, task_token
 from shared.errors import BrokerError, ConfigError, StoreError, WireError
@@ -246,6 +247,7 @@ class Worker(Service):
         log = self.log.bind(task=task.task_id, version=task.base_version)
         self.received += 1
         self.redelivered += bool(delivery.redelivered)
+        metrics.received(task.job_id, "worker", len(delivery.body))
         already_sent = task.task_id in self._sent
         bad_id = self._task_id_problem(task.task_id)
         pending: bytes | None = None
@@ -299,6 +301,8 @@ class Worker(Service):
             log.warning("model_unavailable", detail=str(exc))
             await delivery.dead_letter(Reason.BAD_MODEL, str(exc))
             return
+        if not task.model:  # fetched apart from the task
+            metrics.received(task.job_id, "worker", len(blob))
         log.info("task_started", redelivered=delivery.redelivered)
         self.busy = True
         try:
@@ -311,6 +315,7 @@ class Worker(Service):
                 await asyncio.sleep(cfg.delay)
         finally:
             self.busy = False
+        metrics.trained(task.job_id, outcome.metrics["train_seconds"])
         update = Update(
             task_id=task.task_id,
             job_id=task.job_id,
@@ -355,6 +360,7 @@ class Worker(Service):
                 await self.transport.publish(
                     names.results_exchange, names.results_key, body, message_id=task_id
                 )
+                metrics.sent(job, "worker", len(body))
                 self._sent[task_id] = None
                 if len(self._sent) > SENT_MEMORY:
                     self._sent.popitem(last=False)
@@ -424,6 +430,7 @@ class Worker(Service):
             await self.store.put(task.update_key, delta)
         else:
             raise StoreError(f"a {len(delta)}-byte update needs {NO_STORE_HINT}")
+        metrics.sent(task.job_id, "worker", len(delta))
         return {
             "delta_key": task.update_key,
             "delta_sha256": hashlib.sha256(delta).hexdigest(),
@@ -450,6 +457,7 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
     ``--replicas M`` hosts M simulated workers in this process, each with its own identity, key,
     connection and partition (I, I+1, ..., I+M-1 of N): one machine standing in for a fleet.
     """
+    metrics.serve(settings.metrics_port, "worker")
     index, count = parse_partition(settings.partition)
     if settings.replicas < 1 or index + settings.replicas > count:
         raise ConfigError(
