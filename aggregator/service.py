@@ -50,7 +50,7 @@ from shared.errors import (
     WireError,
 )
 from shared.keys import DirectoryTrust, key_file_signer
-from shared.ledger import JsonLines
+from shared.ledger import JsonLines, claimed_costs
 from shared.logs import get_logger
 from shared.messages import Message, Receipt, Receipts, Round, Task, Update
 from shared.privacy import DP_ACCOUNTING
@@ -297,6 +297,8 @@ class Aggregator(Service):
                     "fate": Fate.PENDING,
                     "bytes": h.size,
                     "staleness": h.accepted.staleness,
+                    "digest": h.digest,
+                    **claimed_costs(h.update),
                 }
             )
         for p in self.parked:
@@ -308,6 +310,8 @@ class Aggregator(Service):
                     "fate": Fate.PENDING,
                     "bytes": len(p.deliveries[0].body),
                     "staleness": 0,
+                    "digest": hashlib.sha256(p.deliveries[0].body).hexdigest(),
+                    **claimed_costs(p.update),
                 }
             )
         if self.held or self.parked:
@@ -537,6 +541,7 @@ class Aggregator(Service):
                     "num_samples": h.update.num_samples,
                     "digest": h.digest,
                     "redelivered": any(d.redelivered for d in h.deliveries),
+                    **claimed_costs(h.update),  # the worker's org and what it says the update cost it
                 }
             )
         self.log.info(
@@ -564,6 +569,8 @@ class Aggregator(Service):
             "staleness": rejected.staleness,
             "worker_id": update.worker_id if update else "",
             "redelivered": delivery.redelivered,
+            "digest": hashlib.sha256(delivery.body).hexdigest(),  # one message, however often delivered
+            **claimed_costs(update),
         }
         self.ledger.write(record)
         self.log.warning(

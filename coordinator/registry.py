@@ -31,12 +31,15 @@ class Registry:
         self.timeout = timeout
         self.workers: dict[str, WorkerInfo] = {}
         self.counts: dict[str, dict[str, int]] = {}  # task counts per worker over all its restarts
+        self.orgs: dict[str, str] = {}  # the organisation each worker says it belongs to (--org)
         self._base: dict[str, dict[str, int]] = {}
         self._last: dict[str, dict[str, int]] = {}
 
     def observe(self, hello: Hello, signer: str, now: float) -> WorkerChange:
         """Record a hello; what it changed."""
         self._count(hello)
+        if hello.org:  # self-declared: kept as the worker's claim, for fedq cost
+            self.orgs[hello.worker_id] = hello.org
         if hello.state == "down":
             return WorkerChange.LEFT if self.workers.pop(hello.worker_id, None) else WorkerChange.SEEN
         info = self.workers.get(hello.worker_id)

@@ -110,6 +110,7 @@ class Scheduler:
         self.resumed = resumed
         self.registry = Registry(config.worker_timeout)
         self.registry.counts.update(state.workers)
+        self.registry.orgs.update(state.orgs)
         self.updates_total = 0
         self._round: _Round | None = None
 
@@ -270,4 +271,5 @@ class Scheduler:
             workers_live=self.registry.live_count(now),
             workers_seen=sorted(self.registry.workers),
             workers=self.registry.counts,
+            orgs=dict(self.registry.orgs),
         )

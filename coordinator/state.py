@@ -47,6 +47,7 @@ class CoordinatorState:
     workers_live: int = 0
     workers_seen: list[str] = field(default_factory=list)
     workers: dict[str, dict[str, int]] = field(default_factory=dict)  # task counts per worker
+    orgs: dict[str, str] = field(default_factory=dict)  # each worker's --org, as its hellos claim it
     in_flight: dict[str, InFlight] = field(default_factory=dict)
 
     def resumable(self, job_id: str) -> bool:
@@ -67,6 +68,7 @@ class CoordinatorState:
             last_accuracy=self.last_accuracy,
             round=self.round,
             workers={w: dict(c) for w, c in self.workers.items()},
+            orgs=dict(self.orgs),
             in_flight={tid: f for tid, f in self.in_flight.items() if f.deadline > now},
         )
 

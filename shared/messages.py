@@ -69,6 +69,9 @@ class Update:
     # aggregator takes job, incarnation, base version and sample cap from it, and records its
     # capability and deadline
     task: bytes = b""
+    # the organisation the worker says it belongs to (``fedq worker --org``), for cost accounting:
+    # self-declared, so the ledger records it as the worker's claim; "": none
+    org: str = ""
     delta: bytes = b""  # the payload
 
 
@@ -88,6 +91,7 @@ class Hello:
     tasks_completed: int = 0
     tasks_expired: int = 0
     tasks_redelivered: int = 0
+    org: str = ""  # the organisation the worker says it belongs to (``--org``); self-declared
 
 
 @dataclass(frozen=True)
@@ -159,4 +163,6 @@ LATER_FIELDS: dict[type, frozenset[str]] = {
     TrainConfig: frozenset({"prox_mu"}),
     Task: frozenset({"dp_clip", "dp_noise"}),
     ModelAnnouncement: frozenset({"dp_epsilon"}),
+    Update: frozenset({"org"}),
+    Hello: frozenset({"org"}),
 }

@@ -586,6 +586,15 @@ class Settings:
             WORKER, ("worker",), "with --dp-floor-clip: the least noise multiplier this worker adds (default 1.0)"
         ),
     )
+    org: str = field(
+        default="",
+        metadata=cli(
+            WORKER,
+            ("worker",),
+            "the organisation this worker counts under in fedq cost (e.g. hospital-3): its own claim, "
+            "sent in its hellos and updates and recorded in the ledger as such (default: none)",
+        ),
+    )
     threads: int = field(
         default=1,  # torch threads for local training
         metadata=cli(WORKER, ("worker",), "torch threads for local training (default 1)"),

@@ -19,6 +19,7 @@ from shared.messages import Update
 from shared.transport.rabbitmq import RabbitMQ
 from tests.support.broker import delete_namespace
 from tests.support.jobs import TINY_APP, cli, finish, json_lines, start_run
+from worker.training import COST_METRICS
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +96,7 @@ def test_each_rule_runs_as_a_job_and_replays_exactly(tmp_path: Path, amqp_url: s
         updates = asyncio.run(logged_updates(amqp_url, spaces["central-dp"]))
         assert updates and {read_task_token(u.task).train.prox_mu for u in updates} == {0.01}
         local = asyncio.run(logged_updates(amqp_url, spaces["local-dp"]))
-        assert local and all(set(u.metrics) == {"train_seconds"} for u in local)
+        assert local and all(set(u.metrics) == COST_METRICS for u in local)
         assert {read_task_token(u.task).dp_noise for u in local} == {0.5}
     finally:
         for rule, names in spaces.items():

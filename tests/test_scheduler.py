@@ -38,6 +38,7 @@ STATE_KEYS = {
     "workers_live",
     "min_workers",
     "in_flight",
+    "orgs",
 }
 
 
@@ -337,7 +338,7 @@ def test_the_first_rule_wins_and_a_stop_holds() -> None:
 
 def test_the_state_file_keeps_every_key_and_a_restart_resumes_from_it(tmp_path: Path) -> None:
     s = scheduler(started=100.0, task_ttl=10.0)
-    s.hello(a_hello("w1", tasks_received=3, tasks_completed=2), "fp", 100.0)
+    s.hello(dataclasses.replace(a_hello("w1", tasks_received=3, tasks_completed=2), org="hosp-a"), "fp", 100.0)
     s.fleet(100.0)
     (old,) = issue(s, s.top_up(100.0), 100.0, prefix="old")
     s.done([old])
@@ -352,12 +353,14 @@ def test_the_state_file_keeps_every_key_and_a_restart_resumes_from_it(tmp_path: 
     assert (data["workers_seen"], data["workers_live"], data["stopped"]) == (["w1"], 1, 106.0)
     assert (data["mode"], data["latest_version"], data["fleet_ready"]) == ("async", 2, True)
     assert data["stop_reason"] is None
+    assert data["orgs"] == {"w1": "hosp-a"}  # the worker's own claim, for fedq cost
 
     again = Scheduler.begin(config(task_ttl=10.0), CoordinatorState.read(tmp_path), 110.0)
     st = again.state
     assert again.resumed and (st.started, st.t0, st.tasks_issued, st.bytes_down) == (100.0, 100.0, 2, 200)
     assert (st.best_accuracy, st.last_accuracy, set(st.in_flight)) == (0.4, 0.4, {fresh})
     assert again.registry.counts["w1"]["completed"] == 2 and not st.fleet_ready
+    assert again.snapshot(110.0).orgs == {"w1": "hosp-a"}
     later = Scheduler.begin(config(), CoordinatorState.read(tmp_path), 116.0)
     assert later.in_flight == {}  # expired while no coordinator ran
 

@@ -97,6 +97,7 @@ WORKER = {
     "outbox",
     "dp-floor-clip",
     "dp-floor-noise",
+    "org",
 }
 KEYS = {"keys-dir", "trusted-keys", "coordinator-key", "key-file"}
 WHERE = AMQP | {"namespace", "store", "out"}

@@ -30,6 +30,7 @@ from tests.support.waiting import WAIT, events, until
 from worker.config import WorkerConfig
 from worker.decision import Decision
 from worker.service import Worker
+from worker.training import COST_METRICS
 
 JOB = "job1"
 
@@ -335,5 +336,5 @@ async def test_a_worker_with_its_own_privacy_floor_noises_a_task_that_asks_for_n
         await r.send(body)
         assert await r.worker.step(task, await r.take()) is Decision.TRAIN
         update, _ = await r.next_update()
-        assert set(update.metrics) == {"train_seconds"}  # no loss, no norm: they are the data's
+        assert set(update.metrics) == COST_METRICS  # no loss, no norm: they are the data's
         await r.assert_task_settled()

@@ -24,6 +24,7 @@ class WorkerConfig:
     goodbye_seconds: float = 2.0  # at most this long for the "down" hello when stopping
     jobs: tuple[str, ...] = ()  # the jobs it trains for (--job a,b); empty: its transport's job
     dp_floor: tuple[float, float] | None = None  # its own local DP: (most clip, least noise)
+    org: str = ""  # the organisation it says it belongs to (--org), for fedq cost; "": none
 
     @classmethod
     def from_settings(cls, settings: Settings, worker_id: str, partition: str) -> WorkerConfig:
@@ -38,7 +39,20 @@ class WorkerConfig:
             threads=settings.threads,
             jobs=split_jobs(settings.job),
             dp_floor=_dp_floor(settings),
+            org=check_org(settings.org),
         )
+
+
+ORG_MAX = 64
+
+
+def check_org(org: str) -> str:
+    """``--org`` as given, stripped; ``ConfigError`` for a label a table cannot show (control
+    characters, or more than ``ORG_MAX`` characters)."""
+    org = org.strip()
+    if len(org) > ORG_MAX or not org.isprintable():
+        raise ConfigError(f"--org must be at most {ORG_MAX} printable characters, not {org!r}")
+    return org
 
 
 def _dp_floor(settings: Settings) -> tuple[float, float] | None:

@@ -191,6 +191,7 @@ class Worker(Service):
             tasks_completed=self.completed,
             tasks_expired=self.expired,
             tasks_redelivered=self.redelivered,
+            org=self.config.org,
         )
         body = encode(message, self.signer)
         for job in self.jobs:  # each job's coordinator counts it among its fleet
@@ -324,9 +325,12 @@ class Worker(Service):
             num_samples=outcome.num_samples,
             quant=task.quant,
             block=task.block,
-            metrics=outcome.metrics,
+            # what the task cost this worker, beside the training's own figures (fedq cost): the
+            # task message and any model fetched apart from it
+            metrics={**outcome.metrics, "bytes_down": float(len(delivery.body) + (0 if task.model else len(blob)))},
             sent_at=time.time(),
             task=token,
+            org=self.config.org,
             **await self._claim_check(task, outcome.delta),
         )
         body = encode(update, self.signer)

@@ -23,6 +23,10 @@ from shared.messages import Task, TrainConfig
 from shared.quantize import encode_delta
 from shared.tensors import FlatModel
 
+# What every update's metrics carry, under local DP too: the task's cost to its worker, not its data's
+# (wall and CPU seconds of training from ``train_task``; the bytes it took in, added by the worker).
+COST_METRICS = frozenset({"train_seconds", "cpu_seconds", "bytes_down"})
+
 
 @dataclass(frozen=True)
 class TrainingOutcome:
@@ -48,8 +52,12 @@ def seed_of(task_id: str, stream: Stream) -> int:
 def train_task(
     app: App, data: Any, task: Task, model_blob: bytes, model_seed: int = 0, threads: int = 1
 ) -> TrainingOutcome:
-    """Pure CPU work: no broker, no loop. Deterministic for a task id and base model."""
+    """Pure CPU work: no broker, no loop. Deterministic for a task id and base model.
+
+    Its metrics always carry ``train_seconds`` (wall) and ``cpu_seconds`` (``cpu_time``), for
+    ``fedq cost``."""
     started = time.perf_counter()
+    cpu_started = cpu_time(threads)
     torch.set_num_threads(threads)  # per OS thread: must be set in the thread that trains
     base = FlatModel.from_bytes(model_blob)
     model = app.build_model(model_seed)
@@ -72,9 +80,17 @@ def train_task(
         # factor, C / norm) are the private data's. Under local DP only the time goes.
         metrics = {}
     metrics["train_seconds"] = time.perf_counter() - started
+    metrics["cpu_seconds"] = cpu_time(threads) - cpu_started
     if not private:
         metrics["delta_norm"] = float(torch.linalg.vector_norm(d_float))
     return TrainingOutcome(payload, result.num_samples, metrics)
+
+
+def cpu_time(threads: int) -> float:
+    """CPU seconds to measure training by: this thread's with one torch thread (torch then runs
+    in the calling thread, and ``--replicas`` in one process do not count each other's), the whole
+    process's with more (torch's own threads do the work; replicas are then counted together)."""
+    return time.thread_time() if threads <= 1 else time.process_time()
 
 
 def with_floor(task: Task, floor: tuple[float, float] | None) -> Task:
