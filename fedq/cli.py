@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(sub)
     _add_keys(sub)
     _add_broker(sub)
+    _add_cost(sub)
     return parser
 
 
@@ -486,6 +487,27 @@ def _keys_request(args: argparse.Namespace) -> Any:
     )
 
 
+def _add_cost(sub: Subparsers) -> None:
+    """``fedq cost RUN``: what a job cost, from its run folder (fedq/cost.py)."""
+    cost = _command(
+        sub,
+        "cost",
+        "what a job cost: CPU, bytes and storage per worker, organisation or version",
+        "Read a run folder (ledger.jsonl, coordinator.json, the store's manifests) and print per worker, "
+        "per organisation (each worker's own --org claim) or per version: tasks done, expired and "
+        "redelivered, updates applied and rejected, samples, training CPU and wall seconds, bytes up and "
+        "down, and stored bytes. With --prices, a cost column in the file's currency.",
+    )
+    cost.add_argument("run_dir", metavar="RUN", help="a run folder (from fedq run)")
+    cost.add_argument("--by", choices=("worker", "org", "version"), default="worker", help="rows per (default worker)")
+    cost.add_argument(
+        "--prices",
+        metavar="PRICES_TOML",
+        help="a TOML file: cpu_hour, gb_transferred, gb_month_stored, months_stored (default 1), currency",
+    )
+    cost.add_argument("--csv", action="store_true", help="CSV with exact numbers instead of a table")
+
+
 def _add_broker(sub: Subparsers) -> None:
     """``fedq broker apply``: broker users, permissions, policies and topology (fedq/broker.py)."""
     broker = sub.add_parser(
@@ -553,6 +575,12 @@ def _add_broker(sub: Subparsers) -> None:
         help="a client certificate for broker user CN (repeat)",
     )
     _json_flag(certs, "print the files made or kept as one JSON object")
+
+
+def _cost(args: argparse.Namespace, settings: Settings) -> Outcome:
+    from fedq.cost import By, run
+
+    return 0, run(Path(args.run_dir), By(args.by), Path(args.prices) if args.prices else None, args.csv)
 
 
 def _broker(args: argparse.Namespace, settings: Settings) -> Outcome:
@@ -721,6 +749,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Outcome]] = {
     "model": _model,
     "keys": _keys,
     "broker": _broker,
+    "cost": _cost,
 }
 
 

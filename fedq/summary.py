@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from fedq.cost import read_run, summary_totals
 from shared.ledger import read_lines
 from shared.reasons import Fate
 
@@ -52,4 +53,6 @@ def build_summary(
         "job_id": coordinator_state.get("job_id"),
         # differential privacy: epsilon after the last version evaluated (None: the job ran without DP)
         "dp_epsilon": next((m["dp_epsilon"] for m in reversed(metrics) if "dp_epsilon" in m), None),
+        # fedq cost's totals: CPU and wall seconds, samples, tasks, updates, bytes up and down, store bytes
+        "cost": summary_totals(read_run(run_dir, coordinator_state)),
     }

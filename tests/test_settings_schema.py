@@ -115,6 +115,7 @@ SETTING_FLAGS = {
     **{f"dlq {a}": AMQP | {"namespace"} for a in ("list", "show", "requeue")},
     "broker apply": AMQP | {"namespace", "job", "capabilities", "keys-dir", "trusted-keys", "management-url"},
     "broker certs": set(),  # files only: it reaches no broker
+    "cost": set(),  # a run folder's files only
     **{f"model {a}": MODEL_WHERE for a in ("list", "show", "export", "verify", "rollback")},
     **{f"keys {a}": {"keys-dir", "trusted-keys"} for a in ("init", "create", "enrol", "revoke", "list", "rotate")},
 }
@@ -136,6 +137,7 @@ OWN_OPTIONS = {
     "keys enrol": {"--replace", "--json"},
     "broker apply": {"--workers", "--secrets", "--definitions-file", "--json"},
     "broker certs": {"--out", "--host", "--client", "--json"},
+    "cost": {"--by", "--prices", "--csv"},
 }
 # What each command needs besides flags, to parse at all.
 REQUIRED = {
@@ -154,6 +156,7 @@ REQUIRED = {
     "keys revoke": ["w1"],
     "keys rotate": ["coordinator"],
     "broker certs": ["--out", "d"],
+    "cost": ["r"],
 }
 # A value per type, as text and as the setting then holds it: one for flags, one for the environment.
 # A switch (bool) takes no text: given, it is on.
