@@ -9,8 +9,10 @@ Where each figure comes from:
 - CPU and wall seconds of training, bytes down (the task message and any model fetched apart
   from it) and the org: the worker's own word, carried in its update and kept in its ledger
   record. A worker can claim any org, so an org is what the worker says, not what fedq checked.
-- Bytes up, updates applied and rejected, samples (of applied updates): the aggregator's ledger.
-- Tasks done, expired and redelivered: the workers' hellos, summed by the coordinator.
+- Tasks done (each task whose update reached the aggregator, once), bytes up, updates applied and
+  rejected, samples (of applied updates): the aggregator's ledger.
+- Tasks expired and redelivered: the workers' own counts in their hellos, as the coordinator last
+  heard them (``coordinator.json``): up to one heartbeat behind when the job ended.
 - Store bytes: each version's model (its manifest's ``size``) plus its server optimizer state.
 
 One update message counts once however often it was delivered (records with the same
@@ -168,10 +170,11 @@ def _update_usage(ledger: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int | 
     """Usage from the ledger per (worker id, version applied in: None when not applied)."""
     out: dict[tuple[str, int | None], Usage] = {}
     seen: set[str] = set()
-    for i, r in enumerate(ledger):
-        fate = r.get("fate")
-        if fate not in _COUNTED:
-            continue  # a DP noise seed, a rollback: not an update
+    records = [r for r in ledger if r.get("fate") in _COUNTED]  # not a DP noise seed, a rollback
+    applied_tasks = {r.get("task_id") for r in records if r["fate"] == Fate.APPLIED}
+    done: set[str] = set()
+    for i, r in enumerate(records):
+        fate = r["fate"]
         applied = fate == Fate.APPLIED
         key = (str(r.get("worker_id") or UNKNOWN_WORKER), int(r["version"]) if applied else None)
         u = out.setdefault(key, Usage())
@@ -179,6 +182,11 @@ def _update_usage(ledger: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int | 
         u.updates_rejected += fate == Fate.REJECTED
         if applied:
             u.samples += int(_number(r, "num_samples"))
+        task = str(r.get("task_id") or "")
+        # a task is done once, where it was applied if it was, else at its first record
+        if task and task not in done and (applied or task not in applied_tasks):
+            done.add(task)
+            u.tasks_done += 1
         message = str(r.get("digest") or f"record-{i}")  # an old ledger without digests: each counts
         if message in seen:
             continue
@@ -206,7 +214,6 @@ def by_worker(records: Records) -> dict[str, Usage]:
         out.setdefault(worker, Usage()).add(u)
     for worker, counts in records.task_counts.items():
         u = out.setdefault(worker, Usage())
-        u.tasks_done += int(counts.get("completed", 0))
         u.tasks_expired += int(counts.get("expired", 0))
         u.tasks_redelivered += int(counts.get("redelivered", 0))
     return dict(sorted(out.items()))
@@ -214,8 +221,8 @@ def by_worker(records: Records) -> dict[str, Usage]:
 
 def by_version(records: Records) -> dict[int | None, Usage]:
     """Usage per version: the updates applied in it and its stored bytes. ``None``: what belongs
-    to no version: updates rejected (or pending when the job stopped) and the workers' task
-    counts, so that the versions add up to ``totals``."""
+    to no version: updates rejected (or pending when the job stopped) and the tasks the workers
+    let expire or had redelivered, so that the versions add up to ``totals``."""
     out: dict[int | None, Usage] = {
         v.version: Usage(store_bytes=v.model_bytes + v.state_bytes) for v in records.versions
     }
@@ -223,7 +230,6 @@ def by_version(records: Records) -> dict[int | None, Usage]:
         out.setdefault(version, Usage()).add(u)
     tasks = Usage()
     for counts in records.task_counts.values():
-        tasks.tasks_done += int(counts.get("completed", 0))
         tasks.tasks_expired += int(counts.get("expired", 0))
         tasks.tasks_redelivered += int(counts.get("redelivered", 0))
     if tasks != Usage():

@@ -42,19 +42,19 @@ from worker.config import WorkerConfig
 # applied, then rejected as a duplicate), one held when an aggregator stopped and applied after, one
 # unreadable message, a noise-seed record that is no update.
 LEDGER: tuple[dict[str, Any], ...] = (
-    {"fate": "applied", "worker_id": "w1", "version": 1, "digest": "a", "bytes": 100, "num_samples": 10,
+    {"fate": "applied", "task_id": "t1", "worker_id": "w1", "version": 1, "digest": "a", "bytes": 100, "num_samples": 10,
      "cpu_seconds": 1.5, "wall_seconds": 2.0, "bytes_down": 50, "org": "hosp-a"},
-    {"fate": "rejected", "reason": "duplicate", "worker_id": "w1", "digest": "a", "bytes": 100,
+    {"fate": "rejected", "reason": "duplicate", "task_id": "t1", "worker_id": "w1", "digest": "a", "bytes": 100,
      "cpu_seconds": 1.5, "wall_seconds": 2.0, "bytes_down": 50, "org": "hosp-a"},
-    {"fate": "applied", "worker_id": "w2", "version": 1, "digest": "b", "bytes": 200, "num_samples": 20,
+    {"fate": "applied", "task_id": "t2", "worker_id": "w2", "version": 1, "digest": "b", "bytes": 200, "num_samples": 20,
      "cpu_seconds": 3.0, "wall_seconds": 4.0, "bytes_down": 60},
-    {"fate": "rejected", "reason": "stale", "worker_id": "w2", "digest": "c", "bytes": 300,
+    {"fate": "rejected", "reason": "stale", "task_id": "t3", "worker_id": "w2", "digest": "c", "bytes": 300,
      "cpu_seconds": 0.5, "wall_seconds": 1.0, "bytes_down": 70},
     {"fate": "rejected", "reason": "undecodable", "worker_id": "", "digest": "d", "bytes": 7},
     {"kind": "dp_noise", "version": 2, "noise_seed": 5},
-    {"fate": "pending", "worker_id": "w1", "digest": "e", "bytes": 110, "cpu_seconds": 2.0, "wall_seconds": 2.5,
+    {"fate": "pending", "task_id": "t4", "worker_id": "w1", "digest": "e", "bytes": 110, "cpu_seconds": 2.0, "wall_seconds": 2.5,
      "bytes_down": 55, "org": "hosp-a"},
-    {"fate": "applied", "worker_id": "w1", "version": 2, "digest": "e", "bytes": 110, "num_samples": 11,
+    {"fate": "applied", "task_id": "t4", "worker_id": "w1", "version": 2, "digest": "e", "bytes": 110, "num_samples": 11,
      "cpu_seconds": 2.0, "wall_seconds": 2.5, "bytes_down": 55, "org": "hosp-a"},
 )
 RECORDS = Records(
@@ -80,7 +80,7 @@ def test_per_worker_rows_count_each_message_once() -> None:
     assert (w1.updates_applied, w1.updates_rejected, w1.samples) == (2, 1, 21)
     assert (w1.bytes_up, w1.bytes_down) == (210, 105)  # "a" once, "e" once
     assert math.isclose(w1.cpu_seconds, 3.5) and math.isclose(w1.wall_seconds, 4.5)
-    assert (w1.tasks_done, w1.tasks_expired, w1.tasks_redelivered) == (3, 1, 1)
+    assert (w1.tasks_done, w1.tasks_expired, w1.tasks_redelivered) == (2, 1, 1)  # t1 and t4, from the ledger
     assert t["w1"].org == "hosp-a" and t["w2"].org == "hosp-b" and t["w3"].org == "hosp-a"
     w2 = t["w2"].usage
     assert (w2.updates_applied, w2.updates_rejected, w2.bytes_up, w2.samples) == (1, 1, 500, 20)
@@ -110,7 +110,9 @@ def test_per_org_and_per_version() -> None:
     assert versions["v0"].usage == Usage(store_bytes=1000)
     assert versions["v1"].usage.store_bytes == 1200 and versions["v1"].usage.updates_applied == 2
     assert versions["v2"].usage.samples == 11
-    assert versions["-"].usage.updates_rejected == 3 and versions["-"].usage.tasks_done == 5
+    assert versions["-"].usage.updates_rejected == 3 and versions["-"].usage.tasks_done == 1  # t3
+    assert versions["-"].usage.tasks_expired == 3
+    assert (versions["v1"].usage.tasks_done, versions["v2"].usage.tasks_done) == (2, 1)
 
 
 def test_prices_add_a_cost_column() -> None:
@@ -248,8 +250,10 @@ def test_a_finished_runs_cost_totals_are_the_sums_in_its_ledger(run: tuple[Path,
     assert math.isclose(cost["cpu_seconds"], sum(r.get("cpu_seconds", 0) for r in messages.values()), abs_tol=1e-5)
     assert math.isclose(cost["wall_seconds"], sum(r.get("wall_seconds", 0) for r in messages.values()), abs_tol=1e-5)
     assert cost["cpu_seconds"] > 0 and cost["bytes_down"] > 0
+    assert cost["tasks_done"] == len({r["task_id"] for r in ledger}) >= fates["applied"]
     counts = json.loads((run_dir / "coordinator.json").read_text())["workers"]
-    assert cost["tasks_done"] == sum(c["completed"] for c in counts.values()) >= fates["applied"]
+    assert cost["tasks_expired"] == sum(c["expired"] for c in counts.values())
+    assert cost["tasks_redelivered"] == sum(c["redelivered"] for c in counts.values())
     manifests = [json.loads(p.read_text()) for p in (run_dir / "store").rglob("v*.json")]
     assert cost["versions_stored"] == len(manifests) >= 7
     assert cost["store_bytes"] == sum(m["size"] + m["policy"].get("server_state", {}).get("size", 0) for m in manifests)
