@@ -635,7 +635,7 @@ class ReceiptSender:
 async def serve(settings: Settings) -> None:
     """Build the aggregator from settings and run it until stopped or failed."""
     config = AggregatorConfig.from_settings(settings)
-    metrics.serve(settings.metrics_port, "aggregator")
+    metrics.serve(settings.metrics_port, "aggregator", settings.metrics_host)
     signer = key_file_signer(settings.key_path("aggregator"))
     trust = DirectoryTrust(settings.trusted_dir)
     async with connected(settings, f"fedq-aggregator-{settings.job}") as transport:

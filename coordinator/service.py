@@ -404,7 +404,7 @@ class Coordinator(Service):
 async def serve(settings: Settings, app: App) -> str:
     """Build the coordinator from settings and run the job to its stop condition; the stop reason."""
     config = CoordinatorConfig.from_settings(settings)
-    metrics.serve(settings.metrics_port, "coordinator")
+    metrics.serve(settings.metrics_port, "coordinator", settings.metrics_host)
     signer = key_file_signer(settings.key_path("coordinator"))
     trust = DirectoryTrust(settings.trusted_dir)
     async with connected(settings, f"fedq-coordinator-{settings.job}") as transport:

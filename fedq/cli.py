@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keys(sub)
     _add_broker(sub)
     _add_cost(sub)
+    _add_status(sub)
     return parser
 
 
@@ -508,6 +509,25 @@ def _add_cost(sub: Subparsers) -> None:
     cost.add_argument("--csv", action="store_true", help="CSV with exact numbers instead of a table")
 
 
+def _add_status(sub: Subparsers) -> None:
+    """``fedq status RUN_OR_JOB``: a live terminal view of one job (fedq/status_view.py)."""
+    status = _command(
+        sub,
+        "status",
+        "a live view of one job: queues, workers, version and accuracy, update rate, rejections",
+        "Read the job folder (coordinator.json, metrics.jsonl, ledger.jsonl), the store's newest version and "
+        "the broker's queues (a passive look: depth and consumers; nothing consumed) and show them, refreshed "
+        "every --interval seconds until interrupted. --once: one snapshot; --once --json: as one JSON object.",
+        titles={CONNECTION: "where the job lives"},
+        target=True,
+    )
+    status.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    _json_flag(status, "with --once: the snapshot as one JSON object")
+    status.add_argument(
+        "--interval", type=float, default=2.0, metavar="SECONDS", help="seconds between refreshes (default 2)"
+    )
+
+
 def _add_broker(sub: Subparsers) -> None:
     """``fedq broker apply``: broker users, permissions, policies and topology (fedq/broker.py)."""
     broker = sub.add_parser(
@@ -581,6 +601,16 @@ def _cost(args: argparse.Namespace, settings: Settings) -> Outcome:
     from fedq.cost import By, run
 
     return 0, run(Path(args.run_dir), By(args.by), Path(args.prices) if args.prices else None, args.csv)
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> Outcome:
+    from fedq.audit import settings_for
+    from fedq.status_view import Request, run
+
+    if args.json and not args.once:
+        raise ConfigError("--json prints one snapshot: give --once too")
+    request = Request(once=args.once, as_json=args.json, interval=max(0.2, args.interval))
+    return 0, _run_async(lambda: run(settings_for(args.target, settings), request))
 
 
 def _broker(args: argparse.Namespace, settings: Settings) -> Outcome:
@@ -750,6 +780,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Outcome]] = {
     "keys": _keys,
     "broker": _broker,
     "cost": _cost,
+    "status": _status,
 }
 
 

@@ -351,7 +351,7 @@ def run_job(
     )
 
     launcher = Launcher(settings, run_dir, keys)
-    metrics.serve(settings.metrics_port, "run")  # a port in use stops the run before any process starts
+    metrics.serve(settings.metrics_port, "run", settings.metrics_host)  # a port in use stops the run before any process starts
     accounts = run_accounts(settings, keys / "broker", worker_ids)
     if accounts is not None:
         launcher.logins = {

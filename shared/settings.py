@@ -41,7 +41,7 @@ MODEL = tuple(f"model {a}" for a in ("list", "show", "export", "verify", "rollba
 DLQ = tuple(f"dlq {a}" for a in ("list", "show", "requeue"))
 KEYS = tuple(f"keys {a}" for a in ("init", "create", "enrol", "revoke", "list", "rotate"))
 BROKER = ("broker apply",)
-READERS = ("audit", "log", "replay verify", "replay what-if", *MODEL)  # tools that read a job's files
+READERS = ("audit", "log", "replay verify", "replay what-if", *MODEL, "status")  # tools that read a job's files
 EVERYWHERE = (*PROCESSES, *READERS, "declare", *DLQ, *BROKER)
 
 _CLI = "fedq.cli"
@@ -229,6 +229,15 @@ class Settings:
             "serve Prometheus metrics at http://127.0.0.1:PORT/metrics (fedq_* series; default 0: off). "
             "fedq run: its own on PORT, then one port each, in order, for the aggregator, the "
             "coordinator and every worker, listed in the run's processes.json",
+        ),
+    )
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata=cli(
+            CONNECTION,
+            PROCESSES,
+            "the address --metrics-port listens on (default 127.0.0.1: this machine only); 0.0.0.0 for a "
+            "Prometheus elsewhere, such as compose's prometheus service",
         ),
     )
     log_json: bool | None = field(

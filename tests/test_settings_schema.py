@@ -40,6 +40,7 @@ CONN = AMQP | {
     "app",
     "log-level",
     "metrics-port",
+    "metrics-host",
     "s3-endpoint",
     "s3-region",
 }
@@ -116,6 +117,7 @@ SETTING_FLAGS = {
     "broker apply": AMQP | {"namespace", "job", "capabilities", "keys-dir", "trusted-keys", "management-url"},
     "broker certs": set(),  # files only: it reaches no broker
     "cost": set(),  # a run folder's files only
+    "status": WHERE,
     **{f"model {a}": MODEL_WHERE for a in ("list", "show", "export", "verify", "rollback")},
     **{f"keys {a}": {"keys-dir", "trusted-keys"} for a in ("init", "create", "enrol", "revoke", "list", "rotate")},
 }
@@ -138,6 +140,7 @@ OWN_OPTIONS = {
     "broker apply": {"--workers", "--secrets", "--definitions-file", "--json"},
     "broker certs": {"--out", "--host", "--client", "--json"},
     "cost": {"--by", "--prices", "--csv"},
+    "status": {"--once", "--json", "--interval"},
 }
 # What each command needs besides flags, to parse at all.
 REQUIRED = {
@@ -157,6 +160,7 @@ REQUIRED = {
     "keys rotate": ["coordinator"],
     "broker certs": ["--out", "d"],
     "cost": ["r"],
+    "status": ["j"],
 }
 # A value per type, as text and as the setting then holds it: one for flags, one for the environment.
 # A switch (bool) takes no text: given, it is on.

@@ -461,7 +461,7 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
     ``--replicas M`` hosts M simulated workers in this process, each with its own identity, key,
     connection and partition (I, I+1, ..., I+M-1 of N): one machine standing in for a fleet.
     """
-    metrics.serve(settings.metrics_port, "worker")
+    metrics.serve(settings.metrics_port, "worker", settings.metrics_host)
     index, count = parse_partition(settings.partition)
     if settings.replicas < 1 or index + settings.replicas > count:
         raise ConfigError(
