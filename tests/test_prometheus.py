@@ -20,7 +20,7 @@ import pytest
 
 from broker_config.names import Names
 from fedq.run import run_pids
-from tests.support.jobs import TINY_APP, cleanup, start_run, wait_for
+from tests.support.jobs import TINY_APP, cleanup, cli, start_run, wait_for
 
 __all__ = ["cleanup"]  # the fixture, re-exported for this test
 
@@ -173,6 +173,17 @@ def test_prometheus_scrapes_every_role_of_a_live_job(
             wait_for(seen, 60, "fedq's series in prometheus", proc)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; still missing: {missing}") from None
+        # fedq status --once --json on the same live job (in this process: no start-up to pay)
+        status = cli("status", out, "--once", "--json")
+        assert status.returncode == 0, status.stderr
+        snap = json.loads(status.stdout)
+        job_names = Names(names.namespace, job)
+        assert [(q["name"], q["capability"]) for q in snap["queues"]] == [
+            (job_names.task_queue("cpu"), "cpu"),
+            (job_names.updates_queue, None),
+        ], snap["queues"]
+        assert all(q["messages"] is not None and q["consumers"] for q in snap["queues"]), snap
+        assert snap["workers"]["live"] == ["w00", "w01"] and snap["version"]["latest"] >= 1, snap
         listed = json.loads((out / "processes.json").read_text())
         assert {name: entry["metrics_port"] for name, entry in listed.items()} == {
             name: base + 1 + i for i, name in enumerate(PROCESSES)
