@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker(sub)
     _add_cost(sub)
     _add_status(sub)
+    _add_dashboard(sub)
     return parser
 
 
@@ -528,6 +529,33 @@ def _add_status(sub: Subparsers) -> None:
     )
 
 
+def _add_dashboard(sub: Subparsers) -> None:
+    """``fedq dashboard RUN_OR_JOB`` and ``fedq report RUN``: a job's views in a browser (fedq/dashboard/)."""
+    dash = _command(
+        sub,
+        "dashboard",
+        "a web page of a live job or a finished run: accuracy, workers, updates, queues, services, cost",
+        "Serve a page that redraws every 2 s from the job folder (metrics.jsonl, ledger.jsonl, coordinator.json, "
+        "processes.json) and, while the job is live, the broker's queues (passive declares: depth and consumers). "
+        "Charts are drawn by fedq's own JS: nothing is fetched from the internet. Bound to 127.0.0.1 by default; "
+        "bound to any other address, every request needs the token (--token, or one made up and printed).",
+        titles={CONNECTION: "where the job lives"},
+        target=True,
+    )
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    dash.add_argument("--port", type=int, default=8642, help="port to listen on (default 8642; 0: any free port)")
+    dash.add_argument("--token", default=None, help="the token requests must carry off the loopback (default: made up)")
+    dash.add_argument("--no-broker", action="store_true", help="do not look at the broker's queues")
+    report = _command(
+        sub,
+        "report",
+        "the dashboard's views of a run as one self-contained HTML file, to attach to an audit",
+        "Write the dashboard of a run folder, its data, CSS and JS inlined, as one HTML file that opens offline.",
+    )
+    report.add_argument("run_dir", metavar="RUN", help="a run folder (from fedq run)")
+    report.add_argument("-o", "--output", required=True, metavar="FILE", help="the HTML file to write")
+
+
 def _add_broker(sub: Subparsers) -> None:
     """``fedq broker apply``: broker users, permissions, policies and topology (fedq/broker.py)."""
     broker = sub.add_parser(
@@ -611,6 +639,19 @@ def _status(args: argparse.Namespace, settings: Settings) -> Outcome:
         raise ConfigError("--json prints one snapshot: give --once too")
     request = Request(once=args.once, as_json=args.json, interval=max(0.2, args.interval))
     return 0, _run_async(lambda: run(settings_for(args.target, settings), request))
+
+
+def _dashboard(args: argparse.Namespace, settings: Settings) -> Outcome:
+    from fedq.dashboard.server import run
+
+    run(args.target, settings, args.host, args.port, args.token, not args.no_broker)
+    return 0, None
+
+
+def _report(args: argparse.Namespace, settings: Settings) -> Outcome:
+    from fedq.report import run
+
+    return 0, run(Path(args.run_dir), Path(args.output))
 
 
 def _broker(args: argparse.Namespace, settings: Settings) -> Outcome:
@@ -781,6 +822,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Outcome]] = {
     "broker": _broker,
     "cost": _cost,
     "status": _status,
+    "dashboard": _dashboard,
+    "report": _report,
 }
 
 

@@ -41,7 +41,7 @@ MODEL = tuple(f"model {a}" for a in ("list", "show", "export", "verify", "rollba
 DLQ = tuple(f"dlq {a}" for a in ("list", "show", "requeue"))
 KEYS = tuple(f"keys {a}" for a in ("init", "create", "enrol", "revoke", "list", "rotate"))
 BROKER = ("broker apply",)
-READERS = ("audit", "log", "replay verify", "replay what-if", *MODEL, "status")  # tools that read a job's files
+READERS = ("audit", "log", "replay verify", "replay what-if", *MODEL, "status", "dashboard")  # tools that read a job's files
 EVERYWHERE = (*PROCESSES, *READERS, "declare", *DLQ, *BROKER)
 
 _CLI = "fedq.cli"

@@ -118,6 +118,8 @@ SETTING_FLAGS = {
     "broker certs": set(),  # files only: it reaches no broker
     "cost": set(),  # a run folder's files only
     "status": WHERE,
+    "dashboard": WHERE,
+    "report": set(),  # a run folder's files only
     **{f"model {a}": MODEL_WHERE for a in ("list", "show", "export", "verify", "rollback")},
     **{f"keys {a}": {"keys-dir", "trusted-keys"} for a in ("init", "create", "enrol", "revoke", "list", "rotate")},
 }
@@ -141,6 +143,8 @@ OWN_OPTIONS = {
     "broker certs": {"--out", "--host", "--client", "--json"},
     "cost": {"--by", "--prices", "--csv"},
     "status": {"--once", "--json", "--interval"},
+    "dashboard": {"--host", "--port", "--token", "--no-broker"},
+    "report": {"-o", "--output"},
 }
 # What each command needs besides flags, to parse at all.
 REQUIRED = {
@@ -161,6 +165,8 @@ REQUIRED = {
     "broker certs": ["--out", "d"],
     "cost": ["r"],
     "status": ["j"],
+    "dashboard": ["j"],
+    "report": ["r", "-o", "x.html"],
 }
 # A value per type, as text and as the setting then holds it: one for flags, one for the environment.
 # A switch (bool) takes no text: given, it is on.
