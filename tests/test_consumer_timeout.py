@@ -125,7 +125,11 @@ def test_task_held_past_consumer_timeout_is_redelivered_and_counted_once(
 ) -> None:
     node = make_private_rabbit(consumer_timeout_ms=TIMEOUT_MS, channel_tick_ms=TICK_MS)
     out = tmp_path / "run"
-    summary, timeouts = run_slow_job(node, out, 2, "--workers", "1", "--delay-profile", f"{WORKER_DELAY}*1")
+    # the default clip (adaptive:3,50,5) holds a job's first 5 updates, its warm-up, before the first
+    # version: a warm-up of one, as the buffer, lets the job end after 2 updates of WORKER_DELAY, not 5
+    summary, timeouts = run_slow_job(
+        node, out, 2, "--workers", "1", "--delay-profile", f"{WORKER_DELAY}*1", "--clip", "adaptive:3,50,1"
+    )
     context = summary["_context"]
     # The broker closed the worker's channel for holding its task too long ...
     assert timeouts["fedq-worker-w00"] >= 1, (

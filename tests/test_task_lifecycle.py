@@ -123,6 +123,8 @@ def test_expired_tasks_are_dead_lettered_and_replaced(
             "2",
             "--buffer",
             "1",
+            "--clip",
+            "adaptive:3,50,1",  # a warm-up of one buffer: the default's 5 would hold version 1 to 5 updates
             "--target-accuracy",
             "0",
             "--max-updates",
