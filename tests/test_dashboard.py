@@ -74,7 +74,11 @@ def records(live: bool = True) -> RunRecords:
 
 def test_snapshot_holds_every_view_from_the_records() -> None:
     d = snapshot(records(), NOW)
-    assert [(p["version"], p["accuracy"], p["t"]) for p in d["accuracy"]] == [(0, 0.1, 0.0), (1, 0.5, 2.5), (2, 0.75, 4.0)]
+    assert [(p["version"], p["accuracy"], p["t"]) for p in d["accuracy"]] == [
+        (0, 0.1, 0.0),
+        (1, 0.5, 2.5),
+        (2, 0.75, 4.0),
+    ]
     assert d["accuracy"][2]["dp_epsilon"] == 1.5
     by_worker = {w["worker"]: w for w in d["participation"]}
     assert {w: (v["applied"], v["rejected"], v["pending"], v["status"]) for w, v in by_worker.items()} == {
@@ -86,11 +90,24 @@ def test_snapshot_holds_every_view_from_the_records() -> None:
     assert d["staleness"] == [{"staleness": 0, "count": 1}, {"staleness": 1, "count": 2}]
     assert d["rejections"] == [{"reason": "stale", "count": 2}, {"reason": "bad_signature", "count": 1}]
     assert d["update_sizes"]["count"] == 7 and sum(b["count"] for b in d["update_sizes"]["bins"]) == 7
-    assert d["queues"]["rows"] == [{"queue": "ns.job.j.tasks.cpu", "role": "tasks cpu", "messages": 3, "consumers": 2}]
+    assert d["queues"]["rows"] == [
+        {"queue": "ns.job.j.tasks.cpu", "role": "tasks cpu", "messages": 3, "consumers": 2}
+    ]
     health = {s["name"]: (s["health"], s["age"]) for s in d["services"]}
-    assert health == {"aggregator": ("quiet", 30.0), "coordinator": ("up", 1.0), "w1": ("up", None), "w2": ("down", None)}
+    assert health == {
+        "aggregator": ("quiet", 30.0),
+        "coordinator": ("up", 1.0),
+        "w1": ("up", None),
+        "w2": ("down", None),
+    }
     h = d["headline"]
-    assert (h["version"], h["accuracy"], h["best_accuracy"], h["updates_applied"], h["updates_rejected"]) == (2, 0.75, 0.75, 3, 3)
+    assert (h["version"], h["accuracy"], h["best_accuracy"], h["updates_applied"], h["updates_rejected"]) == (
+        2,
+        0.75,
+        0.75,
+        3,
+        3,
+    )
     assert (h["workers_live"], h["workers_gone"]) == (1, 2)
     table = d["cost"]
     rows = {r[0]: dict(zip(table["keys"], r, strict=True)) for r in table["rows"]}

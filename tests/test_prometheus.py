@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,12 +20,16 @@ from typing import Any
 import pytest
 
 from broker_config.names import Names
+from fedq.dashboard.server import start as start_dashboard
 from fedq.run import run_pids
+from shared.settings import Settings
 from tests.support.jobs import TINY_APP, cleanup, cli, start_run, wait_for
 
 __all__ = ["cleanup"]  # the fixture, re-exported for this test
 
 PROMETHEUS = "/usr/bin/prometheus"
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # git-ignored
 PROCESSES = ("aggregator", "coordinator", "w00", "w01")  # the order fedq run starts them in
 
 
@@ -117,6 +122,33 @@ def query(url: str, promql: str) -> list[dict[str, Any]]:
     return list(answer["data"]["result"])
 
 
+def chromium(tmp_path: Path, url: str, *what: str) -> str:
+    """Headless Chromium (Debian's ``chromium``; .ci/run installs it) loads ``url``, runs its
+    scripts for up to 3 s of virtual time and does ``what`` (--dump-dom: its stdout is the DOM)."""
+    binary = shutil.which("chromium") or CHROMIUM
+    if not Path(binary).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)", pytrace=False)
+    ran = subprocess.run(
+        [
+            binary,
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            "--virtual-time-budget=3000",
+            "--window-size=1280,1600",
+            *what,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    return ran.stdout
+
+
 def test_prometheus_scrapes_every_role_of_a_live_job(
     tmp_path: Path, names: Names, cleanup: None, prometheus: tuple[str, int]
 ) -> None:
@@ -197,6 +229,35 @@ def test_prometheus_scrapes_every_role_of_a_live_job(
             "coordinator": f"127.0.0.1:{base + 2}",
             "worker": roles["worker"],
         }
+        # fedq dashboard on the same live job, loaded by a real browser: its accuracy charts hold
+        # the job's evaluated versions, point for point as metrics.jsonl has them
+        dashboard = start_dashboard(str(out), Settings.from_env(), port=0)
+        try:
+            dom = chromium(tmp_path, dashboard.url, "--dump-dom")
+            ARTIFACTS.mkdir(exist_ok=True)
+            chromium(tmp_path, dashboard.url, f"--screenshot={ARTIFACTS / 'dashboard-live-job.png'}")
+        finally:
+            dashboard.close()
+        assert 'id="state" class="live"' in dom, dom[:2000]
+        evaluated = {
+            m["version"]: m["accuracy"]
+            for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        }
+        for chart in ("acc-time", "acc-version"):
+            svg = re.search(rf'<svg[^>]*class="chart accuracy {chart}".*?</svg>', dom, re.S)
+            assert svg, f"no {chart} chart in the page: {dom[:2000]}"
+            points = {
+                int(v): float(a)
+                for v, a in re.findall(r'data-version="(\d+)" data-accuracy="([^"]+)"', svg.group(0))
+            }
+            assert len(points) >= 2 and max(points) >= 1, points
+            assert points == {v: evaluated[v] for v in points}, (points, evaluated)
+        assert re.search(
+            rf'<td>{re.escape(names.namespace)}\.job\.{job}\.tasks\.cpu</td><td>tasks cpu</td><td class="num">\d+</td><td class="num">2</td>',
+            dom,
+        ), dom
+        assert dom.count('data-status="live"') == 2  # w00 and w01 in the participation chart
+        assert (ARTIFACTS / "dashboard-live-job.png").stat().st_size > 10_000
     finally:
         # Killed, not stopped: a graceful stop (its processes' goodbyes, the summary, the audit)
         # is tested elsewhere and costs seconds here. The run first, so that it restarts nothing.

@@ -107,7 +107,8 @@ def size_histogram(sizes: Sequence[int], bins: int = SIZE_BINS) -> list[dict[str
     for s in sizes:
         counts[min(bins - 1, int((s - lo) / width))] += 1
     return [
-        {"lo": round(lo + i * width), "hi": round(lo + (i + 1) * width), "count": c} for i, c in enumerate(counts)
+        {"lo": round(lo + i * width), "hi": round(lo + (i + 1) * width), "count": c}
+        for i, c in enumerate(counts)
     ]
 
 
@@ -237,7 +238,9 @@ def snapshot(records: RunRecords, now: float) -> dict[str, Any]:
             "mean": round(sum(sizes) / len(sizes), 1) if sizes else None,
         },
         "staleness": [{"staleness": s, "count": c} for s, c in sorted(staleness.items())],
-        "rejections": [{"reason": r, "count": c} for r, c in sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0]))],
+        "rejections": [
+            {"reason": r, "count": c} for r, c in sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0]))
+        ],
         "queues": {
             "source": records.queues.source,
             "at": records.queues.at,

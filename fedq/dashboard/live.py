@@ -67,7 +67,9 @@ class QueueProbe:
                             transport = await transport_for(self.settings, "fedq-dashboard").connect()
                         self.latest = await self.look(transport)
                     except Exception as exc:  # a broker away, a refused login: shown, tried again
-                        self.latest = Queues(self.source, error=f"broker not reachable: {exc}", at=time.time())
+                        self.latest = Queues(
+                            self.source, error=f"broker not reachable: {exc}", at=time.time()
+                        )
                         if transport is not None:
                             with contextlib.suppress(Exception):
                                 await transport.close(grace=0.5)
@@ -83,6 +85,11 @@ class QueueProbe:
         for queue, role in self.queues:
             info = await transport.queue_info(queue)
             looks.append(
-                QueueLook(queue, role, None if info is None else info.messages, None if info is None else info.consumers)
+                QueueLook(
+                    queue,
+                    role,
+                    None if info is None else info.messages,
+                    None if info is None else info.consumers,
+                )
             )
         return Queues(self.source, tuple(looks), at=time.time())

@@ -19,7 +19,12 @@ def _static(name: str) -> str:
 
 def inline_json(data: Any) -> str:
     """JSON that cannot end the <script> element it sits in."""
-    return json.dumps(data, allow_nan=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return (
+        json.dumps(data, allow_nan=False)
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+    )
 
 
 def render(data: Any = None, poll_ms: int = 2000) -> str:

@@ -74,7 +74,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         dash = self.server.dashboard
         if not authorized(dash.token, self.path, {"Authorization": self.headers.get("Authorization", "")}):
-            self._send(HTTPStatus.UNAUTHORIZED, b"a token is needed: open the URL fedq dashboard printed\n", "text/plain")
+            self._send(
+                HTTPStatus.UNAUTHORIZED,
+                b"a token is needed: open the URL fedq dashboard printed\n",
+                "text/plain",
+            )
             return
         path = urlsplit(self.path).path
         if path in ("/", "/index.html"):
@@ -89,7 +93,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'")
+        self.send_header(
+            "Content-Security-Policy",
+            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+        )
         self.end_headers()
         self.wfile.write(body)
 
@@ -117,7 +124,10 @@ class Running:
         self.server = _Server((host, port), dashboard)
         self.host, self.port = host, int(self.server.server_address[1])
         self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, name="fedq-dashboard", daemon=True
+            target=self.server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="fedq-dashboard",
+            daemon=True,
         )
         self.thread.start()
 

@@ -83,7 +83,9 @@ def read_records(run_dir: Path, queues: Queues | None = None) -> RunRecords:
         processes=procs,
         summary=read_json(run_dir / "summary.json"),
         cost=costs,
-        queues=(queues if live and queues is not None else FINISHED if not live else Queues("no broker look yet")),
+        queues=(
+            queues if live and queues is not None else FINISHED if not live else Queues("no broker look yet")
+        ),
         ledger_mtime=ledger_mtime,
         live=live,
     )
