@@ -103,13 +103,19 @@ class Reader:
             if self.transport is None:
                 transport = transport_for(self.settings, CONNECTION_NAME)
                 self.transport = await asyncio.wait_for(transport.connect(), CONNECT_TIMEOUT)
-            readings = []
+            readings, refused = [], []
             for name, cap in wanted:
-                info = await self.transport.queue_info(name)
+                try:
+                    info = await self.transport.queue_info(name)
+                except FedqError:
+                    raise
+                except Exception as exc:  # e.g. a broker user not allowed to look at this queue
+                    refused.append(f"{name}: {exc}")
+                    info = None
                 readings.append(
                     QueueReading(name, cap, info.messages if info else None, info.consumers if info else None)
                 )
-            self.broker_error = None
+            self.broker_error = "; ".join(refused) or None
             return readings
         except (FedqError, OSError, TimeoutError) as exc:
             self.broker_error = str(exc) or type(exc).__name__
