@@ -111,33 +111,31 @@ async def assert_settled(transport: AnyTransport, queue: str) -> None:
 async def delete_namespace(
     amqp_url: str, names: Names, capabilities: tuple[str, ...], jobs: tuple[str, ...] = ()
 ) -> None:
-    """Delete the namespace's exchanges and shared queues, and the queues of ``names.job`` and ``jobs``."""
+    """Delete the namespace's exchanges and shared queues, and the queues of ``names.job`` and ``jobs``;
+    each deletion on a channel of its own (a failed one closes its channel), all at once, beside
+    the users' (round trips one after another cost ~0.1 s a test)."""
+    users = asyncio.create_task(asyncio.to_thread(delete_users, amqp_url, names.namespace))
     conn = await aio_pika.connect(amqp_url)
+
+    async def delete(queue: str = "", exchange: str = "") -> None:
+        ch = await conn.channel()
+        try:
+            await (ch.queue_delete(queue) if queue else ch.exchange_delete(exchange))
+        except Exception:
+            pass
+        finally:
+            if not ch.is_closed:
+                await ch.close()
+
     try:
         topo = topology(names, capabilities)
         queues = [q.name for j in {names.job, *jobs} for q in topology(names.for_job(j), capabilities).queues]
         queues += [names.for_job(j).coordinator_queue for j in {names.job, *jobs}]
-        for q in dict.fromkeys(queues):
-            ch = await conn.channel()
-            try:
-                await ch.queue_delete(q)
-            except Exception:
-                pass
-            finally:
-                if not ch.is_closed:
-                    await ch.close()
-        for ex in topo.exchanges:
-            ch = await conn.channel()
-            try:
-                await ch.exchange_delete(ex.name)
-            except Exception:
-                pass
-            finally:
-                if not ch.is_closed:
-                    await ch.close()
+        await asyncio.gather(*(delete(queue=q) for q in dict.fromkeys(queues)))
+        await asyncio.gather(*(delete(exchange=ex.name) for ex in topo.exchanges))
     finally:
         await conn.close()
-    await asyncio.to_thread(delete_users, amqp_url, names.namespace)
+        await users
 
 
 SHARED_MANAGEMENT = "http://127.0.0.1:15672/"
