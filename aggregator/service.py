@@ -334,7 +334,7 @@ class Aggregator(Service):
     async def _on_update(self, delivery: Delivery, message: Update, signer: str) -> None:
         assert self.core is not None
         raw = delivery.body
-        metrics.received(self.job_id, "aggregator", len(raw) + message.delta_size)
+        metrics.received(self.job_id, "aggregator", len(raw))  # its claim-checked delta once fetched
         if delivery.redelivered:
             # The broker gave us again a message we already hold (our channel was restored):
             # the new delivery is the one to ack; the update counts once.
@@ -368,7 +368,7 @@ class Aggregator(Service):
             await self._reject(delivery, message, result, signer)
             return
         accepted, message = result
-        self.held.append(Held(message, accepted, len(raw) + message.delta_size, [delivery], task))
+        self.held.append(Held(message, accepted, self._wire_size(raw, message), [delivery], task))
         self.log.debug("update_buffered", task=message.task_id, buffered=len(self.held))
         self._receipt(message, "buffered", "", accepted.staleness)
         if self.core.ready():
@@ -458,9 +458,17 @@ class Aggregator(Service):
                     await self._reject(d, p.update, result, p.signer)
                 continue
             accepted, update = result
-            size = len(p.deliveries[0].body) + update.delta_size
-            self.held.append(Held(update, accepted, size, p.deliveries, p.task))
+            self.held.append(Held(update, accepted, self._wire_size(p.deliveries[0].body, update), p.deliveries, p.task))
             self._receipt(update, "buffered", "", accepted.staleness)
+
+    def _wire_size(self, raw: bytes, update: Update) -> int:
+        """What an accepted update cost on the wire: its message, and its claim-checked delta, whose
+        size was checked when it was fetched. An inline update's ``delta_size`` is the sender's
+        word only (it could claim any figure), so it never counts."""
+        if not update.delta_key:
+            return len(raw)
+        metrics.received(self.job_id, "aggregator", update.delta_size)
+        return len(raw) + update.delta_size
 
     async def _settle_rounds(self) -> None:
         """Ack the opening messages of the rounds that are over."""

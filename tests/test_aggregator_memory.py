@@ -22,7 +22,7 @@ from aggregator.service import CATCH_UP_SECONDS, Aggregator
 from broker_config.names import USER_HEADER, Names
 from broker_config.permissions import BrokerRole, user_name
 from shared.aggregation import Clip, Policy
-from shared.codec import decode
+from shared.codec import decode, encode
 from shared.errors import CorruptVersionError, StoreError, UnsignedVersionError
 from shared.ledger import read_lines
 from shared.messages import Receipt, Receipts, Update
@@ -34,7 +34,7 @@ from shared.tensors import FlatModel
 from shared.transport import Delivery
 from shared.transport.memory import MemoryTransport
 from tests.support.broker import connect_like, drain
-from tests.support.messages import JOB, save_version
+from tests.support.messages import JOB, an_update, save_version
 from tests.support.rigs import AggregatorRig, aggregator_rig, held_updates_survive_a_lost_link
 from tests.support.waiting import WAIT, until
 
@@ -833,4 +833,20 @@ async def test_a_restarted_aggregator_goes_on_from_the_stored_moments_and_privac
         assert two.dp_epsilon is not None and two.dp_epsilon > one.dp_epsilon
         seeds = [r for r in read_lines(rig.ledger_path) if r.get("kind") == NOISE_RECORD]
         assert [r["version"] for r in seeds] == [1, 2]
+        await rig.stop_and_assert_all_acked()
+
+
+async def test_an_inline_updates_claimed_size_never_counts_as_bytes(
+    mem: MemoryTransport, names: Names, tmp_path: Path
+) -> None:
+    """``delta_size`` is checked only for a claim-checked delta; on an inline update it is the
+    sender's word, so neither the ledger's bytes (cost accounting) nor the metrics take it."""
+    async with aggregator_rig(mem, names, tmp_path, k=1) as rig:
+        tid = uuid.uuid4().hex
+        honest = an_update(rig.model, task_id=tid, job_id=rig.store.job_id, task=rig.token(tid))
+        body = encode(dataclasses.replace(honest, delta_size=10**15), rig.worker)
+        await rig.send(body)
+        await rig.wait_version(1)
+        applied = [r for r in read_lines(rig.ledger_path) if r.get("fate") == "applied"]
+        assert [r["bytes"] for r in applied] == [len(body)]
         await rig.stop_and_assert_all_acked()
