@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import stat
 import subprocess
 import sys
@@ -387,6 +388,21 @@ def test_apply_keeps_passwords_and_says_why_it_cannot(node: PrivateRabbit, tmp_p
     assert not any(p in out.read_text() for p in before)
 
 
+LOGIN = re.compile(r" - ([^)]+)\): user '([^']+)' authenticated and granted access")
+
+
+def logged_logins(marks: dict[Path, int]) -> dict[str, str]:
+    """The logins a node's log files hold past ``marks`` (their sizes before): connection name -> user."""
+    found = {}
+    for log, start in marks.items():
+        with log.open("rb") as fh:
+            fh.seek(start)
+            for line in fh.read().decode(errors="replace").splitlines():
+                if match := LOGIN.search(line):
+                    found[match.group(1)] = match.group(2)
+    return found
+
+
 def test_fedq_run_gives_each_process_its_own_broker_user(node: PrivateRabbit, tmp_path: Path) -> None:
     """A whole ``fedq run`` on the private node with --broker-users on, started by an operator whose
     password is in --amqp-url: while it runs, every process's connection logs in as its role's user (no
@@ -401,18 +417,22 @@ def test_fedq_run_gives_each_process_its_own_broker_user(node: PrivateRabbit, tm
     management.call("PUT", "/api/users/operator", {"password": password, "tags": "administrator"})
     management.call("PUT", "/api/permissions/%2F/operator", {"configure": ".*", "write": ".*", "read": ".*"})
     admin_url = node.amqp_url.replace("guest:guest", f"operator:{password}")
+    marks = {log: log.stat().st_size for log in node.logs.glob("*.log")}  # this test's logins only
     proc = start_run(
         out, names, *FINISHED_RUN, "--job", names.job, "--management-url", node.management_url,
-        "--broker-users", "on", amqp_url=admin_url,
+        "--broker-users", "on", "--delay-profile", "0.5*2", amqp_url=admin_url,
     )  # fmt: skip
     try:
+        # Every login as the node logs it: the tiny job's coordinator can connect, finish and leave
+        # between two connection listings on a loaded machine (a rabbitmqctl call takes seconds there).
+        # The workers' half second of delay per task keeps the processes alive for the checks below.
         deadline = time.monotonic() + 120
         logins: dict[str, str] = {}
         while time.monotonic() < deadline and proc.poll() is None and len(logins) < 4:
-            for name, (user, _, _) in node.connections().items():  # every login seen while it runs
+            for name, user in logged_logins(marks).items():
                 if name.startswith("fedq-") and name.endswith(("runjob", "w00", "w01")):
                     logins[name] = user
-            time.sleep(0.2)
+            time.sleep(0.1)
         assert logins == {
             "fedq-coordinator-runjob": "pm.runjob.coordinator",
             "fedq-aggregator-runjob": "pm.runjob.aggregator",
