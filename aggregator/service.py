@@ -561,6 +561,16 @@ class Aggregator(Service):
         )
         await self._settle_rounds()
 
+    @staticmethod
+    async def _digest(body: bytes, reason: Reason) -> str | None:
+        """A rejected message's sha256, hashed off the event loop when large; none for one refused
+        as too large: a flood of them must cost no more than their length was looked at."""
+        if reason is Reason.TOO_LARGE:
+            return None
+        if len(body) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(lambda: hashlib.sha256(body).hexdigest())
+        return hashlib.sha256(body).hexdigest()
+
     async def _reject(
         self, delivery: Delivery, update: Update | None, rejected: Rejected, signer: str
     ) -> None:
@@ -577,7 +587,7 @@ class Aggregator(Service):
             "staleness": rejected.staleness,
             "worker_id": update.worker_id if update else "",
             "redelivered": delivery.redelivered,
-            "digest": hashlib.sha256(delivery.body).hexdigest(),  # one message, however often delivered
+            "digest": await self._digest(delivery.body, rejected.reason),  # one message, however often delivered
             **claimed_costs(update),
         }
         self.ledger.write(record)

@@ -378,7 +378,6 @@ class Coordinator(Service):
         task = await self.tasks.make(self.latest, capability, round_number, ttl, now)
         body = encode(task, self.signer)
         self.scheduler.issued(task.task_id, capability, task.base_version, task.deadline, len(body), now)
-        metrics.task_issued(self.job_id, capability, len(body))
         await self.transport.publish(
             self.names.tasks_exchange,
             self.names.task_key(capability),
@@ -386,6 +385,7 @@ class Coordinator(Service):
             expiration=ttl,
             message_id=task.task_id,
         )
+        metrics.task_issued(self.job_id, capability, len(body))  # published: a failed publish is no task
 
     async def _evaluate(self, pending: Pending) -> float:
         latest, version = self.latest, pending.ann.version

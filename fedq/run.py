@@ -119,6 +119,16 @@ def _flags(settings: Settings, command: str) -> list[str]:
     return out
 
 
+def check_metrics_ports(base: int, workers: int) -> None:
+    """``--metrics-port P`` gives the run P and its processes the ports after it: all must be ports."""
+    last = base + 2 + workers  # the run, the aggregator, the coordinator, each worker
+    if base and not (base > 0 and last <= 65535):
+        raise ConfigError(
+            f"--metrics-port {base}: the run and its {workers + 2} processes take ports {base}-{last}, "
+            "which must lie within 1-65535 (0: no metrics)"
+        )
+
+
 async def latest_epsilon(settings: Settings) -> float | None:
     """Epsilon after the newest stored version of the run's job (``None``: none, or no DP)."""
     store = ModelStore(open_store(settings.store, settings), settings.job)
@@ -319,6 +329,7 @@ def run_job(
     AggregatorConfig.from_settings(settings)  # a bad policy flag stops us here, not in a child a while later
     CoordinatorConfig.from_settings(settings)
     check_message_cap(settings.max_message_bytes, settings.inline_limit)  # before any folder is made
+    check_metrics_ports(settings.metrics_port, workers)
     run_dir = new_run_dir(settings)
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"{run_dir} already holds a finished run; choose another --out")

@@ -9,6 +9,7 @@ only ``serve`` opens a socket. The ``job`` label is fedq's job id: scrape with
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_se
 from shared.errors import ConfigError
 
 DEFAULT_HOST = "127.0.0.1"
+MAX_LATENCY = 7 * 24 * 3600.0  # seconds: a latency beyond a week is a worker's clock or word, not a delay
 
 # -- the aggregator -------------------------------------------------------------------------------
 UPDATES_ACCEPTED = Counter(
@@ -120,7 +122,9 @@ def applied(job: str, staleness: int, sent_at: float, now: float) -> None:
     """An update applied in a version stored at ``now`` (the aggregator's clock)."""
     UPDATES_ACCEPTED.labels(job).inc()
     STALENESS.labels(job).observe(staleness)
-    LATENCY.labels(job).observe(max(0.0, now - sent_at))
+    latency = now - sent_at  # sent_at is the worker's clock and word: a nonsense figure is left out
+    if math.isfinite(latency) and 0.0 <= latency <= MAX_LATENCY:
+        LATENCY.labels(job).observe(latency)
 
 
 def rejected(job: str, reason: str) -> None:
@@ -200,15 +204,17 @@ def serving() -> bool:
 def serve(port: int, role: str, host: str = DEFAULT_HOST) -> None:
     """Count a start of ``role`` and, with ``port`` > 0, serve every metric of the process at
     ``http://host:port/metrics`` from a daemon thread (once per port, however often called)."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--metrics-port {port}: a port is 1-65535 (0: no metrics)")
     STARTS.labels(role).inc()
-    if port <= 0:
+    if port == 0:
         return
     with _lock:
         if port in _served:
             return
         try:
             _served[port] = start_http_server(port, addr=host, registry=REGISTRY)
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             raise ConfigError(
-                f"--metrics-port {port}: cannot listen on {host}:{port}: {exc.strerror or exc}"
+                f"--metrics-port {port}: cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}"
             ) from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import math
 import time
 import uuid
@@ -27,6 +28,7 @@ from shared.errors import CorruptVersionError, StoreError, UnsignedVersionError
 from shared.ledger import read_lines
 from shared.messages import Receipt, Receipts, Update
 from shared.privacy import Dp
+from shared.reasons import Reason
 from shared.server_opt import ServerOpt
 from shared.signing import Keyring, Role, Signer
 from shared.store import Manifest, manifest_key
@@ -850,3 +852,10 @@ async def test_an_inline_updates_claimed_size_never_counts_as_bytes(
         applied = [r for r in read_lines(rig.ledger_path) if r.get("fate") == "applied"]
         assert [r["bytes"] for r in applied] == [len(body)]
         await rig.stop_and_assert_all_acked()
+
+
+async def test_a_message_refused_as_too_large_is_not_hashed() -> None:
+    """Its length alone was looked at: a flood of them must not cost a hash each on the event loop."""
+    big = b"\0" * (3 << 20)
+    assert await Aggregator._digest(big, Reason.TOO_LARGE) is None
+    assert await Aggregator._digest(big, Reason.UNDECODABLE) == hashlib.sha256(big).hexdigest()

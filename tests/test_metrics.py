@@ -6,6 +6,7 @@ Metrics live in the process's one registry, shared by every test: each test read
 
 from __future__ import annotations
 
+import math
 import socket
 import subprocess
 import sys
@@ -13,10 +14,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client import REGISTRY
 
-from fedq.run import Launcher, run_pids
+from fedq.run import Launcher, check_metrics_ports, run_pids
 from shared import metrics
+from shared.errors import ConfigError
 from shared.messages import Update
 from shared.settings import Settings
 from shared.transport.memory import MemoryTransport
@@ -39,7 +42,8 @@ def free_port() -> int:
 
 
 def test_importing_the_module_opens_nothing_and_names_what_it_exports() -> None:
-    code = "import shared.metrics as m, sys; assert not m.serving(); print('socket' in sys.modules)"
+    # no server, no thread: importing it listens on nothing (the child fails on a broken assert)
+    code = "import shared.metrics as m, threading; assert not m.serving(); assert threading.active_count() == 1"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     names = metrics.exported_names()
     assert {"fedq_updates_accepted_total", "fedq_update_staleness_bucket", "fedq_version"} <= names
@@ -159,3 +163,19 @@ def test_fedq_run_gives_each_process_its_own_port_and_lists_it(tmp_path: Path) -
     assert '"metrics_port": 9301' in listed
     off = Launcher(Settings(), tmp_path / "off", tmp_path / "keys")
     assert off.metrics_port("aggregator") == 0
+
+
+def test_a_port_out_of_range_is_a_clear_error_and_a_nonsense_latency_is_left_out() -> None:
+    for port in (-1, 70000):
+        with pytest.raises(ConfigError, match="--metrics-port"):
+            metrics.serve(port, "test")
+    with pytest.raises(ConfigError, match="1-65535"):
+        check_metrics_ports(65530, 10)
+    check_metrics_ports(0, 10)  # off
+    before = value("fedq_update_latency_seconds_count", job="clock")
+    total = value("fedq_update_latency_seconds_sum", job="clock")
+    for sent_at in (-math.inf, math.nan, 2e9, -1e300):  # a worker's clock or word
+        metrics.applied("clock", 0, sent_at, 1_800_000_000.0)
+    metrics.applied("clock", 0, 1_799_999_999.0, 1_800_000_000.0)
+    assert value("fedq_update_latency_seconds_count", job="clock") - before == 1
+    assert value("fedq_update_latency_seconds_sum", job="clock") - total == 1.0
