@@ -8,16 +8,17 @@ Where each figure comes from:
 
 - CPU and wall seconds of training, bytes down (the task message and any model fetched apart
   from it) and the org: the worker's own word, carried in its update and kept in its ledger
-  record. A worker can claim any org, so an org is what the worker says, not what fedq checked.
-- Tasks done (each task whose update reached the aggregator, once), bytes up, updates applied and
-  rejected, samples (of applied updates): the aggregator's ledger.
+  record, counted for applied updates only (a rejected message's claims are its sender's word). A
+  worker can claim any org, so an org is what the worker says, not what fedq checked.
+- Tasks done (each task of an applied update, once), bytes up, updates applied and rejected,
+  samples (of applied updates): the aggregator's ledger.
 - Tasks expired and redelivered: the workers' own counts in their hellos, as the coordinator last
   heard them (``coordinator.json``): up to one heartbeat behind when the job ended.
 - Store bytes: each version's model (its manifest's ``size``) plus its server optimizer state.
 
-One update message counts once however often it was delivered (records with the same
-``digest``: a resend after a lost confirm, a redelivery after a restart): its bytes up and the
-costs its worker reports. Each ledger record still counts as applied or rejected.
+One update message counts once however often it was delivered or recorded (records with the same
+``digest``: a resend after a lost confirm, a redelivery after a restart, a pending record then the
+same message applied): one fate, an applied record winning (``shared.ledger.one_per_message``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.ledger import read_lines
+from shared.ledger import COST_CAPS, one_per_message, read_lines
+from shared.org import received_org
 from shared.reasons import Fate
 from shared.store import SERVER_STATE
 
@@ -43,7 +45,7 @@ NO_ORG = "-"  # the org column of a worker that claims none
 UNKNOWN_WORKER = "-"  # rejected messages whose sender could not be read
 STORE_ROW = "(store)"  # the versions' storage, a row of its own when costs are by worker or org
 TOTAL_ROW = "total"
-_COUNTED = (Fate.APPLIED, Fate.REJECTED, Fate.PENDING)
+HELLO_COUNT_MAX = 10**9  # the most tasks a worker's hello may count; more is a lie (or a bug)
 
 
 class By(StrEnum):
@@ -162,36 +164,42 @@ class Row:
 
 
 def _number(record: Mapping[str, Any], key: str) -> float:
+    """A figure of a ledger record: 0 unless a finite number of 0 or more; a claim at most its cap."""
     value = record.get(key, 0)
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) and value >= 0 else 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return 0.0
+    return min(float(value), COST_CAPS.get(key, math.inf))
+
+
+def _count(counts: Mapping[str, Any], key: str) -> int:
+    """A task count of a worker's hellos (coordinator.json): an int from 0 to ``HELLO_COUNT_MAX``, else 0."""
+    value = counts.get(key, 0) if isinstance(counts, Mapping) else 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return min(max(value, 0), HELLO_COUNT_MAX)
 
 
 def _update_usage(ledger: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int | None], Usage]:
-    """Usage from the ledger per (worker id, version applied in: None when not applied)."""
+    """Usage from the ledger per (worker id, version applied in: None when not applied), one record
+    per message (``one_per_message``). What a worker claims (its task, CPU and wall seconds, bytes
+    down) counts only for an applied update: a rejected message's claims are its sender's word."""
     out: dict[tuple[str, int | None], Usage] = {}
-    seen: set[str] = set()
-    records = [r for r in ledger if r.get("fate") in _COUNTED]  # not a DP noise seed, a rollback
-    applied_tasks = {r.get("task_id") for r in records if r["fate"] == Fate.APPLIED}
     done: set[str] = set()
-    for i, r in enumerate(records):
+    for r in one_per_message(ledger):
         fate = r["fate"]
         applied = fate == Fate.APPLIED
         key = (str(r.get("worker_id") or UNKNOWN_WORKER), int(r["version"]) if applied else None)
         u = out.setdefault(key, Usage())
-        u.updates_applied += applied
         u.updates_rejected += fate == Fate.REJECTED
-        if applied:
-            u.samples += int(_number(r, "num_samples"))
+        u.bytes_up += int(_number(r, "bytes"))
+        if not applied:
+            continue
+        u.updates_applied += 1
+        u.samples += int(_number(r, "num_samples"))
         task = str(r.get("task_id") or "")
-        # a task is done once, where it was applied if it was, else at its first record
-        if task and task not in done and (applied or task not in applied_tasks):
+        if task and task not in done:  # a task is done once
             done.add(task)
             u.tasks_done += 1
-        message = str(r.get("digest") or f"record-{i}")  # an old ledger without digests: each counts
-        if message in seen:
-            continue
-        seen.add(message)
-        u.bytes_up += int(_number(r, "bytes"))
         u.bytes_down += int(_number(r, "bytes_down"))
         u.cpu_seconds += _number(r, "cpu_seconds")
         u.wall_seconds += _number(r, "wall_seconds")
@@ -199,11 +207,13 @@ def _update_usage(ledger: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int | 
 
 
 def worker_orgs(records: Records) -> dict[str, str]:
-    """Each worker's org as it last claimed it: in its updates, else in its hellos."""
-    orgs = {w: o for w, o in records.orgs.items() if o}
+    """Each worker's org as it last claimed it: in its applied updates, else in its hellos (an org
+    that fails ``check_org`` is none)."""
+    claimed = {str(w): received_org(o) for w, o in records.orgs.items()}
+    orgs = {w: o for w, o in claimed.items() if o}
     for r in records.ledger:
-        if r.get("org") and r.get("worker_id"):
-            orgs[str(r["worker_id"])] = str(r["org"])
+        if r.get("fate") == Fate.APPLIED and r.get("worker_id") and (org := received_org(r.get("org"))):
+            orgs[str(r["worker_id"])] = org
     return orgs
 
 
@@ -214,8 +224,8 @@ def by_worker(records: Records) -> dict[str, Usage]:
         out.setdefault(worker, Usage()).add(u)
     for worker, counts in records.task_counts.items():
         u = out.setdefault(worker, Usage())
-        u.tasks_expired += int(counts.get("expired", 0))
-        u.tasks_redelivered += int(counts.get("redelivered", 0))
+        u.tasks_expired += _count(counts, "expired")
+        u.tasks_redelivered += _count(counts, "redelivered")
     return dict(sorted(out.items()))
 
 
@@ -230,8 +240,8 @@ def by_version(records: Records) -> dict[int | None, Usage]:
         out.setdefault(version, Usage()).add(u)
     tasks = Usage()
     for counts in records.task_counts.values():
-        tasks.tasks_expired += int(counts.get("expired", 0))
-        tasks.tasks_redelivered += int(counts.get("redelivered", 0))
+        tasks.tasks_expired += _count(counts, "expired")
+        tasks.tasks_redelivered += _count(counts, "redelivered")
     if tasks != Usage():
         out.setdefault(None, Usage()).add(tasks)
     return dict(sorted(out.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
@@ -349,6 +359,12 @@ def _shown(text: str) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
+def _csv_label(text: str) -> str:
+    """A label as a CSV cell a spreadsheet will not run: one that starts like a formula (= + - @,
+    a tab or a carriage return) gets a leading quote; our own "-" (no org, no sender) stays."""
+    return "'" + text if text != "-" and text.startswith(("=", "+", "-", "@", "\t", "\r")) else text
+
+
 def _size(n: int) -> str:
     for unit, step in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
         if n >= step:
@@ -364,7 +380,8 @@ def render(table: list[Row], by: By, prices: Prices | None = None, csv_out: bool
     lines: list[list[str]] = []
     for row in table:
         u = row.usage.to_dict()
-        cells = [_shown(row.key)] + ([_shown(row.org)] if by is By.WORKER else [])
+        names = [_shown(row.key)] + ([_shown(row.org)] if by is By.WORKER else [])
+        cells = [_csv_label(t) for t in names] if csv_out else names
         for name, _ in COLUMNS:
             value = u[name]
             if csv_out:

@@ -4,31 +4,64 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from shared.messages import Update
+from shared.org import received_org
+from shared.reasons import Fate
 
 # An update's metrics that the ledger keeps, under the ledger's names: what the task cost its worker
 # (``worker.training.COST_METRICS``), which ``fedq cost`` sums.
 COST_KEYS = {"cpu_seconds": "cpu_seconds", "train_seconds": "wall_seconds", "bytes_down": "bytes_down"}
+# The most one update may claim of each (under the ledger's names): a claim beyond is cut down to it,
+# so that no sum of claims overflows to infinity.
+COST_CAPS = {"cpu_seconds": 1e7, "wall_seconds": 1e7, "bytes_down": 1e12}
+UPDATE_FATES = (Fate.APPLIED, Fate.REJECTED, Fate.PENDING)  # the fates of an update's records
+_PRECEDENCE = {Fate.APPLIED: 2, Fate.REJECTED: 1, Fate.PENDING: 0}  # which record of a message wins
 
 
 def claimed_costs(update: Update | None) -> dict[str, Any]:
     """What an update says it cost its worker, for its ledger record: CPU and wall seconds of
     training, bytes taken in, and the worker's ``org``. All are the worker's own word (a worker can
-    claim any org); a figure that is not a finite number of 0 or more is left out."""
+    claim any org); a figure that is not a finite number of 0 or more is left out, one above its
+    ``COST_CAPS`` cut down to it, an org that fails ``check_org`` left out."""
     if update is None:
         return {}
     record: dict[str, Any] = {}
     for metric, key in COST_KEYS.items():
         value = update.metrics.get(metric)
-        if isinstance(value, int | float) and math.isfinite(value) and value >= 0:
-            record[key] = value
-    if update.org:
-        record["org"] = update.org
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+            record[key] = min(value, COST_CAPS[key])
+    if org := received_org(update.org):
+        record["org"] = org
     return record
+
+
+def one_per_message(ledger: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The ledger's update records, one per message: of the records sharing a ``digest`` (a pending
+    record then the same message applied after a restart, a duplicate of an applied message, a parked
+    update rejected once per delivery) the applied one wins, else the rejected one, else the first.
+    Records without a digest (an old ledger) are kept as they are; records of no update (a DP noise
+    seed, a rollback) are left out. In the order each message was first recorded."""
+    out: list[Mapping[str, Any]] = []
+    where: dict[str, int] = {}
+    for r in ledger:
+        fate = r.get("fate")
+        if fate not in UPDATE_FATES:
+            continue
+        digest = r.get("digest")
+        if not isinstance(digest, str) or not digest:
+            out.append(r)
+            continue
+        i = where.get(digest)
+        if i is None:
+            where[digest] = len(out)
+            out.append(r)
+        elif _PRECEDENCE[Fate(fate)] > _PRECEDENCE[Fate(out[i]["fate"])]:
+            out[i] = r
+    return out
 
 
 class JsonLines:

@@ -4,6 +4,8 @@ the sums in its ledger."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from collections import Counter
@@ -31,7 +33,7 @@ from fedq.cost import (
 )
 from shared.codec import decode, encode
 from shared.errors import ConfigError
-from shared.ledger import claimed_costs, read_lines
+from shared.ledger import claimed_costs, one_per_message, read_lines
 from shared.messages import Hello, Update
 from shared.settings import Settings
 from shared.signing import Keyring, Role, Signer
@@ -77,13 +79,14 @@ def by_key(by: By, prices: Prices | None = None) -> dict[str, Any]:
 def test_per_worker_rows_count_each_message_once() -> None:
     t = by_key(By.WORKER)
     w1 = t["w1"].usage
-    assert (w1.updates_applied, w1.updates_rejected, w1.samples) == (2, 1, 21)
+    assert (w1.updates_applied, w1.updates_rejected, w1.samples) == (2, 0, 21)  # "a"'s duplicate: one fate
     assert (w1.bytes_up, w1.bytes_down) == (210, 105)  # "a" once, "e" once
     assert math.isclose(w1.cpu_seconds, 3.5) and math.isclose(w1.wall_seconds, 4.5)
     assert (w1.tasks_done, w1.tasks_expired, w1.tasks_redelivered) == (2, 1, 1)  # t1 and t4, from the ledger
     assert t["w1"].org == "hosp-a" and t["w2"].org == "hosp-b" and t["w3"].org == "hosp-a"
     w2 = t["w2"].usage
     assert (w2.updates_applied, w2.updates_rejected, w2.bytes_up, w2.samples) == (1, 1, 500, 20)
+    assert (w2.tasks_done, w2.cpu_seconds, w2.wall_seconds, w2.bytes_down) == (1, 3.0, 4.0, 60)  # not t3's claims
     assert t["w3"].usage == Usage(tasks_expired=2)
     assert t["-"].usage == Usage(updates_rejected=1, bytes_up=7)  # no sender to name
     assert t[STORE_ROW].usage == Usage(store_bytes=3200)
@@ -91,7 +94,7 @@ def test_per_worker_rows_count_each_message_once() -> None:
 
 def test_every_view_adds_up_to_the_same_total() -> None:
     total = totals(RECORDS)
-    assert (total.updates_applied, total.updates_rejected, total.bytes_up, total.store_bytes) == (3, 3, 717, 3200)
+    assert (total.updates_applied, total.updates_rejected, total.bytes_up, total.store_bytes) == (3, 2, 717, 3200)
     for by in By:
         table = rows(RECORDS, by)
         assert table[-1].key == TOTAL_ROW and table[-1].usage == total, by
@@ -110,7 +113,7 @@ def test_per_org_and_per_version() -> None:
     assert versions["v0"].usage == Usage(store_bytes=1000)
     assert versions["v1"].usage.store_bytes == 1200 and versions["v1"].usage.updates_applied == 2
     assert versions["v2"].usage.samples == 11
-    assert versions["-"].usage.updates_rejected == 3 and versions["-"].usage.tasks_done == 1  # t3
+    assert versions["-"].usage.updates_rejected == 2 and versions["-"].usage.tasks_done == 0  # t3 was rejected
     assert versions["-"].usage.tasks_expired == 3
     assert (versions["v1"].usage.tasks_done, versions["v2"].usage.tasks_done) == (2, 1)
 
@@ -134,13 +137,15 @@ def test_render_table_and_csv() -> None:
     head, *body = [line.split(",") for line in csv_text.splitlines()]
     assert head[0] == "org" and head[-1] == "cost_EUR" and len(body) == 5
     total = dict(zip(head, body[-1], strict=True))
-    assert total["bytes_up"] == "717" and total["store_bytes"] == "3200" and total["updates_rejected"] == "3"
+    assert total["bytes_up"] == "717" and total["store_bytes"] == "3200" and total["updates_rejected"] == "2"
 
 
 def test_a_claimed_org_cannot_write_to_the_terminal() -> None:
-    records = Records(ledger=({"fate": "applied", "worker_id": "w9", "version": 1, "org": "\x1b[2Jx"},))
+    records = Records(ledger=({"fate": "applied", "worker_id": "w9\x1b[2J", "version": 1, "org": "\x1b[2Jx"},))
     text = render(rows(records, By.ORG), By.ORG)
-    assert "\x1b" not in text and "\\x1b[2Jx" in text
+    assert "\x1b" not in text and "2Jx" not in text  # an org that fails check_org is none
+    text = render(rows(records, By.WORKER), By.WORKER)
+    assert "\x1b" not in text and "w9\\x1b[2J" in text
 
 
 @pytest.mark.parametrize(
@@ -239,18 +244,18 @@ def test_a_finished_runs_cost_totals_are_the_sums_in_its_ledger(run: tuple[Path,
     run_dir, _ = run
     cost = json.loads((run_dir / "summary.json").read_text())["cost"]
     ledger = [r for r in read_lines(run_dir / "ledger.jsonl") if r.get("fate") in ("applied", "rejected", "pending")]
-    fates = Counter(r["fate"] for r in ledger)
     applied = [r for r in ledger if r["fate"] == "applied"]
     assert applied and all({"cpu_seconds", "wall_seconds", "bytes_down"} <= set(r) for r in applied)
-    messages = {r["digest"]: r for r in ledger}  # one message, however often recorded
+    fates = Counter(r["fate"] for r in one_per_message(ledger))  # one fate per message, applied winning
     assert cost["updates_applied"] == fates["applied"] and cost["updates_rejected"] == fates["rejected"]
     assert cost["samples"] == sum(r["num_samples"] for r in applied)
-    assert cost["bytes_up"] == sum(r["bytes"] for r in messages.values())
-    assert cost["bytes_down"] == sum(r.get("bytes_down", 0) for r in messages.values())
-    assert math.isclose(cost["cpu_seconds"], sum(r.get("cpu_seconds", 0) for r in messages.values()), abs_tol=1e-5)
-    assert math.isclose(cost["wall_seconds"], sum(r.get("wall_seconds", 0) for r in messages.values()), abs_tol=1e-5)
+    assert cost["bytes_up"] == sum(r["bytes"] for r in one_per_message(ledger))
+    claims = {r["digest"]: r for r in applied}.values()  # claims count for applied updates only
+    assert cost["bytes_down"] == sum(r.get("bytes_down", 0) for r in claims)
+    assert math.isclose(cost["cpu_seconds"], sum(r.get("cpu_seconds", 0) for r in claims), abs_tol=1e-5)
+    assert math.isclose(cost["wall_seconds"], sum(r.get("wall_seconds", 0) for r in claims), abs_tol=1e-5)
     assert cost["cpu_seconds"] > 0 and cost["bytes_down"] > 0
-    assert cost["tasks_done"] == len({r["task_id"] for r in ledger}) >= fates["applied"]
+    assert cost["tasks_done"] == len({r["task_id"] for r in applied}) == fates["applied"]
     counts = json.loads((run_dir / "coordinator.json").read_text())["workers"]
     assert cost["tasks_expired"] == sum(c["expired"] for c in counts.values())
     assert cost["tasks_redelivered"] == sum(c["redelivered"] for c in counts.values())
@@ -263,3 +268,74 @@ def test_a_finished_runs_cost_totals_are_the_sums_in_its_ledger(run: tuple[Path,
     total = dict(zip(head, body[-1], strict=True))
     assert total["worker"] == "total" and int(total["bytes_up"]) == cost["bytes_up"]
     assert int(total["store_bytes"]) == cost["store_bytes"]
+
+
+# A pending record at a clean stop then the same message applied after the restart (its pending record
+# holds only the claim-checked message's length), a duplicate of an applied message, a parked update
+# rejected once per delivery, and records of an old ledger without digests.
+MANY_FATES: tuple[dict[str, Any], ...] = (
+    {"fate": "pending", "task_id": "t1", "worker_id": "w1", "digest": "a", "bytes": 40},
+    {"fate": "applied", "task_id": "t1", "worker_id": "w1", "version": 1, "digest": "a", "bytes": 4000,
+     "num_samples": 5, "cpu_seconds": 1.0},
+    {"fate": "rejected", "reason": "duplicate", "task_id": "t1", "worker_id": "w1", "digest": "a", "bytes": 4000},
+    {"fate": "rejected", "reason": "stale", "task_id": "t2", "worker_id": "w2", "digest": "b", "bytes": 30},
+    {"fate": "rejected", "reason": "stale", "task_id": "t2", "worker_id": "w2", "digest": "b", "bytes": 30},
+    {"fate": "pending", "task_id": "t3", "worker_id": "w2", "digest": "c", "bytes": 20},
+    {"fate": "rollback", "version": 2},
+    {"fate": "applied", "task_id": "t4", "worker_id": "w1", "version": 1, "bytes": 10},
+    {"fate": "applied", "task_id": "t5", "worker_id": "w1", "version": 1, "bytes": 10},
+)
+
+
+def test_one_message_one_fate_and_the_applied_record_wins() -> None:
+    kept = one_per_message(MANY_FATES)
+    assert [(r.get("digest"), r["fate"]) for r in kept] == [
+        ("a", "applied"), ("b", "rejected"), ("c", "pending"), (None, "applied"), (None, "applied"),
+    ]
+    assert kept[0]["bytes"] == 4000  # the applied record's, not the pending record's message length
+    total = totals(Records(ledger=MANY_FATES))
+    assert (total.updates_applied, total.updates_rejected, total.bytes_up) == (3, 1, 4070)
+    assert (total.tasks_done, total.samples, total.cpu_seconds) == (3, 5, 1.0)
+
+
+def test_a_rejected_message_claims_nothing() -> None:
+    hostile = tuple(
+        {"fate": "rejected", "reason": "unknown_task", "task_id": f"made-up-{n}", "worker_id": "w1", "digest": f"x{n}",
+         "bytes": 10, "cpu_seconds": 9e6, "wall_seconds": 9e6, "bytes_down": 10**11, "org": "victim"}
+        for n in range(3)
+    )
+    records = Records(ledger=hostile, orgs={"w1": "hosp-a"})
+    total = totals(records)
+    assert total == Usage(updates_rejected=3, bytes_up=30)
+    assert {r.key for r in rows(records, By.ORG)} == {"hosp-a", STORE_ROW, TOTAL_ROW}  # not "victim"
+
+
+def test_hello_task_counts_are_sanitised() -> None:
+    records = Records(ledger=(), task_counts={"w1": {"expired": -5, "redelivered": 10**30}, "w2": {"expired": "7"}})
+    total = totals(records)
+    assert (total.tasks_expired, total.tasks_redelivered) == (0, 10**9)
+
+
+def test_claims_are_capped_and_a_bad_org_is_dropped() -> None:
+    update = Update("t1", "j", "w1", 0, 5, "int8", 256, {"cpu_seconds": 1e300, "train_seconds": 2.0,
+                    "bytes_down": 1e30}, org="x" * 65)
+    assert claimed_costs(update) == {"cpu_seconds": 1e7, "wall_seconds": 2.0, "bytes_down": 1e12}
+    bad = Update("t1", "j", "w1", 0, 5, "int8", 256, {}, org="a\nb")
+    assert claimed_costs(bad) == {}
+    ledger = tuple({"fate": "applied", "worker_id": "w1", "version": 1, "digest": f"d{n}", "cpu_seconds": 1e308}
+                   for n in range(3))
+    assert totals(Records(ledger=ledger)).cpu_seconds == 3e7  # an old ledger's claims are capped too
+
+
+def test_csv_labels_cannot_be_formulas() -> None:
+    records = Records(ledger=(
+        {"fate": "applied", "worker_id": "w1", "version": 1, "digest": "a", "org": "=HYPERLINK(\"http://x\")"},
+        {"fate": "applied", "worker_id": "w2", "version": 1, "digest": "b", "org": "@SUM(A1)"},
+        {"fate": "applied", "worker_id": "w3", "version": 1, "digest": "c", "org": "+1"},
+    ))
+    table = list(csv.reader(io.StringIO(render(rows(records, By.WORKER), By.WORKER, csv_out=True))))
+    assert [line[1] for line in table[1:]] == ["'=HYPERLINK(\"http://x\")", "'@SUM(A1)", "'+1", "", ""]
+    table = list(csv.reader(io.StringIO(render(rows(records, By.ORG), By.ORG, csv_out=True))))
+    assert [line[0] for line in table[1:]] == ["'+1", "'=HYPERLINK(\"http://x\")", "'@SUM(A1)", STORE_ROW, TOTAL_ROW]
+    by_version = render(rows(Records(ledger=({"fate": "rejected", "digest": "x"},)), By.VERSION), By.VERSION, csv_out=True)
+    assert [line.split(",")[0] for line in by_version.splitlines()[1:]] == ["-", "total"]  # our own "-" stays

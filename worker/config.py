@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from broker_config.names import check_token
 from shared.errors import ConfigError
+from shared.org import check_org  # re-exported: where the worker checks its --org
 from shared.settings import Settings, split_capabilities
 
 
@@ -41,18 +42,6 @@ class WorkerConfig:
             dp_floor=_dp_floor(settings),
             org=check_org(settings.org),
         )
-
-
-ORG_MAX = 64
-
-
-def check_org(org: str) -> str:
-    """``--org`` as given, stripped; ``ConfigError`` for a label a table cannot show (control
-    characters, or more than ``ORG_MAX`` characters)."""
-    org = org.strip()
-    if len(org) > ORG_MAX or not org.isprintable():
-        raise ConfigError(f"--org must be at most {ORG_MAX} printable characters, not {org!r}")
-    return org
 
 
 def _dp_floor(settings: Settings) -> tuple[float, float] | None:
