@@ -13,8 +13,9 @@ The snapshot's keys are a contract for scripts (``fedq status --once --json``):
   counts over its restarts, from its hellos);
 - ``version``: ``latest`` (the newest version the coordinator adopted, the store holds or the ledger
   applied updates in), ``evaluated`` and its ``accuracy``, ``best_accuracy``;
-- ``updates``: ``applied``, ``rejected``, ``pending`` (one update message counts once however often
-  delivered), ``per_second`` (applied within the last ``window`` seconds), ``window``;
+- ``updates``: ``applied``, ``rejected``, ``pending`` (one update message, one fate however often
+  delivered, an applied record winning: ``shared.ledger.one_per_message``, as ``fedq cost`` and the
+  dashboard count), ``per_second`` (applied within the last ``window`` seconds), ``window``;
 - ``rejections``: rejected updates by reason;
 - ``tasks``: ``issued`` and ``in_flight``.
 """
@@ -26,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared.ledger import one_per_message
 from shared.reasons import Fate
 
 RATE_WINDOW = 60.0  # seconds of ledger the update rate is taken over
@@ -55,21 +57,11 @@ def snapshot(
     """One job's state as of ``now`` (see the module docstring for the keys)."""
     state = dict(coordinator or {})
     evaluations = [m for m in metrics if isinstance(m.get("version"), int)]
-    applied: dict[str, Mapping[str, Any]] = {}
-    rejected: dict[str, Mapping[str, Any]] = {}
-    pending: dict[str, Mapping[str, Any]] = {}
-    for n, r in enumerate(ledger):
-        key = str(r.get("digest") or r.get("task_id") or f"#{n}")  # one message counts once
-        fate = r.get("fate")
-        if fate == Fate.APPLIED:
-            applied.setdefault(key, r)
-        elif fate == Fate.REJECTED:
-            rejected.setdefault(key, r)
-        elif fate == Fate.PENDING:
-            pending.setdefault(key, r)
-    rejected = {k: r for k, r in rejected.items() if k not in applied}
-    pending = {k: r for k, r in pending.items() if k not in applied and k not in rejected}
-    times = sorted(float(r["t"]) for r in applied.values() if isinstance(r.get("t"), int | float))
+    messages = one_per_message(ledger)  # one message, one fate: as fedq cost and the dashboard count
+    applied = [r for r in messages if r["fate"] == Fate.APPLIED]
+    rejected = [r for r in messages if r["fate"] == Fate.REJECTED]
+    pending = [r for r in messages if r["fate"] == Fate.PENDING]
+    times = sorted(float(r["t"]) for r in applied if isinstance(r.get("t"), int | float))
     stopped = state.get("stop_reason") is not None
     live = [] if stopped else sorted(str(w) for w in state.get("workers_seen", []))
     counts = {str(w): dict(c) for w, c in sorted(state.get("workers", {}).items())}
@@ -81,7 +73,7 @@ def snapshot(
             state.get("latest_version"),
             stored_version,
             max(
-                (int(r["version"]) for r in applied.values() if isinstance(r.get("version"), int)),
+                (int(r["version"]) for r in applied if isinstance(r.get("version"), int)),
                 default=None,
             ),
             last["version"] if last else None,
@@ -117,7 +109,7 @@ def snapshot(
             "window": window,
         },
         "rejections": dict(
-            sorted(Counter(str(r.get("reason", "unknown")) for r in rejected.values()).items())
+            sorted(Counter(str(r.get("reason", "unknown")) for r in rejected).items())
         ),
         "tasks": {"issued": state.get("tasks_issued"), "in_flight": len(state.get("in_flight", {}))},
     }

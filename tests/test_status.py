@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedq import cost
 from fedq.status import RATE_WINDOW, QueueReading, snapshot
 from fedq.status_view import Tail, render
 from tests.support.jobs import ROOT, cli
@@ -170,3 +171,21 @@ def test_the_snapshot_is_pure() -> None:
         ).stdout.replace("'", '"')
     )
     assert not {"asyncio", "aio_pika", "aiormq", "aioboto3", "structlog", "rich", "torch"} & set(loaded)
+
+
+def test_updates_count_as_fedq_cost_counts_them() -> None:
+    ledger = [
+        {"fate": "pending", "digest": "a", "task_id": "t1", "worker_id": "w1", "bytes": 40},  # a clean stop
+        {"fate": "applied", "digest": "a", "task_id": "t1", "worker_id": "w1", "version": 1, "t": NOW - 5},
+        {"fate": "rejected", "digest": "a", "task_id": "t1", "worker_id": "w1", "reason": "duplicate"},
+        {"fate": "rejected", "digest": "b", "task_id": "t2", "worker_id": "w2", "reason": "stale"},
+        {"fate": "rejected", "digest": "b", "task_id": "t2", "worker_id": "w2", "reason": "stale"},  # parked
+        {"fate": "pending", "digest": "c", "task_id": "t3", "worker_id": "w2"},
+        # an old ledger's records, without digests: each kept as it is
+        {"fate": "applied", "task_id": "t9", "worker_id": "w1", "version": 1, "t": NOW - 4},
+        {"fate": "rejected", "task_id": "t9", "worker_id": "w1", "reason": "duplicate"},
+    ]
+    updates = snapshot("j", NOW, coordinator(), [], ledger, [])["updates"]
+    total = cost.totals(cost.Records(ledger=tuple(ledger)))
+    assert (updates["applied"], updates["rejected"], updates["pending"]) == (2, 2, 1)
+    assert (total.updates_applied, total.updates_rejected) == (updates["applied"], updates["rejected"])
