@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedq import cost
+from shared.ledger import one_per_message
 from shared.reasons import Fate
 
 SIZE_BINS = 12  # bars of the update-size histogram
@@ -92,7 +93,21 @@ def accuracy_series(metrics: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 
 
 def _updates(ledger: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return [r for r in ledger if r.get("fate") in (Fate.APPLIED, Fate.REJECTED, Fate.PENDING)]
+    """The ledger's update records, one per message, an applied record winning (as fedq cost and fedq
+    status count them)."""
+    return one_per_message(ledger)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every number that is not finite (NaN, an overflowed sum) turned into ``None``,
+    so that it encodes as strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def size_histogram(sizes: Sequence[int], bins: int = SIZE_BINS) -> list[dict[str, Any]]:
@@ -214,7 +229,7 @@ def snapshot(records: RunRecords, now: float) -> dict[str, Any]:
     series = accuracy_series(records.metrics)
     workers = participation(records)
     state = records.coordinator
-    return {
+    document = {
         "run": records.run,
         "job": records.job,
         "live": records.live,
@@ -255,3 +270,5 @@ def snapshot(records: RunRecords, now: float) -> dict[str, Any]:
         "each second; its worker registry follows their heartbeats), ledger.jsonl's last write",
         "cost": cost_table(records.cost),
     }
+    safe: dict[str, Any] = json_safe(document)  # the records are the processes' word: no NaN reaches JSON
+    return safe

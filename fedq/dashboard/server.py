@@ -84,7 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path in ("/", "/index.html"):
             self._send(HTTPStatus.OK, page.render(None, dash.poll_ms).encode(), "text/html; charset=utf-8")
         elif path == "/api/data":
-            self._send(HTTPStatus.OK, json.dumps(dash.document()).encode(), "application/json")
+            self._send(HTTPStatus.OK, json.dumps(dash.document(), allow_nan=False).encode(), "application/json")
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
 
