@@ -16,7 +16,7 @@ import pytest
 from fedq import cost
 from fedq.dashboard import page
 from fedq.dashboard.data import Process, QueueLook, Queues, RunRecords, size_histogram, snapshot
-from fedq.dashboard.server import Dashboard, Running, authorized, needs_token, token_for
+from fedq.dashboard.server import Dashboard, Running, authorized, host_allowed, needs_token, token_for
 from tests.support.jobs import cli
 
 NOW = 1_000_000.0
@@ -193,6 +193,23 @@ def test_the_server_asks_for_its_token(tmp_path: Path) -> None:
         status, body = get(f"{base}/api/data", {"Authorization": "Bearer tok"})
         assert status == 200 and [p["version"] for p in json.loads(body)["accuracy"]] == [0, 1, 2]
         assert get(f"{base}/nothing?token=tok")[0] == 404
+    finally:
+        running.close()
+
+
+def test_the_loopback_dashboard_answers_to_loopback_names_only(tmp_path: Path) -> None:
+    for host in ("127.0.0.1", "127.0.0.1:8642", "localhost", "LOCALHOST:1", "[::1]", "[::1]:8642"):
+        assert host_allowed("127.0.0.1", host), host
+    for host in ("evil.example", "evil.example:8642", "127.0.0.1.evil.example", "localhost:x", "::1", "", None):
+        assert not host_allowed("127.0.0.1", host), host
+    assert host_allowed("0.0.0.0", "evil.example")  # bound beyond the loopback, the token guards it
+    running = Running(Dashboard(run_folder(tmp_path)), "127.0.0.1", 0)
+    try:
+        base = f"http://127.0.0.1:{running.port}"
+        assert get(f"{base}/api/data")[0] == 200
+        assert get(f"{base}/api/data", {"Host": f"localhost:{running.port}"})[0] == 200
+        assert get(f"{base}/api/data", {"Host": f"rebound.example:{running.port}"})[0] == 403
+        assert get(f"{base}/", {"Host": "rebound.example"})[0] == 403
     finally:
         running.close()
 

@@ -1,14 +1,16 @@
 """``fedq dashboard``: serve a run folder's views over HTTP (the stdlib's threading server).
 
 Two routes: ``/`` the page (CSS and JS inlined), ``/api/data`` the document it polls, built
-afresh from the run folder on every request. Bound to 127.0.0.1 by default; bound to any other
-address it asks every request for a token (``?token=`` or ``Authorization: Bearer``), else 401.
+afresh from the run folder on every request. Bound to 127.0.0.1 by default, where it answers 403 to a
+request whose ``Host`` is not the loopback's (DNS rebinding); bound to any other address it asks
+every request for a token (``?token=`` or ``Authorization: Bearer``), else 401.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 import secrets
 import threading
 import time
@@ -54,6 +56,19 @@ def authorized(token: str | None, target: str, headers: Mapping[str, str]) -> bo
     return any(hmac.compare_digest(o.encode(), token.encode()) for o in offered)
 
 
+_LOOPBACK_HOST = re.compile(r"(127\.0\.0\.1|localhost|\[::1\])(:[0-9]{1,5})?")
+
+
+def host_allowed(bound: str, host_header: str | None) -> bool:
+    """May a request with this ``Host`` header be served by a dashboard bound to ``bound``? Bound to
+    the loopback (no token), only a request addressed to the loopback by name is: a web page whose
+    own name its DNS rebinds to 127.0.0.1 still sends that name (DNS rebinding). Bound elsewhere, the
+    token guards it."""
+    if needs_token(bound):
+        return True
+    return _LOOPBACK_HOST.fullmatch((host_header or "").strip().lower()) is not None
+
+
 @dataclass
 class Dashboard:
     """What a dashboard serves: a run folder, and for a live job a look at its queues."""
@@ -73,6 +88,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         dash = self.server.dashboard
+        if not host_allowed(str(self.server.server_address[0]), self.headers.get("Host")):
+            self._send(HTTPStatus.FORBIDDEN, b"this dashboard answers to 127.0.0.1, localhost or [::1] only\n", "text/plain")
+            return
         if not authorized(dash.token, self.path, {"Authorization": self.headers.get("Authorization", "")}):
             self._send(
                 HTTPStatus.UNAUTHORIZED,
