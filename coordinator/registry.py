@@ -6,6 +6,16 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from shared.messages import Hello
+from shared.org import received_org
+
+TASK_COUNT_MAX = 10**9  # the most tasks a hello's count (or a worker's total) may say
+
+
+def _task_count(n: object) -> int:
+    """A task count from the network: an int from 0 to ``TASK_COUNT_MAX`` (anything else is 0)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        return 0
+    return min(max(n, 0), TASK_COUNT_MAX)
 
 
 class WorkerChange(StrEnum):
@@ -38,8 +48,8 @@ class Registry:
     def observe(self, hello: Hello, signer: str, now: float) -> WorkerChange:
         """Record a hello; what it changed."""
         self._count(hello)
-        if hello.org:  # self-declared: kept as the worker's claim, for fedq cost
-            self.orgs[hello.worker_id] = hello.org
+        if org := received_org(hello.org):  # self-declared: kept as the worker's claim, for fedq cost
+            self.orgs[hello.worker_id] = org
         if hello.state == "down":
             return WorkerChange.LEFT if self.workers.pop(hello.worker_id, None) else WorkerChange.SEEN
         info = self.workers.get(hello.worker_id)
@@ -53,19 +63,19 @@ class Registry:
 
     def _count(self, hello: Hello) -> None:
         now = {
-            "received": hello.tasks_received,
-            "completed": hello.tasks_completed,
-            "expired": hello.tasks_expired,
-            "redelivered": hello.tasks_redelivered,
+            "received": _task_count(hello.tasks_received),
+            "completed": _task_count(hello.tasks_completed),
+            "expired": _task_count(hello.tasks_expired),
+            "redelivered": _task_count(hello.tasks_redelivered),
         }
         wid = hello.worker_id
         last = self._last.get(wid, {})
         base = self._base.setdefault(wid, dict.fromkeys(now, 0))
         if any(now[k] < last.get(k, 0) for k in now):  # the worker restarted: its counters did too
             for k in now:
-                base[k] += last.get(k, 0)
+                base[k] = _task_count(base[k] + last.get(k, 0))
         self._last[wid] = now
-        self.counts[wid] = {k: base[k] + now[k] for k in now}
+        self.counts[wid] = {k: _task_count(base[k] + now[k]) for k in now}
 
     def expire(self, now: float) -> list[str]:
         gone = [w for w, info in self.workers.items() if info.last_seen < now - self.timeout]

@@ -34,6 +34,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from coordinator.registry import TASK_COUNT_MAX
 from shared.errors import ConfigError
 from shared.ledger import COST_CAPS, one_per_message, read_lines
 from shared.org import received_org
@@ -45,7 +46,6 @@ NO_ORG = "-"  # the org column of a worker that claims none
 UNKNOWN_WORKER = "-"  # rejected messages whose sender could not be read
 STORE_ROW = "(store)"  # the versions' storage, a row of its own when costs are by worker or org
 TOTAL_ROW = "total"
-HELLO_COUNT_MAX = 10**9  # the most tasks a worker's hello may count; more is a lie (or a bug)
 
 
 class By(StrEnum):
@@ -172,11 +172,11 @@ def _number(record: Mapping[str, Any], key: str) -> float:
 
 
 def _count(counts: Mapping[str, Any], key: str) -> int:
-    """A task count of a worker's hellos (coordinator.json): an int from 0 to ``HELLO_COUNT_MAX``, else 0."""
+    """A task count of a worker's hellos (coordinator.json): an int from 0 to ``TASK_COUNT_MAX``, else 0."""
     value = counts.get(key, 0) if isinstance(counts, Mapping) else 0
     if isinstance(value, bool) or not isinstance(value, int):
         return 0
-    return min(max(value, 0), HELLO_COUNT_MAX)
+    return min(max(value, 0), TASK_COUNT_MAX)
 
 
 def _update_usage(ledger: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int | None], Usage]:
