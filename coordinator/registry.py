@@ -45,6 +45,13 @@ class Registry:
         self._base: dict[str, dict[str, int]] = {}
         self._last: dict[str, dict[str, int]] = {}
 
+    def restore(self, counts: dict[str, dict[str, int]], orgs: dict[str, str]) -> None:
+        """Take back what a saved state held, with the checks a hello's figures get: counts within
+        bounds, orgs that pass --org's check (a state file written before the checks may hold others)."""
+        for wid, c in counts.items():
+            self.counts[wid] = {k: _task_count(v) for k, v in c.items()}
+        self.orgs.update({wid: org for wid, raw in orgs.items() if (org := received_org(raw))})
+
     def observe(self, hello: Hello, signer: str, now: float) -> WorkerChange:
         """Record a hello; what it changed."""
         self._count(hello)

@@ -109,8 +109,7 @@ class Scheduler:
         self.state = state
         self.resumed = resumed
         self.registry = Registry(config.worker_timeout)
-        self.registry.counts.update(state.workers)
-        self.registry.orgs.update(state.orgs)
+        self.registry.restore(state.workers, state.orgs)
         self.updates_total = 0
         self._round: _Round | None = None
 

@@ -51,3 +51,14 @@ def test_an_org_that_fails_the_check_is_dropped_where_received() -> None:
         assert r.observe(replace(a_hello("a"), org=bad), "fp", now=2) == "seen"
     r.observe(replace(a_hello("b"), org="y" * 10_000), "fp", now=2)
     assert r.orgs == {"a": "hosp-a"} and "b" in r.counts and [w.worker_id for w in r.live("cpu", now=3)] == ["a", "b"]
+
+
+def test_a_saved_state_is_taken_back_with_the_checks_a_hello_gets() -> None:
+    """coordinator.json written before the checks (or by hand) may hold any figure or label."""
+    registry = Registry(10.0)
+    registry.restore(
+        {"w1": {"expired": -5, "redelivered": 10**30, "completed": 3}},
+        {"w1": "hospital-3", "w2": "bank\x1b[2J", "w3": "x" * 10_000},
+    )
+    assert registry.counts == {"w1": {"expired": 0, "redelivered": TASK_COUNT_MAX, "completed": 3}}
+    assert registry.orgs == {"w1": "hospital-3"}
