@@ -1,6 +1,6 @@
 """The Grafana dashboard (monitoring/grafana/dashboards/fedq.json) and its provisioning in compose.yaml:
 every panel's query names only metrics fedq exports and parses as PromQL (Debian's promtool, from the
-prometheus package .ci/run installs), and compose brings up a Prometheus that scrapes every fedq service
+prometheus package scripts/bootstrap --tests installs), and compose brings up a Prometheus that scrapes every fedq service
 and a Grafana that loads this dashboard over that Prometheus. No Docker engine here: like
 test_compose.py, these hold the files to each other and to the code."""
 
@@ -83,7 +83,7 @@ def test_every_query_parses(tmp_path: Path) -> None:
     """Each expression, Grafana's variables filled in, as a recording rule that promtool checks."""
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.fail("promtool is missing: apt-get install prometheus (.ci/run does)", pytrace=False)
+        pytest.fail("promtool is missing: apt-get install prometheus (scripts/bootstrap --tests does)", pytrace=False)
     rules = []
     for n, expr in enumerate(e for exprs in queries(dashboard()).values() for e in exprs):
         for variable, value in sorted(GRAFANA_VARIABLES.items(), key=lambda kv: -len(kv[0])):
@@ -132,7 +132,7 @@ def test_compose_scrapes_every_fedq_service() -> None:
     assert targets == expected
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.fail("promtool is missing: apt-get install prometheus (.ci/run does)", pytrace=False)
+        pytest.fail("promtool is missing: apt-get install prometheus (scripts/bootstrap --tests does)", pytrace=False)
     checked = subprocess.run([promtool, "check", "config", str(config_path)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 

@@ -1,4 +1,4 @@
-"""A real Prometheus (Debian's ``prometheus``; .ci/run installs it) scrapes a live ``fedq run
+"""A real Prometheus (Debian's ``prometheus``; scripts/bootstrap --tests installs it) scrapes a live ``fedq run
 --metrics-port`` job every second; its HTTP API then holds fedq's series from every role."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[str, int]]:
     second, the ports a run with ``--metrics-port base`` will use; its URL and that base."""
     binary = shutil.which("prometheus") or PROMETHEUS
     if not Path(binary).exists():
-        pytest.fail(f"{PROMETHEUS} is missing: apt-get install prometheus (.ci/run does)", pytrace=False)
+        pytest.fail(f"{PROMETHEUS} is missing: apt-get install prometheus (scripts/bootstrap --tests does)", pytrace=False)
     base = free_ports(1 + len(PROCESSES))
     web = free_ports(1)
     config = tmp_path / "prometheus.yml"
@@ -123,11 +123,11 @@ def query(url: str, promql: str) -> list[dict[str, Any]]:
 
 
 def chromium(tmp_path: Path, url: str, *what: str) -> str:
-    """Headless Chromium (Debian's ``chromium``; .ci/run installs it) loads ``url``, runs its
+    """Headless Chromium (Debian's ``chromium``; scripts/bootstrap --tests installs it) loads ``url``, runs its
     scripts for up to 3 s of virtual time and does ``what`` (--dump-dom: its stdout is the DOM)."""
     binary = shutil.which("chromium") or CHROMIUM
     if not Path(binary).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)", pytrace=False)
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (scripts/bootstrap --tests does)", pytrace=False)
     ran = subprocess.run(
         [
             binary,
