@@ -211,10 +211,10 @@ async def verify_version(job: Job, version: int) -> Verdict:
     try:
         stored, parent = await job.store.load(manifest.parent)
         parent_manifest = job.manifests.get(manifest.parent, stored)  # the job's reading of it
-        state_blob = await job.store.load_state(parent_manifest) if policy_of(manifest).server_opt.stateful else None
+        policy = policy_of(manifest)
+        state_blob = await job.store.load_state(parent_manifest) if policy.server_opt.stateful else None
     except StoreError as exc:
         return Verdict(version, False, manifest.sha256, None, [f"parent: {exc}"])
-    policy = policy_of(manifest)
     updates = []
     for i in range(len(manifest.update_ids)):
         updates.append(await _materialized(job, _logged_update(job, manifest, i, problems), problems))
