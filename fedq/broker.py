@@ -27,6 +27,7 @@ from broker_config.definitions import access, definitions, policies
 from broker_config.names import Names
 from broker_config.permissions import BrokerRole, BrokerUser, job_users
 from broker_config.topology import topology
+from shared.amqp_urls import each_url, split_urls
 from shared.errors import BrokerError, ConfigError
 from shared.files import write_private
 from shared.keys import WORKER_ID
@@ -60,16 +61,20 @@ class Account:
         return self.password_file.read_text().strip()
 
     def url(self, base_url: str) -> str:
-        """``base_url`` with this user's name and no password (the password travels in its file)."""
-        parts = urlsplit(base_url)
-        host = parts.netloc.rpartition("@")[2]
-        return parts._replace(netloc=f"{quote(self.user.name, safe='')}@{host}").geturl()
+        """``base_url`` (each URL of the list) with this user's name and no password (the password
+        travels in its file)."""
+        return each_url(base_url, lambda url: _with_login(url, f"{quote(self.user.name, safe='')}@"))
 
     @staticmethod
     def anonymous_url(base_url: str) -> str:
-        """``base_url`` with no login at all."""
-        parts = urlsplit(base_url)
-        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        """``base_url`` (each URL of the list) with no login at all."""
+        return each_url(base_url, lambda url: _with_login(url, ""))
+
+
+def _with_login(url: str, login: str) -> str:
+    """``url`` with ``login`` (``user@`` or nothing) in place of its own."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=login + parts.netloc.rpartition("@")[2]).geturl()
 
 
 def enrolled_workers(trusted: Path) -> tuple[str, ...]:
@@ -133,7 +138,7 @@ def document(names: Names, capabilities: tuple[str, ...], found: list[Account]) 
 def login(settings: Settings) -> tuple[str, str]:
     """The user and password of ``--amqp-url`` (the password: the URL's, else ``--amqp-password-file``
     or ``FEDQ_AMQP_PASSWORD``, as the transport reads them)."""
-    parts = urlsplit(settings.amqp_url)
+    parts = urlsplit(split_urls(settings.amqp_url)[0])
     user = unquote(parts.username or "guest")
     if parts.password is not None:
         return user, unquote(parts.password)
@@ -282,7 +287,7 @@ def run_accounts(settings: Settings, secrets_dir: Path, worker_ids: list[str]) -
             flush=True,
         )
         return None
-    parts = urlsplit(settings.amqp_url)
+    parts = urlsplit(split_urls(settings.amqp_url)[0])
     port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
     if port not in (ports := management.amqp_ports()):  # another broker's API on the same host
         why = (

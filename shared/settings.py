@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from shared.amqp_urls import split_urls
 from shared.errors import ConfigError
 
 # -- the command-line face of a setting ---------------------------------------------------------
@@ -46,11 +47,13 @@ EVERYWHERE = (*PROCESSES, *READERS, "declare", *DLQ, *BROKER)
 
 _CLI = "fedq.cli"
 _ENV_ONLY = "fedq.env_only"
+_REPEATS = "fedq.repeats"
 
 
-def cli(group: str, commands: Iterable[str], help_text: str) -> dict[str, Any]:
-    """Field metadata: the setting has a flag in ``group`` of every command in ``commands``."""
-    return {_CLI: (group, tuple(commands), help_text)}
+def cli(group: str, commands: Iterable[str], help_text: str, *, repeats: bool = False) -> dict[str, Any]:
+    """Field metadata: the setting has a flag in ``group`` of every command in ``commands``;
+    ``repeats``: the flag may be given several times, its values making one comma list."""
+    return {_CLI: (group, tuple(commands), help_text), **({_REPEATS: True} if repeats else {})}
 
 
 def env_only(why: str) -> dict[str, Any]:
@@ -66,9 +69,22 @@ class Settings:
         metadata=cli(
             CONNECTION,
             EVERYWHERE,
-            "RabbitMQ URL, amqp:// or amqps:// (default amqp://guest:guest@127.0.0.1:5672/). For fedq worker "
+            "RabbitMQ URL, amqp:// or amqps:// (default amqp://guest:guest@127.0.0.1:5672/). For a cluster, "
+            "the nodes' URLs: the flag repeated, or a comma list (FEDQ_AMQP_URL too); a process connects "
+            "to the first that answers and, when the link is lost, to the next ones in turn. For fedq worker "
             "--replicas, {worker} in it (and in --amqp-password-file, --amqp-cert, --amqp-key) stands for "
             "each replica's worker id: each logs in as its own broker user",
+            repeats=True,
+        ),
+    )
+    amqp_first: int = field(
+        default=0,
+        metadata=cli(
+            CONNECTION,
+            SERVICES,
+            "which URL of the --amqp-url list to try first, counted from 0 (modulo the list's length); "
+            "the others follow in turn. fedq run gives its i-th worker i, spreading the workers over "
+            "a cluster's nodes (default 0)",
         ),
     )
     amqp_password_file: str = field(
@@ -676,7 +692,7 @@ class Settings:
         """``--management-url``, or port 15672 of the broker ``--amqp-url`` names (never another broker's)."""
         if self.management_url:
             return self.management_url
-        host = urlsplit(self.amqp_url).hostname or "127.0.0.1"
+        host = urlsplit(split_urls(self.amqp_url)[0]).hostname or "127.0.0.1"
         return f"http://{f'[{host}]' if ':' in host else host}:15672/"
 
     @property
@@ -739,6 +755,7 @@ class Flag:
     help: str
     group: str
     commands: tuple[str, ...]
+    repeats: bool = False  # given several times, its values make one comma list
 
     @property
     def name(self) -> str:
@@ -758,7 +775,9 @@ def flags(command: str | None = None) -> tuple[Flag, ...]:
         if _CLI in f.metadata:
             group, commands, help_text = f.metadata[_CLI]
             if command is None or command in commands:
-                found.append(Flag(f.name, _plain(hints[f.name]), help_text, group, commands))
+                found.append(
+                    Flag(f.name, _plain(hints[f.name]), help_text, group, commands, _REPEATS in f.metadata)
+                )
     return tuple(sorted(found, key=lambda flag: GROUPS.index(flag.group)))
 
 

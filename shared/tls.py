@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.amqp_urls import split_urls
 from shared.errors import ConfigError
 from shared.settings import Settings
 
@@ -68,6 +69,8 @@ def client_tls(settings: Settings) -> ClientTls | None:
     broker and would get an unencrypted link."""
     if bool(settings.amqp_cert) != bool(settings.amqp_key):
         raise ConfigError("--amqp-cert and --amqp-key go together: give both or neither")
+    if len({uses_tls(url) for url in split_urls(settings.amqp_url)}) > 1:
+        raise ConfigError("--amqp-url mixes amqp:// and amqps:// URLs: give every node of the list one scheme")
     if not uses_tls(settings.amqp_url):
         given = [flag for flag, value in _tls_flags(settings) if value]
         if given:

@@ -123,6 +123,8 @@ SETTING_FLAGS = {
     **{f"model {a}": MODEL_WHERE for a in ("list", "show", "export", "verify", "rollback")},
     **{f"keys {a}": {"keys-dir", "trusted-keys"} for a in ("init", "create", "enrol", "revoke", "list", "rotate")},
 }
+for _service in ("coordinator", "aggregator", "worker"):  # which of a cluster's URLs a service dials first
+    SETTING_FLAGS[_service] = SETTING_FLAGS[_service] | {"amqp-first"}
 # Each command's own options, which set no setting.
 OWN_OPTIONS = {
     "run": {"--workers", "--delay-profile", "--no-progress", "--chaos"},

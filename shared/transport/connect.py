@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from broker_config.names import Names
+from shared.amqp_urls import each_url, rotated, split_urls
 from shared.codec import check_message_cap
 from shared.errors import ConfigError
 from shared.settings import Settings
@@ -28,7 +29,7 @@ def transport_for(
     password = broker_password(settings)
     check_message_cap(settings.max_message_bytes, settings.inline_limit)
     transport = RabbitMQ(
-        broker_url(settings),
+        rotated(broker_url(settings), settings.amqp_first),
         Names(settings.namespace, settings.job),
         connection_name,
         heartbeat=settings.amqp_heartbeat,
@@ -41,14 +42,17 @@ def transport_for(
 
 
 def broker_url(settings: Settings) -> str:
-    """``--amqp-url`` as the transport dials it (no password added here): with a client certificate
-    and no user named, an ``amqps://`` URL logs in by certificate (``auth=external``)."""
-    url = settings.amqp_url
-    parts = urlsplit(url)
-    if uses_tls(url) and settings.amqp_cert and not parts.username and "auth=" not in parts.query:
-        query = parts.query + ("&" if parts.query else "") + urlencode({"auth": "external"})
-        url = urlunsplit(parts._replace(query=query))
-    return url
+    """``--amqp-url`` as the transport dials it (no password added here), each URL of the list: with
+    a client certificate and no user named, an ``amqps://`` URL logs in by certificate (``auth=external``)."""
+
+    def one(url: str) -> str:
+        parts = urlsplit(url)
+        if uses_tls(url) and settings.amqp_cert and not parts.username and "auth=" not in parts.query:
+            query = parts.query + ("&" if parts.query else "") + urlencode({"auth": "external"})
+            url = urlunsplit(parts._replace(query=query))
+        return url
+
+    return each_url(settings.amqp_url, one)
 
 
 def broker_password(settings: Settings) -> str | None:
@@ -68,14 +72,15 @@ def broker_password(settings: Settings) -> str | None:
         raise ConfigError(
             "give the broker password once: --amqp-password-file or FEDQ_AMQP_PASSWORD, not both"
         )
-    parts = urlsplit(settings.amqp_url)
-    if parts.password is not None:
-        raise ConfigError(
-            f"--amqp-url holds a password and {sources[0]} gives one too: name only the user in the URL "
-            f"({parts.scheme}://USER@{parts.hostname}...)"
-        )
-    if not parts.username:
-        raise ConfigError(f"{sources[0]} gives a password, but --amqp-url names no user: amqp://USER@HOST/")
+    for url in split_urls(settings.amqp_url):
+        parts = urlsplit(url)
+        if parts.password is not None:
+            raise ConfigError(
+                f"--amqp-url holds a password and {sources[0]} gives one too: name only the user in the URL "
+                f"({parts.scheme}://USER@{parts.hostname}...)"
+            )
+        if not parts.username:
+            raise ConfigError(f"{sources[0]} gives a password, but --amqp-url names no user: amqp://USER@HOST/")
     return sources[0]
 
 

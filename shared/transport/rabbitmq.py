@@ -29,9 +29,11 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from yarl import URL
 
 from broker_config.names import Names
 from broker_config.topology import Queue, Topology
+from shared.amqp_urls import each_url, split_urls
 from shared.errors import BrokerError, TopologyConflictError
 from shared.redact import redact, redact_text
 from shared.tls import ClientTls
@@ -66,16 +68,45 @@ log = structlog.get_logger("fedq.broker")
 
 
 def with_heartbeat(url: str, heartbeat: int) -> str:
-    parts = urlsplit(url)
-    query = parts.query + ("&" if parts.query else "") + urlencode({"heartbeat": heartbeat})
-    return urlunsplit(parts._replace(query=query)) if "heartbeat=" not in parts.query else url
+    """Every URL of the list ``url`` asking for ``heartbeat`` (unless it asks for one already)."""
+
+    def one(url: str) -> str:
+        parts = urlsplit(url)
+        query = parts.query + ("&" if parts.query else "") + urlencode({"heartbeat": heartbeat})
+        return urlunsplit(parts._replace(query=query)) if "heartbeat=" not in parts.query else url
+
+    return each_url(url, one)
 
 
 def with_password(url: str, password: str) -> str:
-    """``url`` with ``password`` for its user (the URL names the user, not the password)."""
-    parts = urlsplit(url)
-    user, _, host = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:{quote(password, safe='')}@{host}"))
+    """Every URL of the list ``url`` with ``password`` for its user (a URL names the user, not the password)."""
+
+    def one(url: str) -> str:
+        parts = urlsplit(url)
+        user, _, host = parts.netloc.rpartition("@")
+        return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:{quote(password, safe='')}@{host}"))
+
+    return each_url(url, one)
+
+
+class FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection over the nodes of a cluster: each attempt to (re)connect dials the next of
+    its URLs, round robin, forever (aio-pika's own dials its one URL again and again).
+
+    The seam is ``RobustConnection.__connect_transport``, the one attempt of its reconnect loop
+    (named, as Python mangles it, ``_RobustConnection__connect_transport``): the URL is chosen just
+    before it, and the rest of the loop (back-off, channel and consumer restore, reconnect callbacks)
+    stays aio-pika's."""
+
+    def __init__(self, urls: list[str], **kwargs: Any) -> None:
+        super().__init__(URL(urls[0]), **kwargs)
+        self.urls = [URL(u) for u in urls]
+        self.attempts = 0  # the next attempt dials urls[attempts % len(urls)]
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        self.url = self.urls[self.attempts % len(self.urls)]
+        self.attempts += 1
+        await super()._RobustConnection__connect_transport()  # type: ignore[misc]  # private: see above
 
 
 def refused_publish(exchange: str, routing_key: str, size: int, exc: BaseException) -> str:
@@ -244,20 +275,34 @@ class RabbitMQ(Transport):
         return self._connection
 
     async def connect(self) -> RabbitMQ:
-        """Open the connection; a refusal the user can fix (a certificate that does not verify,
+        """Open the connection to the first of the URLs that answers (the link, once lost, goes on to
+        the next ones in turn); a refusal the user can fix (a certificate that does not verify,
         plain AMQP against a TLS port or the other way round, a refused login) says which flag to fix."""
         url = self.url if self._password is None else with_password(self.url, self._password())
-        try:
-            self._connection = await aio_pika.connect_robust(
-                url,
-                timeout=self.connect_timeout,
+        urls, plain = split_urls(url), split_urls(self.url)
+        refusals: list[str] = []
+        last: BaseException | None = None
+        for i in range(len(urls)):
+            connection = FailoverConnection(
+                urls[i:] + urls[:i],
                 client_properties={"connection_name": self.connection_name},
                 ssl_context=self.tls.context if self.tls is not None else None,
             )
-        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
-            why = await explain(self.url, exc, self.tls)
-            raise BrokerError(why or f"cannot reach RabbitMQ at {redact(self.url)}: {redact_text(repr(exc))}") from exc
-        self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            try:
+                await connection.connect(timeout=self.connect_timeout)
+            except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                await connection.close()
+                last = exc
+                why = await explain(plain[i], exc, self.tls)
+                refusals.append(why or f"cannot reach RabbitMQ at {redact(plain[i])}: {redact_text(repr(exc))}")
+                continue
+            self._connection = connection
+            break
+        else:
+            raise BrokerError(
+                refusals[0] if len(refusals) == 1 else f"no RabbitMQ node answers: {'; '.join(refusals)}"
+            ) from last
+        self._publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return self
 
     async def declare(self, topo: Topology) -> None:
