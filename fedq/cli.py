@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import gc
 import json
 import os
 import signal
@@ -38,9 +40,7 @@ def _given(args: argparse.Namespace, field: str, env: Any = None) -> bool:
 
 def _settings(args: argparse.Namespace) -> Settings:
     fields = set(Settings.__dataclass_fields__)
-    # a repeated flag (--amqp-url) comes as a list: its values make one comma list
-    given: dict[str, Any] = {k: ",".join(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in fields}
-    return Settings.from_env(**given)
+    return Settings.from_env(**{k: v for k, v in vars(args).items() if k in fields})
 
 
 # -- the parser ---------------------------------------------------------------------------------
@@ -63,12 +63,7 @@ def _add_settings(
             )
             continue
         groups[title].add_argument(
-            flag.name,
-            dest=flag.setting,
-            type=flag.value_type,
-            default=None,
-            action="append" if flag.repeats else "store",
-            help=f"{flag.help} [{flag.env}]",
+            flag.name, dest=flag.setting, type=flag.value_type, default=None, help=f"{flag.help} [{flag.env}]"
         )
 
 
@@ -835,6 +830,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], Outcome]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # At exit, Python's last garbage collections walk every object still alive, PyTorch's hundreds of
+    # thousands among them: up to seconds of CPU in each process of a run as it stops. Frozen, they
+    # are skipped. What a command writes is written and flushed by then, and no __del__ of what is
+    # left at exit was ever promised to run.
+    atexit.unregister(gc.freeze)  # once, however often main is called in one process
+    atexit.register(gc.freeze)
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)

@@ -195,6 +195,14 @@ class Launcher:
         metrics.RUN_RESTARTS.labels(self.settings.job, name).inc()
         return self.start(name, self.args[name])
 
+    def wait(self, name: str, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the process ``name`` to end, returning as soon as it does; has it?"""
+        try:
+            self.procs[name].wait(seconds)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def kill(self, name: str) -> None:
         proc = self.procs[name]
         if proc.poll() is None:
@@ -392,7 +400,7 @@ def run_job(
                 if chaos is not None:
                     chaos.step()
                 display.update()
-                time.sleep(0.5)
+                launcher.wait("coordinator", 0.5)  # back at once when it ends: the stop starts then
             display.update()
     finally:
         launcher.stop_all()
