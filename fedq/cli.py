@@ -40,7 +40,9 @@ def _given(args: argparse.Namespace, field: str, env: Any = None) -> bool:
 
 def _settings(args: argparse.Namespace) -> Settings:
     fields = set(Settings.__dataclass_fields__)
-    return Settings.from_env(**{k: v for k, v in vars(args).items() if k in fields})
+    # a repeated flag (--amqp-url) comes as a list: its values make one comma list
+    given: dict[str, Any] = {k: ",".join(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in fields}
+    return Settings.from_env(**given)
 
 
 # -- the parser ---------------------------------------------------------------------------------
@@ -63,7 +65,12 @@ def _add_settings(
             )
             continue
         groups[title].add_argument(
-            flag.name, dest=flag.setting, type=flag.value_type, default=None, help=f"{flag.help} [{flag.env}]"
+            flag.name,
+            dest=flag.setting,
+            type=flag.value_type,
+            default=None,
+            action="append" if flag.repeats else "store",
+            help=f"{flag.help} [{flag.env}]",
         )
 
 
