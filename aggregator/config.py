@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from aggregator.core import edge_problem
 from shared.aggregation import WEIGHTINGS, Clip, Policy, Robust
 from shared.errors import ConfigError
 from shared.privacy import Dp
@@ -22,10 +23,24 @@ class AggregatorConfig:
     capabilities: tuple[str, ...] = ("cpu",)  # the job's task queues, declared with the rest of its topology
     load_wait: float = 120.0  # seconds to wait for version 0 of a new job to appear in the store
     require_user_id: bool = False  # --broker-identity require: an update must name its broker user
+    shards: int = 0  # edge aggregation: the job's shards (0: one aggregator folds every update)
+    tier: str = "single"  # single | edge | root
+    shard: int = 0  # an edge's shard
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AggregatorConfig:
-        return cls(policy_of_settings(settings), settings.capability_list, require_user_id=settings.user_id_required)
+        tier = settings.aggregator_tier
+        policy = policy_of_settings(settings)
+        if tier != "single" and (problem := edge_problem(policy)):
+            raise ConfigError(f"--tier {tier}: {problem}")
+        return cls(
+            policy,
+            settings.capability_list,
+            require_user_id=settings.user_id_required,
+            shards=settings.shards,
+            tier=tier,
+            shard=settings.shard,
+        )
 
 
 def policy_of_settings(settings: Settings) -> Policy:

@@ -32,7 +32,7 @@ import torch
 
 from shared.aggregation import Accumulator, CosineBuffer, MixBuffer, Policy, RobustBuffer, screen
 from shared.errors import ScreeningError
-from shared.messages import Round, Update
+from shared.messages import Partial, Round, Update
 from shared.privacy import DP_ACCOUNTING, Events, compose, epsilon, events_of, gaussian
 from shared.quantize import DEFAULT_BLOCK, BlockLayout, block_layout, decode_delta_wire, to_flat, to_wire
 from shared.reasons import Reason
@@ -109,6 +109,49 @@ class DpRecord:
             return None
         counts = {str(k): int(v) for k, v in (d.get("counts") or {}).items()}
         return cls(float(d["epsilon"]), events_of(d.get("events") or ()), counts)
+
+
+@dataclass(frozen=True)
+class PartialFold:
+    """An edge's buffer taken as a partial aggregate (``AggregatorCore.take_partial``): what it was
+    folded against and the sums, in flat order, that the root adds (``AggregatorCore.offer_partial``)."""
+
+    version: int
+    accepted: tuple[Accepted, ...]
+    recorded: tuple[float, ...]  # each update's norm after clipping: the root's clip window grows by them
+    floats: torch.Tensor  # float32, sum of weight x clip x delta
+    exact: torch.Tensor  # float64, sum of weight x integer delta
+    norm_total: float  # what the step divides by
+
+    def sums(self) -> bytes:
+        """The partial's payload: the float sums, then the integer sums (little-endian)."""
+        return self.floats.numpy().astype("<f4").tobytes() + self.exact.numpy().astype("<f8").tobytes()
+
+
+def partial_sums(sums: bytes, n_float: int, n_exact: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A partial's payload as (float32, float64) tensors; ``None`` when it has another length."""
+    if len(sums) != 4 * n_float + 8 * n_exact:
+        return None
+    floats = torch.frombuffer(bytearray(sums[: 4 * n_float]), dtype=torch.float32) if n_float else torch.zeros(0)
+    exact = (
+        torch.frombuffer(bytearray(sums[4 * n_float :]), dtype=torch.float64)
+        if n_exact
+        else torch.zeros(0, dtype=torch.float64)
+    )
+    return floats, exact
+
+
+def edge_problem(policy: Policy) -> str:
+    """Why ``policy`` cannot be folded by edge aggregators ('' when it can): edges sum weighted
+    deltas, which serves the weighted mean of async FedBuff (with FedOpt at the root, a norm
+    clip, local DP), not a rule that needs every delta at once or the root's noise."""
+    if policy.mode != "async":
+        return f"--mode {policy.mode} needs every update at one aggregator; edge aggregation folds --mode async"
+    if policy.robust.kind != "none":
+        return f"--robust {policy.robust.describe()} needs every delta at one aggregator; edges fold the weighted mean"
+    if policy.central_dp is not None:
+        return "central DP (--dp-clip without --dp-local) adds its noise at one aggregator; use --dp-local with edges"
+    return ""
 
 
 @dataclass
@@ -381,6 +424,74 @@ class AggregatorCore:
         self._closed = -1  # round numbers are per version here: the new one has none closed yet
         self._reset_buffer()
         return new
+
+    def take_partial(self) -> PartialFold:
+        """An edge: the buffer as a partial aggregate for the root, against the current version.
+        The core stays at its version; the buffer starts afresh."""
+        if self._held:
+            self._settle()
+        buffer = self.buffer
+        if not isinstance(buffer, Accumulator) or not self.pending:
+            raise ValueError("a partial folds a non-empty weighted-mean buffer")
+        if self._layout is not None:
+            buffer.floats = to_flat(buffer.floats, self._layout)
+        fold = PartialFold(
+            self.version, tuple(self.pending), tuple(self._recorded), buffer.floats, buffer.exact, buffer.total_norm
+        )
+        self._reset_buffer()
+        return fold
+
+    def partial_duplicates(self, partial: Partial) -> list[str]:
+        """The root: the partial's updates already applied or in this buffer (or twice in it)."""
+        seen: set[str] = set()
+        dups = []
+        for tid in partial.update_ids:
+            if tid in self.applied or tid in self._pending_ids or tid in seen:
+                dups.append(tid)
+            seen.add(tid)
+        return dups
+
+    def offer_partial(self, partial: Partial) -> list[Accepted] | Rejected:
+        """The root: add an edge's partial aggregate (its signature checked, its duplicates
+        refused by the caller, ``partial_duplicates``) to the buffer. Each update's staleness
+        becomes versions behind this root; its weight is the one the edge gave it."""
+        pid = partial.partial_id
+        if partial.job_id != self.job_id:
+            return Rejected(pid, Reason.WRONG_JOB, f"partial for job {partial.job_id!r}, this is {self.job_id!r}")
+        if problem := edge_problem(self.policy):
+            return Rejected(pid, Reason.BAD_PAYLOAD, problem)
+        n = len(partial.update_ids)
+        columns = (partial.update_digests, partial.worker_ids, partial.staleness, partial.weights, partial.norms)
+        if n == 0 or any(len(c) != n for c in (*columns, partial.clips, partial.recorded, partial.num_samples)):
+            return Rejected(pid, Reason.BAD_PAYLOAD, "a partial lists each of its updates once in every column")
+        lag = self.version - partial.version
+        if lag < 0:
+            return Rejected(pid, Reason.FUTURE_VERSION, f"folded against version {partial.version} > current {self.version}")
+        if lag + max(partial.staleness) > self.policy.max_staleness or min(partial.staleness) < 0:
+            return Rejected(pid, Reason.STALE, f"folded against version {partial.version}: too stale for {self.version}", lag)
+        spec = self.model.spec
+        if (partial.n_float, partial.n_exact) != (spec.n_float, spec.n_exact):
+            return Rejected(pid, Reason.BAD_SHAPE, "the partial's sums are not of this model's shape")
+        sums = partial_sums(partial.sums, spec.n_float, spec.n_exact)
+        weight = math.fsum(partial.weights)
+        if sums is None or not all(0 < w < math.inf for w in (*partial.weights, partial.norm_total)):
+            return Rejected(pid, Reason.BAD_PAYLOAD, "the partial's sums or weights are malformed")
+        floats, exact = sums
+        if not bool(torch.isfinite(floats).all()) or not bool(torch.isfinite(exact).all()):
+            return Rejected(pid, Reason.NON_FINITE, "the partial's sums are not finite")
+        assert isinstance(self.buffer, Accumulator)  # edge_problem allows no other fold
+        self.buffer.add_sum(floats, exact, weight, partial.norm_total, n)
+        accepted = [
+            Accepted(tid, lag + tau, w, norm, clip)
+            for tid, tau, w, norm, clip in zip(
+                partial.update_ids, partial.staleness, partial.weights, partial.norms, partial.clips, strict=True
+            )
+        ]
+        self.pending.extend(accepted)
+        self._pending_ids.update(partial.update_ids)
+        self._recorded.extend(partial.recorded)
+        self._by_worker.update(partial.worker_ids)
+        return accepted
 
     def _step(self, noise_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The new (floats, exact): the buffer's step, noised for central DP, through FedOpt's

@@ -240,6 +240,15 @@ class Aggregator(Service):
         assert self.core is not None
         for number in sorted(self.rounds):  # the new core has heard of no round yet
             self.core.open_round(self.rounds[number][0])
+        await self._reoffer(held)
+        await self._settle_rounds()
+        self.log.info("caught_up", version=self.core.version, still_held=len(self.held))
+        return True
+
+    async def _reoffer(self, held: list[Held]) -> None:
+        """Offer held updates to a core that adopted a newer version: one it already holds in a
+        stored version is acked, one it refuses now (stale) is rejected."""
+        assert self.core is not None
         for h in held:
             if h.update.task_id in self.core.applied:
                 for d in h.deliveries:
@@ -251,13 +260,14 @@ class Aggregator(Service):
             else:
                 for d in h.deliveries:
                     await self._reject(d, h.update, result, "")
-        await self._settle_rounds()
-        self.log.info("caught_up", version=self.core.version, still_held=len(self.held))
-        return True
+
+    def _kept(self) -> list[Held | Parked]:
+        """The updates this aggregator holds unacked (a redelivery of one of them counts once)."""
+        return [*self.held, *self.parked]
 
     # -- the service ------------------------------------------------------------------------
     def topology(self) -> Topology:
-        return topology(self.names, self.config.capabilities)
+        return topology(self.names, self.config.capabilities, shards=self.config.shards)
 
     async def start(self, runtime: Runtime) -> None:
         if self.core is None:
@@ -338,8 +348,7 @@ class Aggregator(Service):
         if delivery.redelivered:
             # The broker gave us again a message we already hold (our channel was restored):
             # the new delivery is the one to ack; the update counts once.
-            kept: list[Held | Parked] = [*self.held, *self.parked]
-            same = next((h for h in kept if h.update.task_id == message.task_id), None)
+            same = next((h for h in self._kept() if h.update.task_id == message.task_id), None)
             if same is not None and raw == same.deliveries[0].body:
                 same.deliveries.append(delivery)
                 return
@@ -485,40 +494,8 @@ class Aggregator(Service):
             return  # never write over a version another aggregator stored
         seed = secrets.randbits(63) if self.policy.central_dp is not None else None
         new: NewVersion = self.core.flush(seed)
-        state = None if new.server_state is None else new.server_state.to_bytes()
-        record: dict[str, Any] = {**self.policy.to_dict(), CLIP_WINDOW: list(new.clip_window)}
-        if state is not None:
-            record[SERVER_STATE] = {"sha256": hashlib.sha256(state).hexdigest(), "size": len(state)}
-        if new.dp is not None:
-            record[DP_ACCOUNTING] = new.dp.to_dict()
+        manifest = await self._save_version(new, tuple(h.digest for h in self.held), seed)
         clips = new.clips  # final: an update held in the clip's warm-up learns its clip only now
-        blob = new.model.to_bytes()
-        manifest = Manifest(
-            job_id=self.job_id,
-            version=new.version,
-            parent=new.parent,
-            sha256=hashlib.sha256(blob).hexdigest(),
-            size=len(blob),
-            key=model_key(self.job_id, new.version),
-            update_ids=new.update_ids,
-            update_digests=tuple(h.digest for h in self.held),
-            created_at=time.time(),
-            policy=record,
-            mean_staleness=new.mean_staleness,
-            updates_total=self.core.updates_total,
-            incarnation=self.incarnation,
-        ).signed_by(self.signer)
-        if seed is not None:
-            # Before the version exists: replay needs the seed to re-derive it. A version made again
-            # after a failed save has a record of its own; replay tries each (``NOISE_RECORD``).
-            self.ledger.write({"t": time.time(), "kind": NOISE_RECORD, "version": new.version, "noise_seed": seed})
-        await self.store.save(manifest, blob, state)
-        await self.transport.publish(
-            self.names.models_exchange,
-            Names.model_key(self.job_id),
-            encode(manifest.announcement(), self.signer),
-        )
-        metrics.version_made(self.job_id, new.version, len(blob))
         held, self.held = self.held, []
         stored_at = time.time()
         for h in held:
@@ -560,6 +537,47 @@ class Aggregator(Service):
             sha256=manifest.sha256[:12],
         )
         await self._settle_rounds()
+
+    async def _save_version(
+        self, new: NewVersion, digests: tuple[str, ...], seed: int | None = None, **record_more: Any
+    ) -> Manifest:
+        """Sign, store and announce ``new`` (its updates' message digests in order); ``record_more``
+        joins the manifest's policy record."""
+        assert self.core is not None
+        state = None if new.server_state is None else new.server_state.to_bytes()
+        record: dict[str, Any] = {**self.policy.to_dict(), CLIP_WINDOW: list(new.clip_window), **record_more}
+        if state is not None:
+            record[SERVER_STATE] = {"sha256": hashlib.sha256(state).hexdigest(), "size": len(state)}
+        if new.dp is not None:
+            record[DP_ACCOUNTING] = new.dp.to_dict()
+        blob = new.model.to_bytes()
+        manifest = Manifest(
+            job_id=self.job_id,
+            version=new.version,
+            parent=new.parent,
+            sha256=hashlib.sha256(blob).hexdigest(),
+            size=len(blob),
+            key=model_key(self.job_id, new.version),
+            update_ids=new.update_ids,
+            update_digests=digests,
+            created_at=time.time(),
+            policy=record,
+            mean_staleness=new.mean_staleness,
+            updates_total=self.core.updates_total,
+            incarnation=self.incarnation,
+        ).signed_by(self.signer)
+        if seed is not None:
+            # Before the version exists: replay needs the seed to re-derive it. A version made again
+            # after a failed save has a record of its own; replay tries each (``NOISE_RECORD``).
+            self.ledger.write({"t": time.time(), "kind": NOISE_RECORD, "version": new.version, "noise_seed": seed})
+        await self.store.save(manifest, blob, state)
+        await self.transport.publish(
+            self.names.models_exchange,
+            Names.model_key(self.job_id),
+            encode(manifest.announcement(), self.signer),
+        )
+        metrics.version_made(self.job_id, new.version, len(blob))
+        return manifest
 
     @staticmethod
     async def _digest(body: bytes, reason: Reason) -> str | None:
@@ -650,15 +668,24 @@ class ReceiptSender:
             self.log.warning("receipts_not_sent", receipts=len(batch), error=str(exc))
 
 
+def ledger_name(config: AggregatorConfig) -> str:
+    """The ledger's file in the out folder: ``ledger.jsonl`` (an edge's: ``ledger-edge-<shard>.jsonl``)."""
+    return f"ledger-edge-{config.shard}.jsonl" if config.tier == "edge" else "ledger.jsonl"
+
+
 async def serve(settings: Settings) -> None:
     """Build the aggregator from settings and run it until stopped or failed."""
     config = AggregatorConfig.from_settings(settings)
     metrics.serve(settings.metrics_port, "aggregator", settings.metrics_host)
     signer = key_file_signer(settings.key_path("aggregator"))
     trust = DirectoryTrust(settings.trusted_dir)
-    async with connected(settings, f"fedq-aggregator-{settings.job}") as transport:
-        ledger = JsonLines(settings.out_dir / "ledger.jsonl")
-        aggregator = Aggregator(
+    from aggregator.tiers import EdgeAggregator, RootAggregator
+
+    kind = {"single": Aggregator, "edge": EdgeAggregator, "root": RootAggregator}[config.tier]
+    name = f"fedq-aggregator-{settings.job}" + (f"-edge-{config.shard}" if config.tier == "edge" else "")
+    async with connected(settings, name) as transport:
+        ledger = JsonLines(settings.out_dir / ledger_name(config))
+        aggregator = kind(
             config,
             transport=transport,
             store=ModelStore(open_store(settings.store, settings), settings.job, trust),

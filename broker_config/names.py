@@ -71,6 +71,30 @@ class Names:
     def updates_queue(self) -> str:
         return f"{self.job_prefix}updates"
 
+    def update_key(self, shard: int = -1) -> str:
+        """Routing key of an update on the results exchange: the job's, or its shard's when the job
+        folds its updates in edge aggregators (``--shards``)."""
+        return self.results_key if shard < 0 else f"{self.job}.shard.{shard}"
+
+    def shard_queue(self, shard: int) -> str:
+        """Shard ``shard``'s updates: one edge aggregator consumes it (single active consumer)."""
+        return f"{self.job_prefix}updates.shard.{shard}"
+
+    @property
+    def partials_key(self) -> str:
+        """Routing key of the edges' partial aggregates on the results exchange."""
+        return f"{self.job}.partials"
+
+    @property
+    def partials_queue(self) -> str:
+        """The root aggregator's input: every edge's partial aggregates (single active consumer)."""
+        return f"{self.job_prefix}partials"
+
+    def edge_inbox(self, shard: int) -> str:
+        """Shard ``shard``'s edge aggregator's inbox: the root's verdicts on its partials and the
+        job's version announcements; durable, so that a standby or a restart reads what it missed."""
+        return f"{self.job_prefix}edge.{shard}"
+
     @property
     def update_log(self) -> str:
         """The stream of every update of every job in the namespace."""
@@ -94,6 +118,11 @@ class Names:
     def receipt_key(job_id: str) -> str:
         """Routing key of a job's update receipts on the models exchange."""
         return f"receipt.{check_token('job id', job_id)}"
+
+    @staticmethod
+    def verdict_key(job_id: str, shard: int) -> str:
+        """Routing key of the root's verdicts on shard ``shard``'s partials on the models exchange."""
+        return f"verdict.{check_token('job id', job_id)}.{shard}"
 
     @property
     def coordinator_queue(self) -> str:

@@ -9,7 +9,7 @@ role may still ask whether a queue exists and how deep it is.
 | role        | configure               | write                          | read                                  |
 |-------------|-------------------------|--------------------------------|---------------------------------------|
 | coordinator | its inbox, its hello queue | tasks, results (rounds), dead, its queues (to bind) | its queues, models, workers (binding sources) |
-| aggregator  | nothing                 | models (versions, receipts), dead | the job's updates queue             |
+| aggregator  | nothing                 | models (versions, receipts, verdicts), dead, results (partials) | the job's updates, shard, partials and edge inbox queues |
 | worker      | nothing                 | results (updates), workers (hellos), dead | its capabilities' task queues |
 | observer    | nothing                 | nothing                        | the update and model logs (streams)   |
 
@@ -100,8 +100,9 @@ def permission(names: Names, role: BrokerRole, capabilities: tuple[str, ...] = (
             write=only(n.tasks_exchange, n.results_exchange, n.dead_exchange, *own, prefixes=listen),
             read=only(*own, n.models_exchange, n.workers_exchange, prefixes=listen),
         )
-    if role is BrokerRole.AGGREGATOR:
-        return Permission(NOTHING, only(n.models_exchange, n.dead_exchange), only(n.updates_queue))
+    if role is BrokerRole.AGGREGATOR:  # a single aggregator, an edge (partials to results) or the root
+        inputs = only(n.updates_queue, n.partials_queue, prefixes=(n.shard_queue(0)[:-1], n.edge_inbox(0)[:-1]))
+        return Permission(NOTHING, only(n.models_exchange, n.dead_exchange, n.results_exchange), inputs)
     if role is BrokerRole.WORKER:
         return Permission(
             NOTHING,
@@ -117,10 +118,13 @@ def topic_permissions(names: Names, role: BrokerRole) -> tuple[TopicPermission, 
     if role is BrokerRole.COORDINATOR:
         return (TopicPermission(names.results_exchange, f"^{job}$"),)
     if role is BrokerRole.AGGREGATOR:
-        return (TopicPermission(names.models_exchange, f"^(model|receipt)\\.{job}$"),)
+        return (
+            TopicPermission(names.models_exchange, f"^((model|receipt)\\.{job}|verdict\\.{job}\\.[0-9]+)$"),
+            TopicPermission(names.results_exchange, f"^{job}\\.partials$"),
+        )
     if role is BrokerRole.WORKER:
         return (
-            TopicPermission(names.results_exchange, f"^{job}$"),
+            TopicPermission(names.results_exchange, f"^{job}(\\.shard\\.[0-9]+)?$"),
             TopicPermission(names.workers_exchange, f"^{job}$"),
         )
     return ()

@@ -105,24 +105,43 @@ def namespace_topology(names: Names, limits: Limits = Limits()) -> Topology:
     return Topology(exchanges(names), queues, bindings)
 
 
-def topology(names: Names, capabilities: tuple[str, ...] = ("cpu",), limits: Limits = Limits()) -> Topology:
+def topology(
+    names: Names, capabilities: tuple[str, ...] = ("cpu",), limits: Limits = Limits(), shards: int = 0
+) -> Topology:
     """The namespace's shared part plus the job's own queues: a task queue per capability and
-    the updates queue (single active consumer: a standby aggregator takes over)."""
+    the updates queue (single active consumer: a standby aggregator takes over). With ``shards``
+    (edge aggregation), also each shard's updates queue and its edge's inbox, and the root's
+    queue of partial aggregates."""
     shared = namespace_topology(names, limits)
-    updates = Queue(
-        names.updates_queue,
+    inputs = [(names.updates_queue, names.results_exchange, names.results_key)]
+    inputs += [(names.shard_queue(i), names.results_exchange, names.update_key(i)) for i in range(shards)]
+    if shards:
+        inputs.append((names.partials_queue, names.results_exchange, names.partials_key))
+    queues = [_single_consumer(name, names, limits) for name, _, _ in inputs]
+    bindings = [Binding(q, ex, key) for q, ex, key in inputs]
+    for i in range(shards):
+        queues.append(Queue(names.edge_inbox(i), {"x-queue-type": "quorum", "x-single-active-consumer": True}))
+        bindings.append(Binding(names.edge_inbox(i), names.models_exchange, Names.verdict_key(names.job, i)))
+        bindings.append(Binding(names.edge_inbox(i), names.models_exchange, Names.model_key(names.job)))
+    job = capability_topology(names, capabilities, limits)
+    return Topology(
+        shared.exchanges,
+        (*job.queues, *queues, *shared.queues),
+        (*job.bindings, *bindings, *shared.bindings),
+    )
+
+
+def _single_consumer(name: str, names: Names, limits: Limits) -> Queue:
+    """An aggregator's input: one active consumer at a time (a standby takes over), a delivery
+    limit, rejected messages to the dead-letter exchange."""
+    return Queue(
+        name,
         {
             "x-queue-type": "quorum",
             "x-single-active-consumer": True,
             "x-delivery-limit": limits.update_delivery_limit,
             "x-dead-letter-exchange": names.dead_exchange,
         },
-    )
-    job = capability_topology(names, capabilities, limits)
-    return Topology(
-        shared.exchanges,
-        (*job.queues, updates, *shared.queues),
-        (*job.bindings, Binding(names.updates_queue, names.results_exchange, names.results_key), *shared.bindings),
     )
 
 

@@ -51,6 +51,7 @@ class CoordinatorConfig:
     # local differential privacy (--dp-local): the clip and noise multiplier each task carries; 0: off
     dp_clip: float = 0.0
     dp_noise: float = 0.0
+    shards: int = 0  # edge aggregation: tasks name one of this many shards, in turn; 0: none
 
     @classmethod
     def from_settings(cls, s: Settings) -> CoordinatorConfig:
@@ -95,6 +96,7 @@ class CoordinatorConfig:
                 weight_decay=s.weight_decay,
                 prox_mu=s.prox_mu,
             ),
+            shards=s.shards,
             quant=s.quant,
             block=s.block,
             inline_limit=s.inline_limit,

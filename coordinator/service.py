@@ -87,7 +87,7 @@ class Coordinator(Service):
 
     # -- the runtime's side -----------------------------------------------------------------
     def topology(self) -> Topology:
-        return topology(self.names, self.config.capabilities)
+        return topology(self.names, self.config.capabilities, shards=self.config.shards)
 
     async def start(self, runtime: Runtime) -> None:
         self._runtime = runtime

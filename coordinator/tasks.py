@@ -106,6 +106,7 @@ class TaskMaker:
         self._spec: ModelSpec | None = None
         self.incarnation = ""  # the job's, from version 0 (set when the coordinator starts)
         self.max_samples = 0  # ``sample_cap``
+        self.made = 0  # tasks made: with edge aggregation, each names the next shard in turn
 
     async def make(self, latest: Latest, capability: str, round_number: int, ttl: float, now: float) -> Task:
         c = self.config
@@ -115,6 +116,8 @@ class TaskMaker:
         lifetime, size, objects = url_lifetime(ttl), self.update_size(latest), self.store.objects
         model_url = "" if inline else await objects.presign_get(latest.key, lifetime)
         update_url = await objects.presign_put(key, lifetime, size) if size > c.inline_limit else ""
+        shard = self.made % c.shards if c.shards else -1
+        self.made += 1
         return Task(
             task_id=task_id,
             job_id=self.store.job_id,
@@ -137,6 +140,7 @@ class TaskMaker:
             max_samples=self.max_samples,
             dp_clip=c.dp_clip,
             dp_noise=c.dp_noise,
+            shard=shard,
             model=latest.blob if inline else b"",
         )
 

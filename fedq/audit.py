@@ -93,17 +93,21 @@ def balance(
     pending_ids: set[str] = set()
     worker_of: dict[str, str] = dict(sent or {})
     for r in ledger:
+        if r.get("kind"):  # not an update's record: a DP seed, a root's refused partial
+            continue
         tid = r.get("task_id", "")
         if r.get("worker_id"):
             worker_of.setdefault(tid, r["worker_id"])
         if r.get("fate") == Fate.REJECTED:
             rejected_ids.setdefault(tid, r.get("reason", "unknown"))
-        elif r.get("fate") == Fate.PENDING:
+        elif r.get("fate") in (Fate.PENDING, Fate.FOLDED):  # folded: in an edge's partial, on its way
             pending_ids.add(tid)
     # An id applied once elsewhere may also have a "duplicate" rejection: it counts as applied.
     rejections = Counter(reason for tid, reason in rejected_ids.items() if tid and tid not in in_versions)
     rejections.update(
-        r.get("reason", "unknown") for r in ledger if r.get("fate") == Fate.REJECTED and not r.get("task_id")
+        r.get("reason", "unknown")
+        for r in ledger
+        if r.get("fate") == Fate.REJECTED and not r.get("task_id") and not r.get("kind")
     )
     pending = sorted(pending_ids - set(in_versions) - set(rejected_ids))
     unaccounted = []
@@ -147,18 +151,26 @@ async def queue_depth(transport: Transport, queue: str) -> int:
     return info.messages
 
 
-async def read_update_log(transport: Transport, job_id: str, idle: float = 2.0) -> tuple[dict[str, str], int]:
+async def updates_waiting(transport: Transport, shards: int = 0) -> int:
+    """Updates waiting in the job's updates queue, and in its shards' queues (edge aggregation)."""
+    names = transport.names
+    return sum([await queue_depth(transport, q) for q in (names.updates_queue, *map(names.shard_queue, range(shards)))])
+
+
+async def read_update_log(
+    transport: Transport, job_id: str, idle: float = 2.0, shards: int = 0
+) -> tuple[dict[str, str], int]:
     """Every update of ``job_id`` in the update log stream (task id -> worker id), and the
-    number of messages waiting in the updates queue. Reads with its own consumer, acks
-    only its own stream deliveries, and never touches the live queues' messages."""
+    number of messages waiting in the updates queue (and the shards' queues). Reads with its own
+    consumer, acks only its own stream deliveries, and never touches the live queues' messages."""
     # Updates still arriving (a worker outside the run finishing a leftover task) would land in
     # the log after the depth was read, or in the queue after the log was: read until the
     # queue held still across the read, so that each is counted in both or in neither.
     names = transport.names
     for _ in range(STEADY_TRIES):
-        in_queue = await queue_depth(transport, names.updates_queue)
+        in_queue = await updates_waiting(transport, shards)
         entries = await transport.read_all(names.update_log, idle=idle)
-        if await queue_depth(transport, names.updates_queue) == in_queue:
+        if await updates_waiting(transport, shards) == in_queue:
             break
     sent: dict[str, str] = {}
     for entry in entries:
@@ -177,12 +189,12 @@ async def audit(settings: Settings, read_log: bool = True) -> Balance:
     for v in await store.versions():
         m = await store.manifest(v)
         manifests.append({"version": m.version, "parent": m.parent, "update_ids": list(m.update_ids)})
-    ledger = list(read_lines(settings.out_dir / "ledger.jsonl"))
+    ledger = read_ledgers(settings.out_dir)
     sent: dict[str, str] | None = None
     in_queue: int | None = None
     if read_log:
         async with connected(settings, "fedq-audit") as transport:
-            sent, in_queue = await read_update_log(transport, settings.job)
+            sent, in_queue = await read_update_log(transport, settings.job, shards=settings.shards)
     result = balance(settings.job, manifests, ledger, sent, in_queue)
     state_path = settings.out_dir / "coordinator.json"
     if state_path.exists():
@@ -190,6 +202,12 @@ async def audit(settings: Settings, read_log: bool = True) -> Balance:
         for wid, counts in workers.items():
             result.per_worker.setdefault(wid, {}).update({f"tasks_{k}": v for k, v in counts.items()})
     return result
+
+
+def read_ledgers(out_dir: Path) -> list[dict[str, Any]]:
+    """The aggregator's ledger, then each edge aggregator's (``ledger-edge-<shard>.jsonl``)."""
+    edges = sorted(out_dir.glob("ledger-edge-*.jsonl"))
+    return [r for path in (out_dir / "ledger.jsonl", *edges) for r in read_lines(path)]
 
 
 def settings_for(target: str, base: Settings) -> Settings:
@@ -211,6 +229,7 @@ def settings_for(target: str, base: Settings) -> Settings:
                 "app",
                 "s3_endpoint",
                 "s3_region",
+                "shards",
             )
             if k in saved
         }

@@ -126,9 +126,11 @@ def parse_workers(text: str, capabilities: tuple[str, ...]) -> dict[str, tuple[s
     return workers
 
 
-def document(names: Names, capabilities: tuple[str, ...], found: list[Account]) -> dict[str, Any]:
-    """The definitions document: the job's topology, its accounts and the policies."""
-    doc = definitions(topology(names, capabilities))
+def document(
+    names: Names, capabilities: tuple[str, ...], found: list[Account], shards: int = 0
+) -> dict[str, Any]:
+    """The definitions document: the job's topology (with ``shards``' queues), its accounts and the policies."""
+    doc = definitions(topology(names, capabilities, shards=shards))
     doc.update(access([(a.user, a.password) for a in found]))
     doc["policies"] = policies(names)
     del doc["vhosts"]  # the vhost exists (we talk to it); a document may not change it
@@ -228,7 +230,7 @@ def plan(settings: Settings, request: Request) -> tuple[list[Account], dict[str,
         workers = {wid: () for wid in enrolled_workers(settings.trusted_dir)}
     secrets_dir = Path(request.secrets_dir) if request.secrets_dir else Path(settings.keys_dir) / "broker"
     found = accounts(names, caps, workers, secrets_dir)
-    return found, document(names, settings.capability_list, found)
+    return found, document(names, settings.capability_list, found, settings.shards)
 
 
 def apply(settings: Settings, request: Request) -> dict[str, Any]:

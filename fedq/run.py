@@ -77,9 +77,12 @@ def prepare_keys(run_dir: Path, worker_ids: list[str]) -> Path:
 async def declare_only(settings: Settings, purge: bool = False) -> None:
     async with connected(settings, "fedq-declare") as transport:
         names = transport.names
-        await transport.declare(topology(names, settings.capability_list))
+        await transport.declare(topology(names, settings.capability_list, shards=settings.shards))
         if purge:
-            for queue in [names.task_queue(c) for c in settings.capability_list] + [names.updates_queue]:
+            edges = [names.partials_queue] if settings.shards else []
+            for i in range(settings.shards):
+                edges += [names.shard_queue(i), names.edge_inbox(i)]
+            for queue in [names.task_queue(c) for c in settings.capability_list] + [names.updates_queue, *edges]:
                 await transport.purge(queue)
 
 
@@ -117,6 +120,11 @@ def _flags(settings: Settings, command: str) -> list[str]:
             else:
                 out += [f.name, str(value)]
     return out
+
+
+def edge_names(shards: int) -> list[str]:
+    """The run's edge aggregators' process names, one per shard (``--shards``)."""
+    return [f"edge-{i}" for i in range(shards)]
 
 
 def check_metrics_ports(base: int, workers: int) -> None:
@@ -165,7 +173,7 @@ class Launcher:
                 "fedq.cli",
                 *args,
                 *self.key_flags(name),
-                *self.logins.get(name, []),
+                *self.logins.get("aggregator" if name.startswith("edge-") else name, []),
                 *(["--metrics-port", str(port)] if port else []),
             ],
             env=self.env,
@@ -180,8 +188,10 @@ class Launcher:
         return proc
 
     def key_flags(self, name: str) -> list[str]:
-        """``--key-file`` of the process ``name``: its own key, in its own folder (``prepare_keys``)."""
-        process = name if name in ("aggregator", "coordinator") else f"worker-{name}"
+        """``--key-file`` of the process ``name``: its own key, in its own folder (``prepare_keys``);
+        an edge aggregator's is the aggregator's."""
+        process = "aggregator" if name.startswith("edge-") else name
+        process = process if process in ("aggregator", "coordinator") else f"worker-{name}"
         return ["--key-file", str(run_key_file(self.keys, process))]
 
     def metrics_port(self, name: str) -> int:
@@ -334,10 +344,11 @@ def run_job(
         raise ConfigError("--workers must be at least 1")
     need = workers if min_workers is None else min_workers  # more: workers started elsewhere join
     delays = parse_delay_profile(delay_profile, workers)
-    AggregatorConfig.from_settings(settings)  # a bad policy flag stops us here, not in a child a while later
+    # a bad policy flag stops us here, not in a child a while later
+    AggregatorConfig.from_settings(Settings(**{**settings.__dict__, "tier": "root" if settings.shards else "single"}))
     CoordinatorConfig.from_settings(settings)
     check_message_cap(settings.max_message_bytes, settings.inline_limit)  # before any folder is made
-    check_metrics_ports(settings.metrics_port, workers)
+    check_metrics_ports(settings.metrics_port, workers + settings.shards)
     run_dir = new_run_dir(settings)
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"{run_dir} already holds a finished run; choose another --out")
@@ -386,15 +397,20 @@ def run_job(
     print(f"fedq: run folder {run_dir}", flush=True)
     chaos: Chaos | None = None
     try:
-        launcher.start("aggregator", ["aggregator", *_flags(settings, "aggregator")])
+        services = ["coordinator", "aggregator", *edge_names(settings.shards)]
+        tier = ["--tier", "root"] if settings.shards else []
+        launcher.start("aggregator", ["aggregator", *tier, *_flags(settings, "aggregator")])
+        for shard, name in enumerate(edge_names(settings.shards)):
+            edge = ["--tier", "edge", "--shard", str(shard)]
+            launcher.start(name, ["aggregator", *edge, *_flags(settings, "aggregator")])
         launcher.start("coordinator", ["coordinator", *_flags(settings, "coordinator")])
         for i, (wid, delay) in enumerate(zip(worker_ids, delays, strict=True)):
             launcher.start_worker(wid, i, workers, delay)
         display = Progress(run_dir, settings, live=progress and sys.stdout.isatty())
         with display:
             while launcher.procs["coordinator"].poll() != 0:
-                launcher.supervise("coordinator")
-                launcher.supervise("aggregator")
+                for name in services:
+                    launcher.supervise(name)
                 if chaos_every > 0 and chaos is None and job_started(run_dir):
                     chaos = Chaos(launcher, worker_ids, chaos_every)  # the job, not the fleet's start-up
                 if chaos is not None:

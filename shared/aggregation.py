@@ -335,6 +335,19 @@ class Accumulator:
         self.total_norm += weight if norm_weight is None else norm_weight
         self.count += 1
 
+    def add_sum(self, floats: torch.Tensor, exact: torch.Tensor, weight: float, norm_weight: float, count: int) -> None:
+        """Add an edge aggregator's partial: its sum of ``weight x clip x delta`` (flat order, as
+        ``add`` makes it), its integer sum, their total weight and norm weight, and how many
+        updates it holds."""
+        if count < 1 or not 0 < weight < math.inf or not 0 < norm_weight < math.inf:
+            raise ValueError("a partial needs updates and positive finite weights")
+        self.floats.add_(floats)
+        if exact.numel():
+            self.exact.add_(exact)
+        self.total_weight += weight
+        self.total_norm += norm_weight
+        self.count += count
+
     def add_noise(self, noise: np.ndarray, std: float) -> None:
         """Add ``std * noise`` to the float sum (flat order), as two roundings (``add_scaled``)."""
         add_scaled(self.floats, torch.from_numpy(noise), std)

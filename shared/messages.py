@@ -45,6 +45,7 @@ class Task:
     # Gaussian noise of std dp_noise x dp_clip to each float coordinate; 0: none
     dp_clip: float = 0.0
     dp_noise: float = 0.0
+    shard: int = -1  # edge aggregation: the shard whose queue the update goes to; -1: the job's one queue
     model: bytes = b""  # the payload: the serialized model when inline
 
 
@@ -145,7 +146,55 @@ class Receipts:
     receipts: tuple[Receipt, ...]
 
 
-Message = Task | Update | Hello | Round | ModelAnnouncement | Receipt | Receipts
+@dataclass(frozen=True)
+class Partial:
+    """An edge aggregator's fold of several updates, for the root. Signed by the edge (an
+    aggregator key).
+
+    Every update was screened, clipped and weighted against root version ``version`` and its clip
+    window; ``sums`` holds the float32 sum of weight x clip x delta (flat order) and then the
+    float64 sum of weight x integer delta. Per update, in fold order: its task id, the sha256 of
+    its message, its worker, staleness (versions behind the root), weight, norm before clipping,
+    clip scale, norm after clipping, and sample count. ``norm_total``: what the step divides by (``Policy.norm_weight``)."""
+
+    job_id: str
+    partial_id: str
+    shard: int
+    version: int
+    update_ids: tuple[str, ...]
+    update_digests: tuple[str, ...]
+    worker_ids: tuple[str, ...]
+    staleness: tuple[int, ...]
+    weights: tuple[float, ...]
+    norms: tuple[float, ...]
+    clips: tuple[float, ...]
+    recorded: tuple[float, ...]  # each norm after clipping: the root's clip window grows by them
+    num_samples: tuple[int, ...]
+    norm_total: float
+    n_float: int
+    n_exact: int
+    sums_sha256: str
+    created_at: float = 0.0
+    sums: bytes = b""  # the payload
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The root's word on one partial: ``applied`` in ``version``, or ``rejected`` with its reason.
+    ``duplicates``: the partial's updates already in a version (through another partial): the edge
+    acks those and folds the rest again. Signed by the root."""
+
+    job_id: str
+    partial_id: str
+    shard: int
+    fate: str
+    version: int
+    reason: str = ""
+    detail: str = ""
+    duplicates: tuple[str, ...] = ()
+
+
+Message = Task | Update | Hello | Round | ModelAnnouncement | Receipt | Receipts | Partial | Verdict
 
 KINDS: dict[str, type] = {
     "task": Task,
@@ -155,13 +204,15 @@ KINDS: dict[str, type] = {
     "model": ModelAnnouncement,
     "receipt": Receipt,
     "receipts": Receipts,
+    "partial": Partial,
+    "verdict": Verdict,
 }
-PAYLOAD_FIELD = {"task": "model", "update": "delta"}
+PAYLOAD_FIELD = {"task": "model", "update": "delta", "partial": "sums"}
 # Fields added since the first release: left off the wire while at their default, so that a peer
 # from before them still reads every message that does not use them.
 LATER_FIELDS: dict[type, frozenset[str]] = {
     TrainConfig: frozenset({"prox_mu"}),
-    Task: frozenset({"dp_clip", "dp_noise"}),
+    Task: frozenset({"dp_clip", "dp_noise", "shard"}),
     ModelAnnouncement: frozenset({"dp_epsilon"}),
     Update: frozenset({"org"}),
     Hello: frozenset({"org"}),

@@ -48,4 +48,5 @@ class Fate(StrEnum):
     APPLIED = "applied"
     REJECTED = "rejected"
     PENDING = "pending"  # held unacked when the aggregator stopped: back in the queue
+    FOLDED = "folded"  # an edge aggregator folded it into a partial (the root's ledger says where it went)
     ROLLBACK = "rollback"  # a record of ``fedq model rollback``, not of an update

@@ -446,6 +446,30 @@ class Settings:
             "FedBuff: updates per version, K (default 10); --mode fedasync is FedAsync",
         ),
     )
+    shards: int = field(
+        default=0,
+        metadata=cli(
+            JOB,
+            ("run", "coordinator", "aggregator", "audit", "declare", *BROKER),
+            "edge aggregation: spread the job's updates over N shards, each folded by an edge "
+            "aggregator (fedq aggregator --tier edge --shard I) into partial aggregates that a root "
+            "(--tier root) folds into versions; 0: one aggregator folds every update (default 0)",
+        ),
+    )
+    tier: str = field(
+        default="single",
+        metadata=cli(
+            JOB,
+            ("aggregator",),
+            "single (fold every update, default), edge (fold one shard's updates, --shard I, into "
+            "signed partial aggregates of --buffer updates) or root (fold the edges' partials into "
+            "versions of at least --buffer updates); edge and root need --shards",
+        ),
+    )
+    shard: int = field(
+        default=0,
+        metadata=cli(JOB, ("aggregator",), "--tier edge: the shard this edge folds, 0..N-1 (default 0)"),
+    )
     server_lr: float = field(
         default=1.0,
         metadata=cli(
@@ -705,6 +729,19 @@ class Settings:
     @property
     def capability_list(self) -> tuple[str, ...]:
         return split_capabilities(self.capabilities)
+
+    @property
+    def aggregator_tier(self) -> str:
+        """``--tier``, checked against ``--shards`` and ``--shard``."""
+        if self.tier not in ("single", "edge", "root"):
+            raise ConfigError(f"--tier must be single, edge or root, not {self.tier!r}")
+        if not 0 <= self.shards <= 1024:
+            raise ConfigError(f"--shards must be between 0 and 1024, not {self.shards}")
+        if self.tier != "single" and not self.shards:
+            raise ConfigError(f"--tier {self.tier} needs --shards N: the number of edge aggregators' shards")
+        if self.tier == "edge" and not 0 <= self.shard < self.shards:
+            raise ConfigError(f"--shard must be between 0 and {self.shards - 1} (--shards {self.shards}), not {self.shard}")
+        return self.tier
 
 
 def split_capabilities(text: str) -> tuple[str, ...]:

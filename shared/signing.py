@@ -42,6 +42,8 @@ SENDERS: Mapping[str, frozenset[Role]] = {
     "model": frozenset({Role.AGGREGATOR, Role.COORDINATOR, Role.OPERATOR}),
     "receipt": frozenset({Role.AGGREGATOR}),
     "receipts": frozenset({Role.AGGREGATOR}),
+    "partial": frozenset({Role.AGGREGATOR}),  # an edge aggregator's
+    "verdict": frozenset({Role.AGGREGATOR}),  # the root's
 }
 
 

@@ -75,8 +75,9 @@ def test_the_document_holds_hashes_topic_permissions_and_the_dead_letter_bound(t
     assert perms["fedq.j1.worker.w1"]["read"] == "^(fedq\\.job\\.j1\\.tasks\\.cpu)$"
     assert "gpu" in perms["fedq.j1.worker.w2"]["read"]
     topics = {(t["user"], t["exchange"]): t["write"] for t in doc["topic_permissions"]}
-    assert topics[("fedq.j1.worker.w1", "fedq.results")] == "^j1$"
-    assert topics[("fedq.j1.aggregator", "fedq.models")] == "^(model|receipt)\\.j1$"
+    assert topics[("fedq.j1.worker.w1", "fedq.results")] == "^j1(\\.shard\\.[0-9]+)?$"  # its job's key, or a shard's
+    assert topics[("fedq.j1.aggregator", "fedq.models")] == "^((model|receipt)\\.j1|verdict\\.j1\\.[0-9]+)$"
+    assert topics[("fedq.j1.aggregator", "fedq.results")] == "^j1\\.partials$"  # an edge's partials, no update
     assert [p["definition"] for p in doc["policies"]] == [
         {"max-length-bytes": 1024**3, "overflow": "drop-head"}
     ]

@@ -18,12 +18,14 @@ from shared.messages import (
     Hello,
     Message,
     ModelAnnouncement,
+    Partial,
     Receipt,
     Receipts,
     Round,
     Task,
     TrainConfig,
     Update,
+    Verdict,
 )
 from shared.signing import Keyring, Role, Signer
 
@@ -123,6 +125,40 @@ receipts = st.builds(
     staleness=i64,
 )
 receipt_batches = st.builds(Receipts, job_id=texts, receipts=st.lists(receipts, max_size=4).map(tuple))
+float_tuples = st.lists(floats, max_size=4).map(tuple)
+partials = st.builds(
+    Partial,
+    job_id=texts,
+    partial_id=texts,
+    shard=i64,
+    version=i64,
+    update_ids=str_tuples,
+    update_digests=str_tuples,
+    worker_ids=str_tuples,
+    staleness=st.lists(i64, max_size=4).map(tuple),
+    weights=float_tuples,
+    norms=float_tuples,
+    clips=float_tuples,
+    recorded=float_tuples,
+    num_samples=st.lists(i64, max_size=4).map(tuple),
+    norm_total=floats,
+    n_float=i64,
+    n_exact=i64,
+    sums_sha256=texts,
+    created_at=floats,
+    sums=st.binary(max_size=64),
+)
+verdicts = st.builds(
+    Verdict,
+    job_id=texts,
+    partial_id=texts,
+    shard=i64,
+    fate=texts,
+    version=i64,
+    reason=texts,
+    detail=texts,
+    duplicates=str_tuples,
+)
 STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     Task: tasks,
     Update: updates,
@@ -131,6 +167,8 @@ STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     ModelAnnouncement: announcements,
     Receipt: receipts,
     Receipts: receipt_batches,
+    Partial: partials,
+    Verdict: verdicts,
 }
 any_message = st.one_of(*STRATEGIES.values())
 
@@ -149,6 +187,11 @@ def sample(kind: str) -> Message:
         "model": ModelAnnouncement("job", 4, 3, "cd" * 32, "models/job/4", ("t-1", "t-2"), 1e9, 0.5, 8),
         "receipt": Receipt("job", "t-1", "w-1", "rejected", "stale", 4, 21),
         "receipts": Receipts("job", (Receipt("job", "t-1", "w-1", "buffered", "", 4),)),
+        "partial": Partial(
+            "job", "p-1", 0, 3, ("t-1",), ("ef" * 32,), ("w-1",), (1,), (100.0,), (2.5,), (1.0,), (2.5,), (100,),
+            100.0, 2, 0, "01" * 32, 1e9, sums=b"\x00" * 8,
+        ),
+        "verdict": Verdict("job", "p-1", 0, "rejected", 4, "duplicate", "1 of its updates", ("t-1",)),
     }[kind]
 
 

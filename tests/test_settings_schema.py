@@ -46,6 +46,7 @@ CONN = AMQP | {
 }
 JOB = {
     "mode",
+    "shards",
     "capabilities",
     "concurrency",
     "target-accuracy",
@@ -106,15 +107,19 @@ MODEL_WHERE = WHERE | {"s3-endpoint", "s3-region", "keys-dir", "trusted-keys"}
 SETTING_FLAGS = {
     "run": (CONN - KEYS) | JOB | POLICY | LIVE_POLICY | DATA | {"broker-users", "management-url", "broker-identity"},
     "coordinator": CONN | JOB | {"broker-identity", "dp-clip", "dp-noise", "dp-delta"},
-    "aggregator": CONN | {"mode", "capabilities", "broker-identity", "dp-local"} | POLICY | LIVE_POLICY,
+    "aggregator": CONN
+    | {"mode", "capabilities", "broker-identity", "dp-local", "shards", "tier", "shard"}
+    | POLICY
+    | LIVE_POLICY,
     "worker": CONN | WORKER | DATA,
-    "audit": WHERE,
+    "audit": WHERE | {"shards"},
     "log": WHERE | {"trusted-keys"},
     "replay verify": WHERE | {"trusted-keys"},
     "replay what-if": WHERE | {"app"} | POLICY,
-    "declare": AMQP | {"namespace", "capabilities"},
+    "declare": AMQP | {"namespace", "capabilities", "shards"},
     **{f"dlq {a}": AMQP | {"namespace"} for a in ("list", "show", "requeue")},
-    "broker apply": AMQP | {"namespace", "job", "capabilities", "keys-dir", "trusted-keys", "management-url"},
+    "broker apply": AMQP
+    | {"namespace", "job", "capabilities", "keys-dir", "trusted-keys", "management-url", "shards"},
     "broker certs": set(),  # files only: it reaches no broker
     "cost": set(),  # a run folder's files only
     "status": WHERE,

@@ -46,7 +46,7 @@ from broker_config.names import Names, check_token
 from broker_config.topology import Topology, capability_topology
 from shared import metrics
 from shared.app import App, PartitionSpec
-from shared.codec import Envelope, decode_head, encode, open_envelope, task_token
+from shared.codec import Envelope, decode_head, encode, open_envelope, read_task_token, task_token
 from shared.errors import BrokerError, ConfigError, StoreError, WireError
 from shared.http import http_get, http_put
 from shared.keys import DirectoryTrust, load_or_create_signer, load_public_key, role_dir
@@ -273,7 +273,7 @@ class Worker(Service):
             case Decision.IN_OUTBOX:  # trained before the link or the process was lost: send that
                 assert pending is not None
                 log.info("task_in_outbox", redelivered=delivery.redelivered)
-                await self._send(task.task_id, pending, task.job_id)
+                await self._send(task.task_id, pending, task.job_id, task.shard)
                 await delivery.ack()
             case Decision.EXPIRED:
                 log.info("task_expired")
@@ -337,7 +337,7 @@ class Worker(Service):
         if self.outbox is not None:
             await asyncio.to_thread(self.outbox.put, task.task_id, body)
             log.info("outbox_written", bytes=len(body))
-        await self._send(task.task_id, body, task.job_id)
+        await self._send(task.task_id, body, task.job_id, task.shard)
         acked = await delivery.ack()  # False: the channel is gone and the task comes back
         self.completed += 1
         log.info(
@@ -349,8 +349,9 @@ class Worker(Service):
         )
 
     # -- sending and the outbox -------------------------------------------------------------
-    async def _send(self, task_id: str, body: bytes, job: str) -> bool:
-        """Publish an update to ``job``'s aggregator and wait for its confirm, then forget its outbox entry.
+    async def _send(self, task_id: str, body: bytes, job: str, shard: int = -1) -> bool:
+        """Publish an update to ``job``'s aggregator (``shard``'s edge aggregator, when the task
+        names one) and wait for its confirm, then forget its outbox entry.
 
         ``False`` when the update was confirmed before (by the flusher or an earlier delivery of
         its task): it is not published again. Raises ``BrokerError`` when it cannot be sent (the
@@ -362,7 +363,7 @@ class Worker(Service):
             else:
                 names = self.names.for_job(job)
                 await self.transport.publish(
-                    names.results_exchange, names.results_key, body, message_id=task_id
+                    names.results_exchange, names.update_key(shard), body, message_id=task_id
                 )
                 metrics.sent(job, "worker", len(body))
                 self._sent[task_id] = None
@@ -386,7 +387,7 @@ class Worker(Service):
             if body is None:  # sent and removed meanwhile
                 continue
             try:
-                sent = await self._send(entry.task_id, body, _job_of(body))
+                sent = await self._send(entry.task_id, body, *_route_of(body))
             except (BrokerError, WireError) as exc:  # refused, or not an update of ours: it waits
                 self.log.warning("outbox_flush_failed", task=entry.task_id, error=str(exc))
                 continue
@@ -557,13 +558,14 @@ def coordinator_trust(settings: Settings) -> Keyring:
     return pinned
 
 
-def _job_of(update: bytes) -> str:
-    """The job a signed update of ours belongs to (read from its head; we made it, and the
-    aggregator verifies it anyway)."""
+def _route_of(update: bytes) -> tuple[str, int]:
+    """The job a signed update of ours belongs to, and the shard its task named (read from its
+    head and its task's token; we made it, and the aggregator verifies it anyway)."""
     message = decode_head(open_envelope(update))
     if not isinstance(message, Update):
         raise WireError("an outbox entry that is not an update")
-    return message.job_id
+    shard = read_task_token(message.task).shard if message.task else -1
+    return message.job_id, shard
 
 
 def default_outbox(settings: Settings, worker_id: str) -> Path:

@@ -1,0 +1,403 @@
+"""Edge aggregation: edges fold a shard's updates into partial aggregates, a root folds partials.
+
+An edge (``fedq aggregator --tier edge --shard I``) consumes shard I's updates queue (single
+active consumer: a standby edge takes over) and screens, clips and weighs each update as a
+single aggregator would, against the newest root version it has read from the store. Every
+``--buffer`` updates it publishes a signed ``Partial``: the weighted sum, the weights and, per
+update, its id and message digest. It holds the updates unacked until the root's ``Verdict``
+on the partial comes to its inbox: applied (the version holding them is stored), or refused.
+A refused partial's updates that a version already holds (another partial had them: a standby
+folded a dead edge's updates again) are acked; the rest are folded again, or rejected by the
+edge with their reason (stale by now). So an update is acked only once a stored version holds
+it, and a killed edge loses nothing: its unacked updates go back to the shard's queue.
+
+The root (``--tier root``) consumes the partials queue, refuses a partial holding an update it
+already applied or holds (with the duplicates named in its verdict), and makes a version once
+it holds ``--buffer`` updates. The version's manifest lists every update id and digest, and
+which partials they came through, so ``fedq audit`` counts each update once and ``fedq replay
+verify`` re-derives each partial from its updates and each version from its partials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aggregator.core import Accepted, AggregatorCore, DpRecord, NewVersion, Rejected
+from aggregator.service import OFFLOAD_BYTES, Aggregator, Held, Parked
+from broker_config.names import Names
+from shared import metrics
+from shared.aggregation import clip_window_of
+from shared.codec import Envelope, encode
+from shared.errors import CorruptVersionError, UnsignedVersionError
+from shared.ledger import claimed_costs
+from shared.messages import Message, Partial, Update, Verdict
+from shared.reasons import Fate, Reason
+from shared.runtime import Runtime
+from shared.transport import Delivery
+
+# The manifest's policy record of a version a root made: the partials it folded, in order.
+PARTIALS = "partials"
+# Why a root refuses a partial whose updates an edge should fold again (the rest: reject them).
+REFOLD = frozenset({Reason.DUPLICATE, Reason.STALE, Reason.FUTURE_VERSION})
+
+
+@dataclass
+class Sent:
+    """A partial an edge published, with the updates it holds unacked until the root's verdict."""
+
+    partial: Partial
+    held: list[Held]
+
+
+class EdgeAggregator(Aggregator):
+    name = "edge"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shard = self.config.shard
+        self.sent: dict[str, Sent] = {}
+        self.log = self.log.bind(tier="edge", shard=self.shard)
+
+    async def start(self, runtime: Runtime) -> None:
+        if self.core is None:
+            await self.load(self.config.load_wait)
+        k = self.policy.k
+        # a buffer of updates, and those in partials that wait for the root's verdict
+        prefetch = max(8 * k, 64)
+        need = max(k, self.policy.clip.warmup) + 1
+        runtime.spawn("receipts", self.receipts.run)
+        await runtime.consume_messages(
+            self.names.edge_inbox(self.shard), (Verdict,), self.keyring, self.on_verdict, prefetch=64
+        )
+        queue = self.names.shard_queue(self.shard)
+        await runtime.consume_messages(
+            queue, (Update,), self.keyring, self.handle, prefetch=prefetch, need=need, on_invalid=self._on_invalid
+        )
+        self.log.info("consuming", queue=queue, prefetch=prefetch)
+
+    def _kept(self) -> list[Held | Parked]:
+        return [*super()._kept(), *(h for s in self.sent.values() for h in s.held)]
+
+    def _in_flight(self, task_id: str) -> bool:
+        return any(h.update.task_id == task_id for s in self.sent.values() for h in s.held)
+
+    async def _screen(self, message: Update, round_number: int | None = None) -> tuple[Accepted, Update] | Rejected:
+        if self._in_flight(message.task_id):
+            return Rejected(message.task_id, Reason.DUPLICATE, f"task {message.task_id} is in a partial already")
+        return await super()._screen(message, round_number)
+
+    async def _catch_up(self, force: bool = False) -> bool:
+        """Adopt the newest root versions in the store (their manifests only: an edge folds deltas,
+        not the model): their updates count as applied, the clip window is theirs, and the
+        buffer is offered again against the newest. Partials all of whose updates a version
+        holds are settled even if their verdict never came."""
+        assert self.core is not None
+        now = time.monotonic()
+        if not force and now - self._checked_store_at < 0.5:
+            return False
+        self._checked_store_at = now
+        manifests = []
+        v = self.core.version
+        while await self.store.exists(v + 1):
+            try:
+                manifests.append(await self.store.manifest(v + 1))
+            except (UnsignedVersionError, CorruptVersionError) as exc:
+                if v + 1 not in self._refused:
+                    self._refused.add(v + 1)
+                    self.log.error("unsigned_version_refused", version=v + 1, detail=str(exc))
+                break
+            v += 1
+        if not manifests:
+            return False
+        applied = set(self.core.applied)
+        for m in manifests:
+            applied.update(m.update_ids)
+        last = manifests[-1]
+        held, self.held = self.held, []
+        self.core = AggregatorCore(
+            self.core.model,
+            last.version,
+            self.policy,
+            self.job_id,
+            applied,
+            last.updates_total,
+            clip_window_of(last.policy),
+            dp=DpRecord.of(last.policy),
+        )
+        await self._reoffer(held)
+        for pid in [pid for pid, s in self.sent.items() if all(h.update.task_id in applied for h in s.held)]:
+            await self._settle(self.sent.pop(pid), Verdict(self.job_id, pid, self.shard, Fate.APPLIED, last.version))
+        return True
+
+    async def _flush(self) -> None:
+        """Publish the buffer as a partial, folded against the newest root version."""
+        assert self.core is not None
+        if await self._catch_up(force=True) and not self.core.ready():
+            return
+        fold = self.core.take_partial()
+        held, self.held = self.held, []
+        sums = fold.sums()
+        accepted = fold.accepted
+        partial = Partial(
+            job_id=self.job_id,
+            partial_id=secrets.token_hex(16),
+            shard=self.shard,
+            version=fold.version,
+            update_ids=tuple(a.task_id for a in accepted),
+            update_digests=tuple(h.digest for h in held),
+            worker_ids=tuple(h.update.worker_id for h in held),
+            staleness=tuple(a.staleness for a in accepted),
+            weights=tuple(a.weight for a in accepted),
+            norms=tuple(a.norm for a in accepted),
+            clips=tuple(a.clip for a in accepted),
+            recorded=fold.recorded,
+            num_samples=tuple(h.update.num_samples for h in held),
+            norm_total=fold.norm_total,
+            n_float=fold.floats.numel(),
+            n_exact=fold.exact.numel(),
+            sums_sha256=hashlib.sha256(sums).hexdigest(),
+            created_at=time.time(),
+            sums=sums,
+        )
+        self.sent[partial.partial_id] = Sent(partial, held)
+        await self.transport.publish(
+            self.names.results_exchange, self.names.partials_key, encode(partial, self.signer)
+        )
+        for h, a in zip(held, accepted, strict=True):
+            self.ledger.write(
+                {
+                    "t": time.time(),
+                    "task_id": h.update.task_id,
+                    "worker_id": h.update.worker_id,
+                    "fate": Fate.FOLDED,
+                    "partial": partial.partial_id,
+                    "shard": self.shard,
+                    "version": fold.version,
+                    "staleness": a.staleness,
+                    "weight": a.weight,
+                    "norm": a.norm,
+                    "clip": a.clip,
+                    "capability": h.task.capability if h.task else "",
+                    "bytes": h.size,
+                    "num_samples": h.update.num_samples,
+                    "digest": h.digest,
+                    **claimed_costs(h.update),
+                }
+            )
+        self.log.info("partial", partial=partial.partial_id[:12], version=fold.version, updates=len(held))
+
+    async def on_verdict(self, message: Message, envelope: Envelope, delivery: Delivery) -> None:
+        assert isinstance(message, Verdict)
+        async with self._lock:
+            sent = self.sent.pop(message.partial_id, None) if message.job_id == self.job_id else None
+            if sent is not None:
+                await self._settle(sent, message)
+            await delivery.ack()  # a verdict on another edge's partial (we are its standby): nothing held
+
+    async def _settle(self, sent: Sent, verdict: Verdict) -> None:
+        """Ack what a stored version holds; fold again, or reject, the rest of a refused partial."""
+        assert self.core is not None
+        if verdict.fate == Fate.APPLIED:
+            stored_at = time.time()
+            for h in sent.held:
+                for d in h.deliveries:
+                    await d.ack()
+                metrics.applied(self.job_id, h.accepted.staleness, h.update.sent_at, stored_at)
+            return
+        self.log.warning("partial_refused", partial=verdict.partial_id[:12], reason=verdict.reason, detail=verdict.detail)
+        await self._catch_up(force=True)
+        duplicates = set(verdict.duplicates)
+        again = []
+        for h in sent.held:
+            if h.update.task_id in duplicates or h.update.task_id in self.core.applied:
+                for d in h.deliveries:
+                    await d.ack()  # a version holds it, through another partial
+            elif verdict.reason in REFOLD:
+                again.append(h)
+            else:
+                reason = Reason(verdict.reason) if verdict.reason in Reason.__members__.values() else Reason.INTERNAL_ERROR
+                why = Rejected(h.update.task_id, reason, f"the root refused its partial: {verdict.reason}: {verdict.detail}")
+                for d in h.deliveries:
+                    await self._reject(d, h.update, why, "")
+        await self._reoffer(again)
+        if self.core.ready():
+            await self._flush()
+
+    def record_pending(self) -> None:
+        """On a clean stop: the buffer and the partials awaiting a verdict go back to the queue."""
+        waiting = [h for s in self.sent.values() for h in s.held]
+        self.held = [*self.held, *waiting]
+        super().record_pending()
+
+
+@dataclass
+class HeldPartial:
+    """A partial in the root's buffer; its delivery is acked once its version is stored."""
+
+    partial: Partial
+    accepted: list[Accepted]
+    deliveries: list[Delivery]
+    signer: str
+
+
+class RootAggregator(Aggregator):
+    name = "root"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.partials: list[HeldPartial] = []
+        self.log = self.log.bind(tier="root")
+
+    async def start(self, runtime: Runtime) -> None:
+        if self.core is None:
+            await self.load(self.config.load_wait)
+        prefetch = max(4 * self.policy.k, 64)
+        await runtime.consume_messages(
+            self.names.partials_queue,
+            (Partial,),
+            self.keyring,
+            self.handle,
+            prefetch=prefetch,
+            need=self.policy.k + 1,
+            on_invalid=self._on_invalid,
+        )
+        self.log.info("consuming", queue=self.names.partials_queue, prefetch=prefetch)
+
+    async def handle(self, message: Message, envelope: Envelope, delivery: Delivery) -> None:
+        assert isinstance(message, Partial)
+        async with self._lock:
+            await self._catch_up()
+            await self._on_partial(delivery, message, envelope.signer)
+
+    async def _on_partial(self, delivery: Delivery, partial: Partial, signer: str) -> None:
+        assert self.core is not None
+        if delivery.redelivered:
+            same = next((p for p in self.partials if p.partial.partial_id == partial.partial_id), None)
+            if same is not None and delivery.body == same.deliveries[0].body:
+                same.deliveries.append(delivery)
+                return
+        if partial.version > self.core.version:
+            await self._catch_up(force=True)
+        if await self._take(HeldPartial(partial, [], [delivery], signer)) and self.core.ready():
+            await self._flush()
+
+    async def _take(self, held: HeldPartial) -> bool:
+        """Offer a partial to the core: into the buffer, or refused with a verdict saying why."""
+        assert self.core is not None
+        partial = held.partial
+        duplicates = self.core.partial_duplicates(partial)
+        result: list[Accepted] | Rejected
+        if duplicates:
+            result = Rejected(partial.partial_id, Reason.DUPLICATE, f"{len(duplicates)} of its updates are applied or held")
+        elif len(partial.sums) > OFFLOAD_BYTES:
+            result = await asyncio.to_thread(self.core.offer_partial, partial)
+        else:
+            result = self.core.offer_partial(partial)
+        if isinstance(result, Rejected):
+            for d in held.deliveries:
+                await self._refuse(d, partial, result, held.signer, tuple(duplicates))
+            return False
+        held.accepted = result
+        self.partials.append(held)
+        return True
+
+    async def _refuse(
+        self, delivery: Delivery, partial: Partial, why: Rejected, signer: str, duplicates: tuple[str, ...] = ()
+    ) -> None:
+        await delivery.dead_letter(why.reason, why.detail)
+        metrics.rejected(self.job_id, why.reason)
+        self.ledger.write(
+            {
+                "t": time.time(),
+                "kind": "partial",
+                "partial": partial.partial_id,
+                "shard": partial.shard,
+                "fate": Fate.REJECTED,
+                "reason": why.reason,
+                "detail": why.detail,
+                "signer": signer,
+                "updates": len(partial.update_ids),
+                "duplicates": list(duplicates),
+            }
+        )
+        self.log.warning("partial_refused", partial=partial.partial_id[:12], reason=why.reason, detail=why.detail)
+        verdict = Verdict(
+            self.job_id, partial.partial_id, partial.shard, Fate.REJECTED, self.core.version if self.core else -1,
+            why.reason, why.detail, duplicates,
+        )
+        await self._verdict(verdict)
+
+    async def _verdict(self, verdict: Verdict) -> None:
+        key = Names.verdict_key(self.job_id, verdict.shard)
+        await self.transport.publish(self.names.models_exchange, key, encode(verdict, self.signer), mandatory=False)
+
+    async def _catch_up(self, force: bool = False) -> bool:
+        """As a single aggregator's (another root stored versions), with the partials it holds
+        offered to the newer version."""
+        held, self.partials = self.partials, []
+        adopted = await super()._catch_up(force)
+        if not adopted:
+            self.partials = held
+            return False
+        for p in held:
+            await self._take(p)
+        return True
+
+    async def _flush(self) -> None:
+        assert self.core is not None
+        if await self._catch_up(force=True) and not self.core.ready():
+            return  # never write over a version another aggregator stored
+        new: NewVersion = self.core.flush()
+        held, self.partials = self.partials, []
+        digests = tuple(d for p in held for d in p.partial.update_digests)
+        record = [
+            {
+                "id": p.partial.partial_id,
+                "shard": p.partial.shard,
+                "version": p.partial.version,
+                "updates": len(p.partial.update_ids),
+                "sums_sha256": p.partial.sums_sha256,
+                "signer": p.signer,
+            }
+            for p in held
+        ]
+        await self._save_version(new, digests, partials=record)  # the manifest's PARTIALS
+        stored_at = time.time()
+        for p in held:
+            for d in p.deliveries:
+                await d.ack()
+            await self._verdict(Verdict(self.job_id, p.partial.partial_id, p.partial.shard, Fate.APPLIED, new.version))
+            for a, digest, worker, n in zip(
+                p.accepted, p.partial.update_digests, p.partial.worker_ids, p.partial.num_samples, strict=True
+            ):
+                metrics.applied(self.job_id, a.staleness, 0.0, stored_at)
+                self.ledger.write(
+                    {
+                        "t": stored_at,
+                        "task_id": a.task_id,
+                        "worker_id": worker,
+                        "fate": Fate.APPLIED,
+                        "version": new.version,
+                        "partial": p.partial.partial_id,
+                        "shard": p.partial.shard,
+                        "staleness": a.staleness,
+                        "weight": a.weight,
+                        "norm": a.norm,
+                        "clip": a.clip,
+                        "num_samples": n,
+                        "digest": digest,
+                    }
+                )
+        self.log.info("version", version=new.version, partials=len(held), updates=len(new.update_ids))
+
+    def record_pending(self) -> None:
+        for p in self.partials:
+            for tid, worker, digest in zip(p.partial.update_ids, p.partial.worker_ids, p.partial.update_digests, strict=True):
+                self.ledger.write(
+                    {"t": time.time(), "task_id": tid, "worker_id": worker, "fate": Fate.PENDING, "digest": digest}
+                )
