@@ -83,6 +83,8 @@ class NewVersion:
         return {a.task_id: a.clip for a in self.accepted}
 
 
+# The manifest's policy record of a version a root made (edge aggregation): the partials it folded.
+PARTIALS = "partials"
 # The ledger record ("kind") of the seed a version's central DP noise was drawn from.
 NOISE_RECORD = "dp_noise"
 

@@ -539,13 +539,13 @@ class Aggregator(Service):
         await self._settle_rounds()
 
     async def _save_version(
-        self, new: NewVersion, digests: tuple[str, ...], seed: int | None = None, **record_more: Any
+        self, new: NewVersion, digests: tuple[str, ...], seed: int | None = None, more: dict[str, Any] | None = None
     ) -> Manifest:
-        """Sign, store and announce ``new`` (its updates' message digests in order); ``record_more``
-        joins the manifest's policy record."""
+        """Sign, store and announce ``new`` (its updates' message digests in order); ``more`` joins
+        the manifest's policy record."""
         assert self.core is not None
         state = None if new.server_state is None else new.server_state.to_bytes()
-        record: dict[str, Any] = {**self.policy.to_dict(), CLIP_WINDOW: list(new.clip_window), **record_more}
+        record: dict[str, Any] = {**self.policy.to_dict(), CLIP_WINDOW: list(new.clip_window), **(more or {})}
         if state is not None:
             record[SERVER_STATE] = {"sha256": hashlib.sha256(state).hexdigest(), "size": len(state)}
         if new.dp is not None:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aggregator.core import Accepted, AggregatorCore, DpRecord, NewVersion, Rejected
+from aggregator.core import PARTIALS, Accepted, AggregatorCore, DpRecord, NewVersion, Rejected
 from aggregator.service import OFFLOAD_BYTES, Aggregator, Held, Parked
 from broker_config.names import Names
 from shared import metrics
@@ -40,8 +40,6 @@ from shared.reasons import Fate, Reason
 from shared.runtime import Runtime
 from shared.transport import Delivery
 
-# The manifest's policy record of a version a root made: the partials it folded, in order.
-PARTIALS = "partials"
 # Why a root refuses a partial whose updates an edge should fold again (the rest: reject them).
 REFOLD = frozenset({Reason.DUPLICATE, Reason.STALE, Reason.FUTURE_VERSION})
 
@@ -366,7 +364,7 @@ class RootAggregator(Aggregator):
             }
             for p in held
         ]
-        await self._save_version(new, digests, partials=record)  # the manifest's PARTIALS
+        await self._save_version(new, digests, more={PARTIALS: record})
         stored_at = time.time()
         for p in held:
             for d in p.deliveries:

@@ -20,20 +20,20 @@ from typing import Any
 import torch
 
 from aggregator.binding import bound
-from aggregator.core import NOISE_RECORD, Accepted, AggregatorCore, DpRecord, NewVersion
+from aggregator.core import NOISE_RECORD, PARTIALS, Accepted, AggregatorCore, DpRecord, NewVersion
 from shared.aggregation import Clip, Policy, Robust, clip_window_of
 from shared.app import App
 from shared.codec import MAX_MESSAGE_BYTES, decode_head, open_envelope, read_task_token
 from shared.errors import FedqError, StoreError, UnknownTaskError, UnsignedVersionError, WireError
 from shared.keys import DirectoryTrust
 from shared.ledger import read_lines
-from shared.messages import Round, Update
+from shared.messages import Partial, Round, Update
 from shared.privacy import Dp
 from shared.quantize import decode_delta
 from shared.reasons import Fate, Reason
 from shared.server_opt import ServerOpt, ServerState
 from shared.settings import Settings
-from shared.signing import Keyring
+from shared.signing import Keyring, Role
 from shared.staleness import Staleness
 from shared.store import SERVER_STATE, Manifest, ModelStore, open_store
 from shared.tensors import FlatModel
@@ -76,6 +76,39 @@ def decode_entries(
     return out
 
 
+@dataclass(frozen=True)
+class LoggedPartial:
+    partial: Partial
+    signature_ok: bool
+
+
+def decode_partials(
+    entries: Iterable[StreamEntry], job_id: str, keyring: Keyring | None, max_bytes: int = MAX_MESSAGE_BYTES
+) -> dict[str, LoggedPartial]:
+    """The job's edge partials among raw stream entries (they travel on the results exchange
+    too), by partial id; a signature that does not verify, or not by an aggregator key, is marked."""
+    out = {}
+    for entry in entries:
+        try:
+            envelope = open_envelope(entry.body, max_bytes)
+            if envelope.kind != "partial":
+                continue
+            partial = decode_head(envelope)
+        except WireError:
+            continue
+        if not isinstance(partial, Partial) or partial.job_id != job_id:
+            continue
+        signature_ok = True
+        if keyring is not None:
+            try:
+                peer = keyring.verify(envelope.signer, envelope.sig, envelope.signed_bytes())
+                signature_ok = Role.AGGREGATOR in peer.roles
+            except WireError:
+                signature_ok = False
+        out[partial.partial_id] = LoggedPartial(partial, signature_ok)
+    return out
+
+
 def policy_of(manifest: Manifest) -> Policy:
     p = manifest.policy
     if not p:
@@ -108,6 +141,7 @@ class Job:
     updates: list[LoggedUpdate]
     ledger: list[dict[str, Any]]
     unsigned: dict[int, str] = field(default_factory=dict)  # versions whose signature does not verify
+    partials: dict[str, LoggedPartial] = field(default_factory=dict)  # edge aggregation's, by id
 
     @property
     def by_digest(self) -> dict[str, LoggedUpdate]:
@@ -133,8 +167,9 @@ async def load_job(settings: Settings, offset: Any = "first") -> Job:
     async with connected(settings, "fedq-replay") as transport:
         entries = await transport.read_all(transport.names.update_log, offset)
     updates = decode_entries(entries, settings.job, keyring, settings.max_message_bytes)
+    partials = decode_partials(entries, settings.job, keyring, settings.max_message_bytes)
     ledger = list(read_lines(settings.out_dir / "ledger.jsonl"))
-    return Job(settings, store, manifests, updates, ledger, unsigned)
+    return Job(settings, store, manifests, updates, ledger, unsigned, partials)
 
 
 # -- verify -------------------------------------------------------------------------------------
@@ -215,6 +250,8 @@ async def verify_version(job: Job, version: int) -> Verdict:
         state_blob = await job.store.load_state(parent_manifest) if policy.server_opt.stateful else None
     except StoreError as exc:
         return Verdict(version, False, manifest.sha256, None, [f"parent: {exc}"])
+    if PARTIALS in manifest.policy:
+        return await _verify_through_partials(job, manifest, parent, parent_manifest, policy, state_blob)
     updates = []
     for i in range(len(manifest.update_ids)):
         updates.append(await _materialized(job, _logged_update(job, manifest, i, problems), problems))
@@ -277,6 +314,86 @@ async def verify_version(job: Job, version: int) -> Verdict:
     except StoreError as exc:
         problems.append(f"stored model: {exc}")
     return Verdict(version, not problems, manifest.sha256, derived, problems)
+
+
+async def _verify_through_partials(
+    job: Job, manifest: Manifest, parent: FlatModel, parent_manifest: Manifest, policy: Policy, state_blob: bytes | None
+) -> Verdict:
+    """A root's version (edge aggregation): each partial it names re-derived from its updates (as
+    its edge folded them, against the root version it names), then the version from the partials."""
+    problems: list[str] = []
+    partials: list[Partial] = []
+    offset = 0
+    for record in manifest.policy[PARTIALS]:
+        pid = str(record.get("id", ""))
+        logged = job.partials.get(pid)
+        if logged is None:
+            problems.append(f"partial {pid[:12]} is not in the update log (past its retention?)")
+            continue
+        partial = logged.partial
+        n = len(partial.update_ids)
+        if not logged.signature_ok:
+            problems.append(f"partial {pid[:12]} is not signed by an aggregator key")
+        elif partial.sums_sha256 != record.get("sums_sha256") or hashlib.sha256(partial.sums).hexdigest() != partial.sums_sha256:
+            problems.append(f"partial {pid[:12]}'s sums differ from the ones its version folded")
+        elif tuple(manifest.update_ids[offset : offset + n]) != partial.update_ids:
+            problems.append(f"partial {pid[:12]} holds other updates than its version lists")
+        else:
+            problems += await _rederive_partial(job, partial, manifest, offset, parent)
+        partials.append(partial)
+        offset += n
+    if offset != len(manifest.update_ids):
+        problems.append(f"the partials hold {offset} updates, the version lists {len(manifest.update_ids)}")
+    if problems:
+        return Verdict(manifest.version, False, manifest.sha256, None, problems)
+    core = AggregatorCore(
+        parent,
+        manifest.parent,
+        policy,
+        job.settings.job,
+        clip_window=clip_window_of(parent_manifest.policy),
+        server_state=None if state_blob is None else ServerState.from_bytes(state_blob),
+        dp=DpRecord.of(parent_manifest.policy),
+    )
+    for partial in partials:
+        result = core.offer_partial(partial)
+        if not isinstance(result, list):
+            return Verdict(manifest.version, False, manifest.sha256, None, [f"partial {partial.partial_id[:12]} is refused on replay: {result.reason} ({result.detail})"])
+    new = core.flush()
+    derived = hashlib.sha256(new.model.to_bytes()).hexdigest()
+    if derived != manifest.sha256:
+        problems.append(f"re-derived sha256 {derived[:16]} differs from the manifest's {manifest.sha256[:16]}")
+    else:
+        problems += _state_problems(manifest, new)
+    try:
+        await job.store.load_bytes(manifest.version)
+    except StoreError as exc:
+        problems.append(f"stored model: {exc}")
+    return Verdict(manifest.version, not problems, manifest.sha256, derived, problems)
+
+
+async def _rederive_partial(job: Job, partial: Partial, manifest: Manifest, offset: int, model: FlatModel) -> list[str]:
+    """Fold the partial's updates as its edge did: against root version ``partial.version``, with
+    that version's clip window; the sums, weights and clips must come out the same."""
+    pid = partial.partial_id[:12]
+    at = job.manifests.get(partial.version)
+    if at is None:
+        return [f"partial {pid} was folded against version {partial.version}, which the store lacks"]
+    problems: list[str] = []
+    core = AggregatorCore(model, partial.version, policy_of(manifest), job.settings.job, clip_window=clip_window_of(at.policy))
+    for i in range(len(partial.update_ids)):
+        update = await _materialized(job, _logged_update(job, manifest, offset + i, problems), problems)
+        if update is None:
+            return problems
+        result = core.offer(update)
+        if not isinstance(result, Accepted):
+            return [f"update {update.task_id} of partial {pid} is refused on replay: {result.reason} ({result.detail})"]
+    fold = core.take_partial()
+    if hashlib.sha256(fold.sums()).hexdigest() != partial.sums_sha256:
+        problems.append(f"partial {pid} re-derives to other sums than its edge sent")
+    if (tuple(a.weight for a in fold.accepted), fold.norm_total, fold.recorded) != (partial.weights, partial.norm_total, partial.recorded):
+        problems.append(f"partial {pid} re-derives to other weights or clipped norms than its edge sent")
+    return problems
 
 
 def _state_problems(manifest: Manifest, new: NewVersion) -> list[str]:

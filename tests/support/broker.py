@@ -108,6 +108,9 @@ async def assert_settled(transport: AnyTransport, queue: str) -> None:
     await drain(transport, queue, expect=0)
 
 
+TEST_SHARDS = 2  # the most shards a test's job has (edge aggregation): their queues go too
+
+
 async def delete_namespace(
     amqp_url: str, names: Names, capabilities: tuple[str, ...], jobs: tuple[str, ...] = ()
 ) -> None:
@@ -129,7 +132,9 @@ async def delete_namespace(
 
     try:
         topo = topology(names, capabilities)
-        queues = [q.name for j in {names.job, *jobs} for q in topology(names.for_job(j), capabilities).queues]
+        queues = [
+            q.name for j in {names.job, *jobs} for q in topology(names.for_job(j), capabilities, shards=TEST_SHARDS).queues
+        ]
         queues += [names.for_job(j).coordinator_queue for j in {names.job, *jobs}]
         await asyncio.gather(*(delete(queue=q) for q in dict.fromkeys(queues)))
         await asyncio.gather(*(delete(exchange=ex.name) for ex in topo.exchanges))
