@@ -21,9 +21,10 @@ pure function of the offers, so replay re-derives it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -128,6 +129,41 @@ class PartialFold:
     def sums(self) -> bytes:
         """The partial's payload: the float sums, then the integer sums (little-endian)."""
         return self.floats.numpy().astype("<f4").tobytes() + self.exact.numpy().astype("<f8").tobytes()
+
+    def message(
+        self,
+        job_id: str,
+        partial_id: str,
+        shard: int,
+        updates: Sequence[tuple[str, str, int]],
+        created_at: float = 0.0,
+    ) -> Partial:
+        """The partial as the edge signs it; ``updates``: each folded update's (message digest,
+        worker id, sample count), in fold order."""
+        sums = self.sums()
+        digests, workers, samples = zip(*updates, strict=True) if updates else ((), (), ())
+        a = self.accepted
+        return Partial(
+            job_id=job_id,
+            partial_id=partial_id,
+            shard=shard,
+            version=self.version,
+            update_ids=tuple(x.task_id for x in a),
+            update_digests=tuple(digests),
+            worker_ids=tuple(workers),
+            staleness=tuple(x.staleness for x in a),
+            weights=tuple(x.weight for x in a),
+            norms=tuple(x.norm for x in a),
+            clips=tuple(x.clip for x in a),
+            recorded=self.recorded,
+            num_samples=tuple(samples),
+            norm_total=self.norm_total,
+            n_float=self.floats.numel(),
+            n_exact=self.exact.numel(),
+            sums_sha256=hashlib.sha256(sums).hexdigest(),
+            created_at=created_at,
+            sums=sums,
+        )
 
 
 def partial_sums(sums: bytes, n_float: int, n_exact: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -481,6 +517,8 @@ class AggregatorCore:
         floats, exact = sums
         if not bool(torch.isfinite(floats).all()) or not bool(torch.isfinite(exact).all()):
             return Rejected(pid, Reason.NON_FINITE, "the partial's sums are not finite")
+        if problem := self._partial_out_of_bounds(partial, floats):
+            return Rejected(pid, Reason.NORM_TOO_LARGE, problem)
         assert isinstance(self.buffer, Accumulator)  # edge_problem allows no other fold
         self.buffer.add_sum(floats, exact, weight, partial.norm_total, n)
         accepted = [
@@ -494,6 +532,29 @@ class AggregatorCore:
         self._recorded.extend(partial.recorded)
         self._by_worker.update(partial.worker_ids)
         return accepted
+
+    def _partial_out_of_bounds(self, partial: Partial, floats: torch.Tensor) -> str:
+        """Why a partial claims more than its updates could move the model ('' when it does not):
+        each clipped norm within its norm and the job's fixed clip or --max-norm, and the sum no
+        longer than the weighted clipped norms allow (the triangle inequality). An edge cannot
+        then move the model further than the updates it names, with the weights it names."""
+        bounds = [b for b in (self.policy.max_norm, self.policy.clip.bound if self.policy.clip.kind == "fixed" else None) if b]
+        cap = min(bounds) * (1 + 1e-6) if bounds else math.inf
+        for norm, rec in zip(partial.norms, partial.recorded, strict=True):
+            if not (0 <= rec <= norm * (1 + 1e-6) and rec <= cap) or (self.policy.max_norm and norm > self.policy.max_norm):
+                return f"a clipped norm {rec} exceeds its norm {norm} or the job's bound"
+        total = 0.0  # summed as the edge's buffer did, update by update
+        for n, tau, w in zip(partial.num_samples, partial.staleness, partial.weights, strict=True):
+            if n < 1 or w != self.policy.weight(n, tau):
+                return f"a weight {w} is not the policy's for {n} samples at staleness {tau}"
+            total += self.policy.norm_weight(n, tau)
+        if total != partial.norm_total:
+            return f"its norm weight {partial.norm_total} is not the policy's ({total})"
+        allowed = math.fsum(w * r for w, r in zip(partial.weights, partial.recorded, strict=True))
+        length = float(torch.linalg.vector_norm(floats.to(torch.float64)))
+        if length > allowed * (1 + 1e-4) + 1e-9:
+            return f"its sum is {length:.6g} long; its weights and clipped norms allow {allowed:.6g}"
+        return ""
 
     def _step(self, noise_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The new (floats, exact): the buffer's step, noised for central DP, through FedOpt's

@@ -21,7 +21,6 @@ verify`` re-derives each partial from its updates and each version from its part
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -139,29 +138,9 @@ class EdgeAggregator(Aggregator):
             return
         fold = self.core.take_partial()
         held, self.held = self.held, []
-        sums = fold.sums()
         accepted = fold.accepted
-        partial = Partial(
-            job_id=self.job_id,
-            partial_id=secrets.token_hex(16),
-            shard=self.shard,
-            version=fold.version,
-            update_ids=tuple(a.task_id for a in accepted),
-            update_digests=tuple(h.digest for h in held),
-            worker_ids=tuple(h.update.worker_id for h in held),
-            staleness=tuple(a.staleness for a in accepted),
-            weights=tuple(a.weight for a in accepted),
-            norms=tuple(a.norm for a in accepted),
-            clips=tuple(a.clip for a in accepted),
-            recorded=fold.recorded,
-            num_samples=tuple(h.update.num_samples for h in held),
-            norm_total=fold.norm_total,
-            n_float=fold.floats.numel(),
-            n_exact=fold.exact.numel(),
-            sums_sha256=hashlib.sha256(sums).hexdigest(),
-            created_at=time.time(),
-            sums=sums,
-        )
+        updates = [(h.digest, h.update.worker_id, h.update.num_samples) for h in held]
+        partial = fold.message(self.job_id, secrets.token_hex(16), self.shard, updates, time.time())
         self.sent[partial.partial_id] = Sent(partial, held)
         await self.transport.publish(
             self.names.results_exchange, self.names.partials_key, encode(partial, self.signer)
