@@ -17,7 +17,7 @@ from typing import Any
 
 from shared.codec import decode_head, open_envelope
 from shared.errors import BrokerError, ConfigError, WireError
-from shared.ledger import read_lines
+from shared.ledger import read_ledgers
 from shared.messages import Update
 from shared.reasons import Fate
 from shared.redact import same_broker
@@ -202,12 +202,6 @@ async def audit(settings: Settings, read_log: bool = True) -> Balance:
         for wid, counts in workers.items():
             result.per_worker.setdefault(wid, {}).update({f"tasks_{k}": v for k, v in counts.items()})
     return result
-
-
-def read_ledgers(out_dir: Path) -> list[dict[str, Any]]:
-    """The aggregator's ledger, then each edge aggregator's (``ledger-edge-<shard>.jsonl``)."""
-    edges = sorted(out_dir.glob("ledger-edge-*.jsonl"))
-    return [r for path in (out_dir / "ledger.jsonl", *edges) for r in read_lines(path)]
 
 
 def settings_for(target: str, base: Settings) -> Settings:

@@ -36,7 +36,7 @@ from typing import Any
 
 from coordinator.registry import TASK_COUNT_MAX
 from shared.errors import ConfigError
-from shared.ledger import COST_CAPS, one_per_message, read_lines
+from shared.ledger import COST_CAPS, one_per_message, read_ledgers
 from shared.org import received_org
 from shared.reasons import Fate
 from shared.store import SERVER_STATE
@@ -329,7 +329,7 @@ def read_run(run_dir: Path, coordinator_state: Mapping[str, Any] | None = None) 
     store_dir = Path(store.removeprefix("file://")) if local else run_dir / "store"
     known = bool(job) and store_dir.is_dir()
     return Records(
-        ledger=tuple(read_lines(run_dir / "ledger.jsonl")),
+        ledger=tuple(read_ledgers(run_dir)),
         task_counts=state.get("workers") or {},
         orgs=state.get("orgs") or {},
         versions=stored_versions(store_dir, job) if known else (),

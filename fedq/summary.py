@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedq.cost import read_run, summary_totals
-from shared.ledger import read_lines
+from shared.ledger import read_ledgers, read_lines
 from shared.reasons import Fate
 
 THRESHOLDS = ("0.80", "0.85")
@@ -17,7 +17,7 @@ def build_summary(
     run_dir: Path, coordinator_state: dict[str, Any], workers: int, wall_seconds: float
 ) -> dict[str, Any]:
     metrics = list(read_lines(run_dir / "metrics.jsonl"))
-    ledger = list(read_lines(run_dir / "ledger.jsonl"))
+    ledger = [r for r in read_ledgers(run_dir) if not r.get("kind")]  # updates' records only
     accuracies = [m["accuracy"] for m in metrics if "accuracy" in m]
     to_acc: dict[str, float | None] = {}
     for key in THRESHOLDS:
@@ -41,7 +41,7 @@ def build_summary(
         ),
         "updates_applied": len(applied),
         "updates_rejected": dict(rejected),
-        "bytes_up": sum(int(r.get("bytes", 0)) for r in ledger),
+        "bytes_up": sum(int(r.get("bytes", 0)) for r in ledger if r.get("fate") != Fate.FOLDED),
         "bytes_down": coordinator_state.get("bytes_down", 0),
         "wall_seconds": round(wall_seconds, 3),
         # the coordinator's start to its first task: waiting for --min-workers workers to say hello

@@ -18,8 +18,9 @@ COST_KEYS = {"cpu_seconds": "cpu_seconds", "train_seconds": "wall_seconds", "byt
 # The most one update may claim of each (under the ledger's names): a claim beyond is cut down to it,
 # so that no sum of claims overflows to infinity.
 COST_CAPS = {"cpu_seconds": 1e7, "wall_seconds": 1e7, "bytes_down": 1e12}
-UPDATE_FATES = (Fate.APPLIED, Fate.REJECTED, Fate.PENDING)  # the fates of an update's records
-_PRECEDENCE = {Fate.APPLIED: 2, Fate.REJECTED: 1, Fate.PENDING: 0}  # which record of a message wins
+UPDATE_FATES = (Fate.APPLIED, Fate.REJECTED, Fate.PENDING, Fate.FOLDED)  # the fates of an update's records
+# which record of a message wins
+_PRECEDENCE = {Fate.APPLIED: 2, Fate.REJECTED: 1, Fate.PENDING: 0, Fate.FOLDED: 0}
 
 
 def claimed_costs(update: Update | None) -> dict[str, Any]:
@@ -43,13 +44,15 @@ def one_per_message(ledger: Iterable[Mapping[str, Any]]) -> list[Mapping[str, An
     """The ledger's update records, one per message: of the records sharing a ``digest`` (a pending
     record then the same message applied after a restart, a duplicate of an applied message, a parked
     update rejected once per delivery) the applied one wins, else the rejected one, else the first.
-    Records without a digest (an old ledger) are kept as they are; records of no update (a DP noise
-    seed, a rollback) are left out. In the order each message was first recorded."""
+    Under edge aggregation the root's applied record takes what only the edge knew (the message's
+    size, the worker's claims, the task's capability) from the edge's folded record. Records
+    without a digest (an old ledger) are kept as they are; records of no update (a DP noise seed,
+    a rollback) are left out. In the order each message was first recorded."""
     out: list[Mapping[str, Any]] = []
     where: dict[str, int] = {}
     for r in ledger:
         fate = r.get("fate")
-        if fate not in UPDATE_FATES:
+        if fate not in UPDATE_FATES or r.get("kind"):  # "kind": a record of no update (a root's refused partial)
             continue
         digest = r.get("digest")
         if not isinstance(digest, str) or not digest:
@@ -59,9 +62,21 @@ def one_per_message(ledger: Iterable[Mapping[str, Any]]) -> list[Mapping[str, An
         if i is None:
             where[digest] = len(out)
             out.append(r)
-        elif _PRECEDENCE[Fate(fate)] > _PRECEDENCE[Fate(out[i]["fate"])]:
-            out[i] = r
+            continue
+        kept, winner = out[i], r
+        if _PRECEDENCE[Fate(fate)] <= _PRECEDENCE[Fate(kept["fate"])]:
+            kept, winner = r, kept
+        if kept.get("fate") == Fate.FOLDED and winner.get("fate") == Fate.APPLIED:
+            winner = {**kept, **winner}
+        out[i] = winner
     return out
+
+
+def read_ledgers(out_dir: Path) -> list[dict[str, Any]]:
+    """A job folder's ledgers: the aggregator's (``ledger.jsonl``; the root's under edge
+    aggregation), then each edge aggregator's (``ledger-edge-<shard>.jsonl``)."""
+    edges = sorted(out_dir.glob("ledger-edge-*.jsonl"))
+    return [r for path in (out_dir / "ledger.jsonl", *edges) for r in read_lines(path)]
 
 
 class JsonLines:

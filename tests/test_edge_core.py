@@ -19,6 +19,7 @@ from broker_config.permissions import BrokerRole, permission
 from broker_config.topology import topology
 from shared.aggregation import Clip, Policy, Robust
 from shared.errors import ConfigError
+from shared.ledger import one_per_message
 from shared.messages import Partial, Update
 from shared.privacy import Dp
 from shared.reasons import Reason
@@ -176,3 +177,13 @@ def test_shards_have_queues_bindings_and_permissions() -> None:
     assert not read.fullmatch(names.task_queue("cpu"))
     worker_read = re.compile(permission(names, BrokerRole.WORKER).read)
     assert not worker_read.fullmatch(names.partials_queue)
+
+
+def test_the_roots_applied_record_takes_the_edges_size_and_claims() -> None:
+    folded = {"task_id": "t", "fate": "folded", "digest": "d", "bytes": 900, "org": "acme", "cpu_seconds": 2.0}
+    applied = {"task_id": "t", "fate": "applied", "digest": "d", "version": 3, "partial": "p"}
+    refused = {"kind": "partial", "fate": "rejected", "reason": "duplicate", "partial": "q"}
+    for ledger in ([applied, folded, refused], [folded, applied]):
+        (one,) = one_per_message(ledger)
+        assert one["fate"] == "applied" and one["version"] == 3
+        assert (one["bytes"], one["org"], one["cpu_seconds"]) == (900, "acme", 2.0)

@@ -21,10 +21,10 @@ from aggregator.service import Aggregator
 from aggregator.tiers import EdgeAggregator, RootAggregator
 from broker_config.names import Names
 from broker_config.topology import topology
-from fedq.audit import balance, read_ledgers, read_update_log
+from fedq.audit import balance, read_update_log
 from fedq.replay import Job, decode_entries, decode_partials, verify_version
 from shared.aggregation import Clip, Policy
-from shared.ledger import JsonLines
+from shared.ledger import JsonLines, read_ledgers
 from shared.settings import Settings
 from shared.signing import Signer
 from shared.store import LocalStore, ModelStore

@@ -10,7 +10,7 @@ from typing import Any
 from fedq import cost
 from fedq.dashboard.data import Process, Queues, RunRecords
 from shared.errors import ConfigError
-from shared.ledger import read_lines
+from shared.ledger import read_ledgers, read_lines
 
 FINISHED = Queues("not looked at: the run has finished (no process of it is alive)")
 
@@ -69,7 +69,7 @@ def read_records(run_dir: Path, queues: Queues | None = None) -> RunRecords:
         ledger_mtime: float | None = ledger_path.stat().st_mtime
     except OSError:
         ledger_mtime = None
-    ledger = tuple(read_lines(ledger_path))
+    ledger = tuple(read_ledgers(run_dir))
     try:
         costs: cost.Records | None = cost.read_run(run_dir, state)
     except ConfigError:
