@@ -179,12 +179,10 @@ class EdgeAggregator(Aggregator):
     async def _settle(self, sent: Sent, verdict: Verdict) -> None:
         """Ack what a stored version holds; fold again, or reject, the rest of a refused partial."""
         assert self.core is not None
-        if verdict.fate == Fate.APPLIED:
-            stored_at = time.time()
+        if verdict.fate == Fate.APPLIED:  # the root counts them in its metrics
             for h in sent.held:
                 for d in h.deliveries:
                     await d.ack()
-                metrics.applied(self.job_id, h.accepted.staleness, h.update.sent_at, stored_at)
             return
         self.log.warning("partial_refused", partial=verdict.partial_id[:12], reason=verdict.reason, detail=verdict.detail)
         await self._catch_up(force=True)

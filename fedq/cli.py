@@ -131,7 +131,8 @@ def _add_run(sub: Subparsers) -> None:
         sub,
         "run",
         "run a whole job on this machine: aggregator, coordinator and N workers",
-        "Declare the topology, start the aggregator, the coordinator and N workers as "
+        "Declare the topology, start the aggregator (with --shards S: a root and S edge aggregators), "
+        "the coordinator and N workers as "
         "processes against the broker, show progress, stop at the target and write a run folder "
         "with summary.json, metrics.jsonl, ledger.jsonl and every process's log. The coordinator "
         "waits for all N workers to say hello (--min-workers) before the first task, so the job's "
@@ -154,7 +155,8 @@ def _add_run(sub: Subparsers) -> None:
         default=0.0,
         metavar="SECONDS",
         help="once the job has started (its first task), kill a random worker every SECONDS (default 5) and "
-        "restart it later, and kill the aggregator once; the summary reports the audit balance",
+        "restart it later, and kill the aggregator once (and each edge aggregator once, with --shards); "
+        "the summary reports the audit balance",
     )
 
 
@@ -170,7 +172,9 @@ def _add_services(sub: Subparsers) -> None:
         sub,
         "aggregator",
         "run the aggregator of a job",
-        "Verify, screen and fold updates into new versions. Start two for a hot standby.",
+        "Verify, screen and fold updates into new versions. Start two for a hot standby. With --shards N: "
+        "--tier edge --shard I folds shard I's updates into signed partial aggregates, --tier root folds "
+        "the partials into versions.",
     )
     _command(
         sub,

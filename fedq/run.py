@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -269,9 +270,12 @@ class Launcher:
 
 class Chaos:
     """For humans checking the guarantees: kill a random worker every ``every`` seconds and bring
-    it back a few seconds later; kill the aggregator once. Every act goes to ``chaos.jsonl``."""
+    it back a few seconds later; kill the aggregator once, and each edge aggregator once (``edges``).
+    Every act goes to ``chaos.jsonl``."""
 
-    def __init__(self, launcher: Launcher, worker_ids: list[str], every: float, seed: int = 0) -> None:
+    def __init__(
+        self, launcher: Launcher, worker_ids: list[str], every: float, seed: int = 0, edges: Sequence[str] = ()
+    ) -> None:
         self.launcher = launcher
         self.worker_ids = worker_ids
         self.every = every
@@ -281,6 +285,9 @@ class Chaos:
         self.down: dict[str, float] = {}
         self.aggregator_at = self.started + 2.5 * every
         self.aggregator_killed = 0
+        # then the edges, one after another, ``every`` apart
+        self.edges_at = {name: self.started + (3.5 + i) * every for i, name in enumerate(edges)}
+        self.edges_killed = 0
         self.workers_killed = 0
         self.log = JsonLines(launcher.run_dir / "chaos.jsonl")
 
@@ -304,9 +311,16 @@ class Chaos:
             self.launcher.kill("aggregator")  # the supervisor restarts it
             self.aggregator_killed += 1
             self.log.write({"t": time.time(), "event": "aggregator_killed"})
+        for name, at in list(self.edges_at.items()):
+            if now >= at:
+                del self.edges_at[name]
+                self.launcher.kill(name)  # the supervisor restarts it; its updates wait in its shard's queue
+                self.edges_killed += 1
+                self.log.write({"t": time.time(), "event": "edge_killed", "edge": name})
 
     def summary(self) -> dict[str, int]:
-        return {"workers_killed": self.workers_killed, "aggregator_killed": self.aggregator_killed}
+        killed = {"workers_killed": self.workers_killed, "aggregator_killed": self.aggregator_killed}
+        return killed | ({"edges_killed": self.edges_killed} if self.edges_killed else {})
 
 
 def run_pids(run_dir: Path) -> dict[str, int]:
@@ -412,7 +426,8 @@ def run_job(
                 for name in services:
                     launcher.supervise(name)
                 if chaos_every > 0 and chaos is None and job_started(run_dir):
-                    chaos = Chaos(launcher, worker_ids, chaos_every)  # the job, not the fleet's start-up
+                    # the job, not the fleet's start-up
+                    chaos = Chaos(launcher, worker_ids, chaos_every, edges=edge_names(settings.shards))
                 if chaos is not None:
                     chaos.step()
                 display.update()

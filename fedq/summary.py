@@ -41,7 +41,7 @@ def build_summary(
         ),
         "updates_applied": len(applied),
         "updates_rejected": dict(rejected),
-        "bytes_up": sum(int(r.get("bytes", 0)) for r in ledger if r.get("fate") != Fate.FOLDED),
+        "bytes_up": bytes_up(ledger),
         "bytes_down": coordinator_state.get("bytes_down", 0),
         "wall_seconds": round(wall_seconds, 3),
         # the coordinator's start to its first task: waiting for --min-workers workers to say hello
@@ -56,3 +56,10 @@ def build_summary(
         # fedq cost's totals: CPU and wall seconds, samples, tasks, updates, bytes up and down, store bytes
         "cost": summary_totals(read_run(run_dir, coordinator_state)),
     }
+
+
+def bytes_up(ledger: list[dict[str, Any]]) -> int:
+    """The bytes of every message the aggregator's ledger records, and of each message the edges
+    folded (once, however often: a refused partial's updates are folded again)."""
+    folded = {r.get("digest"): int(r.get("bytes", 0)) for r in ledger if r.get("fate") == Fate.FOLDED}
+    return sum(int(r.get("bytes", 0)) for r in ledger if r.get("fate") != Fate.FOLDED) + sum(folded.values())

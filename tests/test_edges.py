@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -30,11 +31,13 @@ from shared.signing import Signer
 from shared.store import LocalStore, ModelStore
 from shared.transport.rabbitmq import RabbitMQ
 from tests.support.broker import assert_settled, connect_like
+from tests.support.jobs import TINY_APP, assert_balanced, cleanup, cli, finish, json_lines, start_run
 from tests.support.messages import OWNER, make_task, make_update, save_v0, tiny_model, token_of, trust
 from tests.support.waiting import WAIT, until
 
 JOB = "edgejob"
 K = 3
+__all__ = ["cleanup"]  # the fixture, for the whole-job test
 
 
 @dataclass
@@ -128,10 +131,13 @@ async def test_an_edge_killed_mid_partial_loses_nothing_and_counts_nothing_twice
         await in_flight(edge, partials=1, buffered=2)
         await t.kill(edge)
         await t.send(sent[0][1])  # a worker's retried publish of an update the dead edge sent on
+        standby = await t.start("edge", "edge-b")
+        # the standby folds three of the five again, so at least one of the dead edge's partial
+        await in_flight(standby, partials=1, buffered=2)
+        root = await t.start("root", "root")
+        await until_versions(t, 1)
         more = [t.update(seed) for seed in range(5, 6)]
         await t.send(more[0][1])
-        standby = await t.start("edge", "edge-b")
-        root = await t.start("root", "root")
         await until_versions(t, 2)
         await until(lambda: not root.service._lock.locked() and not standby.service._lock.locked(), "idle tiers")
         await in_flight(standby, partials=0, buffered=0)
@@ -181,3 +187,23 @@ async def until_versions(t: Tiers, n: int) -> None:
         return len(await t.versions()) > n
 
     await until(made, f"{n} versions", wait=3 * WAIT)
+
+
+def test_fedq_run_with_edges_survives_chaos_and_replays(tmp_path: Path, names: Names, cleanup: None) -> None:
+    """``fedq run --shards 2 --chaos``: two edges and a root, a worker killed every 1.5 s, the root
+    killed once, then each edge once: the job ends at its target, the audit balances with every
+    update applied once, and ``fedq replay verify --all`` re-derives every version through its partials."""
+    out = tmp_path / "run"
+    flags = ("--workers", "3", "--shards", "2", "--buffer", "3", "--delay-profile", "0.3*3", "--chaos", "1.5")
+    finish(start_run(out, names, *TINY_APP, *flags, "--target-accuracy", "0", "--max-versions", "10"), timeout=300)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_versions", summary
+    assert summary["chaos"]["aggregator_killed"] == 1 and summary["chaos"]["edges_killed"] == 2, summary["chaos"]
+    assert summary["restarts"]["edge-0"] >= 1 and summary["restarts"]["edge-1"] >= 1
+    assert summary["audit"]["ok"] and summary["audit"]["lost"] == 0 and not summary["audit"]["applied_twice"]
+    assert_balanced(out)
+    manifests = [json.loads(p.read_text()) for p in sorted((out / "store").rglob("v*.json"))]
+    assert len(manifests) == 11 and all(m["policy"].get("partials") for m in manifests[1:])
+    verify = cli("replay", "verify", out, "--all", "--json")
+    verdicts = json_lines(verify.stdout)
+    assert verify.returncode == 0 and len(verdicts) == 11 and all(v["ok"] for v in verdicts), verify
