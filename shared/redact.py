@@ -8,28 +8,39 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from shared.amqp_urls import each_url, split_urls
+
 MASK = "***"
 # scheme://user:password@ anywhere in a text (a log line, an error's repr)
 _LOGIN = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):(?P<password>[^\s@/]*)@")
 
 
 def redact(url: str) -> str:
-    """``url`` for a message: its password masked, its query (heartbeat, auth) left out."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        user, _, host = parts.netloc.rpartition("@")
-        parts = parts._replace(netloc=f"{user.partition(':')[0]}:{MASK}@{host}")
-    return urlunsplit(parts._replace(query=""))
+    """``url`` for a message (each URL of a list, ``shared.amqp_urls``): its password masked, its
+    query (heartbeat, auth) left out."""
+
+    def one(url: str) -> str:
+        parts = urlsplit(url)
+        if parts.password is not None:
+            user, _, host = parts.netloc.rpartition("@")
+            parts = parts._replace(netloc=f"{user.partition(':')[0]}:{MASK}@{host}")
+        return urlunsplit(parts._replace(query=""))
+
+    return each_url(url, one)
 
 
 def without_password(url: str) -> str:
-    """``url`` as it may be written down: the password left out, all else kept (the user too, so a
-    password file or ``FEDQ_AMQP_PASSWORD`` completes it again)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user, _, host = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}@{host}"))
+    """``url`` as it may be written down (each URL of a list): the password left out, all else kept
+    (the user too, so a password file or ``FEDQ_AMQP_PASSWORD`` completes it again)."""
+
+    def one(url: str) -> str:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user, _, host = parts.netloc.rpartition("@")
+        return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}@{host}"))
+
+    return each_url(url, one)
 
 
 def redact_text(text: str) -> str:
@@ -44,7 +55,10 @@ def public(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def same_broker(written: str, given: str) -> bool:
     """Whether ``given`` names the broker (scheme, host, port and vhost) of ``written`` (a URL written
-    down without its password): then ``given``'s login is the one to use there, whoever it names
-    (an auditor reads a run with the observer's account, not the run's)."""
-    a, b = urlsplit(written), urlsplit(given)
-    return (a.scheme, a.hostname, a.port, a.path.strip("/")) == (b.scheme, b.hostname, b.port, b.path.strip("/"))
+    down without its password), or for lists a node of it: then ``given``'s login is the one to use
+    there, whoever it names (an auditor reads a run with the observer's account, not the run's)."""
+
+    def nodes(urls: str) -> set[tuple[str, str | None, int | None, str]]:
+        return {(p.scheme, p.hostname, p.port, p.path.strip("/")) for p in map(urlsplit, split_urls(urls))}
+
+    return bool(nodes(written) & nodes(given))

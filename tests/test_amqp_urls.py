@@ -14,6 +14,7 @@ from fedq.broker import Account
 from fedq.cli import _settings, build_parser
 from shared.amqp_urls import each_url, join_urls, rotated, split_urls
 from shared.errors import BrokerError, ConfigError
+from shared.redact import public, redact, same_broker, without_password
 from shared.settings import Settings
 from shared.tls import client_tls
 from shared.transport.connect import broker_password, broker_url
@@ -75,6 +76,16 @@ def test_every_url_gets_heartbeat_password_login_and_redaction() -> None:
         client_tls(Settings(amqp_url=f"{A},amqps://h2:5671/"))
     admin = "amqp://admin:pw@node0:5672/,amqp://admin:pw@node1:5672/"
     assert Account.anonymous_url(admin) == "amqp://node0:5672/,amqp://node1:5672/"
+
+
+def test_every_url_of_a_list_loses_its_password() -> None:
+    listed = "amqp://u:pw1@h1/,amqp://u:pw2@h2:5673/?heartbeat=4"
+    assert redact(listed) == "amqp://u:***@h1/,amqp://u:***@h2:5673/"
+    assert without_password(listed) == "amqp://u@h1/,amqp://u@h2:5673/?heartbeat=4"
+    assert public({"amqp_url": listed}) == {"amqp_url": without_password(listed)}
+    # a tool given the run's list (or one node of it) uses its own login there
+    assert same_broker(without_password(listed), "amqp://auditor:x@h2:5673/")
+    assert not same_broker(without_password(listed), "amqp://auditor:x@h3/")
 
 
 def test_the_failover_connection_dials_its_urls_in_turn() -> None:

@@ -9,12 +9,17 @@ connection dialled. The same over a real 3-node cluster, with node kills, is tes
 from __future__ import annotations
 
 import asyncio
+import time
+
+import pytest
 
 from broker_config.names import Names
-from broker_config.topology import topology
+from broker_config.topology import Binding, Exchange, Queue, Topology, topology
 from shared.amqp_urls import join_urls
+from shared.errors import BrokerError
 from shared.transport import Delivery
 from shared.transport.rabbitmq import RabbitMQ
+from tests.support.broker import connect_like
 from tests.support.private_broker import free_port
 from tests.support.tcpproxy import TcpProxy
 
@@ -55,3 +60,33 @@ async def test_connects_to_the_first_url_that_answers_and_fails_over_in_turn(
             assert (b.accepted, c.accepted) == (1, 1)
         finally:
             await transport.close()
+
+
+async def test_a_nacked_publish_is_retried_until_the_broker_takes_it(broker: RabbitMQ, names: Names) -> None:
+    """The broker nacks a publish while a queue it routes to cannot take it (on a cluster: its leader
+    was on the node just lost). Here the queue is full and rejects publishes: the publish is retried
+    until the queue has room, and refused once the retry window has passed."""
+    full = f"{names.namespace}.test.full"
+    await broker.declare(
+        Topology(
+            (Exchange(names.tasks_exchange, "direct"),),
+            (Queue(full, {"x-max-length": 1, "x-overflow": "reject-publish", "x-expires": 60_000}),),
+            (Binding(full, names.tasks_exchange, "full"),),
+        )
+    )
+    await broker.publish(names.tasks_exchange, "full", b"first")
+    started = time.monotonic()
+    publishing = asyncio.create_task(broker.publish(names.tasks_exchange, "full", b"second"))
+    await asyncio.sleep(1.5)
+    assert not publishing.done(), "a nacked publish was not retried"
+    assert await broker.purge(full) == 1  # room again: the retry goes through
+    await asyncio.wait_for(publishing, 30)
+    assert time.monotonic() - started >= 1.5
+    info = await broker.queue_info(full)
+    assert info is not None and info.messages == 1
+    impatient = await connect_like(broker, "test-nack-refused", publish_retry_seconds=1.0)
+    try:
+        with pytest.raises(BrokerError, match="refused"):
+            await impatient.publish(names.tasks_exchange, "full", b"third")
+    finally:
+        await impatient.close()

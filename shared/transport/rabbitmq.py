@@ -333,9 +333,10 @@ class RabbitMQ(Transport):
         confirm lost with the link is retried too: when aiormq drops a connection as stuck
         (missed heartbeats: a silent partition) it fails the pending confirm with
         ``CancelledError`` although nobody cancelled the caller; that is a lost link, not a
-        cancellation. A real cancellation of the caller is passed on. A refusal by the broker
-        (unroutable, nacked, above its ``max_message_size``) raises ``BrokerError`` at once; a body
-        above our own cap is refused before it is sent (``TooLargeError``).
+        cancellation. A real cancellation of the caller is passed on. A publish the broker nacks
+        (a queue it routes to has no leader for now: a cluster node was lost) is retried too, until
+        the same deadline. A refusal by the broker (unroutable, above its ``max_message_size``) raises
+        ``BrokerError`` at once; a body above our own cap is refused before it is sent (``TooLargeError``).
         """
         self.check_publish_size(exchange, body)
         deadline = time.monotonic() + self.publish_retry_seconds
@@ -354,7 +355,13 @@ class RabbitMQ(Transport):
                 await ex.publish(message, routing_key, mandatory=mandatory, timeout=30)
                 break
             except aio_pika.exceptions.DeliveryError as exc:
-                raise BrokerError(f"broker refused a message to {exchange!r}/{routing_key!r}: {exc}") from exc
+                # A nack is the broker's "not now": a queue or stream the message routes to has no
+                # leader yet (a cluster node was lost and its members elect a new one). Retried like a
+                # lost link; a message returned unroutable is refused at once.
+                if not isinstance(exc.frame, aiormq.spec.Basic.Nack) or time.monotonic() > deadline:
+                    raise BrokerError(f"broker refused a message to {exchange!r}/{routing_key!r}: {exc}") from exc
+                log.warning("publish_retry", exchange=exchange, error="nacked by the broker")
+                await asyncio.sleep(0.5)
             except aiormq.exceptions.ChannelNotFoundEntity as exc:
                 self._exchanges.pop(exchange, None)
                 raise BrokerError(f"exchange {exchange!r} does not exist: is --namespace right?") from exc
