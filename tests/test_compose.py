@@ -27,6 +27,7 @@ from broker_config.names import Names
 from broker_config.permissions import BrokerRole, user_name
 from broker_config.topology import topology
 from fedq.cli import build_parser
+from shared.amqp_urls import split_urls
 from shared.keys import ROLE_DIRS
 from shared.settings import Settings, known_env_names
 from tests.support.broker import delete_namespace
@@ -42,6 +43,7 @@ def compose() -> dict[str, Any]:
     return doc
 
 
+BROKER_NODES = ("rabbitmq", "rabbitmq-2", "rabbitmq-3")  # the broker, and the cluster profile's nodes
 KEYS_SERVICE = "keys"  # the one-shot operator: lays out the trust volume and hands out the keys
 CERTS_SERVICE = "certs"  # the one-shot that makes the CA and the broker's TLS certificate
 ONE_SHOTS = {KEYS_SERVICE, CERTS_SERVICE}
@@ -419,7 +421,7 @@ def test_the_broker_speaks_tls_only_and_the_services_verify_it() -> None:
     ca_volume = volume_at(certs, made[1])[0]
     for name, service in doc["services"].items():
         for volume, _, _ in volume_mounts(service):
-            assert volume != tls_volume or name in (CERTS_SERVICE, "rabbitmq"), (
+            assert volume != tls_volume or name in (CERTS_SERVICE, *BROKER_NODES), (
                 f"{name} mounts the broker's key"
             )
             assert volume != ca_volume or name == CERTS_SERVICE, f"{name} mounts the CA's key"
@@ -443,3 +445,49 @@ def test_published_ports_listen_on_loopback_unless_a_variable_says_otherwise() -
             assert str(port).startswith("${FEDQ_BIND:-127.0.0.1}:"), (
                 f"{name} publishes {port} to every interface"
             )
+
+
+def test_the_cluster_profile_joins_three_nodes_and_the_services_list_them_all() -> None:
+    """``docker compose --profile cluster up``: two more nodes, configured as rabbitmq is, with one
+    Erlang cookie, join it by classic_config peer discovery; a one-shot then grows the namespace's
+    queues and streams onto them. Every fedq service lists the three nodes (its own user on each)."""
+    services = compose()["services"]
+    nodes = {name: services[name] for name in BROKER_NODES}
+    assert services["rabbitmq"].get("profiles") is None, "the first node serves without the profile"
+    for name in (*BROKER_NODES[1:], "cluster-members"):
+        assert services[name].get("profiles") == ["cluster"], name
+    cookies = {name: dict(node["environment"]) for name, node in nodes.items()}
+    first = cookies["rabbitmq"]
+    assert "-setcookie" in first["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"]
+    assert first["RABBITMQ_CTL_ERL_ARGS"] == first["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"], "the CLI's cookie"
+    assert all(c == first for c in cookies.values()), "one Erlang cookie for every node"
+    assert services["cluster-members"]["environment"] == first
+    hostnames = {name: node["hostname"] for name, node in nodes.items()}
+    assert hostnames == {name: name for name in BROKER_NODES}, "each node's name is rabbit@<its service>"
+    # the same configuration as rabbitmq, its own data volume, and the peer discovery file
+    files = {name: {t: src for src, t, *_ in (v.split(":") for v in n["volumes"]) if src.startswith("./")} for name, n in nodes.items()}
+    data = {volume_at(n, "/var/lib/rabbitmq")[0] for n in nodes.values()}
+    assert len(data) == len(nodes), "the nodes share a data volume"
+    peers = files["rabbitmq-2"].pop("/etc/rabbitmq/conf.d/40-cluster.conf")
+    assert files["rabbitmq-3"].pop("/etc/rabbitmq/conf.d/40-cluster.conf") == peers
+    assert files["rabbitmq-2"] == files["rabbitmq-3"] == files["rabbitmq"]
+    conf = (ROOT / peers).read_text()
+    assert re.search(r"^cluster_formation\.peer_discovery_backend\s*=\s*classic_config\s*$", conf, re.M)
+    listed = re.findall(r"^cluster_formation\.classic_config\.nodes\.\d+\s*=\s*(\S+)\s*$", conf, re.M)
+    assert listed == [f"rabbit@{h}" for h in BROKER_NODES]
+    for name in BROKER_NODES[1:]:
+        assert nodes[name]["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
+        assert volume_at(nodes[name], "/etc/rabbitmq/tls")[0] == volume_at(nodes["rabbitmq"], "/etc/rabbitmq/tls")[0]
+    grow = " ".join(services["cluster-members"]["command"])
+    for name in BROKER_NODES[1:]:
+        assert f"rabbit@{name}" in grow
+    assert "rabbitmq-queues -n rabbit@rabbitmq grow" in grow and "rabbitmq-streams -n rabbit@rabbitmq add_replica" in grow
+    # the broker's certificate names every node: a service verifies whichever it reaches
+    made = " ".join(services[CERTS_SERVICE]["command"])
+    for name in BROKER_NODES:
+        assert f"--host {name}" in made, f"the broker's certificate does not name {name}"
+    for name, service in fedq_services().items():
+        s = settings_of(service)
+        urls = [urlsplit(u) for u in split_urls(s.amqp_url)]
+        assert [(u.scheme, u.hostname, u.port) for u in urls] == [("amqps", h, 5671) for h in BROKER_NODES], name
+        assert len({u.username for u in urls}) == 1 and all(u.password is None for u in urls), name
