@@ -144,22 +144,26 @@ def test_reading_the_log_does_not_disturb_a_live_job(tmp_path: Path, names: Name
     """``fedq log`` reads the update log again and again while a job runs; the job still ends on
     its own terms with every update accounted for: the reader takes nothing from the live queues."""
     out = tmp_path / "run"
-    # each task held 1 s: the 40 updates take about twenty seconds, time for several reads (each
-    # `fedq log` is a process of its own, and the first version now waits for the clip's warm-up)
+    # A read ends once the log has been quiet 1.5 s. One worker that holds each task 2 s leaves a
+    # quiet spell after every update, so reads end while the job runs (two workers at 1 s kept the
+    # log busy: a read lasted until the job had stopped). A warm-up of one update (the clip's) and
+    # K=1: the first version comes with the first update; the six take some twelve seconds.
     proc = start_run(
         out,
         names,
         *TINY_APP,
         "--workers",
-        "2",
+        "1",
         "--delay-profile",
-        "1.0*2",
+        "2.0*1",
         "--buffer",
-        "2",
+        "1",
+        "--clip",
+        "adaptive:3,50,1",
         "--target-accuracy",
         "0",
         "--max-updates",
-        "40",
+        "6",
     )
     wait_for(lambda: records(out / "ledger.jsonl"), 120, "the first applied updates", proc)
     read_while_running = []
@@ -173,3 +177,4 @@ def test_reading_the_log_does_not_disturb_a_live_job(tmp_path: Path, names: Name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "max_updates" and summary["audit"]["ok"], summary
     assert summary["audit"]["lost"] == 0 and summary["audit"]["applied"] == summary["updates_applied"]
+    assert read_while_running[0] < summary["updates_applied"], read_while_running  # it ended mid-job
