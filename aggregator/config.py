@@ -15,6 +15,7 @@ from shared.settings import Settings
 from shared.staleness import Staleness
 
 T = TypeVar("T")
+MAX_PARTIAL_UPDATES = 256  # a partial's head lists each update (~200 bytes): it stays within the codec's head cap
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class AggregatorConfig:
         policy = policy_of_settings(settings)
         if tier != "single" and (problem := edge_problem(policy)):
             raise ConfigError(f"--tier {tier}: {problem}")
+        if tier == "edge" and policy.k > MAX_PARTIAL_UPDATES:
+            raise ConfigError(
+                f"--tier edge folds --buffer updates into one partial, which lists each: at most "
+                f"{MAX_PARTIAL_UPDATES}, not {policy.k}"
+            )
         return cls(
             policy,
             settings.capability_list,

@@ -31,8 +31,8 @@ from aggregator.service import OFFLOAD_BYTES, Aggregator, Held, Parked
 from broker_config.names import Names
 from shared import metrics
 from shared.aggregation import clip_window_of
-from shared.codec import Envelope, encode
-from shared.errors import CorruptVersionError, UnsignedVersionError
+from shared.codec import MAX_HEAD_BYTES, Envelope, encode
+from shared.errors import ConfigError, CorruptVersionError, UnsignedVersionError
 from shared.ledger import claimed_costs
 from shared.messages import Message, Partial, Update, Verdict
 from shared.reasons import Fate, Reason
@@ -63,6 +63,14 @@ class EdgeAggregator(Aggregator):
     async def start(self, runtime: Runtime) -> None:
         if self.core is None:
             await self.load(self.config.load_wait)
+        assert self.core is not None
+        spec, cap = self.core.model.spec, self.transport.max_message_bytes
+        if 4 * spec.n_float + 8 * spec.n_exact + MAX_HEAD_BYTES > cap:
+            raise ConfigError(
+                f"a partial of this model ({spec.n_float} floats, {4 * spec.n_float} bytes of sums) does not fit "
+                f"in --max-message-bytes {cap}: raise it (and the broker's max_message_size), or fold this job "
+                "with one aggregator"
+            )
         k = self.policy.k
         # a buffer of updates, and those in partials that wait for the root's verdict
         prefetch = max(8 * k, 64)

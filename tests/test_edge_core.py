@@ -140,6 +140,9 @@ def test_only_the_weighted_mean_of_async_fedbuff_folds_at_edges() -> None:
     assert "central DP" in edge_problem(Policy(mode="async", k=10, dp=Dp(1.0, 1.0, 1e-5), clip=Clip("fixed", 1.0), weighting="uniform"))
     with pytest.raises(ConfigError, match="--tier edge: --mode sync"):
         AggregatorConfig.from_settings(Settings(tier="edge", shards=2, mode="sync"))
+    with pytest.raises(ConfigError, match="at most 256, not 300"):  # a partial's head lists every update
+        AggregatorConfig.from_settings(Settings(tier="edge", shards=2, buffer=300))
+    assert AggregatorConfig.from_settings(Settings(tier="root", shards=2, buffer=300)).policy.k == 300
 
 
 @pytest.mark.parametrize(
