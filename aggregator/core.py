@@ -170,9 +170,10 @@ def partial_sums(sums: bytes, n_float: int, n_exact: int) -> tuple[torch.Tensor,
     """A partial's payload as (float32, float64) tensors; ``None`` when it has another length."""
     if len(sums) != 4 * n_float + 8 * n_exact:
         return None
-    floats = torch.frombuffer(bytearray(sums[: 4 * n_float]), dtype=torch.float32) if n_float else torch.zeros(0)
+    buffer = bytearray(sums)  # one copy, which the tensors share
+    floats = torch.frombuffer(buffer, dtype=torch.float32, count=n_float) if n_float else torch.zeros(0)
     exact = (
-        torch.frombuffer(bytearray(sums[4 * n_float :]), dtype=torch.float64)
+        torch.frombuffer(buffer, dtype=torch.float64, count=n_exact, offset=4 * n_float)
         if n_exact
         else torch.zeros(0, dtype=torch.float64)
     )
@@ -515,9 +516,11 @@ class AggregatorCore:
         if sums is None or not all(0 < w < math.inf for w in (*partial.weights, partial.norm_total)):
             return Rejected(pid, Reason.BAD_PAYLOAD, "the partial's sums or weights are malformed")
         floats, exact = sums
-        if not bool(torch.isfinite(floats).all()) or not bool(torch.isfinite(exact).all()):
+        # in float64 no float32 sum overflows: the length is finite exactly when every value is
+        length = float(torch.linalg.vector_norm(floats, dtype=torch.float64))
+        if not math.isfinite(length) or not bool(torch.isfinite(exact).all()):
             return Rejected(pid, Reason.NON_FINITE, "the partial's sums are not finite")
-        if problem := self._partial_out_of_bounds(partial, floats):
+        if problem := self._partial_out_of_bounds(partial, length):
             return Rejected(pid, Reason.NORM_TOO_LARGE, problem)
         assert isinstance(self.buffer, Accumulator)  # edge_problem allows no other fold
         self.buffer.add_sum(floats, exact, weight, partial.norm_total, n)
@@ -533,10 +536,10 @@ class AggregatorCore:
         self._by_worker.update(partial.worker_ids)
         return accepted
 
-    def _partial_out_of_bounds(self, partial: Partial, floats: torch.Tensor) -> str:
+    def _partial_out_of_bounds(self, partial: Partial, length: float) -> str:
         """Why a partial claims more than its updates could move the model ('' when it does not):
         each clipped norm within its norm and the job's fixed clip or --max-norm, and the sum no
-        longer than the weighted clipped norms allow (the triangle inequality). An edge cannot
+        longer (``length``) than the weighted clipped norms allow (the triangle inequality). An edge cannot
         then move the model further than the updates it names, with the weights it names."""
         bounds = [b for b in (self.policy.max_norm, self.policy.clip.bound if self.policy.clip.kind == "fixed" else None) if b]
         cap = min(bounds) * (1 + 1e-6) if bounds else math.inf
@@ -551,7 +554,6 @@ class AggregatorCore:
         if total != partial.norm_total:
             return f"its norm weight {partial.norm_total} is not the policy's ({total})"
         allowed = math.fsum(w * r for w, r in zip(partial.weights, partial.recorded, strict=True))
-        length = float(torch.linalg.vector_norm(floats.to(torch.float64)))
         if length > allowed * (1 + 1e-4) + 1e-9:
             return f"its sum is {length:.6g} long; its weights and clipped norms allow {allowed:.6g}"
         return ""
