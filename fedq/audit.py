@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aggregator.core import PARTIALS
 from shared.codec import decode_head, open_envelope
 from shared.errors import BrokerError, ConfigError, WireError
 from shared.ledger import read_ledgers
@@ -87,6 +88,7 @@ def balance(
             problems.append(f"version {v} is missing")
         elif m["parent"] != v - 1:
             problems.append(f"version {v} has parent {m['parent']}, expected {v - 1}")
+    problems += partial_problems(manifests)
     in_versions = Counter(tid for m in manifests for tid in m["update_ids"])
     twice = {tid: n for tid, n in in_versions.items() if n > 1}
     rejected_ids: dict[str, str] = {}
@@ -140,6 +142,24 @@ def balance(
     )
 
 
+def partial_problems(manifests: list[dict[str, Any]]) -> list[str]:
+    """Edge aggregation: each version's partials hold exactly the updates it lists, and no partial
+    is in two versions (so each update counts once, through one partial)."""
+    problems = []
+    versions_of: dict[str, list[int]] = defaultdict(list)
+    for m in manifests:
+        partials = (m.get("policy") or {}).get(PARTIALS)
+        if partials is None:
+            continue
+        held = sum(int(p.get("updates", 0)) for p in partials)
+        if held != len(m["update_ids"]):
+            problems.append(f"version {m['version']} lists {len(m['update_ids'])} updates, its partials hold {held}")
+        for p in partials:
+            versions_of[str(p.get("id"))].append(m["version"])
+    problems += [f"partial {pid[:12]} is in versions {vs}" for pid, vs in versions_of.items() if len(vs) > 1]
+    return problems
+
+
 STEADY_TRIES = 5
 
 
@@ -188,7 +208,9 @@ async def audit(settings: Settings, read_log: bool = True) -> Balance:
     manifests = []
     for v in await store.versions():
         m = await store.manifest(v)
-        manifests.append({"version": m.version, "parent": m.parent, "update_ids": list(m.update_ids)})
+        manifests.append(
+            {"version": m.version, "parent": m.parent, "update_ids": list(m.update_ids), "policy": m.policy}
+        )
     ledger = read_ledgers(settings.out_dir)
     sent: dict[str, str] | None = None
     in_queue: int | None = None

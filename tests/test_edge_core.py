@@ -17,6 +17,7 @@ from aggregator.core import Accepted, AggregatorCore, edge_problem
 from broker_config.names import Names
 from broker_config.permissions import BrokerRole, permission
 from broker_config.topology import topology
+from fedq.audit import balance
 from shared.aggregation import Clip, Policy, Robust
 from shared.errors import ConfigError
 from shared.ledger import one_per_message
@@ -190,3 +191,19 @@ def test_the_roots_applied_record_takes_the_edges_size_and_claims() -> None:
         (one,) = one_per_message(ledger)
         assert one["fate"] == "applied" and one["version"] == 3
         assert (one["bytes"], one["org"], one["cpu_seconds"]) == (900, "acme", 2.0)
+
+
+def test_the_audit_counts_each_update_once_through_its_partial() -> None:
+    def version(v: int, ids: list[str], partials: list[tuple[str, int]]) -> dict[str, object]:
+        record = [{"id": pid, "updates": n} for pid, n in partials]
+        return {"version": v, "parent": v - 1, "update_ids": ids, "policy": {"partials": record}}
+
+    v0 = {"version": 0, "parent": -1, "update_ids": [], "policy": {}}
+    good = [v0, version(1, ["a", "b"], [("p", 2)]), version(2, ["c", "d"], [("q", 1), ("r", 1)])]
+    sent = {t: "w" for t in "abcd"}
+    assert balance("j", good, [], sent, 0).ok
+    short = [v0, version(1, ["a", "b"], [("p", 1)])]
+    assert "its partials hold 1" in " ".join(balance("j", short, [], {"a": "w", "b": "w"}, 0).chain_problems)
+    twice = [v0, version(1, ["a"], [("p", 1)]), version(2, ["b"], [("p", 1)])]
+    result = balance("j", twice, [], {"a": "w", "b": "w"}, 0)
+    assert not result.ok and "is in versions [1, 2]" in " ".join(result.chain_problems)
