@@ -253,26 +253,35 @@ def test_workers_started_by_hand_join_mid_job(tmp_path: Path, names: Names, clea
     assert not lingering, f"still running 20 s after SIGTERM (killed): {lingering}"
 
 
-def test_two_jobs_on_one_broker_each_reach_their_target(tmp_path: Path, names: Names, cleanup: None) -> None:
-    """Two ``fedq run`` jobs at once in one namespace: neither takes the other's tasks, updates or
-    hellos, so each reaches its target and each audit balances, with no update of the other job
-    in its ledger and no rejection at all."""
+def test_two_jobs_on_one_broker_each_end_on_their_own_terms(tmp_path: Path, names: Names, cleanup: None) -> None:
+    """Two ``fedq run`` jobs at once in one namespace, fleets of three and two workers: neither takes
+    the other's tasks, updates or hellos, so each ends on its own terms with its own fleet and each
+    audit balances, with no update of the other job in its ledger and no rejection at all. The tiny
+    app: the point is where messages go, not learning (each task held 0.5 s: the jobs overlap)."""
     outs = [tmp_path / "job-a", tmp_path / "job-b"]
-    flags = ("--workers", "3", "--target-accuracy", "0.6", "--max-seconds", "200", "--buffer", "3")
-    runs = [start_run(out, names, *flags) for out in outs]
+    fleets = (3, 2)
+    flags = (*TINY_APP, "--target-accuracy", "0", "--max-updates", "40", "--max-seconds", "200", "--buffer", "3")
+    runs = [
+        start_run(out, names, *flags, "--workers", str(n), "--delay-profile", f"0.5*{n}")
+        for out, n in zip(outs, fleets, strict=True)
+    ]
     outputs = [finish(run, timeout=300) for run in runs]
-    jobs = []
-    for out, output in zip(outs, outputs, strict=True):
+    jobs, spans = [], []
+    for out, output, n in zip(outs, outputs, fleets, strict=True):
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["stop_reason"] == "target_accuracy", (summary, output[-2000:])
+        assert summary["stop_reason"] == "max_updates", (summary, output[-2000:])
         assert summary["updates_rejected"] == {}, summary
         audit = json.loads((out / "audit.json").read_text())
         assert audit["ok"] and audit["lost"] == 0 and audit["applied"] == summary["updates_applied"], audit
         job = json.loads((out / "config.json").read_text())["settings"]["job"]
         jobs.append(job)
+        state = json.loads((out / "coordinator.json").read_text())
+        assert sorted(state["workers"]) == [f"w{i:02d}" for i in range(n)], state["workers"]  # its own hellos
+        spans.append((state["t0"], state["stopped"]))
         applied = check_no_double_counting(out)
         tasks = {r["task_id"] for r in records(out / "ledger.jsonl")}
         assert set(applied) <= tasks
+    assert max(t0 for t0, _ in spans) < min(stopped for _, stopped in spans), spans  # both ran at once
     assert jobs[0] != jobs[1]
     ledgers = [{r["task_id"] for r in records(out / "ledger.jsonl")} for out in outs]
     assert not ledgers[0] & ledgers[1]  # no update of one job reached the other's aggregator
