@@ -26,7 +26,7 @@ pytest.register_assert_rewrite("tests.support")
 
 AMQP_URL = os.environ.get("FEDQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 # fixtures that reach a RabbitMQ: a test whose fixture closure holds one of them is marked ``broker``
-BROKER_FIXTURES = frozenset({"amqp_url", "make_private_rabbit"})
+BROKER_FIXTURES = frozenset({"amqp_url", "make_private_rabbit", "cluster"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -23,8 +23,9 @@ from broker_config.names import Names
 from fedq.run import run_pids
 from tests.support.jobs import (
     TINY_APP,
+    assert_balanced,
+    audit,
     cleanup,
-    cli,
     copy_run,
     enrol,
     fedq,
@@ -49,25 +50,6 @@ def pids(out: Path) -> dict[str, int]:
 def applied(out: Path) -> list[dict[str, Any]]:
     path = out / "ledger.jsonl"
     return [r for r in records(path) if r["fate"] == "applied"] if path.exists() else []
-
-
-def audit(out: Path) -> dict[str, Any]:
-    """``fedq audit RUN --json``: the balance, read again from the store, the ledger and the broker."""
-    result = cli("audit", out, "--json")
-    balance: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    assert result.returncode == (0 if balance["ok"] else 1), result.stderr
-    return balance
-
-
-def assert_balanced(out: Path, balance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The audit balances: by default the one ``fedq run`` made once every process had stopped
-    (``audit.json``)."""
-    if balance is None:
-        balance = json.loads((out / "audit.json").read_text())
-    assert balance["ok"], balance
-    assert balance["applied_twice"] == {} and balance["lost"] == 0 and balance["chain_ok"]
-    assert balance["sent"] >= balance["applied"] > 0
-    return balance
 
 
 def test_aggregator_killed_with_half_full_buffer(tmp_path: Path, names: Names, cleanup: None) -> None:

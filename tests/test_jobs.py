@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tests.support.jobs import (
     records,
     start_run,
     stop_run,
+    stop_workers,
     wait_for,
     worker_env,
 )
@@ -49,23 +49,6 @@ def check_no_double_counting(out: Path) -> Counter[str]:
         in_manifests.update(json.loads(manifest.read_text())["update_ids"])
     assert in_manifests == applied
     return applied
-
-
-def stop_workers(workers: list[subprocess.Popen[bytes]], grace: float = 20) -> list[str]:
-    """SIGTERM every worker, give them ``grace`` seconds to stop, kill those still running (no
-    process outlives the test); the command lines of those that had to be killed."""
-    for worker in workers:
-        worker.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    lingering = []
-    for worker in workers:
-        try:
-            worker.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-            lingering.append(" ".join(map(str, worker.args[2:])))  # type: ignore[index]
-    return lingering
 
 
 def test_async_job_learns(tmp_path: Path, names: Names, cleanup: None) -> None:

@@ -241,6 +241,42 @@ def check_exact_accounting(out: Path) -> Counter[str]:
     return applied
 
 
+def audit(out: Path, *args: str) -> dict[str, Any]:
+    """``fedq audit RUN --json ARGS``: the balance, read again from the store, the ledger and the broker."""
+    result = cli("audit", out, "--json", *args)
+    balance: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert result.returncode == (0 if balance["ok"] else 1), result.stderr
+    return balance
+
+
+def assert_balanced(out: Path, balance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The audit balances: by default the one ``fedq run`` made once every process had stopped
+    (``audit.json``)."""
+    if balance is None:
+        balance = json.loads((out / "audit.json").read_text())
+    assert balance["ok"], balance
+    assert balance["applied_twice"] == {} and balance["lost"] == 0 and balance["chain_ok"]
+    assert balance["sent"] >= balance["applied"] > 0
+    return balance
+
+
+def stop_workers(workers: list[subprocess.Popen[bytes]], grace: float = 20) -> list[str]:
+    """SIGTERM every worker, give them ``grace`` seconds to stop, kill those still running (no
+    process outlives the test); the command lines of those that had to be killed."""
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    lingering = []
+    for worker in workers:
+        try:
+            worker.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+            lingering.append(" ".join(map(str, worker.args[2:])))  # type: ignore[index]
+    return lingering
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     """A run folder copied elsewhere, its config pointing at the copy (the job and broker stay): a
     test may change the copy without disturbing other readers of the run."""

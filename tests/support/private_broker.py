@@ -153,9 +153,13 @@ class PrivateRabbit:
         start_timeout: float = START_TIMEOUT,
         conf: tuple[str, ...] = (),
         plugins: tuple[str, ...] = (),
+        node: str | None = None,
+        cookie: str | None = None,
     ) -> None:
         """``conf``: more rabbitmq.conf lines (a TLS listener, ``max_message_size``); ``plugins``:
-        plugins to enable, e.g. ``rabbitmq_management`` (its port: ``management_port``, free)."""
+        plugins to enable, e.g. ``rabbitmq_management`` (its port: ``management_port``, free).
+        ``node`` and ``cookie``: the node's name and Erlang cookie (default: made up), which the
+        nodes of a cluster choose before they start (tests/support/private_cluster.py)."""
         self.root = root
         self.consumer_timeout_ms = consumer_timeout_ms
         self.channel_tick_ms = channel_tick_ms
@@ -163,7 +167,8 @@ class PrivateRabbit:
         self.plugins = plugins
         self.start_timeout = start_timeout
         self.scripts = find_rabbitmq_scripts()
-        self.node = f"fedq-test-{secrets.token_hex(4)}@localhost"
+        self.node = node or f"fedq-test-{secrets.token_hex(4)}@localhost"
+        self.cookie = cookie or secrets.token_hex(16).upper()
         self.host = "127.0.0.1"
         self.port = free_port()
         self.dist_port = free_port()
@@ -196,7 +201,7 @@ class PrivateRabbit:
             d.mkdir(parents=True, exist_ok=True)
         cookie = self.home / ".erlang.cookie"
         if not cookie.exists():
-            cookie.write_text(secrets.token_hex(16).upper())
+            cookie.write_text(self.cookie)
             cookie.chmod(0o400)  # Erlang refuses a cookie others can read
         # Our own env file, so /etc/rabbitmq/rabbitmq-env.conf (the shared node's) is not read.
         (self.root / "rabbitmq-env.conf").write_text(
