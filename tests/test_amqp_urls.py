@@ -17,7 +17,7 @@ from shared.errors import BrokerError, ConfigError
 from shared.redact import public, redact, same_broker, without_password
 from shared.settings import Settings
 from shared.tls import client_tls
-from shared.transport.connect import broker_password, broker_url
+from shared.transport.connect import broker_password, broker_url, transport_for
 from shared.transport.rabbitmq import FailoverConnection, RabbitMQ, with_heartbeat, with_password
 
 A, B, C = (f"amqp://u@node{i}:5672/" for i in range(3))
@@ -56,6 +56,13 @@ def test_the_flag_repeats_and_the_list_reaches_the_settings(monkeypatch: pytest.
     monkeypatch.setenv("FEDQ_AMQP_URL", f"{A},{B}")
     assert split_urls(_settings(parser.parse_args(["audit", "run"])).amqp_url) == [A, B]
     assert Settings(amqp_url=f"amqp://g@10.0.0.7:5672/,{B}").management == "http://10.0.0.7:15672/"
+
+
+def test_a_service_dials_its_amqp_first_url_first() -> None:
+    for first, expected in ((0, [A, B, C]), (1, [B, C, A]), (5, [C, A, B])):
+        transport = transport_for(Settings(amqp_url=join_urls([A, B, C]), amqp_first=first), "test-first")
+        assert isinstance(transport, RabbitMQ)
+        assert [u.partition("?")[0] for u in split_urls(transport.url)] == expected
 
 
 def test_every_url_gets_heartbeat_password_login_and_redaction() -> None:
