@@ -237,6 +237,8 @@ class Launcher:
                 f"{index}/{count}",
                 "--delay",
                 str(delay),
+                "--amqp-first",  # a cluster's nodes (--amqp-url lists them) take the workers in turn
+                str(index),
                 "--capability",
                 s.capabilities,
                 *_flags(s, "worker"),
