@@ -498,9 +498,9 @@ class Aggregator(Service):
         clips = new.clips  # final: an update held in the clip's warm-up learns its clip only now
         held, self.held = self.held, []
         stored_at = time.time()
+        # The ledger first, right after the store: a process killed on the way through the acks
+        # and the announcement leaves no stored version whose updates the ledger lacks.
         for h in held:
-            for delivery in h.deliveries:
-                await delivery.ack()
             metrics.applied(self.job_id, h.accepted.staleness, h.update.sent_at, stored_at)
             self.ledger.write(
                 {
@@ -529,6 +529,10 @@ class Aggregator(Service):
                     **claimed_costs(h.update),  # the worker's org and what it says the update cost it
                 }
             )
+        await self._announce(manifest)
+        for h in held:
+            for delivery in h.deliveries:
+                await delivery.ack()
         self.log.info(
             "version",
             version=new.version,
@@ -541,8 +545,8 @@ class Aggregator(Service):
     async def _save_version(
         self, new: NewVersion, digests: tuple[str, ...], seed: int | None = None, more: dict[str, Any] | None = None
     ) -> Manifest:
-        """Sign, store and announce ``new`` (its updates' message digests in order); ``more`` joins
-        the manifest's policy record."""
+        """Sign and store ``new`` (its updates' message digests in order); ``more`` joins the
+        manifest's policy record. ``_announce`` tells the fleet."""
         assert self.core is not None
         state = None if new.server_state is None else new.server_state.to_bytes()
         record: dict[str, Any] = {**self.policy.to_dict(), CLIP_WINDOW: list(new.clip_window), **(more or {})}
@@ -571,13 +575,16 @@ class Aggregator(Service):
             # after a failed save has a record of its own; replay tries each (``NOISE_RECORD``).
             self.ledger.write({"t": time.time(), "kind": NOISE_RECORD, "version": new.version, "noise_seed": seed})
         await self.store.save(manifest, blob, state)
+        metrics.version_made(self.job_id, new.version, len(blob))
+        return manifest
+
+    async def _announce(self, manifest: Manifest) -> None:
+        """A stored version, announced on the models exchange (signed)."""
         await self.transport.publish(
             self.names.models_exchange,
             Names.model_key(self.job_id),
             encode(manifest.announcement(), self.signer),
         )
-        metrics.version_made(self.job_id, new.version, len(blob))
-        return manifest
 
     @staticmethod
     async def _digest(body: bytes, reason: Reason) -> str | None:

@@ -349,12 +349,9 @@ class RootAggregator(Aggregator):
             }
             for p in held
         ]
-        await self._save_version(new, digests, more={PARTIALS: record})
+        manifest = await self._save_version(new, digests, more={PARTIALS: record})
         stored_at = time.time()
-        for p in held:
-            for d in p.deliveries:
-                await d.ack()
-            await self._verdict(Verdict(self.job_id, p.partial.partial_id, p.partial.shard, Fate.APPLIED, new.version))
+        for p in held:  # the ledger first, as a single aggregator's
             for a, digest, worker, n in zip(
                 p.accepted, p.partial.update_digests, p.partial.worker_ids, p.partial.num_samples, strict=True
             ):
@@ -376,6 +373,11 @@ class RootAggregator(Aggregator):
                         "digest": digest,
                     }
                 )
+        await self._announce(manifest)
+        for p in held:
+            for d in p.deliveries:
+                await d.ack()
+            await self._verdict(Verdict(self.job_id, p.partial.partial_id, p.partial.shard, Fate.APPLIED, new.version))
         self.log.info("version", version=new.version, partials=len(held), updates=len(new.update_ids))
 
     def record_pending(self) -> None:

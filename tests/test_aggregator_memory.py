@@ -24,7 +24,7 @@ from broker_config.names import USER_HEADER, Names
 from broker_config.permissions import BrokerRole, user_name
 from shared.aggregation import Clip, Policy
 from shared.codec import decode, encode
-from shared.errors import CorruptVersionError, StoreError, UnsignedVersionError
+from shared.errors import BrokerError, CorruptVersionError, StoreError, UnsignedVersionError
 from shared.ledger import read_lines
 from shared.messages import Receipt, Receipts, Update
 from shared.privacy import Dp
@@ -339,6 +339,30 @@ async def test_updates_whose_version_cannot_be_stored_are_not_acked(
         assert [r for r in rig.ledger() if r["fate"] in ("applied", "rejected")] == []
         assert await rig.store.versions() == [0]
         await rig.dead.expect_none()
+
+
+async def test_a_version_stored_before_the_aggregator_dies_is_in_its_ledger(
+    mem: MemoryTransport, names: Names, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version is stored, then announcing it fails (the process dies there): its updates are
+    applied in the ledger already, as in the manifest, and go back to the queue unacked, where the
+    restart finds them applied."""
+    async with aggregator_rig(mem, names, tmp_path, k=2) as rig:
+        real_publish = rig.service.publish
+
+        async def publish(exchange: str, routing_key: str, body: bytes, **options: Any) -> None:
+            if routing_key == Names.model_key(JOB):
+                raise BrokerError("the link is gone for good")
+            await real_publish(exchange, routing_key, body, **options)
+
+        monkeypatch.setattr(rig.service, "publish", publish)
+        sent = [rig.update() for _ in range(2)]
+        for _, body in sent:
+            await rig.send(body)
+        await rig.failed()
+        assert (await rig.store.manifest(1)).update_ids == tuple(tid for tid, _ in sent)
+        assert [r["task_id"] for r in rig.ledger() if r["fate"] == "applied"] == [tid for tid, _ in sent]
+        assert len(await drain(mem, names.updates_queue, expect=2)) == 2
 
 
 async def test_updates_held_across_a_lost_link_count_once(
