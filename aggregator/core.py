@@ -516,8 +516,11 @@ class AggregatorCore:
         if sums is None or not all(0 < w < math.inf for w in (*partial.weights, partial.norm_total)):
             return Rejected(pid, Reason.BAD_PAYLOAD, "the partial's sums or weights are malformed")
         floats, exact = sums
-        # in float64 no float32 sum overflows: the length is finite exactly when every value is
-        length = float(torch.linalg.vector_norm(floats, dtype=torch.float64))
+        # float32 at first; only a length that overflows it is taken again in float64, in which no
+        # float32 sum overflows: there the length is finite exactly when every value is
+        length = float(torch.linalg.vector_norm(floats))
+        if not math.isfinite(length):
+            length = float(torch.linalg.vector_norm(floats, dtype=torch.float64))
         if not math.isfinite(length) or not bool(torch.isfinite(exact).all()):
             return Rejected(pid, Reason.NON_FINITE, "the partial's sums are not finite")
         if problem := self._partial_out_of_bounds(partial, length):

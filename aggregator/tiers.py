@@ -4,8 +4,9 @@ An edge (``fedq aggregator --tier edge --shard I``) consumes shard I's updates q
 active consumer: a standby edge takes over) and screens, clips and weighs each update as a
 single aggregator would, against the newest root version it has read from the store. Every
 ``--buffer`` updates it publishes a signed ``Partial``: the weighted sum, the weights and, per
-update, its id and message digest. It holds the updates unacked until the root's ``Verdict``
-on the partial comes to its inbox: applied (the version holding them is stored), or refused.
+update, its id and message digest. It holds the updates unacked until its inbox tells it what
+became of the partial: a version announced whose manifest holds them (they are stored), or the
+root's ``Verdict`` refusing it.
 A refused partial's updates that a version already holds (another partial had them: a standby
 folded a dead edge's updates again) are acked; the rest are folded again, or rejected by the
 edge with their reason (stale by now). So an update is acked only once a stored version holds
@@ -34,7 +35,7 @@ from shared.aggregation import clip_window_of
 from shared.codec import MAX_HEAD_BYTES, Envelope, encode
 from shared.errors import ConfigError, CorruptVersionError, UnsignedVersionError
 from shared.ledger import claimed_costs
-from shared.messages import Message, Partial, Update, Verdict
+from shared.messages import Message, ModelAnnouncement, Partial, Update, Verdict
 from shared.reasons import Fate, Reason
 from shared.runtime import Runtime
 from shared.transport import Delivery
@@ -77,7 +78,7 @@ class EdgeAggregator(Aggregator):
         need = max(k, self.policy.clip.warmup) + 1
         runtime.spawn("receipts", self.receipts.run)
         await runtime.consume_messages(
-            self.names.edge_inbox(self.shard), (Verdict,), self.keyring, self.on_verdict, prefetch=64
+            self.names.edge_inbox(self.shard), (Verdict, ModelAnnouncement), self.keyring, self.on_inbox, prefetch=64
         )
         queue = self.names.shard_queue(self.shard)
         await runtime.consume_messages(
@@ -176,13 +177,18 @@ class EdgeAggregator(Aggregator):
             )
         self.log.info("partial", partial=partial.partial_id[:12], version=fold.version, updates=len(held))
 
-    async def on_verdict(self, message: Message, envelope: Envelope, delivery: Delivery) -> None:
-        assert isinstance(message, Verdict)
+    async def on_inbox(self, message: Message, envelope: Envelope, delivery: Delivery) -> None:
+        """A version announced (its manifest in the store says which updates it holds: partials
+        all of whose updates it holds are applied), or the root's refusal of a partial."""
         async with self._lock:
-            sent = self.sent.pop(message.partial_id, None) if message.job_id == self.job_id else None
-            if sent is not None:
-                await self._settle(sent, message)
-            await delivery.ack()  # a verdict on another edge's partial (we are its standby): nothing held
+            if isinstance(message, ModelAnnouncement):
+                if message.job_id == self.job_id and self.core is not None and message.version > self.core.version:
+                    await self._catch_up(force=True)
+            elif isinstance(message, Verdict):
+                sent = self.sent.pop(message.partial_id, None) if message.job_id == self.job_id else None
+                if sent is not None:
+                    await self._settle(sent, message)
+            await delivery.ack()  # a refusal of another edge's partial (we are its standby): nothing held
 
     async def _settle(self, sent: Sent, verdict: Verdict) -> None:
         """Ack what a stored version holds; fold again, or reject, the rest of a refused partial."""
@@ -374,10 +380,9 @@ class RootAggregator(Aggregator):
                     }
                 )
         await self._announce(manifest)
-        for p in held:
+        for p in held:  # the announcement tells the edges: no verdict of its own
             for d in p.deliveries:
                 await d.ack()
-            await self._verdict(Verdict(self.job_id, p.partial.partial_id, p.partial.shard, Fate.APPLIED, new.version))
         self.log.info("version", version=new.version, partials=len(held), updates=len(new.update_ids))
 
     def record_pending(self) -> None:

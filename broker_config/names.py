@@ -91,8 +91,8 @@ class Names:
         return f"{self.job_prefix}partials"
 
     def edge_inbox(self, shard: int) -> str:
-        """Shard ``shard``'s edge aggregator's inbox: the root's verdicts on its partials and the
-        job's version announcements; durable, so that a standby or a restart reads what it missed."""
+        """Shard ``shard``'s edge aggregator's inbox: the job's version announcements and the root's
+        refusals of its partials; durable, so that a standby or a restart reads what it missed."""
         return f"{self.job_prefix}edge.{shard}"
 
     @property

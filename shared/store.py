@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -201,7 +201,8 @@ class Manifest:
         return float(accounting["epsilon"]) if "epsilon" in accounting else None
 
     def to_json(self) -> str:
-        d = asdict(self)
+        # a shallow dict: json.dumps reads the policy record as it is (asdict would deep-copy it)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["update_ids"] = list(self.update_ids)
         d["update_digests"] = list(self.update_digests)
         if self.rollback_of is None:
