@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,23 @@ def test_no_node_answering_names_each_url_without_its_password() -> None:
     assert "hunter2" not in text and "no RabbitMQ node answers" in text
     for url in split_urls(urls):
         assert url.replace("hunter2", "***") in text
+
+
+def test_each_replica_starts_at_the_next_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``fedq worker --replicas 3 --amqp-first 1`` over three nodes: replicas dial nodes 1, 2 and 0 first."""
+    import worker.service as service
+
+    firsts: list[int] = []
+
+    async def serve_one(settings: Settings, *args: object) -> None:
+        firsts.append(settings.amqp_first)
+
+    monkeypatch.setattr(service, "_serve_one", serve_one)
+    key = tmp_path / "coordinator.pub"
+    key.write_text("a key")
+    urls = "amqp://a:5672/,amqp://b:5672/,amqp://c:5672/"
+    settings = Settings(
+        amqp_url=urls, amqp_first=1, replicas=3, partition="0/3", coordinator_key=str(key), keys_dir=str(tmp_path)
+    )
+    asyncio.run(service.serve(settings, app=None))  # type: ignore[arg-type]
+    assert [split_urls(rotated(urls, f))[0] for f in firsts] == ["amqp://b:5672/", "amqp://c:5672/", "amqp://a:5672/"]

@@ -460,7 +460,8 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
     """Build a worker from settings (its data partition, its key, the pinned coordinator key) and run it.
 
     ``--replicas M`` hosts M simulated workers in this process, each with its own identity, key,
-    connection and partition (I, I+1, ..., I+M-1 of N): one machine standing in for a fleet.
+    connection and partition (I, I+1, ..., I+M-1 of N): one machine standing in for a fleet. Replica
+    j starts at URL ``--amqp-first`` + j of an ``--amqp-url`` list.
     """
     metrics.serve(settings.metrics_port, "worker", settings.metrics_host)
     index, count = parse_partition(settings.partition)
@@ -488,7 +489,9 @@ async def serve(settings: Settings, app: App, stop: asyncio.Event | None = None)
     try:
         async with asyncio.TaskGroup() as replicas:
             for j in range(settings.replicas):
-                replicas.create_task(_serve_one(settings, app, f"{base_id}-r{j}", index + j, count, stop))
+                # each replica starts at the next node of an --amqp-url list: the fleet spreads over a cluster
+                own = replace(settings, amqp_first=settings.amqp_first + j)
+                replicas.create_task(_serve_one(own, app, f"{base_id}-r{j}", index + j, count, stop))
     except BaseExceptionGroup as failed:  # one replica failed: the others stopped; say why
         raise first_error(failed) from None
 
