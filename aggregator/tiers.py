@@ -73,7 +73,7 @@ class EdgeAggregator(Aggregator):
                 "with one aggregator"
             )
         k = self.policy.k
-        # a buffer of updates, and those in partials that wait for the root's verdict
+        # a buffer of updates, and those in partials that wait for a version to hold them
         prefetch = max(8 * k, 64)
         need = max(k, self.policy.clip.warmup) + 1
         runtime.spawn("receipts", self.receipts.run)
@@ -120,7 +120,7 @@ class EdgeAggregator(Aggregator):
             v += 1
         if not manifests:
             return False
-        applied = set(self.core.applied)
+        applied = self.core.applied  # grown in place: a copy per version would cost the whole history
         for m in manifests:
             applied.update(m.update_ids)
         last = manifests[-1]
