@@ -15,7 +15,9 @@ from shared.settings import Settings
 from shared.staleness import Staleness
 
 T = TypeVar("T")
-MAX_PARTIAL_UPDATES = 256  # a partial's head lists each update (~200 bytes): it stays within the codec's head cap
+# A partial's head lists each update (~150 bytes), within the codec's 64 KiB head cap: a refused
+# partial folded again into a full buffer makes one of up to twice this many.
+MAX_PARTIAL_UPDATES = 128
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,10 @@ class AggregatorConfig:
         policy = policy_of_settings(settings)
         if tier != "single" and (problem := edge_problem(policy)):
             raise ConfigError(f"--tier {tier}: {problem}")
-        if tier == "edge" and policy.k > MAX_PARTIAL_UPDATES:
+        if tier == "edge" and max(policy.k, policy.clip.warmup) > MAX_PARTIAL_UPDATES:
             raise ConfigError(
-                f"--tier edge folds --buffer updates into one partial, which lists each: at most "
-                f"{MAX_PARTIAL_UPDATES}, not {policy.k}"
+                f"--tier edge folds --buffer updates (and the clip's warm-up) into one partial, which lists "
+                f"each: at most {MAX_PARTIAL_UPDATES}, not {max(policy.k, policy.clip.warmup)}"
             )
         return cls(
             policy,

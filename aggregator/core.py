@@ -480,19 +480,24 @@ class AggregatorCore:
         self._reset_buffer()
         return fold
 
-    def partial_duplicates(self, partial: Partial) -> list[str]:
-        """The root: the partial's updates already applied or in this buffer (or twice in it)."""
+    def partial_overlap(self, partial: Partial) -> tuple[list[str], list[str], list[str]]:
+        """The root: the partial's updates already in a stored version (``applied``), those in this
+        buffer (not stored yet), and those it lists twice."""
+        applied, held, twice = [], [], []
         seen: set[str] = set()
-        dups = []
         for tid in partial.update_ids:
-            if tid in self.applied or tid in self._pending_ids or tid in seen:
-                dups.append(tid)
+            if tid in seen:
+                twice.append(tid)
+            elif tid in self.applied:
+                applied.append(tid)
+            elif tid in self._pending_ids:
+                held.append(tid)
             seen.add(tid)
-        return dups
+        return applied, held, twice
 
     def offer_partial(self, partial: Partial) -> list[Accepted] | Rejected:
-        """The root: add an edge's partial aggregate (its signature checked, its duplicates
-        refused by the caller, ``partial_duplicates``) to the buffer. Each update's staleness
+        """The root: add an edge's partial aggregate (its signature checked, its overlap with what
+        is applied or held refused by the caller, ``partial_overlap``) to the buffer. Each update's staleness
         becomes versions behind this root; its weight is the one the edge gave it."""
         pid = partial.partial_id
         if partial.job_id != self.job_id:

@@ -32,12 +32,12 @@ from aggregator.service import OFFLOAD_BYTES, Aggregator, Held, Parked
 from broker_config.names import Names
 from shared import metrics
 from shared.aggregation import clip_window_of
-from shared.codec import MAX_HEAD_BYTES, Envelope, encode
-from shared.errors import ConfigError, CorruptVersionError, UnsignedVersionError
+from shared.codec import MAX_HEAD_BYTES, Envelope, encode, read_task_token
+from shared.errors import ConfigError, CorruptVersionError, ServiceFailure, UnsignedVersionError
 from shared.ledger import claimed_costs
 from shared.messages import Message, ModelAnnouncement, Partial, Update, Verdict
 from shared.reasons import Fate, Reason
-from shared.runtime import Runtime
+from shared.runtime import FATAL, Runtime
 from shared.transport import Delivery
 
 # Why a root refuses a partial whose updates an edge should fold again (the rest: reject them).
@@ -86,6 +86,11 @@ class EdgeAggregator(Aggregator):
         )
         self.log.info("consuming", queue=queue, prefetch=prefetch)
 
+    def _expired(self, partial: Partial) -> bool:
+        """Would the root refuse ``partial`` as stale at the current version (``offer_partial``)?"""
+        assert self.core is not None
+        return self.core.version - partial.version + max(partial.staleness) > self.policy.max_staleness
+
     def _kept(self) -> list[Held | Parked]:
         return [*super()._kept(), *(h for s in self.sent.values() for h in s.held)]
 
@@ -93,8 +98,12 @@ class EdgeAggregator(Aggregator):
         return any(h.update.task_id == task_id for s in self.sent.values() for h in s.held)
 
     async def _screen(self, message: Update, round_number: int | None = None) -> tuple[Accepted, Update] | Rejected:
-        if self._in_flight(message.task_id):
-            return Rejected(message.task_id, Reason.DUPLICATE, f"task {message.task_id} is in a partial already")
+        tid = message.task_id
+        shard = read_task_token(message.task).shard if message.task else -1  # its token is checked (bind)
+        if shard != self.shard:  # a worker may publish to any shard: one update, many partials
+            return Rejected(tid, Reason.WRONG_SHARD, f"its task names shard {shard}, this edge folds shard {self.shard}")
+        if self._in_flight(tid):
+            return Rejected(tid, Reason.DUPLICATE, f"task {tid} is in a partial already")
         return await super()._screen(message, round_number)
 
     async def _catch_up(self, force: bool = False) -> bool:
@@ -138,6 +147,12 @@ class EdgeAggregator(Aggregator):
         await self._reoffer(held)
         for pid in [pid for pid, s in self.sent.items() if all(h.update.task_id in applied for h in s.held)]:
             await self._settle(self.sent.pop(pid), Verdict(self.job_id, pid, self.shard, Fate.APPLIED, last.version))
+        # A partial the root can no longer apply (too stale now) is as good as refused, whether or
+        # not its verdict comes: its updates that a version holds are acked, the rest folded again.
+        for pid in [pid for pid, s in self.sent.items() if self._expired(s.partial)]:
+            why = f"folded against version {self.sent[pid].partial.version}: too stale for {last.version}"
+            refused = Verdict(self.job_id, pid, self.shard, Fate.REJECTED, last.version, Reason.STALE, why)
+            await self._settle(self.sent.pop(pid), refused)
         return True
 
     async def _flush(self) -> None:
@@ -150,10 +165,15 @@ class EdgeAggregator(Aggregator):
         accepted = fold.accepted
         updates = [(h.digest, h.update.worker_id, h.update.num_samples) for h in held]
         partial = fold.message(self.job_id, secrets.token_hex(16), self.shard, updates, time.time())
+        try:
+            await self.transport.publish(
+                self.names.results_exchange, self.names.partials_key, encode(partial, self.signer)
+            )
+        except FATAL:
+            raise
+        except Exception as exc:  # its updates are in no partial and no buffer: start again from the queue
+            raise ServiceFailure(f"publishing a partial failed: {exc!r}") from exc
         self.sent[partial.partial_id] = Sent(partial, held)
-        await self.transport.publish(
-            self.names.results_exchange, self.names.partials_key, encode(partial, self.signer)
-        )
         for h, a in zip(held, accepted, strict=True):
             self.ledger.write(
                 {
@@ -200,10 +220,11 @@ class EdgeAggregator(Aggregator):
             return
         self.log.warning("partial_refused", partial=verdict.partial_id[:12], reason=verdict.reason, detail=verdict.detail)
         await self._catch_up(force=True)
-        duplicates = set(verdict.duplicates)
         again = []
         for h in sent.held:
-            if h.update.task_id in duplicates or h.update.task_id in self.core.applied:
+            # the verdict names duplicates; the store says which a signed version holds, and only
+            # those are acked (a duplicate of an update the root holds unstored is folded again)
+            if h.update.task_id in self.core.applied:
                 for d in h.deliveries:
                     await d.ack()  # a version holds it, through another partial
             elif verdict.reason in REFOLD:
@@ -240,6 +261,7 @@ class RootAggregator(Aggregator):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.partials: list[HeldPartial] = []
+        self.deferred: list[HeldPartial] = []  # repeating updates of this buffer: taken after its version
         self.log = self.log.bind(tier="root")
 
     async def start(self, runtime: Runtime) -> None:
@@ -266,7 +288,7 @@ class RootAggregator(Aggregator):
     async def _on_partial(self, delivery: Delivery, partial: Partial, signer: str) -> None:
         assert self.core is not None
         if delivery.redelivered:
-            same = next((p for p in self.partials if p.partial.partial_id == partial.partial_id), None)
+            same = next((p for p in [*self.partials, *self.deferred] if p.partial.partial_id == partial.partial_id), None)
             if same is not None and delivery.body == same.deliveries[0].body:
                 same.deliveries.append(delivery)
                 return
@@ -276,28 +298,48 @@ class RootAggregator(Aggregator):
             await self._flush()
 
     async def _take(self, held: HeldPartial) -> bool:
-        """Offer a partial to the core: into the buffer, or refused with a verdict saying why."""
+        """Offer a partial to the core: into the buffer, or refused with a verdict saying why. One
+        that repeats updates this buffer holds waits (unacked) for the version that stores them,
+        and is refused then: a verdict names only updates a stored version holds, since the edge
+        acks those."""
         assert self.core is not None
         partial = held.partial
-        duplicates = self.core.partial_duplicates(partial)
+        applied, buffered, twice = self.core.partial_overlap(partial)
         result: list[Accepted] | Rejected
-        if duplicates:
-            result = Rejected(partial.partial_id, Reason.DUPLICATE, f"{len(duplicates)} of its updates are applied or held")
+        if buffered and not twice:
+            self.deferred.append(held)
+            self.log.info("partial_deferred", partial=partial.partial_id[:12], held=len(buffered))
+            return False
+        if twice:
+            result = Rejected(partial.partial_id, Reason.BAD_PAYLOAD, f"it lists {len(twice)} updates twice")
+        elif applied:
+            result = Rejected(partial.partial_id, Reason.DUPLICATE, f"{len(applied)} of its updates are in stored versions")
         elif len(partial.sums) > OFFLOAD_BYTES:
             result = await asyncio.to_thread(self.core.offer_partial, partial)
         else:
             result = self.core.offer_partial(partial)
         if isinstance(result, Rejected):
             for d in held.deliveries:
-                await self._refuse(d, partial, result, held.signer, tuple(duplicates))
+                await self._refuse(d, partial, result, held.signer, tuple(applied))
             return False
         held.accepted = result
         self.partials.append(held)
         return True
 
+    async def _take_deferred(self) -> None:
+        """After a version (or adopting another root's): the partials that waited for it."""
+        waiting, self.deferred = self.deferred, []
+        for held in waiting:
+            await self._take(held)
+
     async def _refuse(
         self, delivery: Delivery, partial: Partial, why: Rejected, signer: str, duplicates: tuple[str, ...] = ()
     ) -> None:
+        verdict = Verdict(
+            self.job_id, partial.partial_id, partial.shard, Fate.REJECTED, self.core.version if self.core else -1,
+            why.reason, why.detail, duplicates,
+        )
+        await self._verdict(verdict)  # first: a partial dead-lettered with no verdict sent would hold its edge's updates
         await delivery.dead_letter(why.reason, why.detail)
         metrics.rejected(self.job_id, why.reason)
         self.ledger.write(
@@ -315,11 +357,6 @@ class RootAggregator(Aggregator):
             }
         )
         self.log.warning("partial_refused", partial=partial.partial_id[:12], reason=why.reason, detail=why.detail)
-        verdict = Verdict(
-            self.job_id, partial.partial_id, partial.shard, Fate.REJECTED, self.core.version if self.core else -1,
-            why.reason, why.detail, duplicates,
-        )
-        await self._verdict(verdict)
 
     async def _verdict(self, verdict: Verdict) -> None:
         key = Names.verdict_key(self.job_id, verdict.shard)
@@ -335,6 +372,7 @@ class RootAggregator(Aggregator):
             return False
         for p in held:
             await self._take(p)
+        await self._take_deferred()
         return True
 
     async def _flush(self) -> None:
@@ -383,10 +421,11 @@ class RootAggregator(Aggregator):
         for p in held:  # the announcement tells the edges: no verdict of its own
             for d in p.deliveries:
                 await d.ack()
+        await self._take_deferred()
         self.log.info("version", version=new.version, partials=len(held), updates=len(new.update_ids))
 
     def record_pending(self) -> None:
-        for p in self.partials:
+        for p in [*self.partials, *self.deferred]:
             for tid, worker, digest in zip(p.partial.update_ids, p.partial.worker_ids, p.partial.update_digests, strict=True):
                 self.ledger.write(
                     {"t": time.time(), "task_id": tid, "worker_id": worker, "fate": Fate.PENDING, "digest": digest}

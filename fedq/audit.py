@@ -102,7 +102,7 @@ def balance(
             worker_of.setdefault(tid, r["worker_id"])
         if r.get("fate") == Fate.REJECTED:
             rejected_ids.setdefault(tid, r.get("reason", "unknown"))
-        elif r.get("fate") in (Fate.PENDING, Fate.FOLDED):  # folded: in an edge's partial, on its way
+        elif r.get("fate") == Fate.PENDING:  # folded alone is no fate: a stored version or a stop says where it went
             pending_ids.add(tid)
     # An id applied once elsewhere may also have a "duplicate" rejection: it counts as applied.
     rejections = Counter(reason for tid, reason in rejected_ids.items() if tid and tid not in in_versions)

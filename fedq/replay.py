@@ -191,6 +191,9 @@ def _logged_update(job: Job, manifest: Manifest, i: int, problems: list[str]) ->
     tid = manifest.update_ids[i]
     digest = manifest.update_digests[i] if i < len(manifest.update_digests) else None
     found = job.by_digest.get(digest) if digest else None
+    if found is not None and found.update.task_id != tid:
+        problems.append(f"the version lists update {tid} with the digest of update {found.update.task_id}")
+        return None
     if found is None:
         copies = job.by_task(tid)
         if not copies:
@@ -381,6 +384,7 @@ async def _rederive_partial(job: Job, partial: Partial, manifest: Manifest, offs
         return [f"partial {pid} was folded against version {partial.version}, which the store lacks"]
     problems: list[str] = []
     core = AggregatorCore(model, partial.version, policy_of(manifest), job.settings.job, clip_window=clip_window_of(at.policy))
+    updates = []
     for i in range(len(partial.update_ids)):
         update = await _materialized(job, _logged_update(job, manifest, offset + i, problems), problems)
         if update is None:
@@ -388,11 +392,13 @@ async def _rederive_partial(job: Job, partial: Partial, manifest: Manifest, offs
         result = core.offer(update)
         if not isinstance(result, Accepted):
             return [f"update {update.task_id} of partial {pid} is refused on replay: {result.reason} ({result.detail})"]
-    fold = core.take_partial()
-    if hashlib.sha256(fold.sums()).hexdigest() != partial.sums_sha256:
+        updates.append((manifest.update_digests[offset + i], update.worker_id, update.num_samples))
+    # the same updates, folded to the same bytes, with every column the root read
+    derived = core.take_partial().message(partial.job_id, partial.partial_id, partial.shard, updates, partial.created_at)
+    if derived.sums_sha256 != partial.sums_sha256:
         problems.append(f"partial {pid} re-derives to other sums than its edge sent")
-    if (tuple(a.weight for a in fold.accepted), fold.norm_total, fold.recorded) != (partial.weights, partial.norm_total, partial.recorded):
-        problems.append(f"partial {pid} re-derives to other weights or clipped norms than its edge sent")
+    if derived != dataclasses.replace(partial, sums=derived.sums):
+        problems.append(f"partial {pid} re-derives to other weights, norms, clips, staleness or workers than its edge sent")
     return problems
 
 

@@ -29,6 +29,7 @@ class Reason(StrEnum):
     PAYLOAD_MISSING = "payload_missing"
     # an update against the job's state
     WRONG_JOB = "wrong_job"
+    WRONG_SHARD = "wrong_shard"  # edge aggregation: an update sent to another shard than its task names
     DUPLICATE = "duplicate"
     STALE = "stale"
     FUTURE_VERSION = "future_version"

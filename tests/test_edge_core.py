@@ -85,18 +85,18 @@ def test_staleness_counts_versions_behind_the_root_when_the_partial_arrives() ->
     assert not isinstance(refused, list) and refused.reason is Reason.STALE
 
 
-def test_a_partial_repeating_an_update_is_refused_with_its_duplicates_named() -> None:
+def test_a_partials_overlap_with_stored_versions_and_the_buffer_is_told_apart() -> None:
     policy = Policy(mode="async", k=10, max_staleness=4, clip=Clip("off"))
     batch = updates(4)
     root = core(policy)
     first = partial_of(policy, batch[:2])
     assert isinstance(root.offer_partial(first), list)
     again = partial_of(policy, batch[1:4])
-    assert root.partial_duplicates(again) == [batch[1].task_id]
+    assert root.partial_overlap(again) == ([], [batch[1].task_id], [])  # in the buffer, not stored
     root.flush()
-    assert root.partial_duplicates(again) == [batch[1].task_id]  # applied now, still a duplicate
+    assert root.partial_overlap(again) == ([batch[1].task_id], [], [])  # in a stored version now
     twice = dataclasses.replace(first, update_ids=(batch[3].task_id, batch[3].task_id))
-    assert root.partial_duplicates(twice) == [batch[3].task_id]
+    assert root.partial_overlap(twice) == ([], [], [batch[3].task_id])
 
 
 def refusal(partial: Partial, policy: Policy | None = None, version: int = 0) -> Reason:
@@ -141,8 +141,10 @@ def test_only_the_weighted_mean_of_async_fedbuff_folds_at_edges() -> None:
     assert "central DP" in edge_problem(Policy(mode="async", k=10, dp=Dp(1.0, 1.0, 1e-5), clip=Clip("fixed", 1.0), weighting="uniform"))
     with pytest.raises(ConfigError, match="--tier edge: --mode sync"):
         AggregatorConfig.from_settings(Settings(tier="edge", shards=2, mode="sync"))
-    with pytest.raises(ConfigError, match="at most 256, not 300"):  # a partial's head lists every update
+    with pytest.raises(ConfigError, match="at most 128, not 300"):  # a partial's head lists every update
         AggregatorConfig.from_settings(Settings(tier="edge", shards=2, buffer=300))
+    with pytest.raises(ConfigError, match="at most 128, not 500"):  # the clip's warm-up is one partial
+        AggregatorConfig.from_settings(Settings(tier="edge", shards=2, clip="adaptive:3,600,500"))
     assert AggregatorConfig.from_settings(Settings(tier="root", shards=2, buffer=300)).policy.k == 300
 
 

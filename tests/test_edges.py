@@ -64,9 +64,9 @@ class Tiers:
     def names(self) -> Names:
         return self.client.names
 
-    async def start(self, tier: str, name: str, shard: int = 0) -> Running:
+    async def start(self, tier: str, name: str, shard: int = 0, k: int = K) -> Running:
         config = AggregatorConfig(
-            Policy(mode="async", k=K, max_staleness=5, clip=Clip("off")), shards=1, tier=tier, shard=shard
+            Policy(mode="async", k=k, max_staleness=5, clip=Clip("off")), shards=1, tier=tier, shard=shard
         )
         kind = EdgeAggregator if tier == "edge" else RootAggregator
         transport = await connect_like(self.client, f"test-{name}")
@@ -87,9 +87,9 @@ class Tiers:
         await running.transport.close()
         self.running.remove(running)
 
-    def update(self, seed: int) -> tuple[str, bytes]:
+    def update(self, seed: int, shard: int = 0) -> tuple[str, bytes]:
         tid = uuid.uuid4().hex
-        _, task = make_task(OWNER, task_id=tid, job_id=JOB, incarnation=self.incarnation)
+        _, task = make_task(OWNER, task_id=tid, job_id=JOB, incarnation=self.incarnation, shard=shard)
         floats = torch.randn(tiny_model().spec.n_float, generator=torch.Generator().manual_seed(seed)) * 0.01
         return make_update(self.worker, tiny_model(), task_id=tid, job_id=JOB, task=token_of(task), floats=floats)
 
@@ -207,3 +207,50 @@ def test_fedq_run_with_edges_survives_chaos_and_replays(tmp_path: Path, names: N
     verify = cli("replay", "verify", out, "--all", "--json")
     verdicts = json_lines(verify.stdout)
     assert verify.returncode == 0 and len(verdicts) == 11 and all(v["ok"] for v in verdicts), verify
+
+
+async def test_a_partial_repeating_updates_the_root_holds_unstored_waits_for_their_version(
+    broker: RabbitMQ, names: Names, tmp_path: Path
+) -> None:
+    """The root makes a version of two partials (--buffer 6, edges K = 3). A standby folds a dead
+    edge's three updates again while the root holds the first partial unstored: the repeat waits,
+    unacked, until the version that stores them, and only then is refused naming them, so the edge
+    acks nothing a stored version does not hold. An update sent to the wrong shard is rejected."""
+    async with tiers(broker, tmp_path) as t:
+        edge = await t.start("edge", "edge-a")
+        first = [t.update(seed) for seed in range(3)]
+        for _, body in first:
+            await t.send(body)
+        await in_flight(edge, partials=1, buffered=0)
+        await t.kill(edge)
+        standby = await t.start("edge", "edge-b")
+        await in_flight(standby, partials=1, buffered=0)  # the same three, folded again
+        root = await t.start("root", "root", k=2 * K)
+        service = root.service
+        assert isinstance(service, RootAggregator)
+        await until(lambda: len(service.partials) == 1 and len(service.deferred) == 1, "one partial held, one deferred")
+        assert await t.versions() == [0]
+        assert not [r for r in read_ledgers(tmp_path) if r.get("kind") == "partial"]  # nothing refused yet
+
+        elsewhere = t.update(99, shard=1)  # its task names shard 1
+        await t.send(elsewhere[1])
+        second = [t.update(seed) for seed in range(3, 6)]
+        for _, body in second:
+            await t.send(body)
+        await until_versions(t, 1)
+        await until(lambda: not service.deferred and not service._lock.locked(), "the deferred partial refused")
+        await in_flight(standby, partials=0, buffered=0)
+        manifest = await t.store.manifest(1)
+        assert Counter(manifest.update_ids) == Counter(tid for tid, _ in [*first, *second])
+        ledger = [r for r in read_ledgers(tmp_path) if r.get("task_id") or r.get("kind")]
+        refused = [i for i, r in enumerate(ledger) if r.get("kind") == "partial"]
+        applied = [i for i, r in enumerate(ledger) if r.get("fate") == "applied"]
+        assert len(refused) == 1 and max(applied) < refused[0]  # refused after the version was stored
+        assert sorted(ledger[refused[0]]["duplicates"]) == sorted(tid for tid, _ in first)
+        wrong = [r for r in ledger if r.get("task_id") == elsewhere[0]]
+        assert [r["reason"] for r in wrong] == ["wrong_shard"]
+        for running in list(t.running):
+            await t.kill(running)
+        for queue in (names.shard_queue(0), names.partials_queue):
+            await assert_settled(broker, queue)
+

@@ -71,6 +71,7 @@ def make_task(
     max_samples: int = 0,
     update_key: str | None = None,
     round_number: int = -1,
+    shard: int = -1,
 ) -> tuple[Task, bytes]:
     """A task on version 0 of ``model`` (by default ``tiny_model()``, inline), signed by ``signer``;
     it is due in ten minutes unless ``deadline`` says otherwise, in sync round ``round_number``. Its update key (the one key a
@@ -93,6 +94,7 @@ def make_task(
         max_samples=max_samples,
         update_key=store_update_key(job_id, task_id) if update_key is None else update_key,
         round=round_number,
+        shard=shard,
         model=blob,
     )
     return task, encode(task, signer)
