@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,31 +49,42 @@ class LoggedUpdate:
     signature_ok: bool
 
 
-def decode_entries(
-    entries: Iterable[StreamEntry], job_id: str, keyring: Keyring | None, max_bytes: int = MAX_MESSAGE_BYTES
-) -> list[LoggedUpdate]:
-    """The job's updates among raw stream entries; garbage, entries above ``max_bytes`` (never
-    unpacked) and other jobs are skipped."""
-    out = []
+def _logged(
+    entries: Iterable[StreamEntry], kind: type[Update] | type[Partial], job_id: str, keyring: Keyring | None,
+    max_bytes: int, role: Role,
+) -> Iterator[tuple[StreamEntry, Update | Partial, bool]]:
+    """The job's messages of one kind among raw stream entries, each with whether its signature
+    verifies by a key of ``role`` (always, without a keyring); garbage, entries above ``max_bytes``
+    (never unpacked) and other jobs are skipped."""
+    name = "update" if kind is Update else "partial"
     for entry in entries:
         try:
             envelope = open_envelope(entry.body, max_bytes)
-            if envelope.kind != "update":
+            if envelope.kind != name:
                 continue
-            update = decode_head(envelope)
+            message = decode_head(envelope)
         except WireError:
             continue
-        if not isinstance(update, Update) or update.job_id != job_id:
+        if not isinstance(message, kind) or message.job_id != job_id:
             continue
         signature_ok = True
         if keyring is not None:
             try:
-                keyring.verify(envelope.signer, envelope.sig, envelope.signed_bytes())
+                signature_ok = role in keyring.verify(envelope.signer, envelope.sig, envelope.signed_bytes()).roles
             except WireError:
                 signature_ok = False
-        digest = hashlib.sha256(entry.body).hexdigest()
-        out.append(LoggedUpdate(entry, update, digest, signature_ok))
-    return out
+        yield entry, message, signature_ok
+
+
+def decode_entries(
+    entries: Iterable[StreamEntry], job_id: str, keyring: Keyring | None, max_bytes: int = MAX_MESSAGE_BYTES
+) -> list[LoggedUpdate]:
+    """The job's updates among raw stream entries."""
+    return [
+        LoggedUpdate(entry, update, hashlib.sha256(entry.body).hexdigest(), ok)
+        for entry, update, ok in _logged(entries, Update, job_id, keyring, max_bytes, Role.WORKER)
+        if isinstance(update, Update)
+    ]
 
 
 @dataclass(frozen=True)
@@ -85,28 +96,13 @@ class LoggedPartial:
 def decode_partials(
     entries: Iterable[StreamEntry], job_id: str, keyring: Keyring | None, max_bytes: int = MAX_MESSAGE_BYTES
 ) -> dict[str, LoggedPartial]:
-    """The job's edge partials among raw stream entries (they travel on the results exchange
-    too), by partial id; a signature that does not verify, or not by an aggregator key, is marked."""
-    out = {}
-    for entry in entries:
-        try:
-            envelope = open_envelope(entry.body, max_bytes)
-            if envelope.kind != "partial":
-                continue
-            partial = decode_head(envelope)
-        except WireError:
-            continue
-        if not isinstance(partial, Partial) or partial.job_id != job_id:
-            continue
-        signature_ok = True
-        if keyring is not None:
-            try:
-                peer = keyring.verify(envelope.signer, envelope.sig, envelope.signed_bytes())
-                signature_ok = Role.AGGREGATOR in peer.roles
-            except WireError:
-                signature_ok = False
-        out[partial.partial_id] = LoggedPartial(partial, signature_ok)
-    return out
+    """The job's edge partials among raw stream entries (they travel on the results exchange too),
+    by partial id; one not signed by an aggregator key is marked."""
+    return {
+        partial.partial_id: LoggedPartial(partial, ok)
+        for _, partial, ok in _logged(entries, Partial, job_id, keyring, max_bytes, Role.AGGREGATOR)
+        if isinstance(partial, Partial)
+    }
 
 
 def policy_of(manifest: Manifest) -> Policy:
