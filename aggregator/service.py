@@ -502,33 +502,34 @@ class Aggregator(Service):
         # and the announcement leaves no stored version whose updates the ledger lacks.
         for h in held:
             metrics.applied(self.job_id, h.accepted.staleness, h.update.sent_at, stored_at)
-            self.ledger.write(
-                {
-                    "t": time.time(),
-                    "task_id": h.update.task_id,
-                    "worker_id": h.update.worker_id,
-                    "fate": Fate.APPLIED,
-                    "version": new.version,
-                    "staleness": h.accepted.staleness,
-                    "weight": h.accepted.weight,
-                    "norm": h.accepted.norm,
-                    "clip": clips.get(h.update.task_id, h.accepted.clip),  # the norm clip's scale (1.0: none)
-                    # --robust cosine: an update pointing away from the buffer's median (cosine <= 0)
-                    # is left out of the version; it is still applied in the ledger's sense (in
-                    # the version's update_ids, acked, its task done) but contributed nothing.
-                    "left_out": h.update.task_id in new.left_out,
-                    "cosine": new.cosines.get(h.update.task_id),  # None unless --robust cosine
-                    # from the coordinator's task: what it was issued for, and whether the worker
-                    # sent it after the deadline (counted all the same: staleness weighs it)
-                    "capability": h.task.capability if h.task else "",
-                    "late": bool(h.task and h.update.sent_at > h.task.deadline),
-                    "bytes": h.size,
-                    "num_samples": h.update.num_samples,
-                    "digest": h.digest,
-                    "redelivered": any(d.redelivered for d in h.deliveries),
-                    **claimed_costs(h.update),  # the worker's org and what it says the update cost it
-                }
-            )
+        self.ledger.write_all(
+            {
+                "t": stored_at,
+                "task_id": h.update.task_id,
+                "worker_id": h.update.worker_id,
+                "fate": Fate.APPLIED,
+                "version": new.version,
+                "staleness": h.accepted.staleness,
+                "weight": h.accepted.weight,
+                "norm": h.accepted.norm,
+                "clip": clips.get(h.update.task_id, h.accepted.clip),  # the norm clip's scale (1.0: none)
+                # --robust cosine: an update pointing away from the buffer's median (cosine <= 0)
+                # is left out of the version; it is still applied in the ledger's sense (in
+                # the version's update_ids, acked, its task done) but contributed nothing.
+                "left_out": h.update.task_id in new.left_out,
+                "cosine": new.cosines.get(h.update.task_id),  # None unless --robust cosine
+                # from the coordinator's task: what it was issued for, and whether the worker
+                # sent it after the deadline (counted all the same: staleness weighs it)
+                "capability": h.task.capability if h.task else "",
+                "late": bool(h.task and h.update.sent_at > h.task.deadline),
+                "bytes": h.size,
+                "num_samples": h.update.num_samples,
+                "digest": h.digest,
+                "redelivered": any(d.redelivered for d in h.deliveries),
+                **claimed_costs(h.update),  # the worker's org and what it says the update cost it
+            }
+            for h in held
+        )
         await self._announce(manifest)
         for h in held:
             for delivery in h.deliveries:

@@ -395,12 +395,13 @@ class RootAggregator(Aggregator):
         ]
         manifest = await self._save_version(new, digests, more={PARTIALS: record})
         stored_at = time.time()
+        records = []
         for p in held:  # the ledger first, as a single aggregator's
             for a, digest, worker, n in zip(
                 p.accepted, p.partial.update_digests, p.partial.worker_ids, p.partial.num_samples, strict=True
             ):
                 metrics.applied(self.job_id, a.staleness, 0.0, stored_at)
-                self.ledger.write(
+                records.append(
                     {
                         "t": stored_at,
                         "task_id": a.task_id,
@@ -417,6 +418,7 @@ class RootAggregator(Aggregator):
                         "digest": digest,
                     }
                 )
+        self.ledger.write_all(records)
         await self._announce(manifest)
         for p in held:  # the announcement tells the edges: no verdict of its own
             for d in p.deliveries:

@@ -86,7 +86,11 @@ class JsonLines:
         self._fh = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, sort_keys=True) + "\n")
+        self.write_all((record,))
+
+    def write_all(self, records: Iterable[dict[str, Any]]) -> None:
+        """Several records, flushed once (a version's updates: one write, not one per update)."""
+        self._fh.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         self._fh.flush()
 
     def close(self) -> None:

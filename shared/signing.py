@@ -7,6 +7,7 @@ signed (a ``Peer``); ``authorize`` answers whether that peer may send that kind 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -69,12 +70,12 @@ class Signer:
 
     private: Ed25519PrivateKey
 
-    @property
+    @functools.cached_property
     def public(self) -> Ed25519PublicKey:
         return self.private.public_key()
 
-    @property
-    def fingerprint(self) -> str:
+    @functools.cached_property
+    def fingerprint(self) -> str:  # every message and manifest names it: derived once per key
         return fingerprint(self.public)
 
     def sign(self, data: bytes) -> bytes:
