@@ -155,7 +155,7 @@ def _add_run(sub: Subparsers) -> None:
         default=0.0,
         metavar="SECONDS",
         help="once the job has started (its first task), kill a random worker every SECONDS (default 5) and "
-        "restart it later, and kill the aggregator once (and each edge aggregator once, with --shards); "
+        "restart it later, and kill the aggregator once (and, with --shards, each edge aggregator once); "
         "the summary reports the audit balance",
     )
 

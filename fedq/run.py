@@ -272,8 +272,8 @@ class Launcher:
 
 class Chaos:
     """For humans checking the guarantees: kill a random worker every ``every`` seconds and bring
-    it back a few seconds later; kill the aggregator once, and each edge aggregator once (``edges``).
-    Every act goes to ``chaos.jsonl``."""
+    it back a few seconds later; kill the aggregator once, and each edge aggregator once (``edges``, from
+    1.5 x ``every`` on, before the aggregator). Every act goes to ``chaos.jsonl``."""
 
     def __init__(
         self, launcher: Launcher, worker_ids: list[str], every: float, seed: int = 0, edges: Sequence[str] = ()
@@ -287,8 +287,9 @@ class Chaos:
         self.down: dict[str, float] = {}
         self.aggregator_at = self.started + 2.5 * every
         self.aggregator_killed = 0
-        # then the edges, one after another, ``every`` apart
-        self.edges_at = {name: self.started + (3.5 + i) * every for i, name in enumerate(edges)}
+        # the edges one after another, half ``every`` apart, from 1.5 x every: all of them while a
+        # short job still runs
+        self.edges_at = {name: self.started + (1.5 + 0.5 * i) * every for i, name in enumerate(edges)}
         self.edges_killed = 0
         self.workers_killed = 0
         self.log = JsonLines(launcher.run_dir / "chaos.jsonl")

@@ -190,8 +190,8 @@ async def until_versions(t: Tiers, n: int) -> None:
 
 
 def test_fedq_run_with_edges_survives_chaos_and_replays(tmp_path: Path, names: Names, cleanup: None) -> None:
-    """``fedq run --shards 2 --chaos``: two edges and a root, a worker killed every 1.5 s, the root
-    killed once, then each edge once: the job ends at its target, the audit balances with every
+    """``fedq run --shards 2 --chaos``: two edges and a root, a worker killed every 1.5 s, each edge
+    killed once, then the root: the job ends at its target, the audit balances with every
     update applied once, and ``fedq replay verify --all`` re-derives every version through its partials."""
     out = tmp_path / "run"
     flags = ("--workers", "3", "--shards", "2", "--buffer", "3", "--delay-profile", "0.3*3", "--chaos", "1.5")

@@ -57,3 +57,15 @@ async def test_a_handler_cut_off_by_close_is_not_logged_as_an_error(broker: Rabb
 
     await broker.consume(names.updates_queue, on_again, prefetch=4)
     assert (await asyncio.wait_for(again.get(), 10)).body == b"cut off"
+
+
+async def test_a_stream_read_ends_at_its_newest_entry_without_waiting_for_quiet(broker: RabbitMQ, names: Names) -> None:
+    """The update log as it stood when the read began: every entry, in order, and the read returns
+    as soon as it has the newest one, not after ``idle`` seconds without entries."""
+    bodies = [f"entry {i}".encode() for i in range(40)]
+    for body in bodies:
+        await broker.publish(names.results_exchange, names.results_key, body)
+    began = asyncio.get_running_loop().time()
+    entries = await broker.read_all(names.update_log, idle=30.0)
+    assert [e.body for e in entries] == bodies
+    assert asyncio.get_running_loop().time() - began < 10.0  # it waited no 30 s for quiet

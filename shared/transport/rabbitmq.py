@@ -483,16 +483,45 @@ class RabbitMQ(Transport):
                 entries.put_nowait(StreamEntry(number, ts, message.body, headers))
                 await message.ack()
 
+            last = await self._last_offset(stream)
             await q.consume(on_message, arguments={"x-stream-offset": offset})
             while True:
                 try:
-                    yield await asyncio.wait_for(entries.get(), idle)
+                    entry = await asyncio.wait_for(entries.get(), idle)
                 except TimeoutError:
                     return
+                yield entry
+                if last is not None and entry.offset >= last:
+                    return  # the log as it stood when the read began: no wait for quiet after it
         finally:
             if not channel.is_closed:
                 with contextlib.suppress(*PASS_ERRORS):
                     await channel.close()
+
+    async def _last_offset(self, stream: str, quiet: float = 0.25, wait: float = 1.0) -> int | None:
+        """The offset of the stream's newest entry (``None``: empty, or none came within ``wait``):
+        a consumer at ``last`` gets the newest chunk at once, which ends within ``quiet``."""
+        newest: int | None = None
+        got = asyncio.Event()
+        async with self._channel() as channel:
+            await channel.set_qos(prefetch_count=self.prefetch(500))
+            q = await channel.declare_queue(stream, passive=True)
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                nonlocal newest
+                number = (message.headers or {}).get("x-stream-offset")
+                if isinstance(number, int) and (newest is None or number > newest):
+                    newest = number
+                got.set()
+                await message.ack()
+
+            await q.consume(on_message, arguments={"x-stream-offset": "last"})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(got.wait(), wait)
+                while True:  # the rest of the chunk follows at once
+                    got.clear()
+                    await asyncio.wait_for(got.wait(), quiet)
+        return newest
 
     @contextlib.asynccontextmanager
     async def _channel(self, **options: Any) -> AsyncIterator[AbstractChannel]:
