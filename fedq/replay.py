@@ -273,18 +273,8 @@ async def verify_version(job: Job, version: int) -> Verdict:
         seeds = [int(r["noise_seed"]) for r in job.ledger if r.get("kind") == NOISE_RECORD and r.get("version") == version]
         if not seeds:
             return Verdict(version, False, manifest.sha256, None, [f"the ledger records no DP noise seed for v{version}"])
-    derived = ""
     for seed in seeds:
-        core = AggregatorCore(
-            parent,
-            manifest.parent,
-            policy,
-            job.settings.job,
-            clip_window=clip_window_of(parent_manifest.policy),
-            server_state=None if state_blob is None else ServerState.from_bytes(state_blob),
-            dp=DpRecord.of(parent_manifest.policy),
-            bases=dict(bases),
-        )
+        core = _parent_core(job, parent, parent_manifest, policy, state_blob, dict(bases))
         if policy.mode == "sync":
             core.open_round(Round(job.settings.job, manifest.parent, 0, len(manifest.update_ids), 0.0))
         refused = []
@@ -296,23 +286,50 @@ async def verify_version(job: Job, version: int) -> Verdict:
         if refused:
             return Verdict(version, False, manifest.sha256, None, refused)
         new = core.flush(seed)
-        derived = hashlib.sha256(new.model.to_bytes()).hexdigest()
-        if derived == manifest.sha256:
-            problems += _state_problems(manifest, new)
+        if hashlib.sha256(new.model.to_bytes()).hexdigest() == manifest.sha256:
             break
+    return await _compare(job, manifest, new, problems)
+
+
+def _parent_core(
+    job: Job,
+    parent: FlatModel,
+    parent_manifest: Manifest,
+    policy: Policy,
+    state_blob: bytes | None,
+    bases: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> AggregatorCore:
+    """A core at a version's parent, as the aggregator that made the version held it: the parent's
+    clip window, server optimizer state and DP accounting."""
+    return AggregatorCore(
+        parent,
+        parent_manifest.version,
+        policy,
+        job.settings.job,
+        clip_window=clip_window_of(parent_manifest.policy),
+        server_state=None if state_blob is None else ServerState.from_bytes(state_blob),
+        dp=DpRecord.of(parent_manifest.policy),
+        bases=bases or {},
+    )
+
+
+async def _compare(job: Job, manifest: Manifest, new: NewVersion, problems: list[str]) -> Verdict:
+    """The re-derived version against its manifest and the stored objects: the model's sha256,
+    then its server state and DP accounting, and that the state and model objects are there."""
+    derived = hashlib.sha256(new.model.to_bytes()).hexdigest()
     if derived != manifest.sha256:
-        problems.append(
-            f"re-derived sha256 {derived[:16]} differs from the manifest's {manifest.sha256[:16]}"
-        )
+        problems.append(f"re-derived sha256 {derived[:16]} differs from the manifest's {manifest.sha256[:16]}")
+    else:
+        problems += _state_problems(manifest, new)
     try:
         await job.store.load_state(manifest)
     except StoreError as exc:
         problems.append(str(exc))
     try:
-        await job.store.load_bytes(version)
+        await job.store.load_bytes(manifest.version)
     except StoreError as exc:
         problems.append(f"stored model: {exc}")
-    return Verdict(version, not problems, manifest.sha256, derived, problems)
+    return Verdict(manifest.version, not problems, manifest.sha256, derived, problems)
 
 
 async def _verify_through_partials(
@@ -345,30 +362,12 @@ async def _verify_through_partials(
         problems.append(f"the partials hold {offset} updates, the version lists {len(manifest.update_ids)}")
     if problems:
         return Verdict(manifest.version, False, manifest.sha256, None, problems)
-    core = AggregatorCore(
-        parent,
-        manifest.parent,
-        policy,
-        job.settings.job,
-        clip_window=clip_window_of(parent_manifest.policy),
-        server_state=None if state_blob is None else ServerState.from_bytes(state_blob),
-        dp=DpRecord.of(parent_manifest.policy),
-    )
+    core = _parent_core(job, parent, parent_manifest, policy, state_blob)
     for partial in partials:
         result = core.offer_partial(partial)
         if not isinstance(result, list):
             return Verdict(manifest.version, False, manifest.sha256, None, [f"partial {partial.partial_id[:12]} is refused on replay: {result.reason} ({result.detail})"])
-    new = core.flush()
-    derived = hashlib.sha256(new.model.to_bytes()).hexdigest()
-    if derived != manifest.sha256:
-        problems.append(f"re-derived sha256 {derived[:16]} differs from the manifest's {manifest.sha256[:16]}")
-    else:
-        problems += _state_problems(manifest, new)
-    try:
-        await job.store.load_bytes(manifest.version)
-    except StoreError as exc:
-        problems.append(f"stored model: {exc}")
-    return Verdict(manifest.version, not problems, manifest.sha256, derived, problems)
+    return await _compare(job, manifest, core.flush(), problems)
 
 
 async def _rederive_partial(job: Job, partial: Partial, manifest: Manifest, offset: int, model: FlatModel) -> list[str]:
