@@ -226,14 +226,7 @@ class Aggregator(Service):
         if not force and now - self._checked_store_at < CATCH_UP_SECONDS:
             return False
         self._checked_store_at = now
-        if not await self.store.exists(self.core.version + 1):
-            return False
-        try:
-            await self.store.manifest(self.core.version + 1)
-        except (UnsignedVersionError, CorruptVersionError) as exc:  # its writer holds no key that may make versions
-            if self.core.version + 1 not in self._refused:
-                self._refused.add(self.core.version + 1)
-                self.log.error("unsigned_version_refused", version=self.core.version + 1, detail=str(exc))
+        if await self._stored(self.core.version + 1) is None:
             return False
         held, self.held = self.held, []
         await self.load()
@@ -244,6 +237,19 @@ class Aggregator(Service):
         await self._settle_rounds()
         self.log.info("caught_up", version=self.core.version, still_held=len(self.held))
         return True
+
+    async def _stored(self, version: int) -> Manifest | None:
+        """``version``'s manifest, if another aggregator stored it and signed it with a key that may
+        make versions (a refused one is logged once)."""
+        if not await self.store.exists(version):
+            return None
+        try:
+            return await self.store.manifest(version)
+        except (UnsignedVersionError, CorruptVersionError) as exc:  # its writer holds no key that may make versions
+            if version not in self._refused:
+                self._refused.add(version)
+                self.log.error("unsigned_version_refused", version=version, detail=str(exc))
+            return None
 
     async def _reoffer(self, held: list[Held]) -> None:
         """Offer held updates to a core that adopted a newer version: one it already holds in a

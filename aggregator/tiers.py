@@ -33,11 +33,12 @@ from broker_config.names import Names
 from shared import metrics
 from shared.aggregation import clip_window_of
 from shared.codec import MAX_HEAD_BYTES, Envelope, encode, read_task_token
-from shared.errors import ConfigError, CorruptVersionError, ServiceFailure, UnsignedVersionError
+from shared.errors import ConfigError, ServiceFailure
 from shared.ledger import claimed_costs
 from shared.messages import Message, ModelAnnouncement, Partial, Update, Verdict
 from shared.reasons import Fate, Reason
 from shared.runtime import FATAL, Runtime
+from shared.store import Manifest
 from shared.transport import Delivery
 
 # Why a root refuses a partial whose updates an edge should fold again (the rest: reject them).
@@ -116,17 +117,9 @@ class EdgeAggregator(Aggregator):
         if not force and now - self._checked_store_at < 0.5:
             return False
         self._checked_store_at = now
-        manifests = []
-        v = self.core.version
-        while await self.store.exists(v + 1):
-            try:
-                manifests.append(await self.store.manifest(v + 1))
-            except (UnsignedVersionError, CorruptVersionError) as exc:
-                if v + 1 not in self._refused:
-                    self._refused.add(v + 1)
-                    self.log.error("unsigned_version_refused", version=v + 1, detail=str(exc))
-                break
-            v += 1
+        manifests: list[Manifest] = []
+        while (m := await self._stored(self.core.version + len(manifests) + 1)) is not None:
+            manifests.append(m)
         if not manifests:
             return False
         applied = self.core.applied  # grown in place: a copy per version would cost the whole history

@@ -128,6 +128,11 @@ def edge_names(shards: int) -> list[str]:
     return [f"edge-{i}" for i in range(shards)]
 
 
+def service_role(name: str) -> str:
+    """Whose key and broker login a run's process uses: an edge aggregator's are the aggregator's."""
+    return "aggregator" if name.startswith("edge-") else name
+
+
 def check_metrics_ports(base: int, workers: int) -> None:
     """``--metrics-port P`` gives the run P and its processes the ports after it: all must be ports."""
     last = base + 2 + workers  # the run, the aggregator, the coordinator, each worker
@@ -174,7 +179,7 @@ class Launcher:
                 "fedq.cli",
                 *args,
                 *self.key_flags(name),
-                *self.logins.get("aggregator" if name.startswith("edge-") else name, []),
+                *self.logins.get(service_role(name), []),
                 *(["--metrics-port", str(port)] if port else []),
             ],
             env=self.env,
@@ -191,8 +196,8 @@ class Launcher:
     def key_flags(self, name: str) -> list[str]:
         """``--key-file`` of the process ``name``: its own key, in its own folder (``prepare_keys``);
         an edge aggregator's is the aggregator's."""
-        process = "aggregator" if name.startswith("edge-") else name
-        process = process if process in ("aggregator", "coordinator") else f"worker-{name}"
+        role = service_role(name)
+        process = role if role in ("aggregator", "coordinator") else f"worker-{name}"
         return ["--key-file", str(run_key_file(self.keys, process))]
 
     def metrics_port(self, name: str) -> int:
